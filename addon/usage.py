@@ -1,0 +1,58 @@
+"""Normalized token usage: the figures one ledger row holds.
+
+Every API reports usage in its own shape; spendtap stores one meaning
+whatever the API (see DESIGN.md "Usage semantics"):
+
+- ``prompt_tokens``: all input tokens processed, cache reads and writes included
+- ``completion_tokens``: all output tokens, reasoning included
+- ``cached_tokens``: input tokens read from a prompt cache (part of prompt_tokens)
+- ``cache_creation_tokens``: input tokens written to a prompt cache (part of prompt_tokens)
+- ``reasoning_tokens``: output tokens spent on reasoning (part of completion_tokens)
+
+A figure the response does not report is ``None``, never 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# The API families spendtap understands; the same names as the corpus' meta.json.
+OPENAI_CHAT = "openai-chat"
+OPENAI_COMPLETIONS = "openai-completions"
+OPENAI_RESPONSES = "openai-responses"
+ANTHROPIC_MESSAGES = "anthropic-messages"
+EMBEDDINGS = "embeddings"
+OTHER = "other"
+APIS = (OPENAI_CHAT, OPENAI_COMPLETIONS, OPENAI_RESPONSES, ANTHROPIC_MESSAGES, EMBEDDINGS, OTHER)
+
+REPORTED = "reported"
+ESTIMATED = "estimated"
+NONE = "none"
+
+FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
+)
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    @property
+    def reported(self) -> bool:
+        return self.prompt_tokens is not None or self.completion_tokens is not None
+
+    @property
+    def total_tokens(self) -> int:
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return asdict(self)
