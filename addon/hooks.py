@@ -1,0 +1,339 @@
+"""The mitmproxy addon: the only module that imports mitmproxy.
+
+It turns flows into primitives for the pure core (``request``, ``meter``,
+``scanner``) and hands finished rows to the ledger writer and the metrics.
+
+Failure policy: metering never breaks or delays a proxied call beyond its
+bounded durability wait. Every failure to meter is counted in
+``{prefix}_metering_errors_total{kind}`` and logged; the bytes keep flowing.
+
+Lifecycle of a flow:
+
+- ``request``: parse what the request asks for, name its principal and node.
+- ``responseheaders``: attach the stream callable to *every* response, so no
+  body is ever buffered whole (SSE would otherwise be held back, and a large
+  JSON body would sit in memory).
+- ``response`` / ``error``: finalize exactly once (``FlowMeter.finish`` is run
+  once). ``response`` waits (bounded) for the row's commit: mitmproxy sends the
+  client's final chunk terminator only after this hook returns, so a client
+  that saw its response complete has its row on disk.
+- ``done``: finalize what is still in flight, drain the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mitmproxy import ctx, exceptions, http
+
+from spendtap.accesslog import AccessLog
+from spendtap.ledger import Ledger, LedgerError
+from spendtap.meter import COMPLETED, UPSTREAM_ERROR, FlowMeter, outcome_for_error
+from spendtap.metrics import CallbackGauges, Metrics
+from spendtap.metrics_server import MetricsServer, parse_listen
+from spendtap.paths import default_db_path
+from spendtap.request import clean_principal, parse_request
+from spendtap.writer import LedgerWriter
+
+logger = logging.getLogger("spendtap")
+
+META_KEY = "spendtap"
+
+
+class SpendTap:
+    def __init__(self) -> None:
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.writer: LedgerWriter | None = None
+        self.access_log: AccessLog | None = None
+        self.in_flight: dict[str, FlowMeter] = {}
+        self._db_path: str | None = None
+
+    # -- options -----------------------------------------------------------
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "spendtap_db", str, "",
+            "Path of the SQLite ledger spendtap writes. Empty means $SPENDTAP_DB, "
+            "else ~/.local/share/spendtap/ledger.db.",
+        )
+        loader.add_option(
+            "spendtap_metrics", str, "127.0.0.1:9464",
+            "Address (HOST:PORT) where spendtap serves Prometheus /metrics and /healthz. "
+            "Empty disables the metrics server.",
+        )
+        loader.add_option(
+            "spendtap_metrics_prefix", str, "cortex",
+            "Prefix of every metric name; the default matches helexa cortex dashboards.",
+        )
+        loader.add_option(
+            "spendtap_node", str, "",
+            "Node label for metrics and ledger rows. Empty means the upstream's host:port.",
+        )
+        loader.add_option(
+            "spendtap_account_header", str, "x-helexa-account-id",
+            "Trusted request header that names the account (stamped by a gateway).",
+        )
+        loader.add_option(
+            "spendtap_key_header", str, "x-helexa-key-id",
+            "Trusted request header that names the key (stamped by a gateway).",
+        )
+        loader.add_option(
+            "spendtap_access_log", str, "",
+            "Path of a JSONL access log, one line per request (no bodies, no secrets). "
+            "Empty disables it.",
+        )
+        loader.add_option(
+            "spendtap_commit_wait_ms", int, 2000,
+            "How long the end of a response may wait for its ledger row to commit, in "
+            "milliseconds. 0 never waits. While the ledger is failing nothing waits.",
+        )
+        loader.add_option(
+            "spendtap_max_model_series", int, 200,
+            "Distinct model/node label pairs before new ones are folded into _other.",
+        )
+        loader.add_option(
+            "spendtap_max_principal_series", int, 1000,
+            "Distinct account/key label pairs before new ones are folded into _other.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        opts = ctx.options
+        if opts.spendtap_commit_wait_ms < 0:
+            raise exceptions.OptionsError("spendtap_commit_wait_ms must be >= 0")
+        if updated & {"spendtap_metrics_prefix", "spendtap_max_model_series",
+                      "spendtap_max_principal_series", "spendtap_metrics"} or self.metrics is None:
+            self._configure_metrics()
+        if "spendtap_db" in updated or self.writer is None:
+            self._configure_ledger()
+        if "spendtap_access_log" in updated:
+            if self.access_log is not None:
+                self.access_log.close()
+                self.access_log = None
+            if opts.spendtap_access_log:
+                try:
+                    self.access_log = AccessLog(opts.spendtap_access_log)
+                except OSError as e:
+                    raise exceptions.OptionsError(f"spendtap_access_log: {e}") from e
+
+    def _configure_metrics(self) -> None:
+        opts = ctx.options
+        if not opts.spendtap_metrics_prefix.replace("_", "").isalnum():
+            raise exceptions.OptionsError(
+                f"spendtap_metrics_prefix must be letters, digits and _, "
+                f"got {opts.spendtap_metrics_prefix!r}"
+            )
+        listen = None
+        if opts.spendtap_metrics:
+            try:
+                listen = parse_listen(opts.spendtap_metrics)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"spendtap_metrics: {e}") from e
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        self.metrics = Metrics(
+            prefix=opts.spendtap_metrics_prefix,
+            max_model_series=opts.spendtap_max_model_series,
+            max_principal_series=opts.spendtap_max_principal_series,
+        )
+        self.metrics.add_collector(CallbackGauges(opts.spendtap_metrics_prefix, [
+            ("ledger_queue_depth", "Rows waiting for the ledger writer.",
+             lambda: self.writer.queue_depth if self.writer else 0),
+            ("ledger_rows_written", "Rows committed to the ledger since start.",
+             lambda: self.writer.rows_written if self.writer else 0),
+            ("ledger_write_errors", "Failed ledger write attempts since start.",
+             lambda: self.writer.write_errors if self.writer else 0),
+            ("ledger_dropped_rows", "Rows dropped because the ledger stayed unwritable.",
+             lambda: self.writer.dropped_rows if self.writer else 0),
+        ]))
+        if listen is not None:
+            try:
+                self.metrics_server = MetricsServer(*listen, self.metrics.registry, self._health)
+            except OSError as e:
+                raise exceptions.OptionsError(
+                    f"spendtap_metrics: cannot listen on {opts.spendtap_metrics}: {e}"
+                ) from e
+
+    def _configure_ledger(self) -> None:
+        path = ctx.options.spendtap_db or default_db_path()
+        if path == self._db_path and self.writer is not None:
+            return
+        try:
+            Ledger(path)  # create and migrate now, so a bad path fails at start
+        except (LedgerError, OSError) as e:
+            raise exceptions.OptionsError(f"spendtap_db: {e}") from e
+        except Exception as e:  # sqlite3.DatabaseError and friends: a corrupt file
+            raise exceptions.OptionsError(f"spendtap_db: {path}: {e}") from e
+        if self.writer is not None:
+            self.writer.close(timeout=10)
+        self.writer = LedgerWriter(path, logger=logger)
+        self.writer.start()
+        self._db_path = path
+        logger.info(f"spendtap: metering to ledger {path}")
+
+    def _health(self) -> tuple[bool, str]:
+        if self.writer is None:
+            return False, "ledger writer not started"
+        if self.writer.stuck:
+            return False, f"ledger writer stuck ({self.writer.queue_depth} rows queued)"
+        return True, "ok"
+
+    # -- flow hooks ----------------------------------------------------------
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return  # answered by another addon already
+        try:
+            req = flow.request
+            opts = ctx.options
+            info = parse_request(req.path, req.headers, req.get_content(strict=False))
+            node = opts.spendtap_node or f"{req.host}:{req.port}"
+            meter = FlowMeter(
+                flow_id=flow.id,
+                started_at=req.timestamp_start or time.time(),
+                method=req.method,
+                path=req.path,
+                info=info,
+                account=clean_principal(req.headers.get(opts.spendtap_account_header)),
+                key=clean_principal(req.headers.get(opts.spendtap_key_header)),
+                node=node,
+            )
+        except Exception:
+            self._count_error("request", "could not read the request")
+            return
+        flow.metadata[META_KEY] = meter
+        self.in_flight[flow.id] = meter
+        self.metrics.in_flight.inc()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meter: FlowMeter | None = flow.metadata.get(META_KEY)
+        if meter is None or flow.response is None:
+            return
+        try:
+            resp = flow.response
+            meter.start_response(
+                resp.status_code,
+                resp.headers.get("content-type"),
+                resp.headers.get("content-encoding"),
+            )
+        except Exception:
+            self._count_error("response", "could not start scanning the response")
+            return
+        # Stream every body: SSE must never be buffered, and a large JSON body must
+        # not sit whole in memory. The callable returns the bytes unchanged.
+        resp.stream = meter.on_chunk
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        meter: FlowMeter | None = flow.metadata.get(META_KEY)
+        if meter is None:
+            return
+        if meter.status is None and flow.response is not None:
+            # A response set by another addon or not streamed: no scanner ran.
+            meter.status = flow.response.status_code
+        if flow.error is not None:
+            # An exception in the stream callable fires both hooks; error has the truth.
+            outcome, error = outcome_for_error(flow.error.msg), flow.error.msg
+        else:
+            status = meter.status or 0
+            outcome = UPSTREAM_ERROR if status >= 500 else COMPLETED
+            error = None
+        row = self._finish(flow, meter, outcome, error)
+        if row is not None:
+            await self._submit_and_wait(row)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        meter: FlowMeter | None = flow.metadata.get(META_KEY)
+        if meter is None:
+            return
+        msg = flow.error.msg if flow.error else "unknown error"
+        if flow.response is None and meter.status is None:
+            # mitmproxy answers an unreachable upstream with 502 itself.
+            meter.status = 502 if outcome_for_error(msg) == UPSTREAM_ERROR else None
+        row = self._finish(flow, meter, outcome_for_error(msg), msg)
+        if row is not None:
+            self._submit(row)
+
+    def done(self) -> None:
+        # On shutdown, done fires before in-flight flows' error hooks: finalize them
+        # here, or their rows would be lost with the process.
+        now = time.time()
+        for meter in list(self.in_flight.values()):
+            row = self._finish_meter(meter, UPSTREAM_ERROR, "proxy shut down mid-response", now)
+            if row is not None:
+                self._submit(row)
+        if self.writer is not None:
+            self.writer.close(timeout=30)
+        if self.access_log is not None:
+            self.access_log.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+
+    # -- internals -------------------------------------------------------------
+
+    def _finish(self, flow, meter: FlowMeter, outcome: str, error: str | None) -> dict | None:
+        end = None
+        if flow.response is not None:
+            end = flow.response.timestamp_end
+        return self._finish_meter(meter, outcome, error, end or time.time())
+
+    def _finish_meter(self, meter: FlowMeter, outcome: str, error: str | None, now: float):
+        try:
+            row = meter.finish(outcome, now, error)
+        except Exception:
+            self._count_error("finalize", "could not finalize a request")
+            return None
+        finally:
+            if self.in_flight.pop(meter.flow_id, None) is not None:
+                self.metrics.in_flight.dec()
+        if row is None:
+            return None
+        if meter.chunk_errors:
+            self._count_error("scan", f"{meter.chunk_errors} chunks could not be scanned")
+        try:
+            self.metrics.observe(row)
+        except Exception:
+            self._count_error("metrics", "could not record metrics")
+        if self.access_log is not None:
+            try:
+                self.access_log.write(row)
+            except Exception:
+                self._count_error("access_log", "could not write the access log")
+        return row
+
+    def _submit(self, row: dict, on_commit=None) -> None:
+        if self.writer is None:
+            self._count_error("ledger", "no ledger writer")
+            return
+        self.writer.submit(row, on_commit)
+
+    async def _submit_and_wait(self, row: dict) -> None:
+        wait_s = ctx.options.spendtap_commit_wait_ms / 1000
+        writer = self.writer
+        if wait_s <= 0 or writer is None or writer.failing:
+            self._submit(row)
+            return
+        loop = asyncio.get_running_loop()
+        committed = loop.create_future()
+
+        def on_commit() -> None:  # runs on the writer thread
+            loop.call_soon_threadsafe(_resolve, committed)
+
+        self._submit(row, on_commit)
+        try:
+            await asyncio.wait_for(committed, wait_s)
+        except TimeoutError:
+            self._count_error("ledger_slow", "ledger commit took longer than the wait; moving on")
+
+    def _count_error(self, kind: str, message: str) -> None:
+        if self.metrics is not None:
+            self.metrics.metering_errors.labels(kind).inc()
+        logger.warning(f"spendtap: {message}", exc_info=kind not in ("ledger_slow", "scan"))
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,154 @@
+"""One request's metering state, from request to ledger row.
+
+Pure: the hook layer hands it primitives (path, headers, timestamps, chunks)
+and gets back a ledger row. ``on_chunk`` is the stream callable mitmproxy calls
+for every chunk of the response on its event loop, so it is kept minimal: it
+passes the bytes through unchanged and feeds the scanner, and it never raises.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from spendtap.request import RequestInfo
+from spendtap.scanner import ResponseScanner
+from spendtap.usage import NONE, REPORTED
+
+COMPLETED = "completed"
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_ERROR = "upstream_error"
+REJECTED = "rejected"
+OUTCOMES = (COMPLETED, CLIENT_DISCONNECTED, UPSTREAM_ERROR, REJECTED)
+
+MAX_ERROR_LEN = 200
+
+
+def iso_utc(ts: float) -> str:
+    """Fixed-width ISO 8601 UTC with milliseconds, so ledger timestamps sort as text."""
+    dt = datetime.fromtimestamp(ts, UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def outcome_for_error(message: str) -> str:
+    """Classify mitmproxy's flow error message."""
+    return CLIENT_DISCONNECTED if "client disconnected" in message.lower() else UPSTREAM_ERROR
+
+
+class FlowMeter:
+    __slots__ = (
+        "account",
+        "chunk_errors",
+        "finished",
+        "flow_id",
+        "info",
+        "key",
+        "method",
+        "node",
+        "path",
+        "response_bytes",
+        "scanner",
+        "started_at",
+        "status",
+    )
+
+    def __init__(
+        self,
+        flow_id: str,
+        started_at: float,
+        method: str,
+        path: str,
+        info: RequestInfo,
+        account: str | None,
+        key: str | None,
+        node: str | None,
+    ):
+        self.flow_id = flow_id
+        self.started_at = started_at
+        self.method = method
+        # The query string can carry secrets (``?key=...``): never store it.
+        self.path = path.split("?", 1)[0][:512]
+        self.info = info
+        self.account = account
+        self.key = key
+        self.node = node
+        self.scanner: ResponseScanner | None = None
+        self.status: int | None = None
+        self.response_bytes = 0
+        self.chunk_errors = 0
+        self.finished = False
+
+    def start_response(
+        self, status: int, content_type: str | None, content_encoding: str | None
+    ) -> None:
+        self.status = status
+        self.scanner = ResponseScanner(self.info.api, content_type, content_encoding)
+
+    def on_chunk(self, data: bytes) -> bytes:
+        """mitmproxy's stream callable: pass every byte through, scan on the side."""
+        if data:
+            self.response_bytes += len(data)
+            try:
+                self.scanner.feed(data, time.time())
+            except Exception:  # the scanner promises not to raise; count it if it ever does
+                self.chunk_errors += 1
+        return data
+
+    def finish(self, outcome: str, now: float, error: str | None = None) -> dict | None:
+        """Close the meter and build its ledger row; None if already finished (run once)."""
+        if self.finished:
+            return None
+        self.finished = True
+        result = self.scanner.finish(now) if self.scanner is not None else None
+        row: dict = {
+            "id": self.flow_id,
+            "ts": iso_utc(self.started_at),
+            "account": self.account,
+            "key": self.key,
+            "model": self.info.model,
+            "node": self.node,
+            "api": self.info.api,
+            "method": self.method,
+            "path": self.path,
+            "streamed": bool(self.info.stream),
+            "status": self.status,
+            "outcome": outcome,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "cached_tokens": None,
+            "cache_creation_tokens": None,
+            "reasoning_tokens": None,
+            "usage_source": NONE,
+            "ttft_s": None,
+            "duration_s": round(max(0.0, now - self.started_at), 6),
+            "tokens_per_s": None,
+            "error": error[:MAX_ERROR_LEN] if error else None,
+            "response_bytes": self.response_bytes,
+        }
+        if result is None:
+            return row
+        if row["model"] is None:
+            row["model"] = result.response_model
+        row["streamed"] = bool(result.streamed_sse or self.info.stream)
+        usage = result.usage
+        row.update(usage.as_dict())
+        row["usage_source"] = REPORTED if usage.reported else NONE
+        if result.error:
+            row["error"] = row["error"] or result.error[:MAX_ERROR_LEN]
+            if outcome == COMPLETED:
+                # An error event inside a 200 stream: the upstream failed mid-answer.
+                row["outcome"] = UPSTREAM_ERROR
+        first, last = result.first_content_at, result.last_content_at
+        if first is not None:
+            row["ttft_s"] = round(max(0.0, first - self.started_at), 6)
+        completion = usage.completion_tokens
+        if completion:
+            # Decode rate over the first-to-last content window; a single-chunk body
+            # has no window, so fall back to the whole duration (as the seed does).
+            if first is not None and last is not None and last > first and result.content_events > 1:
+                window = last - first
+            else:
+                window = now - self.started_at
+            if window > 0:
+                row["tokens_per_s"] = round(completion / window, 3)
+        return row

@@ -1,0 +1,187 @@
+"""Prometheus metrics for spendtap.
+
+Default names keep the helexa cortex gateway's ``cortex_`` prefix so existing
+dashboards work; the prefix is an option. Every metric is registered on the
+registry passed in (tests build a fresh ``CollectorRegistry``). Histograms use
+explicit buckets sized for LLM traffic: prefill can take minutes, generations
+tens of minutes, decode rates run from a few to thousands of tokens/s.
+
+Label values that come from traffic (model, node, account, key) are bounded:
+past a cap, new values are folded into ``_other`` so a client sending random
+model names or keys cannot explode the series count.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+DECODE_RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
+
+OTHER_LABEL = "_other"
+ANONYMOUS_LABEL = "_anonymous"
+
+
+class LabelCap:
+    """Admit at most ``limit`` distinct values; fold the rest into ``_other``."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._seen: set = set()
+        self._lock = threading.Lock()
+
+    def admit(self, value):
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return None
+
+
+def status_class(status: int | None) -> str:
+    return f"{status // 100}xx" if status else "none"
+
+
+class Metrics:
+    """All of spendtap's metric families, on one registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        prefix: str = "cortex",
+        max_model_series: int = 200,
+        max_principal_series: int = 1000,
+    ):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.prefix = prefix
+        p = prefix + "_" if prefix else ""
+        mn = ("model", "node")
+        r = self.registry
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Time from request start to the first chunk carrying generated content.",
+            mn, buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.decode_rate = Histogram(
+            p + "tokens_per_second",
+            "Decode rate: completion tokens over the first-to-last content window.",
+            mn, buckets=DECODE_RATE_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            p + "request_duration_seconds",
+            "Time from request start to the end of the response.",
+            mn, buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.requests = Counter(
+            p + "requests",
+            "Proxied requests by status class and outcome.",
+            ("model", "node", "status_class", "outcome"), registry=r,
+        )
+        self.prompt_tokens = Counter(
+            p + "prompt_tokens", "Prompt tokens processed (cache reads and writes included).",
+            mn, registry=r,
+        )
+        self.completion_tokens = Counter(
+            p + "completion_tokens", "Completion tokens generated (reasoning included).",
+            mn, registry=r,
+        )
+        self.cached_prompt_tokens = Counter(
+            p + "cached_prompt_tokens", "Prompt tokens read from a prompt cache.",
+            mn, registry=r,
+        )
+        self.usage_source = Counter(
+            p + "usage_source",
+            "Requests by where their usage came from: reported, estimated or none (missing).",
+            ("model", "node", "source"), registry=r,
+        )
+        ak = ("account", "key")
+        self.spend_tokens = Counter(
+            p + "spend_tokens", "Tokens charged to a principal (prompt + completion).",
+            ak, registry=r,
+        )
+        self.spend_prompt_tokens = Counter(
+            p + "spend_prompt_tokens", "Prompt tokens charged to a principal.", ak, registry=r,
+        )
+        self.spend_completion_tokens = Counter(
+            p + "spend_completion_tokens", "Completion tokens charged to a principal.",
+            ak, registry=r,
+        )
+        self.metering_errors = Counter(
+            p + "metering_errors",
+            "Failures to meter (the traffic itself kept flowing), by kind.",
+            ("kind",), registry=r,
+        )
+        self.in_flight = Gauge(
+            p + "in_flight_requests", "Requests currently being proxied.", registry=r,
+        )
+        self._models = LabelCap(max_model_series)
+        self._principals = LabelCap(max_principal_series)
+
+    def model_node(self, model: str | None, node: str | None) -> tuple[str, str]:
+        pair = (model or "unknown", node or "unknown")
+        return pair if self._models.admit(pair) is not None else (OTHER_LABEL, OTHER_LABEL)
+
+    def principal(self, account: str | None, key: str | None) -> tuple[str, str]:
+        pair = (account or ANONYMOUS_LABEL, key or ANONYMOUS_LABEL)
+        return pair if self._principals.admit(pair) is not None else (OTHER_LABEL, OTHER_LABEL)
+
+    def observe(self, row: dict) -> None:
+        """Record one finished request (a ledger row) in the metric families."""
+        model, node = self.model_node(row.get("model"), row.get("node"))
+        self.requests.labels(model, node, status_class(row.get("status")), row["outcome"]).inc()
+        if row.get("ttft_s") is not None:
+            self.ttft.labels(model, node).observe(row["ttft_s"])
+        if row.get("tokens_per_s") is not None:
+            self.decode_rate.labels(model, node).observe(row["tokens_per_s"])
+        if row.get("duration_s") is not None:
+            self.duration.labels(model, node).observe(row["duration_s"])
+        prompt = row.get("prompt_tokens") or 0
+        completion = row.get("completion_tokens") or 0
+        if prompt:
+            self.prompt_tokens.labels(model, node).inc(prompt)
+        if completion:
+            self.completion_tokens.labels(model, node).inc(completion)
+        if row.get("cached_tokens"):
+            self.cached_prompt_tokens.labels(model, node).inc(row["cached_tokens"])
+        self.usage_source.labels(model, node, row.get("usage_source") or "none").inc()
+        # Anonymous requests are metered per model but never charged.
+        if row.get("account") or row.get("key"):
+            account, key = self.principal(row.get("account"), row.get("key"))
+            if prompt or completion:
+                self.spend_tokens.labels(account, key).inc(prompt + completion)
+            if prompt:
+                self.spend_prompt_tokens.labels(account, key).inc(prompt)
+            if completion:
+                self.spend_completion_tokens.labels(account, key).inc(completion)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class CallbackGauges(Collector):
+    """Gauges whose values are read at scrape time from callables.
+
+    Used for figures that live elsewhere (the ledger writer's queue depth and
+    counters), so they are never stale and never updated by hand.
+    """
+
+    def __init__(self, prefix: str, gauges: Iterable[tuple[str, str, Callable[[], float]]]):
+        self._prefix = prefix + "_" if prefix else ""
+        self._gauges = list(gauges)
+
+    def collect(self):
+        for name, doc, read in self._gauges:
+            family = GaugeMetricFamily(self._prefix + name, doc)
+            try:
+                family.add_metric([], float(read()))
+            except Exception:  # a broken reader must not break the scrape
+                continue
+            yield family

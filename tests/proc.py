@@ -1,0 +1,136 @@
+"""Real processes for end-to-end tests: the simulator and mitmdump with the addon."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+ADDON = REPO / "addon" / "spendtap.py"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+class Proc:
+    """A child process that is always stopped (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.log_path = log
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Simulator(Proc):
+    def __init__(self, tmp: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "spendtap.sim", "--listen", f"127.0.0.1:{self.port}", *args],
+            tmp / f"sim-{self.port}.log",
+        )
+        wait_for_port(self.port, self.proc)
+
+
+class Sidecar(Proc):
+    """mitmdump -s addon/spendtap.py, as users run it from a checkout."""
+
+    def __init__(self, tmp: Path, upstream: str | None, *sets: str, mode: str = "reverse",
+                 db: Path | None = None):
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.db = db or tmp / f"ledger-{self.port}.db"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        mode_arg = f"reverse:{upstream}" if mode == "reverse" else mode
+        args = [
+            str(MITMDUMP), "-q",
+            "--mode", mode_arg,
+            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
+            "-s", str(ADDON),
+            "--set", f"spendtap_db={self.db}",
+            "--set", f"spendtap_metrics=127.0.0.1:{self.metrics_port}",
+            "--set", "connection_strategy=lazy",
+        ]
+        for s in sets:
+            args += ["--set", s]
+        super().__init__(args, tmp / f"mitmdump-{self.port}.log")
+        wait_for_port(self.port, self.proc)
+        wait_for_port(self.metrics_port, self.proc)
+
+    def metrics(self) -> str:
+        return httpx.get(self.metrics_url + "/metrics", timeout=5).text
+
+    def rows(self, expect: int | None = None, timeout: float = 10) -> list[dict]:
+        """Ledger rows, oldest first; with ``expect``, wait until that many are there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = read_rows(self.db)
+            if expect is None or len(rows) >= expect or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.05)
+
+
+def read_rows(db: Path) -> list[dict]:
+    if not db.exists():
+        return []
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("select * from requests order by rowid")]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        con.close()
+
+
+def rss_peak_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")

@@ -1,0 +1,101 @@
+"""A replay upstream: serves recorded corpus bodies byte for byte.
+
+It is not a simulation: it sends the exact bytes a real server sent (from
+tests/corpus/wire), in small chunks with chunked transfer-encoding, optionally
+compressed, so tests can compare what the client gets through the proxy with
+the recording. The case is chosen by the ``x-replay-case`` request header;
+``x-replay-encoding`` (gzip, deflate, br, zstd) compresses it on the wire and
+``x-replay-chunk`` sets the chunk size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import brotli
+import zstandard
+
+CORPUS = Path(__file__).parent / "corpus" / "wire"
+
+
+def load_cases() -> dict[str, dict]:
+    cases = {}
+    for case in sorted(CORPUS.iterdir()):
+        if (case / "body").exists():
+            meta = json.loads((case / "meta.json").read_text())
+            cases[case.name] = {"meta": meta, "body": (case / "body").read_bytes()}
+    return cases
+
+
+def encode(body: bytes, encoding: str | None) -> bytes:
+    if not encoding:
+        return body
+    if encoding == "gzip":
+        return gzip.compress(body)
+    if encoding == "deflate":
+        return zlib.compress(body)
+    if encoding == "br":
+        return brotli.compress(body)
+    if encoding == "zstd":
+        return zstandard.ZstdCompressor().compress(body)
+    raise ValueError(encoding)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    cases: dict[str, dict] = {}
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        name = self.headers.get("x-replay-case", "")
+        case = self.cases.get(name)
+        if case is None:
+            self.send_error(404, f"no case {name!r}")
+            return
+        encoding = self.headers.get("x-replay-encoding") or None
+        chunk = int(self.headers.get("x-replay-chunk") or 97)
+        wire = encode(case["body"], encoding)
+        self.send_response(200)
+        self.send_header("content-type", case["meta"]["content_type"])
+        if encoding:
+            self.send_header("content-encoding", encoding)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i in range(0, len(wire), chunk):
+            piece = wire[i : i + chunk]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+            if i == 0:
+                time.sleep(0.01)  # a real gap between the first chunk and the rest
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    do_GET = do_POST
+
+
+class ReplayServer:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        handler = type("Handler", (_Handler,), {"cases": load_cases()})
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
