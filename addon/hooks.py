@@ -32,7 +32,8 @@ from spendtap.accesslog import AccessLog
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.meter import COMPLETED, UPSTREAM_ERROR, FlowMeter, outcome_for_error
 from spendtap.metrics import CallbackGauges, Metrics
-from spendtap.metrics_server import MetricsServer, parse_listen
+from spendtap.address import parse_listen
+from spendtap.metrics_server import MetricsServer
 from spendtap.paths import default_db_path
 from spendtap.request import clean_principal, parse_request
 from spendtap.writer import LedgerWriter
@@ -55,47 +56,67 @@ class SpendTap:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "spendtap_db", str, "",
+            "spendtap_db",
+            str,
+            "",
             "Path of the SQLite ledger spendtap writes. Empty means $SPENDTAP_DB, "
             "else ~/.local/share/spendtap/ledger.db.",
         )
         loader.add_option(
-            "spendtap_metrics", str, "127.0.0.1:9464",
+            "spendtap_metrics",
+            str,
+            "127.0.0.1:9464",
             "Address (HOST:PORT) where spendtap serves Prometheus /metrics and /healthz. "
             "Empty disables the metrics server.",
         )
         loader.add_option(
-            "spendtap_metrics_prefix", str, "cortex",
+            "spendtap_metrics_prefix",
+            str,
+            "cortex",
             "Prefix of every metric name; the default matches helexa cortex dashboards.",
         )
         loader.add_option(
-            "spendtap_node", str, "",
+            "spendtap_node",
+            str,
+            "",
             "Node label for metrics and ledger rows. Empty means the upstream's host:port.",
         )
         loader.add_option(
-            "spendtap_account_header", str, "x-helexa-account-id",
+            "spendtap_account_header",
+            str,
+            "x-helexa-account-id",
             "Trusted request header that names the account (stamped by a gateway).",
         )
         loader.add_option(
-            "spendtap_key_header", str, "x-helexa-key-id",
+            "spendtap_key_header",
+            str,
+            "x-helexa-key-id",
             "Trusted request header that names the key (stamped by a gateway).",
         )
         loader.add_option(
-            "spendtap_access_log", str, "",
+            "spendtap_access_log",
+            str,
+            "",
             "Path of a JSONL access log, one line per request (no bodies, no secrets). "
             "Empty disables it.",
         )
         loader.add_option(
-            "spendtap_commit_wait_ms", int, 2000,
+            "spendtap_commit_wait_ms",
+            int,
+            2000,
             "How long the end of a response may wait for its ledger row to commit, in "
             "milliseconds. 0 never waits. While the ledger is failing nothing waits.",
         )
         loader.add_option(
-            "spendtap_max_model_series", int, 200,
+            "spendtap_max_model_series",
+            int,
+            200,
             "Distinct model/node label pairs before new ones are folded into _other.",
         )
         loader.add_option(
-            "spendtap_max_principal_series", int, 1000,
+            "spendtap_max_principal_series",
+            int,
+            1000,
             "Distinct account/key label pairs before new ones are folded into _other.",
         )
 
@@ -103,8 +124,16 @@ class SpendTap:
         opts = ctx.options
         if opts.spendtap_commit_wait_ms < 0:
             raise exceptions.OptionsError("spendtap_commit_wait_ms must be >= 0")
-        if updated & {"spendtap_metrics_prefix", "spendtap_max_model_series",
-                      "spendtap_max_principal_series", "spendtap_metrics"} or self.metrics is None:
+        if (
+            updated
+            & {
+                "spendtap_metrics_prefix",
+                "spendtap_max_model_series",
+                "spendtap_max_principal_series",
+                "spendtap_metrics",
+            }
+            or self.metrics is None
+        ):
             self._configure_metrics()
         if "spendtap_db" in updated or self.writer is None:
             self._configure_ledger()
@@ -139,16 +168,33 @@ class SpendTap:
             max_model_series=opts.spendtap_max_model_series,
             max_principal_series=opts.spendtap_max_principal_series,
         )
-        self.metrics.add_collector(CallbackGauges(opts.spendtap_metrics_prefix, [
-            ("ledger_queue_depth", "Rows waiting for the ledger writer.",
-             lambda: self.writer.queue_depth if self.writer else 0),
-            ("ledger_rows_written", "Rows committed to the ledger since start.",
-             lambda: self.writer.rows_written if self.writer else 0),
-            ("ledger_write_errors", "Failed ledger write attempts since start.",
-             lambda: self.writer.write_errors if self.writer else 0),
-            ("ledger_dropped_rows", "Rows dropped because the ledger stayed unwritable.",
-             lambda: self.writer.dropped_rows if self.writer else 0),
-        ]))
+        self.metrics.add_collector(
+            CallbackGauges(
+                opts.spendtap_metrics_prefix,
+                [
+                    (
+                        "ledger_queue_depth",
+                        "Rows waiting for the ledger writer.",
+                        lambda: self.writer.queue_depth if self.writer else 0,
+                    ),
+                    (
+                        "ledger_rows_written",
+                        "Rows committed to the ledger since start.",
+                        lambda: self.writer.rows_written if self.writer else 0,
+                    ),
+                    (
+                        "ledger_write_errors",
+                        "Failed ledger write attempts since start.",
+                        lambda: self.writer.write_errors if self.writer else 0,
+                    ),
+                    (
+                        "ledger_dropped_rows",
+                        "Rows dropped because the ledger stayed unwritable.",
+                        lambda: self.writer.dropped_rows if self.writer else 0,
+                    ),
+                ],
+            )
+        )
         if listen is not None:
             try:
                 self.metrics_server = MetricsServer(*listen, self.metrics.registry, self._health)
@@ -158,7 +204,7 @@ class SpendTap:
                 ) from e
 
     def _configure_ledger(self) -> None:
-        path = ctx.options.spendtap_db or default_db_path()
+        path = ctx.options.spendtap_db or str(default_db_path())
         if path == self._db_path and self.writer is not None:
             return
         try:

@@ -145,7 +145,12 @@ class FlowMeter:
         if completion:
             # Decode rate over the first-to-last content window; a single-chunk body
             # has no window, so fall back to the whole duration (as the seed does).
-            if first is not None and last is not None and last > first and result.content_events > 1:
+            if (
+                first is not None
+                and last is not None
+                and last > first
+                and result.content_events > 1
+            ):
                 window = last - first
             else:
                 window = now - self.started_at

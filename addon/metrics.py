@@ -68,59 +68,83 @@ class Metrics:
         self.ttft = Histogram(
             p + "time_to_first_token_seconds",
             "Time from request start to the first chunk carrying generated content.",
-            mn, buckets=TTFT_BUCKETS, registry=r,
+            mn,
+            buckets=TTFT_BUCKETS,
+            registry=r,
         )
         self.decode_rate = Histogram(
             p + "tokens_per_second",
             "Decode rate: completion tokens over the first-to-last content window.",
-            mn, buckets=DECODE_RATE_BUCKETS, registry=r,
+            mn,
+            buckets=DECODE_RATE_BUCKETS,
+            registry=r,
         )
         self.duration = Histogram(
             p + "request_duration_seconds",
             "Time from request start to the end of the response.",
-            mn, buckets=DURATION_BUCKETS, registry=r,
+            mn,
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
             p + "requests",
             "Proxied requests by status class and outcome.",
-            ("model", "node", "status_class", "outcome"), registry=r,
+            ("model", "node", "status_class", "outcome"),
+            registry=r,
         )
         self.prompt_tokens = Counter(
-            p + "prompt_tokens", "Prompt tokens processed (cache reads and writes included).",
-            mn, registry=r,
+            p + "prompt_tokens",
+            "Prompt tokens processed (cache reads and writes included).",
+            mn,
+            registry=r,
         )
         self.completion_tokens = Counter(
-            p + "completion_tokens", "Completion tokens generated (reasoning included).",
-            mn, registry=r,
+            p + "completion_tokens",
+            "Completion tokens generated (reasoning included).",
+            mn,
+            registry=r,
         )
         self.cached_prompt_tokens = Counter(
-            p + "cached_prompt_tokens", "Prompt tokens read from a prompt cache.",
-            mn, registry=r,
+            p + "cached_prompt_tokens",
+            "Prompt tokens read from a prompt cache.",
+            mn,
+            registry=r,
         )
         self.usage_source = Counter(
             p + "usage_source",
             "Requests by where their usage came from: reported, estimated or none (missing).",
-            ("model", "node", "source"), registry=r,
+            ("model", "node", "source"),
+            registry=r,
         )
         ak = ("account", "key")
         self.spend_tokens = Counter(
-            p + "spend_tokens", "Tokens charged to a principal (prompt + completion).",
-            ak, registry=r,
+            p + "spend_tokens",
+            "Tokens charged to a principal (prompt + completion).",
+            ak,
+            registry=r,
         )
         self.spend_prompt_tokens = Counter(
-            p + "spend_prompt_tokens", "Prompt tokens charged to a principal.", ak, registry=r,
+            p + "spend_prompt_tokens",
+            "Prompt tokens charged to a principal.",
+            ak,
+            registry=r,
         )
         self.spend_completion_tokens = Counter(
-            p + "spend_completion_tokens", "Completion tokens charged to a principal.",
-            ak, registry=r,
+            p + "spend_completion_tokens",
+            "Completion tokens charged to a principal.",
+            ak,
+            registry=r,
         )
         self.metering_errors = Counter(
             p + "metering_errors",
             "Failures to meter (the traffic itself kept flowing), by kind.",
-            ("kind",), registry=r,
+            ("kind",),
+            registry=r,
         )
         self.in_flight = Gauge(
-            p + "in_flight_requests", "Requests currently being proxied.", registry=r,
+            p + "in_flight_requests",
+            "Requests currently being proxied.",
+            registry=r,
         )
         self._models = LabelCap(max_model_series)
         self._principals = LabelCap(max_principal_series)

@@ -25,22 +25,6 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` → (host, port); ValueError with a clear message."""
-    text = value.strip()
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    host = host.strip("[]") or default_host
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"expected HOST:PORT, got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port out of range in {value!r}")
-    return host, port
-
-
 class MetricsServer:
     def __init__(
         self,
@@ -57,7 +41,9 @@ class MetricsServer:
                 ok, detail = health() if health else (True, "ok")
                 body = (detail + "\n").encode()
                 status = "200 OK" if ok else "503 Service Unavailable"
-                start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+                start_response(
+                    status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+                )
                 return [body]
             return metrics_app(environ, start_response)
 

@@ -9,9 +9,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import click
-
-from spendtap.metrics_server import parse_listen
-from spendtap.paths import default_db_path
+from spendtap.address import parse_listen
+from spendtap.cli.paths import db_option
 
 MODES = ("reverse", "regular", "upstream", "transparent")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -38,7 +37,9 @@ def _mitmdump_command() -> list[str]:
 def _check_upstream(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise click.BadParameter(f"expected http(s)://HOST[:PORT], got {url!r}", param_hint="--upstream")
+        raise click.BadParameter(
+            f"expected http(s)://HOST[:PORT], got {url!r}", param_hint="--upstream"
+        )
     return url
 
 
@@ -67,18 +68,27 @@ def build_mitmdump_args(
         mode_arg = mode
     args = [
         *_mitmdump_command(),
-        "--mode", mode_arg,
-        "--listen-host", host,
-        "--listen-port", str(port),
-        "-s", addon_path(),
-        "--set", f"spendtap_db={db}",
-        "--set", f"spendtap_metrics={metrics}",
+        "--mode",
+        mode_arg,
+        "--listen-host",
+        host,
+        "--listen-port",
+        str(port),
+        "-s",
+        addon_path(),
+        "--set",
+        f"spendtap_db={db}",
+        "--set",
+        f"spendtap_metrics={metrics}",
         # lazy: an unreachable upstream still yields a flow (metered) and a clean 502.
-        "--set", "connection_strategy=lazy",
+        "--set",
+        "connection_strategy=lazy",
         # Generations can pause for minutes between bytes (long prefills, tool calls).
-        "--set", "tcp_timeout=1800",
+        "--set",
+        "tcp_timeout=1800",
         # Printing every flow costs CPU on the hot path; spendtap logs what matters.
-        "--set", "flow_detail=0" if not verbose else "flow_detail=1",
+        "--set",
+        "flow_detail=0" if not verbose else "flow_detail=1",
     ]
     if host not in LOOPBACK:
         # Listening beyond loopback is the point of a sidecar; mitmproxy would
@@ -96,24 +106,54 @@ def build_mitmdump_args(
 
 
 @click.command()
-@click.option("--upstream", metavar="URL", help="Inference server to front (reverse/upstream modes).")
-@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
-              help="Where clients connect.")
-@click.option("--db", type=click.Path(dir_okay=False), default=default_db_path, envvar="SPENDTAP_DB",
-              show_default="$SPENDTAP_DB or ~/.local/share/spendtap/ledger.db", help="Ledger file.")
-@click.option("--metrics", default="127.0.0.1:9464", show_default=True, metavar="HOST:PORT",
-              help="Prometheus /metrics and /healthz address; empty string disables.")
-@click.option("--mode", type=click.Choice(MODES), default="reverse", show_default=True,
-              help="mitmproxy mode.")
+@click.option(
+    "--upstream", metavar="URL", help="Inference server to front (reverse/upstream modes)."
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Where clients connect.",
+)
+@db_option
+@click.option(
+    "--metrics",
+    default="127.0.0.1:9464",
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Prometheus /metrics and /healthz address; empty string disables.",
+)
+@click.option(
+    "--mode", type=click.Choice(MODES), default="reverse", show_default=True, help="mitmproxy mode."
+)
 @click.option("--node", help="Node label for metrics and rows (default: upstream host:port).")
 @click.option("--metrics-prefix", help="Metric name prefix (default: cortex).")
-@click.option("--access-log", type=click.Path(dir_okay=False), help="Write a JSONL access log here.")
-@click.option("--set", "extra_set", multiple=True, metavar="OPTION=VALUE",
-              help="Any other mitmproxy or spendtap option (repeatable).")
+@click.option(
+    "--access-log", type=click.Path(dir_okay=False), help="Write a JSONL access log here."
+)
+@click.option(
+    "--set",
+    "extra_set",
+    multiple=True,
+    metavar="OPTION=VALUE",
+    help="Any other mitmproxy or spendtap option (repeatable).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Let mitmdump print every flow.")
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
-def run(upstream, listen, db, metrics, mode, node, metrics_prefix, access_log, extra_set, verbose,
-        dry_run):
+def run(
+    upstream,
+    listen,
+    db_path,
+    metrics,
+    mode,
+    node,
+    metrics_prefix,
+    access_log,
+    extra_set,
+    verbose,
+    dry_run,
+):
     """Run the sidecar: mitmdump with the spendtap addon.
 
     The process becomes mitmdump (exec), so SIGTERM and SIGINT reach it
@@ -130,12 +170,20 @@ def run(upstream, listen, db, metrics, mode, node, metrics_prefix, access_log, e
             parse_listen(metrics)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    db = str(db_path)
     db_dir = os.path.dirname(os.path.abspath(db))
     if not dry_run:
         os.makedirs(db_dir, exist_ok=True)
     args = build_mitmdump_args(
-        mode=mode, upstream=upstream, listen=listen, db=db, metrics=metrics, node=node,
-        metrics_prefix=metrics_prefix, access_log=access_log, extra_set=extra_set,
+        mode=mode,
+        upstream=upstream,
+        listen=listen,
+        db=db,
+        metrics=metrics,
+        node=node,
+        metrics_prefix=metrics_prefix,
+        access_log=access_log,
+        extra_set=extra_set,
         verbose=verbose,
     )
     if dry_run:

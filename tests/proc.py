@@ -80,8 +80,14 @@ class Simulator(Proc):
 class Sidecar(Proc):
     """mitmdump -s addon/spendtap.py, as users run it from a checkout."""
 
-    def __init__(self, tmp: Path, upstream: str | None, *sets: str, mode: str = "reverse",
-                 db: Path | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        upstream: str | None,
+        *sets: str,
+        mode: str = "reverse",
+        db: Path | None = None,
+    ):
         self.port = free_port()
         self.metrics_port = free_port()
         self.db = db or tmp / f"ledger-{self.port}.db"
@@ -89,13 +95,22 @@ class Sidecar(Proc):
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         mode_arg = f"reverse:{upstream}" if mode == "reverse" else mode
         args = [
-            str(MITMDUMP), "-q",
-            "--mode", mode_arg,
-            "--listen-host", "127.0.0.1", "--listen-port", str(self.port),
-            "-s", str(ADDON),
-            "--set", f"spendtap_db={self.db}",
-            "--set", f"spendtap_metrics=127.0.0.1:{self.metrics_port}",
-            "--set", "connection_strategy=lazy",
+            str(MITMDUMP),
+            "-q",
+            "--mode",
+            mode_arg,
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(self.port),
+            "-s",
+            str(ADDON),
+            "--set",
+            f"spendtap_db={self.db}",
+            "--set",
+            f"spendtap_metrics=127.0.0.1:{self.metrics_port}",
+            "--set",
+            "connection_strategy=lazy",
         ]
         for s in sets:
             args += ["--set", s]

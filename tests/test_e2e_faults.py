@@ -20,8 +20,11 @@ CHAT = "/v1/chat/completions"
 
 
 def _body(stream: bool = True, usage: bool = True, tokens: int | None = None) -> dict:
-    body: dict = {"model": "sim-chat", "messages": [{"role": "user", "content": "hello there"}],
-                  "stream": stream}
+    body: dict = {
+        "model": "sim-chat",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "stream": stream,
+    }
     if stream and usage:
         body["stream_options"] = {"include_usage": True}
     if tokens:
@@ -52,9 +55,10 @@ def _only_row(sidecar, account, timeout=10) -> dict:
 def test_client_disconnect_mid_stream(sidecar):
     """A client that hangs up mid-stream leaves one client_disconnected row."""
     account, headers = _headers(tokens=400, tps=50)
-    with httpx.Client(timeout=10) as client, client.stream(
-        "POST", sidecar.url + CHAT, json=_body(), headers=headers
-    ) as resp:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", sidecar.url + CHAT, json=_body(), headers=headers) as resp,
+    ):
         assert resp.status_code == 200
         got = 0
         for chunk in resp.iter_raw():
@@ -119,9 +123,16 @@ def test_error_event_in_200_stream(sidecar):
     """An error event inside a 200 stream marks the row upstream_error and keeps the error."""
     account, headers = _headers(tokens=20, fault="error-event")
     with httpx.Client(timeout=10) as client:
-        r = client.post(sidecar.url + "/v1/messages", json={
-            "model": "sim-claude", "max_tokens": 50, "stream": True,
-            "messages": [{"role": "user", "content": "hi"}]}, headers=headers)
+        r = client.post(
+            sidecar.url + "/v1/messages",
+            json={
+                "model": "sim-claude",
+                "max_tokens": 50,
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            headers=headers,
+        )
     assert r.status_code == 200
     row = _only_row(sidecar, account)
     assert row["outcome"] == "upstream_error"
@@ -133,9 +144,10 @@ def test_error_event_in_200_stream(sidecar):
 def test_gzip_encoded_stream(sidecar):
     """A gzip-encoded stream reaches the client as sent and is scanned decoded."""
     account, headers = _headers(tokens=15, encoding="gzip")
-    with httpx.Client(timeout=10) as client, client.stream(
-        "POST", sidecar.url + CHAT, json=_body(), headers=headers
-    ) as resp:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", sidecar.url + CHAT, json=_body(), headers=headers) as resp,
+    ):
         raw = b"".join(resp.iter_raw())
         assert resp.headers["content-encoding"] == "gzip"
     assert b"[DONE]" in gzip.decompress(raw)
@@ -149,9 +161,12 @@ def test_huge_json_body_memory_bounded(sidecar):
     account, headers = _headers(tokens=3, fault="huge", body_bytes=size)
     before = rss_peak_kib(sidecar.pid)
     received = 0
-    with httpx.Client(timeout=60) as client, client.stream(
-        "POST", sidecar.url + CHAT, json=_body(stream=False), headers=headers
-    ) as resp:
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream(
+            "POST", sidecar.url + CHAT, json=_body(stream=False), headers=headers
+        ) as resp,
+    ):
         assert resp.status_code == 200
         tail = b""
         for chunk in resp.iter_raw():
@@ -175,7 +190,8 @@ def test_sigterm_finalizes_in_flight(sim, tmp_path):
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     sock.sendall(
         f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{head}"
-        f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     sock.recv(4096)  # headers and the first chunks: the stream is in flight
     time.sleep(0.3)

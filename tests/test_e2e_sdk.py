@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import anthropic
@@ -17,18 +18,25 @@ def _principal() -> tuple[str, dict]:
     return account, {"x-helexa-account-id": account, "x-helexa-key-id": "key-1"}
 
 
-def _row(sidecar, account: str) -> dict:
-    for _ in range(3):
-        rows = [r for r in sidecar.rows(timeout=5) if r["account"] == account]
+def _row(sidecar, account: str, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = [r for r in sidecar.rows() if r["account"] == account]
         if rows:
             assert len(rows) == 1, rows
             return rows[0]
+        time.sleep(0.05)
     raise AssertionError(f"no ledger row for {account}")
 
 
 def _openai(sidecar, headers, **kw) -> openai.OpenAI:
-    return openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test", default_headers=headers,
-                         max_retries=0, **kw)
+    return openai.OpenAI(
+        base_url=sidecar.url + "/v1",
+        api_key="sk-test",
+        default_headers=headers,
+        max_retries=0,
+        **kw,
+    )
 
 
 def test_openai_chat_stream_with_usage(sidecar):
@@ -36,8 +44,11 @@ def test_openai_chat_stream_with_usage(sidecar):
     account, headers = _principal()
     with _openai(sidecar, headers) as client:
         stream = client.chat.completions.create(
-            model="sim-chat", messages=[{"role": "user", "content": "Say hello to the proxy"}],
-            stream=True, stream_options={"include_usage": True}, max_tokens=12,
+            model="sim-chat",
+            messages=[{"role": "user", "content": "Say hello to the proxy"}],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=12,
             extra_headers={"x-sim-tokens": "12"},
         )
         text, usage = "", None
@@ -76,7 +87,8 @@ def test_openai_chat_json(sidecar):
     account, headers = _principal()
     with _openai(sidecar, headers) as client:
         resp = client.chat.completions.create(
-            model="sim-chat", messages=[{"role": "user", "content": "one two three"}],
+            model="sim-chat",
+            messages=[{"role": "user", "content": "one two three"}],
             extra_headers={"x-sim-tokens": "7", "x-sim-cached-tokens": "2"},
         )
     row = _row(sidecar, account)
@@ -91,8 +103,12 @@ def test_openai_responses_stream(sidecar):
     account, headers = _principal()
     with _openai(sidecar, headers) as client:
         final = None
-        for event in client.responses.create(model="sim-resp", input="Tell me a story",
-                                             stream=True, extra_headers={"x-sim-tokens": "9"}):
+        for event in client.responses.create(
+            model="sim-resp",
+            input="Tell me a story",
+            stream=True,
+            extra_headers={"x-sim-tokens": "9"},
+        ):
             if event.type == "response.completed":
                 final = event.response
     assert final is not None
@@ -117,10 +133,13 @@ def test_openai_embeddings(sidecar):
 def test_anthropic_stream(sidecar, cache_read):
     """An Anthropic stream merges message_start and message_delta usage, cache reads included."""
     account, headers = _principal()
-    with anthropic.Anthropic(base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers,
-                             max_retries=0) as client:
+    with anthropic.Anthropic(
+        base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
+    ) as client:
         with client.messages.stream(
-            model="sim-claude", max_tokens=64, messages=[{"role": "user", "content": "Hello"}],
+            model="sim-claude",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "Hello"}],
             extra_headers={"x-sim-tokens": "11", "x-sim-cached-tokens": str(cache_read)},
         ) as stream:
             text = "".join(stream.text_stream)
@@ -128,8 +147,9 @@ def test_anthropic_stream(sidecar, cache_read):
     assert text
     row = _row(sidecar, account)
     u = final.usage
-    expected_prompt = u.input_tokens + (u.cache_read_input_tokens or 0) + (
-        u.cache_creation_input_tokens or 0)
+    expected_prompt = (
+        u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+    )
     assert row["api"] == "anthropic-messages"
     assert row["prompt_tokens"] == expected_prompt
     assert row["completion_tokens"] == u.output_tokens == 11
@@ -139,15 +159,20 @@ def test_anthropic_stream(sidecar, cache_read):
 def test_anthropic_json(sidecar):
     """A non-streaming Anthropic message is billed from its usage object."""
     account, headers = _principal()
-    with anthropic.Anthropic(base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers,
-                             max_retries=0) as client:
-        msg = client.messages.create(model="sim-claude", max_tokens=64,
-                                     messages=[{"role": "user", "content": "Hello there"}],
-                                     extra_headers={"x-sim-tokens": "5"})
+    with anthropic.Anthropic(
+        base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
+    ) as client:
+        msg = client.messages.create(
+            model="sim-claude",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "Hello there"}],
+            extra_headers={"x-sim-tokens": "5"},
+        )
     row = _row(sidecar, account)
     assert row["completion_tokens"] == msg.usage.output_tokens == 5
-    assert row["prompt_tokens"] == msg.usage.input_tokens + (msg.usage.cache_read_input_tokens or 0) + (
-        msg.usage.cache_creation_input_tokens or 0)
+    assert row["prompt_tokens"] == msg.usage.input_tokens + (
+        msg.usage.cache_read_input_tokens or 0
+    ) + (msg.usage.cache_creation_input_tokens or 0)
 
 
 def test_regular_proxy_mode(sim, tmp_path):
@@ -157,11 +182,18 @@ def test_regular_proxy_mode(sim, tmp_path):
     proxy = Sidecar(tmp_path, None, mode="regular")
     try:
         account, headers = _principal()
-        with openai.OpenAI(base_url=sim.url + "/v1", api_key="sk-test", default_headers=headers,
-                           max_retries=0, http_client=httpx.Client(proxy=proxy.url)) as client:
+        with openai.OpenAI(
+            base_url=sim.url + "/v1",
+            api_key="sk-test",
+            default_headers=headers,
+            max_retries=0,
+            http_client=openai.DefaultHttpxClient(proxy=proxy.url),
+        ) as client:
             resp = client.chat.completions.create(
-                model="sim-chat", messages=[{"role": "user", "content": "via proxy"}],
-                extra_headers={"x-sim-tokens": "4"})
+                model="sim-chat",
+                messages=[{"role": "user", "content": "via proxy"}],
+                extra_headers={"x-sim-tokens": "4"},
+            )
         row = _row(proxy, account)
         assert row["completion_tokens"] == resp.usage.completion_tokens == 4
         assert row["node"] == f"127.0.0.1:{sim.port}"
@@ -173,13 +205,21 @@ def test_metrics_exported(sidecar):
     """After traffic, the Prometheus endpoint exports the seed-compatible metric names."""
     account, headers = _principal()
     with _openai(sidecar, headers) as client:
-        client.chat.completions.create(model="sim-chat", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="sim-chat", messages=[{"role": "user", "content": "x"}]
+        )
     _row(sidecar, account)
     text = sidecar.metrics()
-    for name in ("cortex_time_to_first_token_seconds_bucket", "cortex_tokens_per_second_bucket",
-                 "cortex_request_duration_seconds_bucket", "cortex_requests_total",
-                 "cortex_prompt_tokens_total", "cortex_completion_tokens_total",
-                 "cortex_spend_tokens_total", "cortex_ledger_queue_depth"):
+    for name in (
+        "cortex_time_to_first_token_seconds_bucket",
+        "cortex_tokens_per_second_bucket",
+        "cortex_request_duration_seconds_bucket",
+        "cortex_requests_total",
+        "cortex_prompt_tokens_total",
+        "cortex_completion_tokens_total",
+        "cortex_spend_tokens_total",
+        "cortex_ledger_queue_depth",
+    ):
         assert name in text, name
     assert f'account="{account}"' in text
     health = httpx.get(sidecar.metrics_url + "/healthz", timeout=5)

@@ -1,0 +1,596 @@
+"""The SQLite ledger: one row per proxied request, its schema, migrations and queries.
+
+``Ledger(path)`` opens the file the proxy writes, creating and migrating it;
+``Ledger.open_existing(path)`` opens it for reading and never creates a file.
+``Ledger(db)`` also takes an open ``sqlite_utils.Database`` (an in-memory one in
+tests) and migrates it on construction.
+
+Migrations are an append-only list of functions (``m001_requests``, ...),
+each applied once and recorded by name in ``_spendtap_migrations``. A shipped
+migration is never edited: a change is a new function at the end of the list.
+Other modules that keep tables in the same file can run their own list through
+``run_migrations`` (with their own prefix, such as ``budget_m001_...``).
+
+Exceptions::
+
+    LedgerError                  any ledger problem the caller should report
+     +-- LedgerNotFound          a read-only open of a path that does not exist
+     +-- NotALedger              the file is not SQLite, or is SQLite without
+                                 spendtap's migrations table (someone else's database)
+
+A corrupt or foreign file is an error, never silently replaced.
+
+Usage semantics (see DESIGN.md): a token figure the server did not report is
+NULL, never 0. In ``report()`` each token sum is NULL when no row of the group
+reported that figure, and the sum of the reported figures otherwise (SQL ``SUM``
+ignores NULL). ``total_tokens`` is prompt + completion over the rows that
+reported either, NULL when none did.
+
+This module imports neither click nor mitmproxy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from spendtap.timeparse import normalize_ts
+
+__all__ = [
+    "COLUMNS",
+    "MIGRATIONS",
+    "OUTCOMES",
+    "REPORT_BY",
+    "USAGE_SOURCES",
+    "Ledger",
+    "LedgerError",
+    "LedgerNotFound",
+    "NotALedger",
+    "normalize_row",
+    "run_migrations",
+]
+
+MIGRATIONS_TABLE = "_spendtap_migrations"
+
+OUTCOMES = ("completed", "client_disconnected", "upstream_error", "rejected")
+USAGE_SOURCES = ("reported", "estimated", "none")
+REPORT_BY = ("account", "key", "model", "node", "day", "hour")
+
+TEXT_COLUMNS = ("account", "key", "model", "node", "api", "method", "path")
+TOKEN_COLUMNS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
+)
+REAL_COLUMNS = ("ttft_s", "duration_s", "tokens_per_s")
+
+# Every column of ``requests``, in table order: the keys of a row dict.
+COLUMNS = (
+    "id",
+    "ts",
+    *TEXT_COLUMNS,
+    "streamed",
+    "status",
+    "outcome",
+    *TOKEN_COLUMNS,
+    "usage_source",
+    *REAL_COLUMNS,
+    "error",
+    "response_bytes",
+)
+
+MAX_ERROR_LEN = 200
+MAX_TEXT_LEN = 512
+
+
+class LedgerError(Exception):
+    """A ledger problem the caller should report (the base of this module's errors)."""
+
+
+class LedgerNotFound(LedgerError):
+    """A ledger opened for reading does not exist (reading never creates one)."""
+
+
+class NotALedger(LedgerError):
+    """The file is not SQLite, or is SQLite without spendtap's migrations table."""
+
+
+# -- migrations (append-only: never edit a shipped one) -------------------------
+
+
+def m001_requests(db: sqlite_utils.Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE requests (
+            id TEXT PRIMARY KEY,
+            ts TEXT NOT NULL,
+            account TEXT,
+            key TEXT,
+            model TEXT,
+            node TEXT,
+            api TEXT,
+            method TEXT,
+            path TEXT,
+            streamed INTEGER,
+            status INTEGER,
+            outcome TEXT,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            cached_tokens INTEGER,
+            cache_creation_tokens INTEGER,
+            reasoning_tokens INTEGER,
+            usage_source TEXT,
+            ttft_s REAL,
+            duration_s REAL,
+            tokens_per_s REAL,
+            error TEXT,
+            response_bytes INTEGER
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_requests_ts ON requests (ts)")
+    db.execute("CREATE INDEX idx_requests_account_ts ON requests (account, ts)")
+    db.execute("CREATE INDEX idx_requests_key_ts ON requests (key, ts)")
+    db.execute("CREATE INDEX idx_requests_model_ts ON requests (model, ts)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    m001_requests,
+]
+
+
+def _user_tables(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def run_migrations(
+    db: sqlite_utils.Database,
+    migrations: Sequence[Callable[[sqlite_utils.Database], None]],
+    *,
+    adopt_foreign: bool = False,
+) -> list[str]:
+    """Apply the migrations not yet recorded, in order, in one transaction.
+
+    Returns the names applied. Concurrent processes are safe: the transaction is
+    ``BEGIN IMMEDIATE`` and the record is re-read inside it. A database that has
+    tables but no ``_spendtap_migrations`` table raises ``NotALedger`` (it is
+    someone else's), unless ``adopt_foreign``.
+    """
+    conn = db.conn
+    if conn.in_transaction:
+        raise LedgerError("cannot migrate inside an open transaction")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        tables = _user_tables(conn)
+        if MIGRATIONS_TABLE not in tables:
+            if tables and not adopt_foreign:
+                raise NotALedger(
+                    "an SQLite database without spendtap's migrations table "
+                    f"(it has tables: {', '.join(sorted(tables)[:5])})"
+                )
+            conn.execute(
+                f"CREATE TABLE {MIGRATIONS_TABLE} (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+        done = {r[0] for r in conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+        applied = []
+        for migration in migrations:
+            name = migration.__name__
+            if name in done:
+                continue
+            migration(db)
+            conn.execute(
+                f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) "
+                "VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                (name,),
+            )
+            applied.append(name)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return applied
+
+
+# -- rows -----------------------------------------------------------------------
+
+
+def _text(name: str, value: Any, limit: int = MAX_TEXT_LEN) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be text or None, not {type(value).__name__}")
+    return value[:limit]
+
+
+def _int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer or None, not {type(value).__name__}")
+    return value
+
+
+def _real(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one request row and return it with exactly ``COLUMNS`` as keys.
+
+    Missing columns are NULL (``id`` and ``ts`` are required). ``ts`` may be
+    ledger text, any ISO 8601 text, a ``datetime`` or a Unix time. ``error`` is
+    cut to its first line and 200 characters. Raises ``ValueError`` or
+    ``TypeError`` on an unknown column or a value of the wrong type.
+    """
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown ledger column(s): {', '.join(sorted(unknown))}")
+    rid = row.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise ValueError("a ledger row needs a non-empty text id")
+    if row.get("ts") is None:
+        raise ValueError("a ledger row needs a ts")
+    out: dict[str, Any] = {"id": rid[:MAX_TEXT_LEN], "ts": normalize_ts(row["ts"])}
+    for name in TEXT_COLUMNS:
+        out[name] = _text(name, row.get(name))
+    streamed = row.get("streamed")
+    if streamed is not None and not isinstance(streamed, bool | int):
+        raise TypeError(f"streamed must be a bool or None, not {type(streamed).__name__}")
+    out["streamed"] = None if streamed is None else int(bool(streamed))
+    out["status"] = _int("status", row.get("status"))
+    outcome = row.get("outcome")
+    if outcome is not None and outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+    out["outcome"] = outcome
+    for name in TOKEN_COLUMNS:
+        out[name] = _int(name, row.get(name))
+    source = row.get("usage_source")
+    if source is not None and source not in USAGE_SOURCES:
+        raise ValueError(f"usage_source must be one of {', '.join(USAGE_SOURCES)}, not {source!r}")
+    out["usage_source"] = source
+    for name in REAL_COLUMNS:
+        out[name] = _real(name, row.get(name))
+    error = _text("error", row.get("error"), limit=10 * MAX_ERROR_LEN)
+    if error is not None:
+        lines = error.strip().splitlines()
+        error = lines[0][:MAX_ERROR_LEN] if lines else ""
+    out["error"] = error
+    out["response_bytes"] = _int("response_bytes", row.get("response_bytes"))
+    return out
+
+
+_INSERT_SQL = (
+    f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in COLUMNS)})"
+)
+
+
+def _row_out(row: dict[str, Any]) -> dict[str, Any]:
+    if row.get("streamed") is not None:
+        row["streamed"] = bool(row["streamed"])
+    return row
+
+
+# -- the ledger -------------------------------------------------------------------
+
+
+def _connect(path: Path, *, create: bool, busy_timeout_s: float) -> sqlite3.Connection:
+    if path.is_dir():
+        raise NotALedger(f"{path} is a directory, not a spendtap ledger")
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return sqlite3.connect(path, timeout=busy_timeout_s)
+    # mode=rw opens an existing file (read-only if the OS says so) and never creates one.
+    uri = "file:" + _uri_path(path) + "?mode=rw"
+    try:
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout_s)
+    except sqlite3.OperationalError:
+        if not path.exists():
+            raise LedgerNotFound(f"ledger not found: {path}") from None
+        raise
+
+
+def _uri_path(path: Path) -> str:
+    from urllib.parse import quote
+
+    return quote(str(path.absolute()), safe="/")
+
+
+class Ledger:
+    """The request ledger in one SQLite database (a file or an open ``Database``).
+
+    ``Ledger(path)`` creates the file if needed (and its directory), sets WAL
+    journaling, ``synchronous=NORMAL`` and a busy timeout, and applies pending
+    migrations. A connection belongs to the thread that opened it.
+    """
+
+    def __init__(
+        self,
+        db: str | os.PathLike[str] | sqlite_utils.Database,
+        *,
+        busy_timeout_s: float = 5.0,
+        _create: bool = True,
+    ):
+        self.busy_timeout_s = busy_timeout_s
+        if isinstance(db, sqlite_utils.Database):
+            self.path: Path | None = None
+            self.db = db
+        else:
+            self.path = Path(db)
+            conn = _connect(self.path, create=_create, busy_timeout_s=busy_timeout_s)
+            try:
+                self.db = sqlite_utils.Database(conn, execute_plugins=False)
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            self._setup(create=_create)
+        except BaseException:
+            if self.path is not None:
+                self.db.close()
+            raise
+
+    @classmethod
+    def open_existing(cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> Ledger:
+        """Open an existing ledger file for reading; never creates a file.
+
+        Raises ``LedgerNotFound`` if there is no such file and ``NotALedger`` if
+        it is not a spendtap ledger.
+        """
+        p = Path(path)
+        if not p.exists() and not p.is_symlink():
+            raise LedgerNotFound(f"ledger not found: {p}")
+        return cls(p, busy_timeout_s=busy_timeout_s, _create=False)
+
+    def _setup(self, *, create: bool) -> None:
+        conn = self.db.conn
+        where = str(self.path) if self.path is not None else "the database"
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            # Reading the schema is what detects a file that is not SQLite at all.
+            tables = _user_tables(conn)
+            if MIGRATIONS_TABLE not in tables and (tables or not create):
+                # Someone else's database (or, for a reader, an empty one): never adopt it.
+                what = (
+                    "an SQLite database without spendtap's migrations table"
+                    if tables
+                    else "an empty database"
+                )
+                raise NotALedger(f"{where} is not a spendtap ledger ({what})")
+            if create and not self.db.memory and self.db.journal_mode != "wal":
+                self.db.enable_wal()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if create or self._pending_migrations():
+                run_migrations(self.db, MIGRATIONS)
+        except NotALedger as e:
+            if str(e).startswith(where):
+                raise
+            raise NotALedger(f"{where} is not a spendtap ledger: {e}") from None
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):
+                raise LedgerError(f"cannot open the ledger {where}: {e}") from e
+            raise NotALedger(f"{where} is not a spendtap ledger: {e}") from e
+
+    def _pending_migrations(self) -> bool:
+        done = {r[0] for r in self.db.conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+        return any(m.__name__ not in done for m in MIGRATIONS)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Ledger {self.path or 'in-memory'}>"
+
+    # -- writing ------------------------------------------------------------------
+
+    def insert_rows(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Insert rows in one transaction; a row whose id is already stored is ignored.
+
+        Every row is validated first (``normalize_row``), so a bad row raises
+        ``ValueError``/``TypeError`` before anything is written. Returns the number
+        of rows actually inserted. ``sqlite3.OperationalError`` (locked, read-only,
+        disk full) propagates with nothing written.
+        """
+        prepared = [normalize_row(r) for r in rows]
+        if not prepared:
+            return 0
+        conn = self.db.conn
+        before = conn.total_changes
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT_SQL, prepared)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return conn.total_changes - before
+
+    # -- reading ------------------------------------------------------------------
+
+    def _where(
+        self,
+        *,
+        since: str | datetime | None,
+        until: str | datetime | None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+    ) -> tuple[list[str], dict[str, Any]]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {}
+        if since is not None:
+            clauses.append("ts >= :since")
+            params["since"] = normalize_ts(since)
+        if until is not None:
+            clauses.append("ts < :until")
+            params["until"] = normalize_ts(until)
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        for name, value in (
+            ("account", account),
+            ("key", key),
+            ("model", model),
+            ("node", node),
+            ("outcome", outcome),
+        ):
+            if value is not None:
+                clauses.append(f"{name} = :{name}")
+                params[name] = value
+        return clauses, params
+
+    def requests(
+        self,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+        limit: int | None = None,
+        after_rowid: int | None = None,
+        order: str = "desc",
+        include_rowid: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Request rows as dicts (keys ``COLUMNS``; ``streamed`` a bool).
+
+        ``since`` is inclusive, ``until`` exclusive. Rows are ordered by ``ts``
+        (then insertion), newest first unless ``order="asc"``. With ``after_rowid``
+        only rows inserted after that rowid are returned, in insertion order (for
+        following the ledger live); ``include_rowid`` adds each row's ``rowid``.
+        The query runs (and raises) when called; rows are fetched lazily.
+        """
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be zero or more, not {limit}")
+        clauses, params = self._where(
+            since=since,
+            until=until,
+            account=account,
+            key=key,
+            model=model,
+            node=node,
+            outcome=outcome,
+        )
+        if after_rowid is not None:
+            clauses.append("rowid > :after_rowid")
+            params["after_rowid"] = after_rowid
+            order_by = f"rowid {order}"
+        else:
+            order_by = f"ts {order}, rowid {order}"
+        columns = ", ".join(("rowid", *COLUMNS) if include_rowid else COLUMNS)
+        sql = f"SELECT {columns} FROM requests"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += f" ORDER BY {order_by}"
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = limit
+        cursor = self.db.conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
+
+    def count(self, **filters: Any) -> int:
+        """How many request rows match the filters of ``requests()``."""
+        clauses, params = self._where(
+            since=filters.pop("since", None), until=filters.pop("until", None), **filters
+        )
+        sql = "SELECT count(*) FROM requests"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        return self.db.conn.execute(sql, params).fetchone()[0]
+
+    def report(
+        self,
+        by: str,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Usage totals grouped by ``account``, ``key``, ``model``, ``node``, ``day`` or ``hour``.
+
+        Each dict has the group value under the name of ``by`` (``None`` for
+        anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
+        both UTC), then ``requests``, the token sums (NULL when no row of the
+        group reported the figure), ``total_tokens``, ``errors`` (outcome other
+        than completed), ``usage_missing`` (no usage reported or estimated),
+        ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them).
+        Time groups are in time order; the others by total tokens, most first.
+        """
+        if by not in REPORT_BY:
+            raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
+        if by == "day":
+            group = "substr(ts, 1, 10)"
+        elif by == "hour":
+            group = "substr(ts, 1, 13) || ':00:00Z'"
+        else:
+            group = by
+        clauses, params = self._where(
+            since=since,
+            until=until,
+            account=account,
+            key=key,
+            model=model,
+            node=node,
+            outcome=outcome,
+        )
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        if by in ("day", "hour"):
+            order_by = "grp"
+        else:
+            order_by = "total_tokens IS NULL, total_tokens DESC, requests DESC, grp IS NULL, grp"
+        sql = f"""
+            SELECT
+                {group} AS grp,
+                count(*) AS requests,
+                sum(prompt_tokens) AS prompt_tokens,
+                sum(completion_tokens) AS completion_tokens,
+                sum(cached_tokens) AS cached_tokens,
+                sum(cache_creation_tokens) AS cache_creation_tokens,
+                sum(reasoning_tokens) AS reasoning_tokens,
+                CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
+                     ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
+                END AS total_tokens,
+                sum(outcome IS NOT 'completed') AS errors,
+                sum(usage_source IS NULL OR usage_source = 'none') AS usage_missing,
+                round(avg(ttft_s), 4) AS avg_ttft_s,
+                round(avg(tokens_per_s), 2) AS avg_tokens_per_s
+            FROM requests{where}
+            GROUP BY grp
+            ORDER BY {order_by}
+        """
+        cursor = self.db.conn.execute(sql, params)
+        names = [d[0] for d in cursor.description]
+        names[0] = by
+        return [dict(zip(names, r, strict=True)) for r in cursor]

@@ -1,0 +1,42 @@
+"""The ``spendtap`` command: a click group and the commands registered on it.
+
+Commands live in modules by concern (``query.py`` reads the ledger); each is
+registered below with ``cli.add_command``, so the full list is in one place.
+"""
+
+from __future__ import annotations
+
+import click
+from spendtap import __version__
+from spendtap.cli.demo import demo
+from spendtap.cli.query import report_command, requests_command
+from spendtap.cli.run import addon_path_command, run
+from spendtap.cli.simulate import simulate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="spendtap")
+def cli() -> None:
+    """Meter LLM inference traffic: tokens, latency and spend per key.
+
+    spendtap is a mitmproxy addon that sits between API clients and OpenAI- or
+    Anthropic-compatible inference servers. It streams every response through
+    untouched, records each request's token usage in a SQLite ledger and
+    exports Prometheus metrics. These commands query that ledger.
+
+    The ledger is $SPENDTAP_DB, else $XDG_DATA_HOME/spendtap/ledger.db, else
+    ~/.local/share/spendtap/ledger.db; --db overrides it.
+
+    \b
+    Examples:
+        spendtap report --by account --since 24h
+        spendtap requests --since 15m --format jsonl
+    """
+
+
+cli.add_command(requests_command)
+cli.add_command(report_command)
+cli.add_command(run)
+cli.add_command(addon_path_command)
+cli.add_command(simulate)
+cli.add_command(demo)

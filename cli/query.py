@@ -1,0 +1,214 @@
+"""Commands that read the ledger: ``spendtap requests`` and ``spendtap report``."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from spendtap.cli.output import Choice, output_options, write_rows
+from spendtap.cli.paths import db_option, open_ledger
+from spendtap.ledger import COLUMNS, OUTCOMES, REPORT_BY, LedgerError
+from spendtap.timeparse import format_ts, parse_when
+
+REPORT_FIGURES = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_creation_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "errors",
+    "usage_missing",
+    "avg_ttft_s",
+    "avg_tokens_per_s",
+)
+
+# The table shows the figures people scan for; json/jsonl/csv carry every column.
+REQUESTS_TABLE = (
+    ("ts", "ts"),
+    ("account", "account"),
+    ("key", "key"),
+    ("model", "model"),
+    ("node", "node"),
+    ("status", "status"),
+    ("outcome", "outcome"),
+    ("prompt_tokens", "prompt"),
+    ("completion_tokens", "completion"),
+    ("cached_tokens", "cached"),
+    ("reasoning_tokens", "reasoning"),
+    ("usage_source", "usage"),
+    ("ttft_s", "ttft_s"),
+    ("duration_s", "duration_s"),
+    ("tokens_per_s", "tok/s"),
+)
+
+REPORT_TABLE_HEADERS = {
+    "prompt_tokens": "prompt",
+    "completion_tokens": "completion",
+    "cached_tokens": "cached",
+    "cache_creation_tokens": "cache_write",
+    "reasoning_tokens": "reasoning",
+    "total_tokens": "total",
+    "usage_missing": "no_usage",
+    "avg_tokens_per_s": "avg_tok/s",
+}
+
+
+def time_options(fn):
+    """``--since`` and ``--until``, passed as text and parsed by ``time_range``."""
+    fn = click.option(
+        "--until",
+        metavar="WHEN",
+        help="Only requests that started before this time: 15m, 24h, 7d ago or ISO 8601.",
+    )(fn)
+    fn = click.option(
+        "--since",
+        metavar="WHEN",
+        help="Only requests that started at or after this time: 15m, 24h, 7d ago or ISO 8601.",
+    )(fn)
+    return fn
+
+
+def time_range(since: str | None, until: str | None) -> tuple[str | None, str | None]:
+    """Parse ``--since``/``--until`` against one ``now``; ClickException on bad input."""
+    now = datetime.now(UTC)
+    bounds: dict[str, str | None] = {}
+    for name, text in (("--since", since), ("--until", until)):
+        if text is None:
+            bounds[name] = None
+            continue
+        try:
+            bounds[name] = format_ts(parse_when(text, now))
+        except ValueError as e:
+            raise click.ClickException(f"Invalid value for '{name}': {e}") from None
+    start, end = bounds["--since"], bounds["--until"]
+    if start is not None and end is not None and end <= start:
+        raise click.ClickException(f"--until ({end}) must be later than --since ({start})")
+    return start, end
+
+
+def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
+    try:
+        yield from rows
+    except sqlite3.Error as e:
+        raise click.ClickException(f"cannot read the ledger: {e}") from None
+
+
+@click.command(name="requests")
+@time_options
+@click.option("--account", help="Only this account.")
+@click.option("--key", help="Only this key.")
+@click.option("--model", help="Only this model.")
+@click.option("--node", help="Only this node (upstream).")
+@click.option("--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome.")
+@click.option(
+    "--limit",
+    type=int,
+    default=100,
+    show_default=True,
+    help="At most this many rows, newest first; 0 for all.",
+)
+@db_option
+@output_options
+def requests_command(
+    since: str | None,
+    until: str | None,
+    account: str | None,
+    key: str | None,
+    model: str | None,
+    node: str | None,
+    outcome: str | None,
+    limit: int,
+    db_path: Path,
+    fmt: str,
+) -> None:
+    """Show metered requests, one row each, newest first.
+
+    The table shows the main figures; json, jsonl and csv carry every column.
+
+    \b
+    Examples:
+        spendtap requests --since 15m
+        spendtap requests --account acme --outcome upstream_error
+        spendtap requests --since 2025-01-01 --until 2025-02-01 --limit 0 -f csv > jan.csv
+    """
+    if limit < 0:
+        raise click.ClickException(f"Invalid value for '--limit': {limit} is below 0")
+    start, end = time_range(since, until)
+    ledger = open_ledger(db_path)
+    try:
+        rows = ledger.requests(
+            since=start,
+            until=end,
+            account=account,
+            key=key,
+            model=model,
+            node=node,
+            outcome=outcome,
+            limit=limit or None,
+        )
+        write_rows(_rows_or_fail(rows), fmt, COLUMNS, table_columns=REQUESTS_TABLE)
+    except (LedgerError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot read the ledger: {e}") from None
+    finally:
+        ledger.close()
+
+
+@click.command(name="report")
+@click.option(
+    "--by",
+    type=Choice(REPORT_BY),
+    default="account",
+    show_default=True,
+    help="Group totals by account, key, model, node, UTC day or UTC hour.",
+)
+@time_options
+@click.option("--account", help="Only this account.")
+@click.option("--key", help="Only this key.")
+@click.option("--model", help="Only this model.")
+@click.option("--node", help="Only this node (upstream).")
+@db_option
+@output_options
+def report_command(
+    by: str,
+    since: str | None,
+    until: str | None,
+    account: str | None,
+    key: str | None,
+    model: str | None,
+    node: str | None,
+    db_path: Path,
+    fmt: str,
+) -> None:
+    """Show usage totals per account, key, model, node, day or hour.
+
+    Each group has its requests, token sums, errors and average latency.
+    A token total is empty (null) when no request in the group reported that
+    figure; total = prompt + completion. Requests without an account or key
+    show as (anonymous). Groups are ordered by total tokens, days and hours
+    in time order.
+
+    \b
+    Examples:
+        spendtap report --by account --since 24h
+        spendtap report --by model --since 7d -f json
+        spendtap report --by day --since 2025-01-01 --account acme
+    """
+    start, end = time_range(since, until)
+    ledger = open_ledger(db_path)
+    try:
+        rows = ledger.report(
+            by, since=start, until=end, account=account, key=key, model=model, node=node
+        )
+    except (LedgerError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot read the ledger: {e}") from None
+    finally:
+        ledger.close()
+    columns = (by, *REPORT_FIGURES)
+    table_columns = [(c, REPORT_TABLE_HEADERS.get(c, c)) for c in columns]
+    null = {by: "(anonymous)"} if by in ("account", "key") else None
+    write_rows(rows, fmt, columns, table_columns=table_columns, null=null)

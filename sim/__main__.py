@@ -1,0 +1,7 @@
+"""``python -m spendtap.sim --listen HOST:PORT``: run the simulated inference server."""
+
+import sys
+
+from .server import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""Properties of the scanner: chunking-invariance, never raising, bounded memory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from spendtap.scanner import ResponseScanner
+from spendtap.usage import APIS, EMBEDDINGS, OPENAI_CHAT, Usage
+
+from tests.corpus_cases import ENCODINGS, encode, load_cases, scan
+
+CASES = load_cases()
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def cut(body: bytes, points: list[int]) -> list[bytes]:
+    idx = sorted({p % (len(body) + 1) for p in points} | {0, len(body)})
+    return [body[a:b] for a, b in itertools.pairwise(idx)]
+
+
+@st.composite
+def corpus_cuts(draw):
+    case = draw(st.sampled_from(CASES))
+    n = len(case.body)
+    style = draw(st.sampled_from(["points", "fixed"]))
+    if style == "fixed":
+        size = draw(st.integers(min_value=1, max_value=max(1, n)))
+        chunks = [case.body[i : i + size] for i in range(0, n, size)]
+    else:
+        points = draw(st.lists(st.integers(min_value=0, max_value=n), max_size=60))
+        chunks = cut(case.body, points)
+    return case, chunks
+
+
+@SETTINGS
+@given(corpus_cuts())
+def test_any_chunking_equals_whole_body(case_chunks):
+    """However a corpus body is cut, usage, model, error and content counts match the whole."""
+    case, chunks = case_chunks
+    assert b"".join(chunks) == case.body
+    whole = scan(case.api, case.content_type, [case.body])
+    r = scan(case.api, case.content_type, chunks)
+    assert r.usage == whole.usage == case.expected_usage()
+    assert r.content_events == whole.content_events
+    assert r.response_model == whole.response_model
+    assert r.error == whole.error
+    assert r.parse_errors == whole.parse_errors
+    assert r.internal_errors == 0
+
+
+CONTENT_TYPES = [None, "", "text/event-stream", "application/json", "text/plain", "garbage/;;"]
+ENCODING_HEADERS = [None, "", "gzip", "deflate", "br", "zstd", "gzip, br", "x-gzip", "bogus"]
+
+
+@SETTINGS
+@given(
+    api=st.sampled_from([*APIS, "nonsense"]),
+    ctype=st.sampled_from(CONTENT_TYPES),
+    enc=st.sampled_from(ENCODING_HEADERS),
+    chunks=st.lists(st.binary(max_size=300), max_size=20),
+)
+def test_never_raises_on_arbitrary_bytes(api, ctype, enc, chunks):
+    """Arbitrary bytes under any API, content type and encoding never make the scanner raise."""
+    s = ResponseScanner(api, ctype, enc)
+    for i, c in enumerate(chunks):
+        s.feed(c, float(i))
+    r = s.finish(99.0)
+    assert r.internal_errors == 0
+    assert s.finish(100.0) is r
+
+
+SSE_ALPHABET = [b"data: ", b"data:", b"event: ", b"\n", b"\r\n", b"\r", b": c\n", b"{", b"}",
+                b'"usage"', b":", b"{\"prompt_tokens\":", b"1", b"null", b"[DONE]", b'"',
+                b'"choices":[{"delta":{"content":"x"}}]', b'"type":"error"', b"\\", b"\xff",
+                b'"iterations":[', b'"input_tokens":', b"-3", b"1e400", b"true", b","]  # fmt: skip
+
+
+@SETTINGS
+@given(
+    api=st.sampled_from(APIS),
+    parts=st.lists(st.sampled_from(SSE_ALPHABET), max_size=80),
+    sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=10),
+)
+def test_never_raises_on_sse_like_noise(api, parts, sizes):
+    """SSE-looking noise (broken JSON, odd numbers, stray CRs) is counted, never raised."""
+    body = b"".join(parts)
+    s = ResponseScanner(api, "text/event-stream")
+    pos = 0
+    i = 0
+    while pos < len(body):
+        n = sizes[i % len(sizes)]
+        s.feed(body[pos : pos + n], float(i))
+        pos += n
+        i += 1
+    r = s.finish(float(i))
+    assert r.internal_errors == 0
+    for f in (r.usage.prompt_tokens, r.usage.completion_tokens):
+        assert f is None or (isinstance(f, int) and f >= 0)
+
+
+@SETTINGS
+@given(
+    case=st.sampled_from(CASES),
+    enc=st.sampled_from(ENCODINGS),
+    pos=st.integers(min_value=0),
+    junk=st.binary(min_size=1, max_size=8),
+)
+def test_never_raises_on_corrupted_compressed_corpus(case, enc, pos, junk):
+    """A compressed corpus body with bytes overwritten never raises (errors are recorded)."""
+    data, header = encode(case.body, enc)
+    p = pos % len(data)
+    bad = data[:p] + junk + data[p + len(junk) :]
+    s = ResponseScanner(case.api, case.content_type, header)
+    for i in range(0, len(bad), 7):
+        s.feed(bad[i : i + 7], 0.0)
+    r = s.finish(1.0)
+    assert r.internal_errors == 0
+
+
+def _feed_bounded(s: ResponseScanner, chunks, bound: int) -> int:
+    peak = 0
+    for i, c in enumerate(chunks):
+        s.feed(c, float(i))
+        if i % 64 == 0:
+            peak = max(peak, s.buffered_bytes())
+            assert peak <= bound
+    return peak
+
+
+def test_50mb_stream_bounded_and_usage_found():
+    """A 50 MB stream of content chunks plus final usage stays bounded and finds the usage."""
+    chunk = (
+        b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":'
+        b'[{"index":0,"delta":{"content":"' + b"tok " * 40 + b'"},"finish_reason":null}]}\n\n'
+    )
+    reps = (50 << 20) // len(chunk)
+    final = (
+        b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":1234,"completion_tokens":'
+        + str(reps).encode()
+        + b"}}\n\ndata: [DONE]\n\n"
+    )
+    block = chunk * 256  # ~64 KiB reads, cut mid-event
+    half = len(block) // 2 + 17
+
+    def chunks():
+        for _ in range(reps // 256):
+            yield block[:half]
+            yield block[half:]
+        for _ in range(reps % 256):
+            yield chunk
+        yield final
+
+    s = ResponseScanner(OPENAI_CHAT, "text/event-stream")
+    _feed_bounded(s, chunks(), 256 << 10)
+    r = s.finish(1e9)
+    assert r.usage == Usage(prompt_tokens=1234, completion_tokens=reps)
+    assert r.content_events == reps
+    assert r.bytes_scanned == reps * len(chunk) + len(final) > 49 << 20
+
+
+def test_50mb_single_event_bounded_and_usage_found():
+    """One 50 MB response.completed event is held by head and tail only; its usage is found."""
+    head = (
+        b"event: response.completed\n"
+        b'data: {"type":"response.completed","response":{"model":"m","output":[{"text":"'
+    )
+    tail = b'"}],"usage":{"input_tokens":5,"output_tokens":6}}}\n\n'
+    body_chunk = b"x" * (64 << 10)
+    n = (50 << 20) // len(body_chunk)
+
+    def chunks():
+        yield head
+        for _ in range(n):
+            yield body_chunk
+        yield tail
+
+    s = ResponseScanner("openai-responses", "text/event-stream")
+    _feed_bounded(s, chunks(), (1 << 20) + (512 << 10))
+    r = s.finish(1.0)
+    assert r.usage == Usage(prompt_tokens=5, completion_tokens=6)
+    assert r.response_model == "m"
+
+
+def test_huge_json_embeddings_body_usage_from_tail():
+    """A 20 MB embeddings JSON body is scanned by head and tail; usage found in the tail."""
+    vec = json.dumps([0.0123456789] * 1536)
+    items = ",\n".join(
+        f'    {{"object": "embedding", "index": {i}, "embedding": {vec}}}' for i in range(1100)
+    )
+    body = (
+        '{\n  "object": "list",\n  "data": [\n'
+        + items
+        + '\n  ],\n  "model": "text-embedding-3-small",\n'
+        '  "usage": {\n    "prompt_tokens": 4321,\n    "total_tokens": 4321\n  }\n}\n'
+    ).encode()
+    assert len(body) > 20 << 20
+    s = ResponseScanner(EMBEDDINGS, "application/json")
+    _feed_bounded(
+        s, (body[i : i + 65536] for i in range(0, len(body), 65536)), (4 << 20) + (256 << 10)
+    )
+    r = s.finish(1.0)
+    assert r.usage == Usage(prompt_tokens=4321)
+    assert r.usage_source == "reported"
+    assert r.response_model == "text-embedding-3-small"
+    assert s.buffered_bytes() <= 256 << 10
