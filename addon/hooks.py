@@ -27,12 +27,11 @@ import logging
 import time
 
 from mitmproxy import ctx, exceptions, http
-
 from spendtap.accesslog import AccessLog
+from spendtap.address import parse_listen
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.meter import COMPLETED, UPSTREAM_ERROR, FlowMeter, outcome_for_error
 from spendtap.metrics import CallbackGauges, Metrics
-from spendtap.address import parse_listen
 from spendtap.metrics_server import MetricsServer
 from spendtap.paths import default_db_path
 from spendtap.request import clean_principal, parse_request

@@ -261,5 +261,6 @@ def _scrape(port: int) -> list[str]:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     except httpx.HTTPError:
         return []
-    wanted = ("_requests_total{", "_spend_tokens_total{", "_time_to_first_token_seconds_count{")
-    return [line for line in text.splitlines() if any(w in line for w in wanted)][:12]
+    wanted = ("_spend_tokens_total{", "_time_to_first_token_seconds_sum{", "_requests_total{")
+    lines = text.splitlines()
+    return [line for w in wanted for line in lines if w in line][:14]

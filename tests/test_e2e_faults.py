@@ -73,10 +73,13 @@ def test_client_disconnect_mid_stream(sidecar):
 def test_upstream_cut_mid_stream(sidecar):
     """An upstream that drops the connection mid-stream gives one upstream_error row."""
     account, headers = _headers(tokens=40, fault="cut")
-    with httpx.Client(timeout=10) as client, pytest.raises(httpx.HTTPError):
-        with client.stream("POST", sidecar.url + CHAT, json=_body(), headers=headers) as resp:
-            for _ in resp.iter_raw():
-                pass
+    with (
+        httpx.Client(timeout=10) as client,
+        pytest.raises(httpx.HTTPError),
+        client.stream("POST", sidecar.url + CHAT, json=_body(), headers=headers) as resp,
+    ):
+        for _ in resp.iter_raw():
+            pass
     row = _only_row(sidecar, account)
     assert row["outcome"] == "upstream_error"
     assert row["usage_source"] in ("none", "estimated")

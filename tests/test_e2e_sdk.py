@@ -135,15 +135,14 @@ def test_anthropic_stream(sidecar, cache_read):
     account, headers = _principal()
     with anthropic.Anthropic(
         base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
-    ) as client:
-        with client.messages.stream(
-            model="sim-claude",
-            max_tokens=64,
-            messages=[{"role": "user", "content": "Hello"}],
-            extra_headers={"x-sim-tokens": "11", "x-sim-cached-tokens": str(cache_read)},
-        ) as stream:
-            text = "".join(stream.text_stream)
-            final = stream.get_final_message()
+    ) as client, client.messages.stream(
+        model="sim-claude",
+        max_tokens=64,
+        messages=[{"role": "user", "content": "Hello"}],
+        extra_headers={"x-sim-tokens": "11", "x-sim-cached-tokens": str(cache_read)},
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
     assert text
     row = _row(sidecar, account)
     u = final.usage
