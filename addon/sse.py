@@ -167,6 +167,8 @@ class SSEParser:
                     self._data_len += len(line) - 5
                     if self._data_len > self._max:
                         self._collapse()
+            elif line.startswith(b"event: "):
+                self._ev_type = line[7:].decode("utf-8", "replace") or None
             elif line.startswith(b"data:"):
                 self._add_data(line[5:])
             else:

@@ -81,7 +81,7 @@ def chunked(data: bytes, size: int) -> list[bytes]:
 def encode(body: bytes, encoding: str) -> tuple[bytes, str]:
     """``body`` compressed as ``encoding``; returns (bytes, Content-Encoding value)."""
     if encoding in ("gzip", "x-gzip"):
-        return gzip.compress(body), encoding
+        return gzip.compress(body, mtime=0), encoding  # fixed mtime: same bytes every time
     if encoding == "deflate":
         return zlib.compress(body), "deflate"
     if encoding == "deflate-raw":
@@ -92,7 +92,7 @@ def encode(body: bytes, encoding: str) -> tuple[bytes, str]:
     if encoding == "zstd":
         return zstandard.ZstdCompressor().compress(body), "zstd"
     if encoding == "gzip, br":
-        return brotli.compress(gzip.compress(body)), "gzip, br"
+        return brotli.compress(gzip.compress(body, mtime=0)), "gzip, br"
     raise ValueError(encoding)
 
 

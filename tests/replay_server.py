@@ -10,46 +10,16 @@ the recording. The case is chosen by the ``x-replay-case`` request header;
 
 from __future__ import annotations
 
-import gzip
-import json
 import threading
 import time
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import brotli
-import zstandard
-
-CORPUS = Path(__file__).parent / "corpus" / "wire"
-
-
-def load_cases() -> dict[str, dict]:
-    cases = {}
-    for case in sorted(CORPUS.iterdir()):
-        if (case / "body").exists():
-            meta = json.loads((case / "meta.json").read_text())
-            cases[case.name] = {"meta": meta, "body": (case / "body").read_bytes()}
-    return cases
-
-
-def encode(body: bytes, encoding: str | None) -> bytes:
-    if not encoding:
-        return body
-    if encoding == "gzip":
-        return gzip.compress(body)
-    if encoding == "deflate":
-        return zlib.compress(body)
-    if encoding == "br":
-        return brotli.compress(body)
-    if encoding == "zstd":
-        return zstandard.ZstdCompressor().compress(body)
-    raise ValueError(encoding)
+from tests.corpus_cases import encode, load_cases
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    cases: dict[str, dict] = {}
+    cases: dict = {}
 
     def log_message(self, format, *args):
         pass
@@ -64,11 +34,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         encoding = self.headers.get("x-replay-encoding") or None
         chunk = int(self.headers.get("x-replay-chunk") or 97)
-        wire = encode(case["body"], encoding)
+        wire, header = encode(case.body, encoding) if encoding else (case.body, None)
         self.send_response(200)
-        self.send_header("content-type", case["meta"]["content_type"])
-        if encoding:
-            self.send_header("content-encoding", encoding)
+        self.send_header("content-type", case.content_type)
+        if header:
+            self.send_header("content-encoding", header)
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         for i in range(0, len(wire), chunk):
@@ -85,7 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class ReplayServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        handler = type("Handler", (_Handler,), {"cases": load_cases()})
+        handler = type("Handler", (_Handler,), {"cases": {c.name: c for c in load_cases()}})
         self.server = ThreadingHTTPServer((host, port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
