@@ -29,6 +29,7 @@ import time
 from mitmproxy import ctx, exceptions, http
 from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
+from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.meter import COMPLETED, UPSTREAM_ERROR, FlowMeter, outcome_for_error
 from spendtap.metrics import CallbackGauges, Metrics
@@ -107,6 +108,22 @@ class SpendTap:
             "milliseconds. 0 never waits. While the ledger is failing nothing waits.",
         )
         loader.add_option(
+            "spendtap_inject_usage",
+            bool,
+            True,
+            "Ask streaming chat/completions upstreams for usage (stream_options.include_usage) "
+            "when the client did not, and remove the added usage chunk from what the client "
+            "receives.",
+        )
+        loader.add_option(
+            "spendtap_buffer_bytes",
+            int,
+            1 << 20,
+            "Non-streaming bodies up to this size (Content-Length) are held until their ledger "
+            "row commits, so a client that got the whole body has its row on disk. Larger "
+            "bodies stream through with bounded memory. 0 streams everything.",
+        )
+        loader.add_option(
             "spendtap_max_model_series",
             int,
             200,
@@ -121,8 +138,9 @@ class SpendTap:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if opts.spendtap_commit_wait_ms < 0:
-            raise exceptions.OptionsError("spendtap_commit_wait_ms must be >= 0")
+        for name in ("spendtap_commit_wait_ms", "spendtap_buffer_bytes"):
+            if getattr(opts, name) < 0:
+                raise exceptions.OptionsError(f"{name} must be >= 0")
         if (
             updated
             & {
@@ -252,6 +270,19 @@ class SpendTap:
         flow.metadata[META_KEY] = meter
         self.in_flight[flow.id] = meter
         self.metrics.in_flight.inc()
+        if opts.spendtap_inject_usage and wants_usage_injection(info):
+            self._inject_usage(flow, meter)
+
+    def _inject_usage(self, flow: http.HTTPFlow, meter: FlowMeter) -> None:
+        try:
+            body = with_include_usage(flow.request.get_content(strict=False) or b"")
+        except Exception:
+            body = None
+        if body is None:
+            self._count_error("inject", "could not add stream_options.include_usage")
+            return
+        flow.request.content = body  # re-encodes per Content-Encoding, fixes Content-Length
+        meter.usage_filter = InjectedUsageFilter()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
@@ -267,17 +298,44 @@ class SpendTap:
         except Exception:
             self._count_error("response", "could not start scanning the response")
             return
-        # Stream every body: SSE must never be buffered, and a large JSON body must
+        content_type = (resp.headers.get("content-type") or "").lower()
+        is_sse = "text/event-stream" in content_type
+        length = _content_length(resp.headers)
+        if not is_sse and length is not None and length <= ctx.options.spendtap_buffer_bytes:
+            # Small non-streaming body: let mitmproxy hold it, so nothing reaches the
+            # client before the row commits (see ``response``).
+            return
+        # Stream every other body: SSE must never be buffered, and a large body must
         # not sit whole in memory. The callable returns the bytes unchanged.
+        if meter.usage_filter is not None:
+            encoding = (resp.headers.get("content-encoding") or "identity").strip().lower()
+            if is_sse and resp.status_code == 200 and encoding == "identity":
+                resp.stream = meter.on_chunk_filtered
+                return
+            # Compressed, or not a stream: the added usage cannot be cut out without
+            # re-encoding, so the client gets the upstream's bytes as they are.
+            meter.usage_filter = None
+            if resp.status_code == 200:
+                self._count_error("inject_unfiltered", "injected usage left in a response")
         resp.stream = meter.on_chunk
 
     async def response(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
         if meter is None:
             return
-        if meter.status is None and flow.response is not None:
-            # A response set by another addon or not streamed: no scanner ran.
-            meter.status = flow.response.status_code
+        resp = flow.response
+        if resp is not None and not resp.stream:
+            # A body mitmproxy held whole (small, or set by another addon): scan it now.
+            try:
+                if meter.scanner is None:
+                    meter.start_response(
+                        resp.status_code,
+                        resp.headers.get("content-type"),
+                        resp.headers.get("content-encoding"),
+                    )
+                meter.feed_whole(resp.raw_content or b"", resp.timestamp_start or time.time())
+            except Exception:
+                self._count_error("response", "could not scan a held response")
         if flow.error is not None:
             # An exception in the stream callable fires both hooks; error has the truth.
             outcome, error = outcome_for_error(flow.error.msg), flow.error.msg
@@ -374,9 +432,21 @@ class SpendTap:
             self._count_error("ledger_slow", "ledger commit took longer than the wait; moving on")
 
     def _count_error(self, kind: str, message: str) -> None:
+        """Count and log a failure to meter; expected operational ones without a traceback."""
         if self.metrics is not None:
             self.metrics.metering_errors.labels(kind).inc()
-        logger.warning(f"spendtap: {message}", exc_info=kind not in ("ledger_slow", "scan"))
+        quiet = kind in ("ledger_slow", "scan", "inject_unfiltered")
+        logger.warning(f"spendtap: {message}", exc_info=not quiet)
+
+
+def _content_length(headers) -> int | None:
+    value = headers.get("content-length")
+    if value is None or "transfer-encoding" in headers:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -142,8 +142,113 @@ def m001_requests(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_requests_model_ts ON requests (model, ts)")
 
 
+def m002_budgets(db: sqlite_utils.Database) -> None:
+    """Budgets, open reservations, and what keeps reserving cheap.
+
+    ``budgets.spent_since`` is a running total of the tokens of the principal's
+    rows with ``ts >= since``, kept by triggers on ``requests`` in the very
+    transaction that inserts (or deletes) a row, so it equals the sum over the
+    rows at every commit. A balance reads it instead of summing the principal's
+    whole history inside the reserve transaction (which holds the write lock).
+
+    The covering ``(principal, ts, prompt_tokens, completion_tokens)`` indexes
+    let a rolling window sum its spend by an index-only range scan; they make
+    the ``(account, ts)`` and ``(key, ts)`` indexes of m001 redundant (they are
+    prefixes), so those are dropped.
+    """
+    db.execute(
+        """
+        CREATE TABLE budgets (
+            scope TEXT NOT NULL CHECK (scope IN ('key', 'account')),
+            principal TEXT NOT NULL,
+            cap_tokens INTEGER NOT NULL CHECK (cap_tokens >= 0),
+            window_s INTEGER CHECK (window_s IS NULL OR window_s > 0),
+            since TEXT NOT NULL,
+            spent_since INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (scope, principal)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE reservations (
+            id TEXT PRIMARY KEY,
+            account TEXT,
+            key TEXT,
+            tokens INTEGER NOT NULL CHECK (tokens >= 0),
+            created_at TEXT NOT NULL,
+            owner TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_reservations_account ON reservations (account)")
+    db.execute("CREATE INDEX idx_reservations_key ON reservations (key)")
+    db.execute("DROP INDEX IF EXISTS idx_requests_account_ts")
+    db.execute("DROP INDEX IF EXISTS idx_requests_key_ts")
+    db.execute(
+        "CREATE INDEX idx_requests_account_ts_spend "
+        "ON requests (account, ts, prompt_tokens, completion_tokens)"
+    )
+    db.execute(
+        "CREATE INDEX idx_requests_key_ts_spend "
+        "ON requests (key, ts, prompt_tokens, completion_tokens)"
+    )
+    tokens = "(coalesce({r}.prompt_tokens, 0) + coalesce({r}.completion_tokens, 0))"
+    matches = (
+        "((scope = 'key' AND principal = {r}.key) "
+        "OR (scope = 'account' AND principal = {r}.account)) AND {r}.ts >= since"
+    )
+    for name, event, sign, ref in (
+        ("insert", "INSERT", "+", "NEW"),
+        ("delete", "DELETE", "-", "OLD"),
+    ):
+        db.execute(
+            f"""
+            CREATE TRIGGER requests_budget_spend_{name} AFTER {event} ON requests
+            WHEN {tokens.format(r=ref)} != 0
+            BEGIN
+                UPDATE budgets SET spent_since = spent_since {sign} {tokens.format(r=ref)}
+                WHERE {matches.format(r=ref)};
+            END
+            """
+        )
+    db.execute(
+        f"""
+        CREATE TRIGGER requests_budget_spend_update
+        AFTER UPDATE OF ts, account, key, prompt_tokens, completion_tokens ON requests
+        BEGIN
+            UPDATE budgets SET spent_since = spent_since - {tokens.format(r="OLD")}
+            WHERE {matches.format(r="OLD")};
+            UPDATE budgets SET spent_since = spent_since + {tokens.format(r="NEW")}
+            WHERE {matches.format(r="NEW")};
+        END
+        """
+    )
+
+
+def m003_api_keys(db: sqlite_utils.Database) -> None:
+    """Bearer keys: only a SHA-256 fingerprint and a short non-secret prefix are kept."""
+    db.execute(
+        """
+        CREATE TABLE api_keys (
+            fingerprint TEXT PRIMARY KEY,
+            prefix TEXT NOT NULL,
+            account TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX idx_api_keys_key_id ON api_keys (key_id)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
+    m002_budgets,
+    m003_api_keys,
 ]
 
 
@@ -282,6 +387,9 @@ _INSERT_SQL = (
 )
 
 
+_SETTLE_SQL = "DELETE FROM reservations WHERE id = ?"
+
+
 def _row_out(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("streamed") is not None:
         row["streamed"] = bool(row["streamed"])
@@ -409,6 +517,10 @@ class Ledger:
     def insert_rows(self, rows: Sequence[Mapping[str, Any]]) -> int:
         """Insert rows in one transaction; a row whose id is already stored is ignored.
 
+        The same transaction settles each row's budget reservation (the
+        reservation whose id is the row's id is deleted, and the triggers of
+        ``m002_budgets`` add the row's tokens to its principals' budgets).
+
         Every row is validated first (``normalize_row``), so a bad row raises
         ``ValueError``/``TypeError`` before anything is written. Returns the number
         of rows actually inserted. ``sqlite3.OperationalError`` (locked, read-only,
@@ -418,16 +530,20 @@ class Ledger:
         if not prepared:
             return 0
         conn = self.db.conn
-        before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_INSERT_SQL, prepared)
+            # rowcount counts the rows inserted, not the triggers' budget updates.
+            inserted = conn.executemany(_INSERT_SQL, prepared).rowcount
+            # Settle: the row's usage becomes spend (the triggers) in the same
+            # commit that drops its reservation, so no instant counts it twice
+            # or not at all. A row without a reservation deletes nothing.
+            conn.executemany(_SETTLE_SQL, [(r["id"],) for r in prepared])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return conn.total_changes - before
+        return inserted
 
     # -- reading ------------------------------------------------------------------
 

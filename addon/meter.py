@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from spendtap.estimate import estimate_completion_tokens
+from spendtap.inject import InjectedUsageFilter
 from spendtap.request import RequestInfo
 from spendtap.scanner import ResponseScanner
-from spendtap.usage import NONE, REPORTED
+from spendtap.usage import EMBEDDINGS, ESTIMATED, NONE, REPORTED
 
 COMPLETED = "completed"
 CLIENT_DISCONNECTED = "client_disconnected"
@@ -43,6 +45,7 @@ class FlowMeter:
         "flow_id",
         "info",
         "key",
+        "last_activity",
         "method",
         "node",
         "path",
@@ -50,6 +53,7 @@ class FlowMeter:
         "scanner",
         "started_at",
         "status",
+        "usage_filter",
     )
 
     def __init__(
@@ -77,6 +81,9 @@ class FlowMeter:
         self.response_bytes = 0
         self.chunk_errors = 0
         self.finished = False
+        self.last_activity = started_at
+        # Set when spendtap asked the upstream for usage the client did not ask for.
+        self.usage_filter: InjectedUsageFilter | None = None
 
     def start_response(
         self, status: int, content_type: str | None, content_encoding: str | None
@@ -88,11 +95,36 @@ class FlowMeter:
         """mitmproxy's stream callable: pass every byte through, scan on the side."""
         if data:
             self.response_bytes += len(data)
+            now = self.last_activity = time.time()
             try:
-                self.scanner.feed(data, time.time())
+                self.scanner.feed(data, now)
             except Exception:  # the scanner promises not to raise; count it if it ever does
                 self.chunk_errors += 1
         return data
+
+    def feed_whole(self, body: bytes, at: float) -> None:
+        """Scan a body that arrived whole (held by mitmproxy rather than streamed)."""
+        if body:
+            self.response_bytes += len(body)
+            self.last_activity = at
+            self.scanner.feed(body, at)
+
+    def on_chunk_filtered(self, data: bytes) -> bytes | list[bytes]:
+        """The stream callable when usage was injected: scan the original, hide the extra.
+
+        A chunk that holds only part of an event is held back: mitmproxy takes an
+        empty list as "send nothing yet", whereas b"" would end the response.
+        """
+        self.on_chunk(data)
+        try:
+            out = self.usage_filter.feed(data) if data else self.usage_filter.flush()
+        except Exception:
+            self.chunk_errors += 1
+            self.usage_filter.passthrough = True
+            return data
+        if data and not out:
+            return []
+        return out
 
     def finish(self, outcome: str, now: float, error: str | None = None) -> dict | None:
         """Close the meter and build its ledger row; None if already finished (run once)."""
@@ -133,6 +165,7 @@ class FlowMeter:
         usage = result.usage
         row.update(usage.as_dict())
         row["usage_source"] = REPORTED if usage.reported else NONE
+        self._estimate(row, result, outcome)
         if result.error:
             row["error"] = row["error"] or result.error[:MAX_ERROR_LEN]
             if outcome == COMPLETED:
@@ -141,7 +174,7 @@ class FlowMeter:
         first, last = result.first_content_at, result.last_content_at
         if first is not None:
             row["ttft_s"] = round(max(0.0, first - self.started_at), 6)
-        completion = usage.completion_tokens
+        completion = row["completion_tokens"]
         if completion:
             # Decode rate over the first-to-last content window; a single-chunk body
             # has no window, so fall back to the whole duration (as the seed does).
@@ -157,3 +190,34 @@ class FlowMeter:
             if window > 0:
                 row["tokens_per_s"] = round(completion / window, 3)
         return row
+
+    def _estimate(self, row: dict, result, outcome: str) -> None:
+        """Fill in what the server did not report, never silently leaving a billable 0.
+
+        - nothing reported: estimate prompt from the request and completion from
+          the content that streamed (``usage_source = "estimated"``);
+        - a stream cut short: the final completion figure never came, so the
+          content seen bounds it from below (an Anthropic ``message_start`` only
+          carries a placeholder output count).
+        """
+        if self.status is None or self.status >= 400:
+            return  # an error answer generated nothing billable
+        if result.error and not result.content_events:
+            return  # failed before generating anything (e.g. overloaded): not billed
+        completion_seen = estimate_completion_tokens(result.output_chars, result.content_events)
+        if self.info.api == EMBEDDINGS:
+            completion_seen = None
+        if row["usage_source"] == NONE:
+            prompt = self.info.prompt_estimate
+            if prompt is None and completion_seen is None:
+                return
+            row["prompt_tokens"] = prompt
+            row["completion_tokens"] = completion_seen
+            row["usage_source"] = ESTIMATED
+        elif (
+            outcome != COMPLETED
+            and completion_seen is not None
+            and (row["completion_tokens"] or 0) < completion_seen
+        ):
+            row["completion_tokens"] = completion_seen
+            row["usage_source"] = ESTIMATED

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from spendtap.estimate import estimate_prompt_tokens, request_text
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
@@ -28,6 +29,13 @@ from spendtap.usage import (
 MAX_PARSE_BYTES = 4 * 1024 * 1024
 _HEAD_BYTES = 64 * 1024
 
+_ESTIMATED_APIS = (
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_RESPONSES,
+    ANTHROPIC_MESSAGES,
+    EMBEDDINGS,
+)
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _HEAD_FIELDS = {
     "model": re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"'),
@@ -46,6 +54,8 @@ class RequestInfo:
     max_output_tokens: int | None = None
     include_usage: bool | None = None
     body_parsed: bool = False
+    # Best-guess prompt size for usage estimates (see spendtap.estimate).
+    prompt_estimate: int | None = None
 
 
 def detect_api(path: str, headers: Mapping[str, str] | None = None) -> str:
@@ -84,6 +94,8 @@ def parse_request(path: str, headers: Mapping[str, str] | None, body: bytes | No
             _from_document(info, doc)
     else:
         _from_head(info, body[:_HEAD_BYTES])
+        # Too large to parse on the event loop: most of such a body is images.
+        info.prompt_estimate = estimate_prompt_tokens(len(body) // 8, 1, 0)
     if info.model is None:
         # Azure OpenAI names the deployment in the path, not the body.
         m = _AZURE_DEPLOYMENT.search(path)
@@ -102,6 +114,8 @@ def _from_document(info: RequestInfo, doc: dict) -> None:
         if limit is not None:
             info.max_output_tokens = limit
             break
+    if info.api in _ESTIMATED_APIS:
+        info.prompt_estimate = estimate_prompt_tokens(*request_text(doc))
     options = doc.get("stream_options")
     if isinstance(options, dict) and "include_usage" in options:
         info.include_usage = options.get("include_usage") is True

@@ -101,6 +101,9 @@ class ScanResult:
     bytes_scanned: int = 0
     streamed_sse: bool = False
     internal_errors: int = 0
+    # Approximate characters of generated text, for estimating usage a server did
+    # not report (see ``spendtap.estimate``); None when there is nothing to go on.
+    output_chars: int | None = None
 
 
 def _int(v: Any) -> int | None:
@@ -130,6 +133,34 @@ def _error_summary(e: Any) -> str | None:
     else:
         return None
     return text[:MAX_ERROR_LEN] or "error"
+
+
+_TEXT_KEYS = frozenset(
+    ("content", "text", "reasoning_content", "reasoning", "refusal", "arguments", "thinking")
+)
+
+
+def generated_text_chars(obj: Any, depth: int = 0) -> int:
+    """Characters of generated text in a response document (for usage estimates).
+
+    Sums the string values under the keys that hold generated text in the
+    OpenAI chat/completions/Responses and Anthropic shapes, at any depth.
+    """
+    if depth > 12:
+        return 0
+    n = 0
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, str):
+                if k in _TEXT_KEYS:
+                    n += len(v)
+            elif isinstance(v, dict | list):
+                n += generated_text_chars(v, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            if isinstance(v, dict | list):
+                n += generated_text_chars(v, depth + 1)
+    return n
 
 
 def last_usage_object(buf: bytes) -> dict | None:
@@ -164,6 +195,8 @@ class ResponseScanner:
         "_an",
         "_api",
         "_bytes",
+        "_content_bytes",
+        "_content_min",
         "_content_n",
         "_ctype_sse",
         "_decode_error",
@@ -181,6 +214,7 @@ class ResponseScanner:
         "_j_tail_len",
         "_json_head",
         "_json_tail",
+        "_json_text_chars",
         "_last",
         "_last_bytes_at",
         "_max_json",
@@ -235,6 +269,9 @@ class ResponseScanner:
         self._first: float | None = None
         self._last: float | None = None
         self._content_n = 0
+        self._content_bytes = 0
+        self._content_min = 1 << 30
+        self._json_text_chars: int | None = None
         self._phase1 = True  # until the first content event: parse every event
         self._phase1_events = 0
         self._model: str | None = None
@@ -352,6 +389,12 @@ class ResponseScanner:
                     self._phase1 = False
                 self._last = now
                 self._content_n += 1
+                # For estimates: content events share one JSON envelope, so the
+                # smallest event approximates envelope + 1 character.
+                size = len(data)
+                self._content_bytes += size
+                if size < self._content_min:
+                    self._content_min = size
             elif self._phase1:
                 self._phase1_events += 1
                 if self._phase1_events >= PHASE1_MAX_EVENTS:
@@ -652,6 +695,8 @@ class ResponseScanner:
         if type(m) is str and m:
             self._model = m[:256]
         self._object_usage(obj, t)
+        if self._fam == 0:
+            self._json_text_chars = generated_text_chars(obj)
         e = obj.get("error")
         if e and not isinstance(e, bool):
             self._error = _error_summary(e)
@@ -704,8 +749,10 @@ class ResponseScanner:
         if self._mode == _JSON:
             first, last = self._first_bytes_at, self._last_bytes_at
             n = 1 if self._bytes else 0
+            output_chars = self._json_text_chars
         else:
             first, last, n = self._first, self._last, self._content_n
+            output_chars = self._content_bytes - n * (self._content_min - 1) if n else None
         return ScanResult(
             usage=usage,
             usage_source=REPORTED if usage.reported else NONE,
@@ -719,4 +766,5 @@ class ResponseScanner:
             bytes_scanned=self._bytes,
             streamed_sse=self._mode == _SSE,
             internal_errors=self._internal,
+            output_chars=output_chars,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 from spendtap import __version__
 from spendtap.cli.demo import demo
+from spendtap.cli.doctor import doctor
 from spendtap.cli.query import report_command, requests_command
 from spendtap.cli.run import addon_path_command, run
 from spendtap.cli.simulate import simulate
@@ -40,3 +41,4 @@ cli.add_command(run)
 cli.add_command(addon_path_command)
 cli.add_command(simulate)
 cli.add_command(demo)
+cli.add_command(doctor)

@@ -9,10 +9,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import click
+from click.core import ParameterSource
 from spendtap.address import parse_listen
+from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option
+from spendtap.paths import default_db_path
 
-MODES = ("reverse", "regular", "upstream", "transparent")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -107,41 +109,63 @@ def build_mitmdump_args(
 
 @click.command()
 @click.option(
-    "--upstream", metavar="URL", help="Inference server to front (reverse/upstream modes)."
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=ENV_CONFIG,
+    show_envvar=True,
+    help="TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
+    "node, metrics_prefix, access_log, and a [set] table).",
+)
+@click.option(
+    "--upstream",
+    metavar="URL",
+    help="Inference server to front (reverse/upstream modes). [env: SPENDTAP_UPSTREAM]",
 )
 @click.option(
     "--listen",
-    default="127.0.0.1:8080",
-    show_default=True,
     metavar="HOST:PORT",
-    help="Where clients connect.",
+    help="Where clients connect. [default: 127.0.0.1:8080; env: SPENDTAP_LISTEN]",
 )
 @db_option
 @click.option(
     "--metrics",
-    default="127.0.0.1:9464",
-    show_default=True,
     metavar="HOST:PORT",
-    help="Prometheus /metrics and /healthz address; empty string disables.",
+    help="Prometheus /metrics and /healthz address; empty string disables. "
+    "[default: 127.0.0.1:9464; env: SPENDTAP_METRICS]",
 )
 @click.option(
-    "--mode", type=click.Choice(MODES), default="reverse", show_default=True, help="mitmproxy mode."
+    "--mode",
+    type=click.Choice(MODES),
+    help="mitmproxy mode. [default: reverse; env: SPENDTAP_MODE]",
 )
-@click.option("--node", help="Node label for metrics and rows (default: upstream host:port).")
-@click.option("--metrics-prefix", help="Metric name prefix (default: cortex).")
 @click.option(
-    "--access-log", type=click.Path(dir_okay=False), help="Write a JSONL access log here."
+    "--node",
+    help="Node label for metrics and rows (default: upstream host:port). [env: SPENDTAP_NODE]",
+)
+@click.option(
+    "--metrics-prefix",
+    help="Metric name prefix (default: cortex). [env: SPENDTAP_METRICS_PREFIX]",
+)
+@click.option(
+    "--access-log",
+    type=click.Path(dir_okay=False),
+    help="Write a JSONL access log here. [env: SPENDTAP_ACCESS_LOG]",
 )
 @click.option(
     "--set",
     "extra_set",
     multiple=True,
     metavar="OPTION=VALUE",
-    help="Any other mitmproxy or spendtap option (repeatable).",
+    help="Any other mitmproxy or spendtap option (repeatable). "
+    "[env: SPENDTAP_SET, whitespace-separated]",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Let mitmdump print every flow.")
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
+@click.pass_context
 def run(
+    ctx,
+    config_path,
     upstream,
     listen,
     db_path,
@@ -159,31 +183,52 @@ def run(
     The process becomes mitmdump (exec), so SIGTERM and SIGINT reach it
     directly and no child is left behind.
 
+    Settings come from the command line, else SPENDTAP_* environment
+    variables, else the --config file, else the defaults. An invalid setting
+    fails here, in one line, with exit status 1.
+
     \b
-    Example:
+    Examples:
         spendtap run --upstream http://127.0.0.1:8000 --listen 0.0.0.0:8080 \\
             --db /var/lib/spendtap/ledger.db --metrics 127.0.0.1:9464
+        SPENDTAP_UPSTREAM=http://127.0.0.1:8000 spendtap run
+        spendtap run --config /etc/spendtap/spendtap.toml
     """
+    given = {
+        "upstream": upstream,
+        "listen": listen,
+        "metrics": metrics,
+        "mode": mode,
+        "node": node,
+        "metrics_prefix": metrics_prefix,
+        "access_log": access_log,
+    }
+    cli_values = {k: v for k, v in given.items() if v is not None}
+    if ctx.get_parameter_source("db_path") == ParameterSource.COMMANDLINE:
+        cli_values["db"] = str(db_path)
+    if extra_set:
+        cli_values["set"] = extra_set
     try:
-        parse_listen(listen)
-        if metrics:
-            parse_listen(metrics)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    db = str(db_path)
-    db_dir = os.path.dirname(os.path.abspath(db))
+        settings = resolve(cli_values, os.environ, config_path)
+    except ConfigError as e:
+        raise click.ClickException(f"invalid setting: {e}") from None
+    db = settings.db or str(default_db_path())
     if not dry_run:
-        os.makedirs(db_dir, exist_ok=True)
+        db_dir = os.path.dirname(os.path.abspath(db))
+        try:
+            os.makedirs(db_dir, exist_ok=True)
+        except OSError as e:
+            raise click.ClickException(f"cannot create {db_dir}: {e.strerror}") from None
     args = build_mitmdump_args(
-        mode=mode,
-        upstream=upstream,
-        listen=listen,
+        mode=settings.mode,
+        upstream=settings.upstream,
+        listen=settings.listen,
         db=db,
-        metrics=metrics,
-        node=node,
-        metrics_prefix=metrics_prefix,
-        access_log=access_log,
-        extra_set=extra_set,
+        metrics=settings.metrics,
+        node=settings.node,
+        metrics_prefix=settings.metrics_prefix,
+        access_log=settings.access_log,
+        extra_set=settings.set_items(),
         verbose=verbose,
     )
     if dry_run:

@@ -121,6 +121,18 @@ class Sidecar(Proc):
     def metrics(self) -> str:
         return httpx.get(self.metrics_url + "/metrics", timeout=5).text
 
+    def row_for(self, account: str, timeout: float = 10, settle: float = 0.2) -> dict:
+        """The one ledger row of ``account`` (waits for it; fails on none or a duplicate)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(r["account"] == account for r in read_rows(self.db)):
+                time.sleep(settle)  # a duplicate would arrive right behind
+                rows = [r for r in read_rows(self.db) if r["account"] == account]
+                assert len(rows) == 1, rows
+                return rows[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no ledger row for {account}:\n{self.output()[-3000:]}")
+
     def rows(self, expect: int | None = None, timeout: float = 10) -> list[dict]:
         """Ledger rows, oldest first; with ``expect``, wait until that many are there."""
         deadline = time.monotonic() + timeout

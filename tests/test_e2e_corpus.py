@@ -6,8 +6,6 @@ the ledger row must carry the normalized figures the recording reports.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
@@ -28,17 +26,6 @@ def replay_sidecar(tmp_path_factory):
             yield proxy
         finally:
             proxy.stop()
-
-
-def _row_for(proxy, account: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = [r for r in proxy.rows() if r["account"] == account]
-        if rows:
-            assert len(rows) == 1
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no row for {account}:\n{proxy.output()[-2000:]}")
 
 
 @pytest.mark.parametrize("encoding", [None, "gzip", "br", "zstd", "deflate"])
@@ -64,10 +51,17 @@ def test_corpus_case_through_mitmdump(replay_sidecar, case, encoding):
         got = b"".join(resp.iter_raw())
     assert resp.status_code == 200
     assert got == wire, "the client must receive the upstream's bytes unchanged"
-    row = _row_for(replay_sidecar, account)
+    row = replay_sidecar.row_for(account, settle=0)
     expected = case.expected_usage()
-    assert {k: row[k] for k in expected.as_dict()} == expected.as_dict()
-    assert row["usage_source"] == ("reported" if expected.reported else "none")
+    if expected.reported:
+        assert {k: row[k] for k in expected.as_dict()} == expected.as_dict()
+        assert row["usage_source"] == "reported"
+    elif "error-event" in case.name:
+        assert row["usage_source"] == "none" and row["prompt_tokens"] is None
+    else:
+        # Nothing reported: estimated from the request and the streamed content.
+        assert row["usage_source"] == "estimated"
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
     assert row["api"] == case.api
     assert row["outcome"] == ("upstream_error" if "error-event" in case.name else "completed")
     assert row["response_bytes"] == len(wire)

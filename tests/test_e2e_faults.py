@@ -40,16 +40,7 @@ def _headers(**sim) -> tuple[str, dict]:
 
 
 def _only_row(sidecar, account, timeout=10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = [r for r in sidecar.rows() if r["account"] == account]
-        if rows:
-            time.sleep(0.2)  # a duplicate would arrive right behind
-            rows = [r for r in sidecar.rows() if r["account"] == account]
-            assert len(rows) == 1, rows
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no row for {account}:\n{sidecar.output()[-3000:]}")
+    return sidecar.row_for(account, timeout)
 
 
 def test_client_disconnect_mid_stream(sidecar):

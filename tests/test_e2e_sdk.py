@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import anthropic
@@ -18,15 +17,8 @@ def _principal() -> tuple[str, dict]:
     return account, {"x-helexa-account-id": account, "x-helexa-key-id": "key-1"}
 
 
-def _row(sidecar, account: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = [r for r in sidecar.rows() if r["account"] == account]
-        if rows:
-            assert len(rows) == 1, rows
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no ledger row for {account}")
+def _row(sidecar, account: str) -> dict:
+    return sidecar.row_for(account, settle=0)
 
 
 def _openai(sidecar, headers, **kw) -> openai.OpenAI:
@@ -69,17 +61,46 @@ def test_openai_chat_stream_with_usage(sidecar):
     assert row["tokens_per_s"] is not None and row["tokens_per_s"] > 0
 
 
-def test_openai_chat_stream_without_usage_is_none_not_zero(sidecar):
-    """A stream that reports no usage is recorded as absent, never as zero tokens."""
+def test_openai_chat_stream_usage_injected_and_hidden(sidecar):
+    """A client that did not ask for usage gets none, yet the row has the reported usage."""
     account, headers = _principal()
     with _openai(sidecar, headers) as client:
-        for _ in client.chat.completions.create(
-            model="sim-chat", messages=[{"role": "user", "content": "hi"}], stream=True
-        ):
-            pass
+        chunks = list(
+            client.chat.completions.create(
+                model="sim-chat",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                extra_headers={"x-sim-tokens": "6"},
+            )
+        )
+    assert chunks and all(c.usage is None for c in chunks)
+    assert all(c.choices for c in chunks), "the usage-only chunk must not reach the client"
     row = _row(sidecar, account)
-    assert row["prompt_tokens"] is None and row["completion_tokens"] is None
-    assert row["usage_source"] in ("none", "estimated")
+    assert row["usage_source"] == "reported"
+    assert row["completion_tokens"] == 6 and row["prompt_tokens"] is not None
+
+
+def test_stream_without_usage_is_estimated_not_zero(sim, tmp_path):
+    """With injection off, a stream that reports no usage is estimated, never a silent 0."""
+    from tests.proc import Sidecar
+
+    proxy = Sidecar(tmp_path, sim.url, "spendtap_inject_usage=false")
+    try:
+        account, headers = _principal()
+        with _openai(proxy, headers) as client:
+            for _ in client.chat.completions.create(
+                model="sim-chat",
+                messages=[{"role": "user", "content": "count to twenty please"}],
+                stream=True,
+                extra_headers={"x-sim-tokens": "20"},
+            ):
+                pass
+        row = _row(proxy, account)
+        assert row["usage_source"] == "estimated"
+        assert row["completion_tokens"] == 20  # one content event per token
+        assert row["prompt_tokens"] and row["prompt_tokens"] > 0
+    finally:
+        proxy.stop()
 
 
 def test_openai_chat_json(sidecar):
@@ -133,14 +154,17 @@ def test_openai_embeddings(sidecar):
 def test_anthropic_stream(sidecar, cache_read):
     """An Anthropic stream merges message_start and message_delta usage, cache reads included."""
     account, headers = _principal()
-    with anthropic.Anthropic(
-        base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
-    ) as client, client.messages.stream(
-        model="sim-claude",
-        max_tokens=64,
-        messages=[{"role": "user", "content": "Hello"}],
-        extra_headers={"x-sim-tokens": "11", "x-sim-cached-tokens": str(cache_read)},
-    ) as stream:
+    with (
+        anthropic.Anthropic(
+            base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
+        ) as client,
+        client.messages.stream(
+            model="sim-claude",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "Hello"}],
+            extra_headers={"x-sim-tokens": "11", "x-sim-cached-tokens": str(cache_read)},
+        ) as stream,
+    ):
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text

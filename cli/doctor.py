@@ -1,0 +1,254 @@
+"""``spendtap doctor``: check a running setup, one ok/FAIL line per check.
+
+Checks, in order:
+
+- ledger: the file exists, is an SQLite ledger, every migration is applied,
+  and this user can write it (and its directory, for the journal);
+- last row: when the newest request row was written (informational);
+- reservations: how many budget reservations are open, and the oldest
+  (informational; only when the ledger has a ``reservations`` table);
+- metrics: ``/metrics`` answers 200 with Prometheus text, ``/healthz`` answers 200;
+- upstream: the inference server answers HTTP at all (any status counts).
+
+The ledger is only read: doctor never creates or migrates one. Exit status is 0
+when every check passed, 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
+from spendtap.cli.paths import db_option
+from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
+
+OK, FAIL, SKIP, INFO = "ok", "FAIL", "skip", "info"
+
+
+class Report:
+    def __init__(self, echo: Callable[[str], None]):
+        self.echo = echo
+        self.failed = 0
+
+    def line(self, status: str, name: str, detail: str) -> None:
+        if status == FAIL:
+            self.failed += 1
+        self.echo(f"{status:<5} {name:<13} {detail}")
+
+
+def _ago(ts: str) -> str:
+    try:
+        then = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    except ValueError:
+        return ts
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = max(0, int((datetime.now(UTC) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{ts} ({seconds // size}{unit} ago)"
+    return f"{ts} ({seconds}s ago)"
+
+
+def check_ledger(report: Report, path: Path) -> None:
+    if not path.exists():
+        report.line(FAIL, "ledger", f"{path}: no such file (spendtap run creates it)")
+        return
+    if path.is_dir():
+        report.line(FAIL, "ledger", f"{path}: is a directory")
+        return
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error as e:
+        report.line(FAIL, "ledger", f"{path}: cannot open: {e}")
+        return
+    try:
+        try:
+            tables = {
+                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        except sqlite3.DatabaseError as e:
+            report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
+            return
+        if MIGRATIONS_TABLE not in tables:
+            report.line(FAIL, "ledger", f"{path}: not a spendtap ledger (no {MIGRATIONS_TABLE})")
+            return
+        applied = {r[0] for r in con.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+        pending = [m.__name__ for m in MIGRATIONS if m.__name__ not in applied]
+        problems = []
+        if pending:
+            problems.append(
+                f"{len(pending)} migration(s) pending: {', '.join(pending)} "
+                "(spendtap run applies them at start)"
+            )
+        if not os.access(path, os.W_OK):
+            problems.append("file not writable by this user")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            problems.append(f"directory {path.parent} not writable (needed for the journal)")
+        if problems:
+            report.line(FAIL, "ledger", f"{path}: " + "; ".join(problems))
+        else:
+            report.line(
+                OK, "ledger", f"{path}: writable, migrated ({len(applied)} migrations applied)"
+            )
+        if "requests" in tables:
+            last = con.execute("SELECT max(ts), count(*) FROM requests").fetchone()
+            if last[0] is None:
+                report.line(INFO, "last row", "no rows yet")
+            else:
+                report.line(INFO, "last row", f"{_ago(last[0])}, {last[1]} rows")
+        if "reservations" in tables:
+            count, oldest = con.execute(
+                "SELECT count(*), min(created_at) FROM reservations"
+            ).fetchone()
+            detail = f"{count} open"
+            if oldest:
+                detail += f", oldest {_ago(oldest)}"
+            report.line(INFO, "reservations", detail)
+    except sqlite3.Error as e:
+        report.line(FAIL, "ledger", f"{path}: {e}")
+    finally:
+        con.close()
+
+
+def _get(url: str, timeout: float) -> tuple[int, str]:
+    """Status and body of a GET; HTTP error statuses are answers, not exceptions."""
+    req = urllib.request.Request(url, headers={"User-Agent": "spendtap-doctor"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read(1 << 20).decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(4096).decode("utf-8", "replace")
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, urllib.error.URLError):
+        e = e.reason if isinstance(e.reason, Exception) else e
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def check_metrics(report: Report, base: str, timeout: float) -> None:
+    base = base.rstrip("/")
+    try:
+        status, body = _get(base + "/metrics", timeout)
+    except Exception as e:
+        report.line(FAIL, "metrics", f"{base}/metrics: {_reason(e)}")
+    else:
+        if status == 200 and "# TYPE" in body:
+            families = sum(1 for line in body.splitlines() if line.startswith("# TYPE"))
+            report.line(OK, "metrics", f"{base}/metrics: {families} metric families")
+        else:
+            report.line(FAIL, "metrics", f"{base}/metrics: HTTP {status}, not Prometheus text")
+    try:
+        status, body = _get(base + "/healthz", timeout)
+    except Exception as e:
+        report.line(FAIL, "healthz", f"{base}/healthz: {_reason(e)}")
+        return
+    detail = body.strip().splitlines()[0] if body.strip() else ""
+    if status == 200:
+        report.line(OK, "healthz", f"{base}/healthz: {detail or 'ok'}")
+    else:
+        report.line(FAIL, "healthz", f"{base}/healthz: HTTP {status} {detail}".rstrip())
+
+
+def check_upstream(report: Report, url: str, timeout: float) -> None:
+    started = time.monotonic()
+    try:
+        status, _ = _get(url, timeout)
+    except Exception as e:
+        report.line(FAIL, "upstream", f"{url}: {_reason(e)}")
+        return
+    ms = (time.monotonic() - started) * 1000
+    report.line(OK, "upstream", f"{url}: HTTP {status} in {ms:.0f} ms")
+
+
+def metrics_url(address: str) -> str:
+    """``HOST:PORT`` of the metrics server to a URL a client on this host can reach."""
+    if address.startswith(("http://", "https://")):
+        return address
+    host, _, port = address.rpartition(":")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "[::1]"
+    return f"http://{host}:{port}"
+
+
+@click.command()
+@db_option
+@click.option(
+    "--metrics",
+    "metrics",
+    metavar="URL",
+    help="Base URL of the metrics port [default: from SPENDTAP_METRICS or the config "
+    "file, else http://127.0.0.1:9464]. 'none' skips the check.",
+)
+@click.option(
+    "--upstream",
+    metavar="URL",
+    help="Inference server to reach [default: from SPENDTAP_UPSTREAM or the config "
+    "file; skipped when unknown].",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=ENV_CONFIG,
+    show_envvar=True,
+    help="The TOML file spendtap run uses, to find the metrics and upstream addresses.",
+)
+@click.option(
+    "--timeout", default=5.0, show_default=True, help="Seconds to wait for each HTTP check."
+)
+def doctor(db_path, metrics, upstream, config_path, timeout):
+    """Check a running setup: ledger, metrics, health, upstream, reservations.
+
+    Prints one line per check (ok, FAIL, skip or info) and exits 1 if any
+    check failed. Reads the same SPENDTAP_* variables and --config file as
+    spendtap run, so on a systemd host this checks what the unit runs.
+
+    \b
+    Examples:
+        spendtap doctor
+        spendtap doctor --db /var/lib/spendtap/ledger.db \\
+            --metrics http://127.0.0.1:9464 --upstream http://127.0.0.1:8000
+    """
+    try:
+        configured = load_file(config_path) if config_path else {}
+        configured.update(load_env(os.environ))
+    except ConfigError as e:
+        raise click.ClickException(f"invalid setting: {e}") from None
+    report = Report(click.echo)
+    db = db_path
+    if (
+        click.get_current_context().get_parameter_source("db_path").name == "DEFAULT"
+        and configured.get("db")
+    ):
+        db = Path(configured["db"])
+    check_ledger(report, Path(db))
+
+    if metrics is None:
+        address = configured.get("metrics", DEFAULTS["metrics"])
+        metrics = metrics_url(address) if address else "none"
+    if metrics == "none":
+        report.line(SKIP, "metrics", "disabled")
+    else:
+        check_metrics(report, metrics, timeout)
+
+    upstream = upstream or configured.get("upstream")
+    if upstream:
+        check_upstream(report, upstream, timeout)
+    else:
+        report.line(SKIP, "upstream", "unknown (pass --upstream or set SPENDTAP_UPSTREAM)")
+
+    if report.failed:
+        raise SystemExit(1)

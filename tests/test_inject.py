@@ -1,0 +1,91 @@
+"""Usage injection: the request gains include_usage, the client's stream loses what it adds."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
+from spendtap.request import parse_request
+
+CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"}}]%s}\n\n'  # noqa: E501
+USAGE = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n'  # noqa: E501
+
+
+def _stream(with_usage: bool, sep: bytes = b"\n\n") -> bytes:
+    extra = b',"usage":null' if with_usage else b""
+    body = b"".join(CHUNK % (w, extra) for w in (b"Hel", b"lo", b"!"))
+    if with_usage:
+        body += USAGE
+    body += b"data: [DONE]\n\n"
+    return body.replace(b"\n\n", sep)
+
+
+def _filter(chunks: list[bytes]) -> bytes:
+    f = InjectedUsageFilter()
+    return b"".join(f.feed(c) for c in chunks) + f.flush()
+
+
+def test_body_gains_include_usage_without_other_changes():
+    """A body without stream_options gets the member appended and keeps every other byte."""
+    body = b'{"model": "m", "stream": true, "messages": []}'
+    out = with_include_usage(body)
+    assert out.startswith(b'{"model": "m", "stream": true, "messages": []')
+    assert json.loads(out)["stream_options"] == {"include_usage": True}
+
+
+def test_body_with_include_usage_false_is_rewritten():
+    """An explicit include_usage false is turned on, other stream options kept."""
+    out = with_include_usage(b'{"stream":true,"stream_options":{"include_usage":false,"x":1}}')
+    assert json.loads(out)["stream_options"] == {"include_usage": True, "x": 1}
+
+
+def test_bad_bodies_are_left_alone():
+    """A body that is not a JSON object cannot be changed and is reported as such."""
+    assert with_include_usage(b"not json") is None
+    assert with_include_usage(b"[1, 2]") is None
+    assert with_include_usage(b'{"stream_options": 3}') is None
+
+
+def test_which_requests_get_injection():
+    """Only streaming chat/completions requests that did not ask for usage are changed."""
+
+    def info(path, doc):
+        return parse_request(path, {}, json.dumps(doc).encode())
+
+    assert wants_usage_injection(info("/v1/chat/completions", {"stream": True}))
+    assert wants_usage_injection(info("/v1/completions", {"stream": True}))
+    assert not wants_usage_injection(info("/v1/chat/completions", {"stream": False}))
+    assert not wants_usage_injection(
+        info("/v1/chat/completions", {"stream": True, "stream_options": {"include_usage": True}})
+    )
+    assert not wants_usage_injection(info("/v1/messages", {"stream": True}))
+
+
+@given(st.data())
+def test_filter_restores_the_uninjected_stream_for_any_chunking(data):
+    """Whatever the chunk boundaries, the client gets the stream it would have had."""
+    sep = data.draw(st.sampled_from([b"\n\n", b"\r\n\r\n"]))
+    injected = _stream(True, sep)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(injected) - 1), max_size=20)))
+    chunks = [injected[a:b] for a, b in zip([0, *cuts], [*cuts, len(injected)], strict=True)]
+    assert _filter(chunks) == _stream(False, sep)
+
+
+def test_filter_holds_partial_events_as_nothing_yet():
+    """A chunk with only part of an event yields no bytes yet, never a premature end."""
+    f = InjectedUsageFilter()
+    assert f.feed(b'data: {"choices":[{"delta"') == b""
+    assert (
+        f.feed(b':{"content":"x"}}]}\n\n') == b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    )
+
+
+def test_filter_gives_up_on_unframed_data():
+    """More than 1 MiB without an event boundary passes through unchanged from then on."""
+    f = InjectedUsageFilter()
+    big = b"x" * (1 << 20)
+    assert f.feed(big) == b""
+    assert f.feed(b"y") == big + b"y"
+    assert f.passthrough
