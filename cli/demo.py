@@ -184,7 +184,7 @@ def demo(db, n, ttft_ms, tps, seed):
     ledger stays behind for you to query.
 
     \b
-    Example:
+    Examples:
         spendtap demo
         spendtap report --db /tmp/spendtap-demo-XXXX/ledger.db --by key
     """

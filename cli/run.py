@@ -250,7 +250,7 @@ def addon_path_command():
     """Print the path of the addon script, for ``mitmdump -s``.
 
     \b
-    Example:
+    Examples:
         mitmdump -s "$(spendtap addon-path)" --mode reverse:http://127.0.0.1:8000
     """
     click.echo(addon_path())

@@ -65,7 +65,7 @@ def simulate(listen: tuple[str, int], ttft_ms: float, tps: float, tokens: int, m
     It prints the URL it listens on and runs until SIGINT or SIGTERM.
 
     \b
-    Example:
+    Examples:
       spendtap simulate --listen 127.0.0.1:8000 --ttft-ms 200 --tps 50 --tokens 64
       curl -s http://127.0.0.1:8000/v1/chat/completions \\
         -H 'content-type: application/json' -H 'x-sim-tokens: 5' \\

@@ -1,0 +1,268 @@
+"""Bearer API keys mapped to principals, stored as SHA-256 fingerprints only.
+
+Without a gateway in front to stamp trusted headers, a principal can come from
+the secret the client presents (``Authorization: Bearer ...`` or
+``x-api-key``). The ledger's ``api_keys`` table keeps, per secret, its SHA-256
+fingerprint (hex), a short non-secret prefix for people to recognise it, the
+account and key id it stands for, and when it was created and revoked. The
+secret itself is never stored, logged or returned after ``add``.
+
+Lookups compare fingerprints (an index lookup on the hash), so timing reveals
+nothing about the secret. SHA-256 without a salt is the right hash here: the
+secrets are high-entropy random tokens, not passwords, and a lookup must work
+from the secret alone.
+
+Exceptions::
+
+    LedgerError (spendtap.ledger)
+     +-- KeyError_                 a key problem the caller should report
+          +-- DuplicateKey          the secret is already registered
+          +-- WeakSecret            the secret is too short to be a key
+
+This module imports neither click nor mitmproxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from spendtap.ledger import Ledger, LedgerError
+from spendtap.timeparse import ts_from_epoch
+
+__all__ = [
+    "GENERATED_PREFIX",
+    "MIN_SECRET_LEN",
+    "ApiKey",
+    "DuplicateKey",
+    "KeyError_",
+    "Keys",
+    "WeakSecret",
+    "extract_secret",
+    "fingerprint",
+    "generate_secret",
+    "secret_prefix",
+]
+
+GENERATED_PREFIX = "sk-st-"
+MIN_SECRET_LEN = 16
+# How much of a secret may be shown: at most this many characters, and never
+# more than a quarter of it (a generated key shows its scheme and 2 of 43
+# random characters, about 12 of its 256 bits).
+_PREFIX_MAX = 8
+
+
+class KeyError_(LedgerError):  # noqa: N801 - KeyError is a builtin
+    """A key problem the caller should report."""
+
+
+class DuplicateKey(KeyError_):
+    """The secret is already registered (to this or another principal)."""
+
+
+class WeakSecret(KeyError_):
+    """The secret is too short (or blank) to be an API key."""
+
+
+def fingerprint(secret: str) -> str:
+    """The SHA-256 of the secret's UTF-8 bytes, as 64 hex digits."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def generate_secret() -> str:
+    """A new random key: ``sk-st-`` and 43 URL-safe characters (256 bits)."""
+    return GENERATED_PREFIX + secrets.token_urlsafe(32)
+
+
+def secret_prefix(secret: str) -> str:
+    """The few leading characters that may be shown, followed by an ellipsis."""
+    shown = min(_PREFIX_MAX, len(secret) // 4)
+    if secret.startswith(GENERATED_PREFIX):
+        shown = len(GENERATED_PREFIX) + 2
+    return secret[:shown] + "\u2026"
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None:
+        value = headers.get(name.title())
+    return value
+
+
+def extract_secret(headers: Mapping[str, str]) -> str | None:
+    """The secret a request presents: ``Authorization: Bearer X``, else ``x-api-key``.
+
+    ``headers`` is any mapping with case-insensitive ``get`` (mitmproxy's
+    ``Headers``) or a plain dict with lower-case (or title-case) names. Returns
+    None when neither carries a non-blank value.
+    """
+    auth = _header(headers, "authorization")
+    if auth:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    api_key = _header(headers, "x-api-key")
+    if api_key and api_key.strip():
+        return api_key.strip()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A registered key as stored: never the secret."""
+
+    fingerprint: str
+    prefix: str
+    account: str
+    key_id: str
+    created_at: str
+    revoked_at: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = "fingerprint, prefix, account, key_id, created_at, revoked_at"
+
+
+class Keys:
+    """The ``api_keys`` table of the ledger at ``path``.
+
+    Owns one SQLite connection; safe to share between threads (serialized).
+    ``create`` False opens only an existing ledger (``LedgerNotFound``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, create: bool = True
+    ):
+        self.path = Path(path)
+        opener = Ledger if create else Ledger.open_existing
+        opener(self.path, busy_timeout_s=busy_timeout_s).close()
+        self._conn = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Keys:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(
+        self, account: str, key_id: str, secret: str, *, now: float | None = None
+    ) -> ApiKey:
+        """Register ``secret`` as a key of ``account`` named ``key_id``; returns the record.
+
+        Raises ``WeakSecret`` for a secret under ``MIN_SECRET_LEN`` characters
+        or with whitespace, ``DuplicateKey`` if it is already registered,
+        ``ValueError`` for an empty account or key id.
+        """
+        if not account or not key_id:
+            raise ValueError("a key needs an account and a key id")
+        if len(secret) < MIN_SECRET_LEN or any(c.isspace() for c in secret):
+            raise WeakSecret(
+                f"a secret must be at least {MIN_SECRET_LEN} characters without whitespace"
+            )
+        record = ApiKey(
+            fingerprint=fingerprint(secret),
+            prefix=secret_prefix(secret),
+            account=account,
+            key_id=key_id,
+            created_at=ts_from_epoch(time.time() if now is None else now),
+            revoked_at=None,
+        )
+        with self._lock:
+            try:
+                self._conn.execute(
+                    f"INSERT INTO api_keys ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.fingerprint,
+                        record.prefix,
+                        record.account,
+                        record.key_id,
+                        record.created_at,
+                        record.revoked_at,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise DuplicateKey("that secret is already registered") from None
+        return record
+
+    def resolve(self, secret: str | None) -> tuple[str, str] | None:
+        """The (account, key_id) of an active key, or None (unknown, revoked or no secret)."""
+        if not secret:
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT account, key_id FROM api_keys WHERE fingerprint = ? AND revoked_at IS NULL",
+                (fingerprint(secret),),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
+        """Registered keys by account, key id and creation time."""
+        sql = f"SELECT {_COLUMNS} FROM api_keys"
+        if not include_revoked:
+            sql += " WHERE revoked_at IS NULL"
+        sql += " ORDER BY account, key_id, created_at"
+        with self._lock:
+            return [ApiKey(*r) for r in self._conn.execute(sql)]
+
+    def revoke(
+        self,
+        *,
+        key_id: str | None = None,
+        fingerprint_prefix: str | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Revoke the active secrets of ``key_id``, or the one whose fingerprint starts so.
+
+        A fingerprint prefix must be at least 8 hex digits and match one key.
+        Returns how many keys were revoked (0: none matched). A revoked key no
+        longer resolves; its record stays for ``keys list --all``.
+        """
+        if (key_id is None) == (fingerprint_prefix is None):
+            raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+        stamp = ts_from_epoch(time.time() if now is None else now)
+        with self._lock:
+            if key_id is not None:
+                cur = self._conn.execute(
+                    "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                    (stamp, key_id),
+                )
+                return cur.rowcount
+            fp = (fingerprint_prefix or "").lower()
+            if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
+                raise ValueError("a fingerprint prefix is at least 8 hex digits")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                matches = self._conn.execute(
+                    "SELECT fingerprint FROM api_keys "
+                    "WHERE substr(fingerprint, 1, ?) = ? AND revoked_at IS NULL",
+                    (len(fp), fp),
+                ).fetchall()
+                if len(matches) > 1:
+                    raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+                for (full,) in matches:
+                    self._conn.execute(
+                        "UPDATE api_keys SET revoked_at = ? WHERE fingerprint = ?", (stamp, full)
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            return len(matches)

@@ -1,0 +1,159 @@
+"""The responses spendtap answers with itself, instead of dispatching a request.
+
+Pure builders: each returns ``(status, headers, body)``, which the hook layer
+turns into ``http.Response.make(status, body, headers)``. The body is the
+error envelope the client's SDK already understands:
+
+- OpenAI-compatible APIs: ``{"error": {"message", "type", "param": null, "code"}}``
+- Anthropic Messages (``api == "anthropic-messages"``):
+  ``{"type": "error", "error": {"type", "message"}}``
+
+Statuses:
+
+- 429 for a budget: ``insufficient_quota`` for a spent balance (retrying will
+  not help; never 402, which SDKs do not handle), ``rate_limit_exceeded`` with
+  ``Retry-After`` (whole seconds, rounded up) for a rolling window;
+  Anthropic ``rate_limit_error`` for both.
+- 401 ``invalid_api_key`` (Anthropic ``authentication_error``) for an unknown
+  or missing bearer key when authentication is required.
+- 503 ``service_unavailable`` with ``Retry-After`` when the ledger cannot
+  reserve (Anthropic ``api_error``).
+
+Messages name the scope, principal and cap; never a secret or a header value.
+Every refusal carries ``x-spendtap-refusal`` with a short machine-readable reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING
+
+from spendtap.usage import ANTHROPIC_MESSAGES
+
+if TYPE_CHECKING:
+    from spendtap.budgets import Decision
+
+__all__ = [
+    "REFUSAL_HEADER",
+    "budget_refusal",
+    "invalid_api_key",
+    "retry_after_header",
+    "service_unavailable",
+]
+
+REFUSAL_HEADER = "x-spendtap-refusal"
+
+Refusal = tuple[int, dict[str, str], bytes]
+
+
+def retry_after_header(seconds: float) -> str:
+    """``Retry-After`` as whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds)))
+
+
+def _window_text(window_s: int | None) -> str:
+    from spendtap.budgets import format_window
+
+    return format_window(window_s)
+
+
+def _build(
+    api: str | None,
+    status: int,
+    message: str,
+    openai_type: str,
+    openai_code: str,
+    anthropic_type: str,
+    reason: str,
+    retry_after_s: float | None = None,
+) -> Refusal:
+    if api == ANTHROPIC_MESSAGES:
+        doc: dict = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+    else:
+        doc = {
+            "error": {"message": message, "type": openai_type, "param": None, "code": openai_code}
+        }
+    headers = {"content-type": "application/json", REFUSAL_HEADER: reason}
+    if retry_after_s is not None:
+        headers["retry-after"] = retry_after_header(retry_after_s)
+    return status, headers, json.dumps(doc).encode()
+
+
+def budget_refusal(api: str | None, decision: Decision) -> Refusal:
+    """The 429 for a refused reservation (``decision.allowed`` False)."""
+    if decision.allowed:
+        raise ValueError("budget_refusal needs a refused decision")
+    who = f"{decision.scope} {decision.principal!r}"
+    if decision.reason == "balance":
+        if decision.too_large:
+            message = (
+                f"This request needs up to {decision.tokens} tokens, more than the "
+                f"balance of {decision.cap} tokens of {who}."
+            )
+        else:
+            message = (
+                f"You exceeded your current quota: {who} has used its balance of "
+                f"{decision.cap} tokens."
+            )
+        return _build(
+            api,
+            429,
+            message,
+            "insufficient_quota",
+            "insufficient_quota",
+            "rate_limit_error",
+            "balance",
+        )
+    window = _window_text(decision.window_s)
+    if decision.too_large:
+        message = (
+            f"Request too large: it needs up to {decision.tokens} tokens, more than the "
+            f"limit of {decision.cap} tokens per {window} of {who}."
+        )
+        retry = None
+    else:
+        retry = decision.retry_after_s
+        wait = f" Please try again in {retry_after_header(retry)}s." if retry is not None else ""
+        message = (
+            f"Rate limit reached for {who}: limit {decision.cap} tokens per {window}, "
+            f"used {decision.spent}, reserved {decision.reserved}, "
+            f"requested {decision.tokens}.{wait}"
+        )
+    return _build(
+        api,
+        429,
+        message,
+        "tokens",
+        "rate_limit_exceeded",
+        "rate_limit_error",
+        "window_too_large" if decision.too_large else "window",
+        retry,
+    )
+
+
+def invalid_api_key(api: str | None) -> Refusal:
+    """The 401 for a missing, unknown or revoked API key (the key is never echoed)."""
+    return _build(
+        api,
+        401,
+        "Incorrect API key provided: it is missing, unknown or revoked.",
+        "invalid_request_error",
+        "invalid_api_key",
+        "authentication_error",
+        "invalid_api_key",
+    )
+
+
+def service_unavailable(api: str | None, retry_after_s: float = 1.0) -> Refusal:
+    """The 503 for a request whose budget cannot be reserved now (the ledger is unavailable)."""
+    return _build(
+        api,
+        503,
+        "The budget ledger is unavailable; the request was not sent. Please retry.",
+        "server_error",
+        "service_unavailable",
+        "api_error",
+        "ledger_unavailable",
+        retry_after_s,
+    )
