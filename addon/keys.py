@@ -15,7 +15,7 @@ from the secret alone.
 Exceptions::
 
     LedgerError (spendtap.ledger)
-     +-- KeyError_                 a key problem the caller should report
+     +-- ApiKeyError               a key problem the caller should report
           +-- DuplicateKey          the secret is already registered
           +-- WeakSecret            the secret is too short to be a key
 
@@ -42,8 +42,8 @@ __all__ = [
     "GENERATED_PREFIX",
     "MIN_SECRET_LEN",
     "ApiKey",
+    "ApiKeyError",
     "DuplicateKey",
-    "KeyError_",
     "Keys",
     "WeakSecret",
     "extract_secret",
@@ -60,15 +60,15 @@ MIN_SECRET_LEN = 16
 _PREFIX_MAX = 8
 
 
-class KeyError_(LedgerError):  # noqa: N801 - KeyError is a builtin
+class ApiKeyError(LedgerError):
     """A key problem the caller should report."""
 
 
-class DuplicateKey(KeyError_):
+class DuplicateKey(ApiKeyError):
     """The secret is already registered (to this or another principal)."""
 
 
-class WeakSecret(KeyError_):
+class WeakSecret(ApiKeyError):
     """The secret is too short (or blank) to be an API key."""
 
 
@@ -161,9 +161,7 @@ class Keys:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(
-        self, account: str, key_id: str, secret: str, *, now: float | None = None
-    ) -> ApiKey:
+    def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> ApiKey:
         """Register ``secret`` as a key of ``account`` named ``key_id``; returns the record.
 
         Raises ``WeakSecret`` for a secret under ``MIN_SECRET_LEN`` characters

@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import TYPE_CHECKING
 
+from spendtap.budgets import Decision, format_window
 from spendtap.usage import ANTHROPIC_MESSAGES
-
-if TYPE_CHECKING:
-    from spendtap.budgets import Decision
 
 __all__ = [
     "REFUSAL_HEADER",
@@ -50,12 +47,6 @@ Refusal = tuple[int, dict[str, str], bytes]
 def retry_after_header(seconds: float) -> str:
     """``Retry-After`` as whole seconds, rounded up, at least 1."""
     return str(max(1, math.ceil(seconds)))
-
-
-def _window_text(window_s: int | None) -> str:
-    from spendtap.budgets import format_window
-
-    return format_window(window_s)
 
 
 def _build(
@@ -105,7 +96,7 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
             "rate_limit_error",
             "balance",
         )
-    window = _window_text(decision.window_s)
+    window = format_window(decision.window_s)
     if decision.too_large:
         message = (
             f"Request too large: it needs up to {decision.tokens} tokens, more than the "

@@ -7,6 +7,13 @@ own ledger connection: it takes everything queued (up to ``batch_size``,
 waiting up to ``max_delay_s`` for a batch to fill), inserts it in one
 transaction, commits, then calls each row's ``on_commit``.
 
+Settling budgets: ``Ledger.insert_rows`` deletes, in that same transaction,
+the budget reservation whose id is a row's id (the flow id), and the ledger's
+triggers add the row's tokens to its budgets' spend. So a request's usage
+becomes spend at the very commit that drops its reservation, and a row with no
+usage releases its whole reservation. A row this writer drops never settles:
+its reservation stays open until ``Budgets.sweep`` releases it.
+
 Failure policy (metering never breaks a proxied call; every failure to meter is
 counted and logged):
 

@@ -1,0 +1,118 @@
+"""Budget figures for Prometheus, read from the ledger at scrape time.
+
+``BudgetCollector(path, prefix)`` is a ``prometheus_client`` custom collector:
+each scrape opens a short-lived read-only connection to the ledger, reads
+every budget's cap, spent, reserved and remaining tokens and the number of open
+reservations, and closes it. Nothing is cached or updated by hand, so the
+figures agree with ``spendtap budget show`` whichever process changed them.
+
+Series are labelled ``scope`` (key or account) and ``principal``; they are as
+many as the budgets an operator set, so bounded. A ledger that does not exist
+yet yields zero open reservations and no budget series; a ledger that cannot
+be read is counted in ``{prefix}_budget_scrape_errors`` (a gauge of failures
+since start) and never fails the whole scrape.
+
+This module imports neither click nor mitmproxy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from spendtap.budgets import open_readonly, open_reservation_count, read_statuses
+from spendtap.ledger import LedgerNotFound
+
+__all__ = ["BudgetCollector"]
+
+logger = logging.getLogger("spendtap")
+
+
+class BudgetCollector(Collector):
+    """Scrape-time gauges of every budget in the ledger at ``path``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        prefix: str = "cortex",
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 1.0,
+    ):
+        self.path = os.fspath(path)
+        self._p = prefix + "_" if prefix else ""
+        self._clock = clock
+        self.busy_timeout_s = busy_timeout_s
+        self.scrape_errors = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        p = self._p
+        labels = ("scope", "principal")
+        families = {
+            "cap": GaugeMetricFamily(
+                p + "budget_cap_tokens", "The budget's cap, in tokens.", labels=labels
+            ),
+            "spent": GaugeMetricFamily(
+                p + "budget_spent_tokens",
+                "Tokens spent in the budget's window (or since a balance was set).",
+                labels=labels,
+            ),
+            "reserved": GaugeMetricFamily(
+                p + "budget_reserved_tokens",
+                "Tokens held by open reservations of requests in flight.",
+                labels=labels,
+            ),
+            "remaining": GaugeMetricFamily(
+                p + "budget_remaining_tokens",
+                "Tokens left to reserve: cap - spent - reserved, at least 0.",
+                labels=labels,
+            ),
+        }
+        open_family = GaugeMetricFamily(
+            p + "open_reservations", "Budget reservations not yet settled or released."
+        )
+        try:
+            conn = open_readonly(self.path, self.busy_timeout_s)
+        except LedgerNotFound:
+            open_family.add_metric([], 0)
+            yield from (*families.values(), open_family, self._errors())
+            return
+        except Exception:
+            yield from self._failed()
+            return
+        try:
+            conn.execute("BEGIN")  # one snapshot for every figure
+            statuses = read_statuses(conn, self._clock())
+            count = open_reservation_count(conn)
+        except Exception:
+            yield from self._failed()
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        for s in statuses:
+            values = [s.budget.scope, s.budget.principal]
+            families["cap"].add_metric(values, s.budget.cap)
+            families["spent"].add_metric(values, s.spent)
+            families["reserved"].add_metric(values, s.reserved)
+            families["remaining"].add_metric(values, s.remaining)
+        open_family.add_metric([], count)
+        yield from (*families.values(), open_family, self._errors())
+
+    def _errors(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(
+            self._p + "budget_scrape_errors",
+            "Scrapes whose budget figures could not be read from the ledger, since start.",
+        )
+        family.add_metric([], self.scrape_errors)
+        return family
+
+    def _failed(self) -> Iterator[GaugeMetricFamily]:
+        self.scrape_errors += 1
+        logger.warning("spendtap: could not read budgets from %s", self.path, exc_info=True)
+        yield self._errors()

@@ -1,0 +1,256 @@
+"""Budget commands: ``spendtap budget set|show|list|rm``, ``reservations`` and ``sweep``."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from spendtap.budgets import Budgets, owner_alive, parse_window
+from spendtap.cli.output import output_options, write_rows
+from spendtap.cli.paths import db_option
+from spendtap.ledger import LedgerError, LedgerNotFound
+from spendtap.paths import ENV_DB
+from spendtap.timeparse import parse_duration
+
+STATUS_COLUMNS = (
+    "scope",
+    "principal",
+    "cap",
+    "window",
+    "spent",
+    "reserved",
+    "remaining",
+    "resets_at",
+    "since",
+    "updated_at",
+)
+STATUS_TABLE = (
+    ("scope", "scope"),
+    ("principal", "principal"),
+    ("cap", "cap"),
+    ("window", "window"),
+    ("spent", "spent"),
+    ("reserved", "reserved"),
+    ("remaining", "remaining"),
+    ("resets_at", "resets_at"),
+)
+RESERVATION_COLUMNS = ("id", "account", "key", "tokens", "created_at", "age_s", "owner")
+
+
+@contextmanager
+def open_budgets(path: Path, *, create: bool = False) -> Iterator[Budgets]:
+    """Budgets over the ledger at ``path``; any ledger error is one line and exit 1."""
+    try:
+        budgets = Budgets(path, create=create)
+    except LedgerNotFound:
+        raise click.ClickException(
+            f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
+        ) from None
+    except (LedgerError, sqlite3.Error, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        yield budgets
+    except (LedgerError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot use the ledger: {e}") from None
+    finally:
+        budgets.close()
+
+
+def principal_options[F: Callable](fn: F) -> F:
+    """``--key K`` / ``--account A`` (exactly one), passed as ``key`` and ``account``."""
+    fn = click.option("--account", metavar="ACCOUNT", help="The account's budget.")(fn)
+    fn = click.option("--key", metavar="KEY", help="The key's budget.")(fn)
+    return fn
+
+
+def which(key: str | None, account: str | None) -> tuple[str, str]:
+    """(scope, principal) from ``--key``/``--account``; exactly one must be given."""
+    if (key is None) == (account is None):
+        raise click.ClickException("give exactly one of --key and --account")
+    if key is not None:
+        if not key:
+            raise click.ClickException("--key must not be empty")
+        return "key", key
+    assert account is not None
+    if not account:
+        raise click.ClickException("--account must not be empty")
+    return "account", account
+
+
+@click.group(name="budget")
+def budget_group() -> None:
+    """Set, show, list and remove token budgets of keys and accounts.
+
+    A budget caps the tokens (prompt + completion) a key or an account may
+    spend: a balance that never resets, or a rolling window. A key is bound by
+    its own budget and its account's; the tighter one wins. A request that
+    would pass a cap is refused with HTTP 429 before it reaches the upstream.
+
+    \b
+    Examples:
+        spendtap budget set --key k-acme-1 --cap 100000 --window 1h
+        spendtap budget set --account acme --cap 5000000 --window balance
+        spendtap budget show --key k-acme-1
+        spendtap budget list -f json
+    """
+
+
+@budget_group.command(name="set")
+@principal_options
+@click.option("--cap", type=int, required=True, metavar="TOKENS", help="The cap, in tokens.")
+@click.option(
+    "--window",
+    required=True,
+    metavar="WINDOW",
+    help="balance (never resets) or a rolling window: 15m, 1h, 1d, 30d.",
+)
+@click.option(
+    "--reset",
+    is_flag=True,
+    help="Start counting spend afresh from now (by default a change keeps what was spent).",
+)
+@db_option
+def budget_set(
+    key: str | None, account: str | None, cap: int, window: str, reset: bool, db_path: Path
+) -> None:
+    """Create or change the budget of a key or an account.
+
+    Changing a cap or window keeps the spend counted so far; --reset starts
+    over. A new balance counts spend from now; a new rolling window counts
+    the spend already in its window. Creates the ledger if there is none.
+
+    \b
+    Examples:
+        spendtap budget set --key k-acme-1 --cap 100000 --window 1h
+        spendtap budget set --account acme --cap 5000000 --window balance
+        spendtap budget set --account acme --cap 5000000 --window balance --reset
+    """
+    scope, principal = which(key, account)
+    if cap < 0:
+        raise click.ClickException(f"Invalid value for '--cap': {cap} is below 0")
+    try:
+        window_s = parse_window(window)
+    except ValueError as e:
+        raise click.ClickException(f"Invalid value for '--window': {e}") from None
+    with open_budgets(db_path, create=True) as budgets:
+        budget = budgets.set(scope, principal, cap, window_s, reset=reset)
+    per = "balance" if window_s is None else f"per {budget.window}"
+    click.echo(
+        f"{scope} {principal}: cap {cap} tokens, {per}, counting spend since {budget.since}"
+    )
+
+
+@budget_group.command(name="show")
+@principal_options
+@db_option
+@output_options
+def budget_show(key: str | None, account: str | None, db_path: Path, fmt: str) -> None:
+    """Show one budget: cap, spent, reserved, remaining and when it resets.
+
+    For a rolling window, resets_at is when its oldest spend ages out.
+
+    \b
+    Examples:
+        spendtap budget show --key k-acme-1
+        spendtap budget show --account acme -f json
+    """
+    scope, principal = which(key, account)
+    with open_budgets(db_path) as budgets:
+        status = budgets.status(scope, principal)
+    if status is None:
+        raise click.ClickException(f"no budget for {scope} {principal}")
+    write_rows([status.as_dict()], fmt, STATUS_COLUMNS, table_columns=STATUS_TABLE)
+
+
+@budget_group.command(name="list")
+@db_option
+@output_options
+def budget_list(db_path: Path, fmt: str) -> None:
+    """List every budget with its spent, reserved and remaining tokens.
+
+    \b
+    Examples:
+        spendtap budget list
+        spendtap budget list -f csv
+    """
+    with open_budgets(db_path) as budgets:
+        rows = [s.as_dict() for s in budgets.statuses()]
+    write_rows(rows, fmt, STATUS_COLUMNS, table_columns=STATUS_TABLE, null={"resets_at": "-"})
+
+
+@budget_group.command(name="rm")
+@principal_options
+@db_option
+def budget_rm(key: str | None, account: str | None, db_path: Path) -> None:
+    """Remove the budget of a key or an account (its spend history stays in the ledger).
+
+    \b
+    Examples:
+        spendtap budget rm --key k-acme-1
+    """
+    scope, principal = which(key, account)
+    with open_budgets(db_path) as budgets:
+        removed = budgets.remove(scope, principal)
+    if not removed:
+        raise click.ClickException(f"no budget for {scope} {principal}")
+    click.echo(f"removed the budget of {scope} {principal}")
+
+
+@click.command(name="reservations")
+@db_option
+@output_options
+def reservations_command(db_path: Path, fmt: str) -> None:
+    """List open budget reservations (requests in flight), oldest first.
+
+    A reservation lives from just before a budgeted request is sent until its
+    ledger row lands; one that stays open belongs to a crashed sidecar or a
+    lost request, and `spendtap sweep` releases it.
+
+    \b
+    Examples:
+        spendtap reservations
+        spendtap reservations -f jsonl
+    """
+    with open_budgets(db_path) as budgets:
+        rows = budgets.reservations()
+    now = time.time()
+    from spendtap.timeparse import parse_datetime
+
+    for row in rows:
+        row["age_s"] = round(now - parse_datetime(row["created_at"]).timestamp(), 3)
+    write_rows(rows, fmt, RESERVATION_COLUMNS)
+
+
+@click.command(name="sweep")
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    help="Also release reservations older than this (such as 1h), whoever holds them.",
+)
+@db_option
+def sweep_command(older_than: str | None, db_path: Path) -> None:
+    """Release stale budget reservations.
+
+    Always releases reservations whose sidecar process is gone (same host,
+    process no longer running). With --older-than, also those older than that,
+    which covers sidecars on other hosts and lost requests of live ones; make
+    it longer than your longest request.
+
+    \b
+    Examples:
+        spendtap sweep
+        spendtap sweep --older-than 1h
+    """
+    older_than_s = None
+    if older_than is not None:
+        try:
+            older_than_s = parse_duration(older_than).total_seconds()
+        except ValueError as e:
+            raise click.ClickException(f"Invalid value for '--older-than': {e}") from None
+    with open_budgets(db_path) as budgets:
+        released = budgets.sweep(owner_alive, older_than_s)
+    click.echo(f"released {released} stale reservation{'s' if released != 1 else ''}")
