@@ -141,6 +141,9 @@ class SpendTap:
         for name in ("spendtap_commit_wait_ms", "spendtap_buffer_bytes"):
             if getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
+        # The ledger first: a bad ledger must stop the sidecar before it listens anywhere.
+        if "spendtap_db" in updated or self.writer is None:
+            self._configure_ledger()
         if (
             updated
             & {
@@ -152,8 +155,6 @@ class SpendTap:
             or self.metrics is None
         ):
             self._configure_metrics()
-        if "spendtap_db" in updated or self.writer is None:
-            self._configure_ledger()
         if "spendtap_access_log" in updated:
             if self.access_log is not None:
                 self.access_log.close()
@@ -225,11 +226,13 @@ class SpendTap:
         if path == self._db_path and self.writer is not None:
             return
         try:
-            Ledger(path)  # create and migrate now, so a bad path fails at start
-        except (LedgerError, OSError) as e:
-            raise exceptions.OptionsError(f"spendtap_db: {e}") from e
-        except Exception as e:  # sqlite3.DatabaseError and friends: a corrupt file
-            raise exceptions.OptionsError(f"spendtap_db: {path}: {e}") from e
+            Ledger(path).close()  # create and migrate now, so a bad path fails at start
+        except Exception as e:  # LedgerError, OSError, sqlite3.DatabaseError (a corrupt file)
+            message = (
+                f"spendtap_db: {e}" if isinstance(e, LedgerError) else f"spendtap_db: {path}: {e}"
+            )
+            logger.error(f"spendtap: cannot use the ledger. {message}")
+            raise exceptions.OptionsError(message) from e
         if self.writer is not None:
             self.writer.close(timeout=10)
         self.writer = LedgerWriter(path, logger=logger)

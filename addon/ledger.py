@@ -633,6 +633,57 @@ class Ledger:
         names = [d[0] for d in cursor.description]
         return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
 
+    def last_rowid(self) -> int:
+        """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
+        return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0]
+
+    def spend_series(
+        self,
+        by: str,
+        bucket_s: int,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        **filters: Any,
+    ) -> list[dict[str, Any]]:
+        """Tokens spent (prompt + completion) per ``by`` group and time bucket.
+
+        ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
+        group under ``by`` (None for rows without one), ``bucket`` (the Unix time
+        at which its ``bucket_s``-second bucket starts, aligned to the epoch) and
+        ``tokens``; ordered by group, then bucket. Filters as in ``requests()``.
+        """
+        if by not in ("account", "key", "model", "node"):
+            raise ValueError(f"by must be account, key, model or node, not {by!r}")
+        if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
+            raise ValueError(f"bucket_s must be a positive whole number, not {bucket_s!r}")
+        clauses, params = self._where(since=since, until=until, **filters)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        params["bucket"] = bucket_s
+        sql = f"""
+            SELECT {by} AS grp,
+                   CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) / :bucket * :bucket
+                       AS bucket,
+                   coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
+                       AS tokens
+            FROM requests{where}
+            GROUP BY grp, bucket
+            ORDER BY grp, bucket
+        """
+        return [
+            {by: grp, "bucket": bucket, "tokens": tokens}
+            for grp, bucket, tokens in self.db.conn.execute(sql, params)
+        ]
+
+    def time_span(self, **filters: Any) -> tuple[str, str] | None:
+        """The first and last ``ts`` of the rows matching the filters, None if none do."""
+        clauses, params = self._where(
+            since=filters.pop("since", None), until=filters.pop("until", None), **filters
+        )
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        row = self.db.conn.execute(f"SELECT min(ts), max(ts) FROM requests{where}", params)
+        first, last = row.fetchone()
+        return None if first is None else (first, last)
+
     def count(self, **filters: Any) -> int:
         """How many request rows match the filters of ``requests()``."""
         clauses, params = self._where(

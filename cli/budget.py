@@ -14,7 +14,7 @@ from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option
 from spendtap.ledger import LedgerError, LedgerNotFound
 from spendtap.paths import ENV_DB
-from spendtap.timeparse import parse_duration
+from spendtap.timeparse import parse_datetime, parse_duration
 
 STATUS_COLUMNS = (
     "scope",
@@ -139,9 +139,7 @@ def budget_set(
     with open_budgets(db_path, create=True) as budgets:
         budget = budgets.set(scope, principal, cap, window_s, reset=reset)
     per = "balance" if window_s is None else f"per {budget.window}"
-    click.echo(
-        f"{scope} {principal}: cap {cap} tokens, {per}, counting spend since {budget.since}"
-    )
+    click.echo(f"{scope} {principal}: cap {cap} tokens, {per}, counting spend since {budget.since}")
 
 
 @budget_group.command(name="show")
@@ -218,8 +216,6 @@ def reservations_command(db_path: Path, fmt: str) -> None:
     with open_budgets(db_path) as budgets:
         rows = budgets.reservations()
     now = time.time()
-    from spendtap.timeparse import parse_datetime
-
     for row in rows:
         row["age_s"] = round(now - parse_datetime(row["created_at"]).timestamp(), 3)
     write_rows(rows, fmt, RESERVATION_COLUMNS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,8 +108,6 @@ def keys_add(account: str, key_id: str, generate: bool, db_path: Path) -> None:
             f"registered {record.prefix} (fingerprint {record.fingerprint[:12]}) "
             f"for account {account}, key {key_id}"
         )
-    del secret
-    sys.stdout.flush()
 
 
 @keys_group.command(name="list")
@@ -137,7 +134,9 @@ def keys_list(include_revoked: bool, db_path: Path, fmt: str) -> None:
 
 @keys_group.command(name="rm")
 @click.option("--key-id", help="Revoke every active secret of this key id.")
-@click.option("--fingerprint", metavar="HEX", help="Revoke the one key whose fingerprint starts so.")
+@click.option(
+    "--fingerprint", metavar="HEX", help="Revoke the one key whose fingerprint starts so."
+)
 @db_option
 def keys_rm(key_id: str | None, fingerprint: str | None, db_path: Path) -> None:
     """Revoke API keys: they stop resolving at once (the record stays for --all).

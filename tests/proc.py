@@ -115,8 +115,16 @@ class Sidecar(Proc):
         for s in sets:
             args += ["--set", s]
         super().__init__(args, tmp / f"mitmdump-{self.port}.log")
-        wait_for_port(self.port, self.proc)
-        wait_for_port(self.metrics_port, self.proc)
+        try:
+            wait_for_port(self.port, self.proc)
+            wait_for_port(self.metrics_port, self.proc)
+            health = httpx.get(self.metrics_url + "/healthz", timeout=5)
+            assert health.status_code == 200, health.text
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited with {self.proc.returncode} at start")
+        except Exception:
+            self.stop()
+            raise
 
     def metrics(self) -> str:
         return httpx.get(self.metrics_url + "/metrics", timeout=5).text

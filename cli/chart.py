@@ -1,0 +1,100 @@
+"""Spend over time per principal, drawn as terminal sparklines (``report --chart``).
+
+Pure rendering: ``render_chart`` takes the per-group, per-bucket token sums of
+``Ledger.spend_series`` and returns text lines. One line per group (the
+heaviest first, the rest folded into ``(other)``), one character per time
+bucket, all on one scale so groups compare at a glance; any spend at all shows
+at least the lowest mark, and no spend is a blank. Unicode block elements by
+default, plain ASCII when the terminal cannot draw them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from spendtap.budgets import format_window
+from spendtap.timeparse import ts_from_epoch
+
+BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+ASCII_LEVELS = ".:-=+*#@"
+BUCKETS_S = (60, 300, 900, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
+MAX_BUCKETS = 60
+
+
+def choose_bucket(span_s: float, max_buckets: int = MAX_BUCKETS) -> int:
+    """The smallest bucket size from ``BUCKETS_S`` that draws ``span_s`` in ``max_buckets``."""
+    for size in BUCKETS_S:
+        if math.ceil(max(span_s, 1) / size) <= max_buckets:
+            return size
+    return BUCKETS_S[-1]
+
+
+def can_draw_unicode(encoding: str | None) -> bool:
+    """Whether text in ``encoding`` can carry the block characters."""
+    try:
+        BLOCKS.encode(encoding or "ascii")
+    except (LookupError, UnicodeEncodeError):
+        return False
+    return True
+
+
+def _mark(value: int, peak: int, levels: str) -> str:
+    if value <= 0 or peak <= 0:
+        return " "
+    index = math.ceil(value / peak * len(levels)) - 1
+    return levels[max(0, min(len(levels) - 1, index))]
+
+
+def _fmt_tokens(n: int) -> str:
+    return f"{n:,}"
+
+
+def render_chart(
+    series: Iterable[Mapping[str, Any]],
+    by: str,
+    start: float,
+    end: float,
+    bucket_s: int,
+    *,
+    ascii_only: bool = False,
+    top: int = 10,
+    null_label: str = "(anonymous)",
+) -> list[str]:
+    """Text lines of a spend chart.
+
+    ``series`` rows have the group under ``by``, ``bucket`` (Unix start of the
+    bucket) and ``tokens``. The chart spans buckets from ``start`` to ``end``.
+    """
+    levels = ASCII_LEVELS if ascii_only else BLOCKS
+    first = int(start) // bucket_s * bucket_s
+    count = max(1, math.ceil((end - first) / bucket_s))
+    groups: dict[str, list[int]] = {}
+    for row in series:
+        label = row[by] if row[by] is not None else null_label
+        index = (int(row["bucket"]) - first) // bucket_s
+        if 0 <= index < count:
+            groups.setdefault(label, [0] * count)[index] += int(row["tokens"])
+    totals = sorted(groups.items(), key=lambda item: (-sum(item[1]), item[0]))
+    shown = totals[:top]
+    if len(totals) > top:
+        other = [0] * count
+        for _label, values in totals[top:]:
+            other = [a + b for a, b in zip(other, values, strict=True)]
+        shown.append((f"(other {len(totals) - top})", other))
+    title = (
+        f"tokens per {by}, one mark per {format_window(bucket_s)}, "
+        f"{ts_from_epoch(first)[:16]}Z to {ts_from_epoch(first + count * bucket_s)[:16]}Z"
+    )
+    if not shown:
+        return [title, "(no spend in this range)"]
+    peak = max(max(values) for _label, values in shown)
+    width = min(24, max(len(label) for label, _values in shown))
+    lines = [title]
+    for label, values in shown:
+        name = label if len(label) <= width else label[: width - 1] + "~"
+        spark = "".join(_mark(v, peak, levels) for v in values)
+        lines.append(f"{name.ljust(width)}  |{spark}|  {_fmt_tokens(sum(values))}")
+    lines.append(f"{'':{width}}   scale: full mark = {_fmt_tokens(peak)} tokens")
+    return lines
