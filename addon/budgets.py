@@ -74,6 +74,7 @@ from spendtap.usage import EMBEDDINGS, OTHER
 
 __all__ = [
     "BALANCE",
+    "EPOCH_TS",
     "SCOPES",
     "UNBUDGETED",
     "Budget",
@@ -102,7 +103,7 @@ RESERVED_RETRY_S = 1.0
 
 # Counting a new rolling window budget from the start of time means it sees
 # the spend already in its window (a balance counts from when it is set).
-_EPOCH_TS = "1970-01-01T00:00:00.000Z"
+EPOCH_TS = "1970-01-01T00:00:00.000Z"
 
 
 class BudgetUnavailable(LedgerError):
@@ -612,7 +613,7 @@ class Budgets:
             if reset or (window_s is None and (old is None or old.window_s is not None)):
                 since = now_ts
             elif old is None:
-                since = _EPOCH_TS
+                since = EPOCH_TS
             else:
                 since = old.since
             column = _COLUMN[scope]

@@ -27,11 +27,18 @@ import logging
 import time
 
 from mitmproxy import ctx, exceptions, http
+
 from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.ledger import Ledger, LedgerError
-from spendtap.meter import COMPLETED, UPSTREAM_ERROR, FlowMeter, outcome_for_error
+from spendtap.meter import (
+    CLIENT_DISCONNECTED,
+    COMPLETED,
+    UPSTREAM_ERROR,
+    FlowMeter,
+    outcome_for_error,
+)
 from spendtap.metrics import CallbackGauges, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.paths import default_db_path
@@ -355,10 +362,17 @@ class SpendTap:
         if meter is None:
             return
         msg = flow.error.msg if flow.error else "unknown error"
+        outcome = outcome_for_error(msg)
+        idle = time.time() - meter.last_activity
+        if outcome == CLIENT_DISCONNECTED and idle >= ctx.options.tcp_timeout * 0.9:
+            # mitmproxy's idle timeout closes the client side too; the client did not
+            # leave, the upstream went silent.
+            outcome = UPSTREAM_ERROR
+            msg = f"upstream sent nothing for {idle:.0f}s (tcp_timeout)"
         if flow.response is None and meter.status is None:
             # mitmproxy answers an unreachable upstream with 502 itself.
-            meter.status = 502 if outcome_for_error(msg) == UPSTREAM_ERROR else None
-        row = self._finish(flow, meter, outcome_for_error(msg), msg)
+            meter.status = 502 if outcome == UPSTREAM_ERROR else None
+        row = self._finish(flow, meter, outcome, msg)
         if row is not None:
             self._submit(row)
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from spendtap.budgets import Budgets, owner_alive, parse_window
+from spendtap.budgets import EPOCH_TS, Budgets, owner_alive, parse_window
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option
 from spendtap.ledger import LedgerError, LedgerNotFound
@@ -138,8 +138,13 @@ def budget_set(
         raise click.ClickException(f"Invalid value for '--window': {e}") from None
     with open_budgets(db_path, create=True) as budgets:
         budget = budgets.set(scope, principal, cap, window_s, reset=reset)
-    per = "balance" if window_s is None else f"per {budget.window}"
-    click.echo(f"{scope} {principal}: cap {cap} tokens, {per}, counting spend since {budget.since}")
+    if window_s is None:
+        counting = f"balance, counting spend since {budget.since}"
+    elif budget.since == EPOCH_TS:
+        counting = f"per rolling {budget.window}"
+    else:
+        counting = f"per rolling {budget.window}, counting spend since {budget.since}"
+    click.echo(f"{scope} {principal}: cap {cap} tokens, {counting}")
 
 
 @budget_group.command(name="show")

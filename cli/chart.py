@@ -6,16 +6,25 @@ heaviest first, the rest folded into ``(other)``), one character per time
 bucket, all on one scale so groups compare at a glance; any spend at all shows
 at least the lowest mark, and no spend is a blank. Unicode block elements by
 default, plain ASCII when the terminal cannot draw them.
+
+``draw_report_chart`` is the ``report --chart`` command's body: it reads the
+series from the ledger, picks the bucket size and prints.
 """
 
 from __future__ import annotations
 
 import math
+import sqlite3
+import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
+import click
 from spendtap.budgets import format_window
-from spendtap.timeparse import ts_from_epoch
+from spendtap.cli.paths import open_ledger
+from spendtap.ledger import LedgerError
+from spendtap.timeparse import parse_datetime, ts_from_epoch
 
 BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 ASCII_LEVELS = ".:-=+*#@"
@@ -98,3 +107,49 @@ def render_chart(
         lines.append(f"{name.ljust(width)}  |{spark}|  {_fmt_tokens(sum(values))}")
     lines.append(f"{'':{width}}   scale: full mark = {_fmt_tokens(peak)} tokens")
     return lines
+
+
+def draw_report_chart(
+    db_path: Path,
+    by: str,
+    fmt: str,
+    since: str | None,
+    until: str | None,
+    filters: Mapping[str, str | None],
+    *,
+    ascii_only: bool = False,
+) -> None:
+    """Print the spend chart of ``report --chart``; ClickException on bad options."""
+    if fmt != "table":
+        raise click.ClickException(
+            "--chart draws on the terminal; it does not combine with --format"
+        )
+    if by not in ("account", "key", "model", "node"):
+        raise click.ClickException("--chart draws per account, key, model or node, not per " + by)
+    if not ascii_only:
+        ascii_only = not can_draw_unicode(click.get_text_stream("stdout").encoding)
+    chosen = {k: v for k, v in filters.items() if v is not None}
+    ledger = open_ledger(db_path)
+    try:
+        if since is not None:
+            start = parse_datetime(since).timestamp()
+            end = parse_datetime(until).timestamp() if until is not None else time.time()
+        else:
+            span = ledger.time_span(until=until, **chosen)
+            if span is None:
+                click.echo("(no requests in this range)")
+                return
+            start = parse_datetime(span[0]).timestamp()
+            end = (
+                parse_datetime(until).timestamp()
+                if until is not None
+                else parse_datetime(span[1]).timestamp() + 0.001
+            )
+        bucket_s = choose_bucket(end - start)
+        series = ledger.spend_series(by, bucket_s, since=since, until=until, **chosen)
+    except (LedgerError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot read the ledger: {e}") from None
+    finally:
+        ledger.close()
+    for line in render_chart(series, by, start, end, bucket_s, ascii_only=ascii_only):
+        click.echo(line)

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
+
 from spendtap.cli.query import report_command
 from spendtap.cli.run import build_mitmdump_args
 

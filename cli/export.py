@@ -21,9 +21,7 @@ _PROGRESS_STEP = 1000
 
 def _with_progress(rows: Iterator[dict[str, Any]], total: int) -> Iterator[dict[str, Any]]:
     """Pass rows through, drawing a progress bar on stderr."""
-    with click.progressbar(
-        length=total, label="exporting", file=sys.stderr, show_pos=True
-    ) as bar:
+    with click.progressbar(length=total, label="exporting", file=sys.stderr, show_pos=True) as bar:
         pending = 0
         for row in rows:
             yield row

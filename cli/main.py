@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import click
 from spendtap import __version__
+from spendtap.cli.budget import budget_group, reservations_command, sweep_command
 from spendtap.cli.demo import demo
 from spendtap.cli.doctor import doctor
+from spendtap.cli.export import export_command
+from spendtap.cli.keys import keys_group
 from spendtap.cli.query import report_command, requests_command
 from spendtap.cli.run import addon_path_command, run
 from spendtap.cli.simulate import simulate
+from spendtap.cli.tail import tail_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,7 +40,13 @@ def cli() -> None:
 
 
 cli.add_command(requests_command)
+cli.add_command(tail_command)
 cli.add_command(report_command)
+cli.add_command(export_command)
+cli.add_command(budget_group)
+cli.add_command(reservations_command)
+cli.add_command(sweep_command)
+cli.add_command(keys_group)
 cli.add_command(run)
 cli.add_command(addon_path_command)
 cli.add_command(simulate)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+
 from spendtap.ledger import Ledger, LedgerError, LedgerNotFound
 from spendtap.paths import ENV_DB, default_db_path
 

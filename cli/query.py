@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+
+from spendtap.cli.chart import draw_report_chart
 from spendtap.cli.output import Choice, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.ledger import COLUMNS, OUTCOMES, REPORT_BY, LedgerError
@@ -171,6 +173,12 @@ def requests_command(
 @click.option("--key", help="Only this key.")
 @click.option("--model", help="Only this model.")
 @click.option("--node", help="Only this node (upstream).")
+@click.option(
+    "--chart",
+    is_flag=True,
+    help="Draw tokens over time per account, key, model or node (--by) as sparklines.",
+)
+@click.option("--ascii", "ascii_only", is_flag=True, help="Draw the chart in plain ASCII.")
 @db_option
 @output_options
 def report_command(
@@ -181,6 +189,8 @@ def report_command(
     key: str | None,
     model: str | None,
     node: str | None,
+    chart: bool,
+    ascii_only: bool,
     db_path: Path,
     fmt: str,
 ) -> None:
@@ -197,8 +207,22 @@ def report_command(
         spendtap report --by account --since 24h
         spendtap report --by model --since 7d -f json
         spendtap report --by day --since 2025-01-01 --account acme
+        spendtap report --chart --by key --since 7d
     """
     start, end = time_range(since, until)
+    if chart:
+        draw_report_chart(
+            db_path,
+            by,
+            fmt,
+            start,
+            end,
+            {"account": account, "key": key, "model": model, "node": node},
+            ascii_only=ascii_only,
+        )
+        return
+    if ascii_only:
+        raise click.ClickException("--ascii only applies to --chart")
     ledger = open_ledger(db_path)
     try:
         rows = ledger.report(

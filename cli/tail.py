@@ -113,17 +113,17 @@ def follow(
         while budget_left():
             if deadline is not None and clock() >= deadline:
                 return
-            batch = ledger.requests(
-                after_rowid=cursor, order="asc", include_rowid=True, **filters
-            )
+            # Read before the poll: rows that do not match the filters still move
+            # the cursor, and a row landing during the poll is above this bound.
+            bound = ledger.last_rowid()
+            batch = ledger.requests(after_rowid=cursor, order="asc", include_rowid=True, **filters)
             for row in batch:
                 cursor = max(cursor, row["rowid"])
                 if not budget_left():
                     return
                 emitted += 1
                 yield row
-            # Rows that did not match the filters still move the cursor.
-            cursor = max(cursor, ledger.last_rowid())
+            cursor = max(cursor, bound)
             if once:
                 return
             wait = interval_s

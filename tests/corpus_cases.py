@@ -11,6 +11,7 @@ from pathlib import Path
 
 import brotli
 import zstandard
+
 from spendtap.scanner import ResponseScanner, ScanResult
 from spendtap.usage import ANTHROPIC_MESSAGES, Usage
 

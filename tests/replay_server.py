@@ -10,11 +10,12 @@ the recording. The case is chosen by the ``x-replay-case`` request header;
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.corpus_cases import encode, load_cases
+from tests.corpus_cases import Case, encode, load_cases
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -28,7 +29,16 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
         name = self.headers.get("x-replay-case", "")
-        case = self.cases.get(name)
+        raw = self.headers.get("x-replay-raw")
+        if raw is not None:
+            # Arbitrary bytes as the body (invalid UTF-8, a JSON array, ...).
+            case = Case(
+                "raw",
+                {"content_type": self.headers.get("x-replay-type", "application/json")},
+                base64.b64decode(raw),
+            )
+        else:
+            case = self.cases.get(name)
         if case is None:
             self.send_error(404, f"no case {name!r}")
             return

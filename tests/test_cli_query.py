@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 from click.testing import CliRunner
+
 from spendtap import __version__
 from spendtap.cli.main import cli
 from spendtap.cli.output import format_table

@@ -44,6 +44,8 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(name)
     return names
+
+
 # ------------------------------------------------------------------------------
 
 
@@ -55,9 +57,7 @@ def promtool() -> str:
 
 
 def run(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [promtool(), *args], capture_output=True, text=True, cwd=cwd, timeout=120
-    )
+    return subprocess.run([promtool(), *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 def alert_names() -> list[str]:
@@ -156,5 +156,7 @@ def test_kubernetes_scrape_job_structure():
     ]
     manifest = list(yaml.load_all(REPO / "deploy" / "kubernetes" / "spendtap-sidecar.yaml"))
     (deploy,) = [d for d in manifest if d["kind"] == "Deployment"]
-    (sidecar,) = [c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "spendtap"]
+    (sidecar,) = [
+        c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == "spendtap"
+    ]
     assert "metrics" in {p["name"] for p in sidecar["ports"]}

@@ -195,3 +195,70 @@ def test_sigterm_finalizes_in_flight(sim, tmp_path):
     rows = [r for r in proxy.rows() if r["account"] == account]
     assert len(rows) == 1, proxy.output()[-2000:]
     assert rows[0]["outcome"] in ("upstream_error", "client_disconnected")
+
+
+def test_reset_before_headers(sidecar):
+    """An upstream that resets the connection before any header gives a 502 and one row."""
+    account, headers = _headers(fault="reset")
+    r = httpx.post(sidecar.url + CHAT, json=_body(stream=False), headers=headers, timeout=10)
+    assert r.status_code == 502
+    row = _only_row(sidecar, account)
+    assert row["outcome"] == "upstream_error" and row["status"] == 502
+
+
+def test_stalled_stream_ends_at_idle_timeout(sim, tmp_path):
+    """A stream that stops sending for longer than the idle timeout ends in one error row."""
+    proxy = Sidecar(tmp_path, sim.url, "tcp_timeout=2")
+    try:
+        account, headers = _headers(tokens=20, fault="stall", stall_ms=8000)
+        t0 = time.monotonic()
+        with (
+            httpx.Client(timeout=30) as client,
+            pytest.raises(httpx.HTTPError),
+            client.stream("POST", proxy.url + CHAT, json=_body(), headers=headers) as resp,
+        ):
+            for _ in resp.iter_raw():
+                pass
+        assert time.monotonic() - t0 < 7
+        row = _only_row(proxy, account)
+        assert row["outcome"] == "upstream_error", row
+        assert row["ttft_s"] is not None
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [
+        (b'\xff\xfe{"usage": \x80\x81}', "application/json"),
+        (b"[1, 2, 3]", "application/json"),
+        (
+            b'data: {"choices": [{"delta": {"content": "\xc3\x28"}}]}\n\ndata: [DONE]\n\n',
+            "text/event-stream",
+        ),
+        (b"\x00" * 5000, "text/event-stream"),
+    ],
+    ids=["invalid-utf8-json", "json-array", "invalid-utf8-sse", "nul-bytes"],
+)
+def test_odd_bodies_pass_through_with_one_row(tmp_path, body, ctype):
+    """Bodies no scanner can make sense of reach the client unchanged and leave one row."""
+    import base64
+
+    from tests.replay_server import ReplayServer
+
+    with ReplayServer() as replay:
+        proxy = Sidecar(tmp_path, replay.url)
+        try:
+            account = "odd-" + uuid.uuid4().hex[:6]
+            headers = {
+                "x-replay-raw": base64.b64encode(body).decode(),
+                "x-replay-type": ctype,
+                "x-helexa-account-id": account,
+            }
+            r = httpx.post(proxy.url + CHAT, content=b"{}", headers=headers, timeout=10)
+            assert r.status_code == 200 and r.content == body
+            row = _only_row(proxy, account)
+            assert row["outcome"] == "completed"
+            assert row["usage_source"] in ("none", "estimated")
+        finally:
+            proxy.stop()

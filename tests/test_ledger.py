@@ -9,6 +9,7 @@ import pytest
 import sqlite_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from spendtap.ledger import (
     COLUMNS,
     MIGRATIONS,

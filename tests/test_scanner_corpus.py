@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from spendtap.scanner import ResponseScanner, last_usage_object
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
@@ -15,7 +16,6 @@ from spendtap.usage import (
     OTHER,
     Usage,
 )
-
 from tests.corpus_cases import ENCODINGS, case_ids, chunked, encode, load_cases, scan, sse
 
 CASES = load_cases()

@@ -23,6 +23,7 @@ import openai
 import pytest
 import zstandard
 from click.testing import CliRunner
+
 from spendtap.cli.simulate import simulate
 from spendtap.sim import SimServer, parse_listen, run_in_thread
 from spendtap.sim.apis import completion_text

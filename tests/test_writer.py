@@ -11,6 +11,7 @@ import time
 import uuid
 
 import pytest
+
 from spendtap.ledger import Ledger, NotALedger
 from spendtap.writer import LedgerWriter
 
