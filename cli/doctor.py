@@ -4,7 +4,7 @@ Checks, in order:
 
 - ledger: the file exists, is an SQLite ledger, every migration is applied,
   and this user can write it (and its directory, for the journal);
-- last row: when the newest request row was written (informational);
+- last-row: when the newest request row was written (informational);
 - reservations: how many budget reservations are open, and the oldest
   (informational; only when the ledger has a ``reservations`` table);
 - metrics: ``/metrics`` answers 200 with Prometheus text, ``/healthz`` answers 200;
@@ -102,9 +102,9 @@ def check_ledger(report: Report, path: Path) -> None:
         if "requests" in tables:
             last = con.execute("SELECT max(ts), count(*) FROM requests").fetchone()
             if last[0] is None:
-                report.line(INFO, "last row", "no rows yet")
+                report.line(INFO, "last-row", "no rows yet")
             else:
-                report.line(INFO, "last row", f"{_ago(last[0])}, {last[1]} rows")
+                report.line(INFO, "last-row", f"{_ago(last[0])}, {last[1]} rows")
         if "reservations" in tables:
             count, oldest = con.execute(
                 "SELECT count(*), min(created_at) FROM reservations"

@@ -1,0 +1,418 @@
+"""Budget arithmetic: reserve/settle/release, balances, rolling windows, sweep, estimates."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from prometheus_client import CollectorRegistry
+from spendtap.budget_metrics import BudgetCollector
+from spendtap.budgets import (
+    EPOCH_TS,
+    UNBUDGETED,
+    Budgets,
+    BudgetUnavailable,
+    estimate_prompt_tokens,
+    format_window,
+    owner_alive,
+    parse_window,
+    process_owner,
+    reservation_tokens,
+)
+from spendtap.ledger import Ledger, LedgerNotFound
+from spendtap.timeparse import parse_datetime, ts_from_epoch
+from spendtap.writer import LedgerWriter
+
+T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
+OWNER = "test-host:1:1"
+
+
+def row(id_: str, ts: float, tokens: int, *, account="acme", key="k1", completion=0) -> dict:
+    return {
+        "id": id_,
+        "ts": ts_from_epoch(ts),
+        "account": account,
+        "key": key,
+        "outcome": "completed",
+        "prompt_tokens": tokens,
+        "completion_tokens": completion,
+        "usage_source": "reported",
+    }
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "ledger.db"
+
+
+@pytest.fixture
+def budgets(path):
+    b = Budgets(path)
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def ledger(path, budgets):
+    lg = Ledger(path)
+    yield lg
+    lg.close()
+
+
+# -- windows ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("balance", None), ("15m", 900), ("1h", 3600), ("1d", 86400), ("30d", 2592000), ("1h30m", 5400)],
+)
+def test_parse_window(text, seconds):
+    """Windows parse to seconds (None for a balance) and format back."""
+    assert parse_window(text) == seconds
+    assert parse_window(format_window(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "forever", "30s", "1x", "-1h"])
+def test_parse_window_rejects(text):
+    """Bad windows raise ValueError naming what is accepted."""
+    with pytest.raises(ValueError, match="window"):
+        parse_window(text)
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def test_set_get_list_remove(budgets):
+    """A budget can be created, changed, listed and removed."""
+    b = budgets.set("key", "k1", 1000, 3600, now=T0)
+    assert (b.scope, b.principal, b.cap, b.window_s, b.window) == ("key", "k1", 1000, 3600, "1h")
+    assert b.since == EPOCH_TS  # a new window counts what is already in it
+    budgets.set("account", "acme", 5000, None, now=T0)
+    assert budgets.get("account", "acme").since == ts_from_epoch(T0)
+    assert [(x.scope, x.principal) for x in budgets.list()] == [("key", "k1"), ("account", "acme")]
+    assert budgets.remove("key", "k1") is True
+    assert budgets.remove("key", "k1") is False
+    assert budgets.get("key", "k1") is None
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("team", "x", 1, None), "scope"),
+        (("key", "", 1, None), "principal"),
+        (("key", "x", -1, None), "cap"),
+        (("key", "x", 1.5, None), "cap"),
+        (("key", "x", 1, 0), "window"),
+    ],
+)
+def test_set_rejects_bad_arguments(budgets, args, match):
+    """Bad scope, principal, cap or window raise ValueError."""
+    with pytest.raises(ValueError, match=match):
+        budgets.set(*args)
+
+
+def test_cap_change_keeps_since_and_reset_restarts(budgets, ledger):
+    """Changing a balance's cap keeps the spend; --reset counts from now."""
+    budgets.set("key", "k1", 1000, None, now=T0)
+    ledger.insert_rows([row("a", T0 + 1, 300)])
+    budgets.set("key", "k1", 2000, None, now=T0 + 10)
+    assert budgets.status("key", "k1", T0 + 10).spent == 300
+    budgets.set("key", "k1", 2000, None, reset=True, now=T0 + 20)
+    status = budgets.status("key", "k1", T0 + 20)
+    assert (status.spent, status.remaining) == (0, 2000)
+
+
+def test_balance_counts_only_rows_since(budgets, ledger):
+    """A balance ignores rows before it was set, however they arrive."""
+    ledger.insert_rows([row("old", T0 - 100, 500)])
+    budgets.set("key", "k1", 1000, None, now=T0)
+    ledger.insert_rows([row("late", T0 - 1, 400), row("new", T0 + 1, 100)])
+    assert budgets.status("key", "k1", T0 + 2).spent == 100
+
+
+def test_running_total_equals_recount(budgets, ledger, path):
+    """The balance's running total equals a recount over the rows, also after deletes and updates."""
+    budgets.set("key", "k1", 10**9, None, now=T0)
+    budgets.set("account", "acme", 10**9, None, now=T0)
+    ledger.insert_rows([row(f"r{i}", T0 + i, i * 7, completion=i) for i in range(50)])
+    ledger.insert_rows([row("r1", T0, 999)])  # a duplicate id is ignored, not counted
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM requests WHERE id IN ('r3', 'r4')")
+        conn.execute("UPDATE requests SET prompt_tokens = 1000 WHERE id = 'r5'")
+        conn.execute("UPDATE requests SET key = 'k2' WHERE id = 'r6'")
+    recount_key, recount_account = conn.execute(
+        "SELECT sum(CASE WHEN key = 'k1' THEN prompt_tokens + completion_tokens END), "
+        "sum(prompt_tokens + completion_tokens) FROM requests"
+    ).fetchone()
+    conn.close()
+    assert budgets.status("key", "k1", T0 + 100).spent == recount_key
+    assert budgets.status("account", "acme", T0 + 100).spent == recount_account
+
+
+# -- reserve ----------------------------------------------------------------------------
+
+
+def test_unbudgeted_and_anonymous_reserve_nothing(budgets):
+    """Principals without a budget, and anonymous requests, get no reservation."""
+    assert budgets.reserve("f1", "acme", "k1", 10**9, OWNER, T0) == UNBUDGETED
+    assert budgets.reserve("f2", None, None, 10, OWNER, T0) == UNBUDGETED
+    assert not UNBUDGETED.budgeted
+    assert budgets.reservations() == []
+
+
+def test_reserve_until_the_balance_is_spent(budgets):
+    """Reservations are admitted while spent + reserved + tokens <= cap, then refused."""
+    budgets.set("key", "k1", 1000, None, now=T0)
+    first = budgets.reserve("f1", "acme", "k1", 600, OWNER, T0)
+    assert (first.allowed, first.reservation_id, first.tokens) == (True, "f1", 600)
+    assert budgets.reserve("f2", "acme", "k1", 400, OWNER, T0).allowed
+    refused = budgets.reserve("f3", "acme", "k1", 1, OWNER, T0)
+    assert not refused.allowed
+    assert (refused.reason, refused.scope, refused.principal, refused.cap) == (
+        "balance",
+        "key",
+        "k1",
+        1000,
+    )
+    assert (refused.spent, refused.reserved, refused.retry_after_s) == (0, 1000, None)
+    status = budgets.status("key", "k1", T0)
+    assert (status.spent, status.reserved, status.remaining) == (0, 1000, 0)
+
+
+def test_reserve_duplicate_id_and_bad_tokens(budgets):
+    """Reserving an id twice or a negative amount raises ValueError."""
+    budgets.set("key", "k1", 1000, None, now=T0)
+    budgets.reserve("f1", "acme", "k1", 1, OWNER, T0)
+    with pytest.raises(ValueError, match="already open"):
+        budgets.reserve("f1", "acme", "k1", 1, OWNER, T0)
+    with pytest.raises(ValueError, match="tokens"):
+        budgets.reserve("f2", "acme", "k1", -1, OWNER, T0)
+
+
+def test_key_and_account_both_bind(budgets):
+    """A key is bound by its own cap and by its account's; the tighter refuses."""
+    budgets.set("key", "k1", 1000, None, now=T0)
+    budgets.set("account", "acme", 500, 3600, now=T0)
+    refused = budgets.reserve("f1", "acme", "k1", 600, OWNER, T0)
+    assert (refused.allowed, refused.reason, refused.scope, refused.principal) == (
+        False,
+        "window",
+        "account",
+        "acme",
+    )
+    assert refused.too_large and refused.retry_after_s is None
+    assert budgets.reserve("f2", "acme", "k1", 500, OWNER, T0).allowed
+    # Another key of the account is bound by the account's cap too.
+    assert not budgets.reserve("f3", "acme", "k2", 1, OWNER, T0).allowed
+    # The balance refusal wins over a window's (waiting does not help).
+    budgets.set("key", "k1", 500, None, now=T0)
+    assert budgets.reserve("f4", "acme", "k1", 1, OWNER, T0).reason == "balance"
+
+
+def test_settle_through_the_writer(budgets, path):
+    """The writer's batch turns a reservation into spend in one commit, releasing the rest."""
+    budgets.set("key", "k1", 1000, None, now=T0)
+    budgets.reserve("f1", "acme", "k1", 800, OWNER, T0)
+    budgets.reserve("f2", "acme", "k1", 200, OWNER, T0)
+    writer = LedgerWriter(path)
+    writer.start()
+    try:
+        writer.submit(row("f1", T0 + 1, 120, completion=30))
+        writer.submit(row("f2", T0 + 1, 0) | {"prompt_tokens": None, "usage_source": "none"})
+        assert writer.flush(10)
+    finally:
+        writer.close(10)
+    status = budgets.status("key", "k1", T0 + 2)
+    assert (status.spent, status.reserved, status.remaining) == (150, 0, 850)
+    assert budgets.reservations() == []
+
+
+def test_release(budgets):
+    """Release drops a reservation once; releasing again is a no-op."""
+    budgets.set("account", "acme", 100, None, now=T0)
+    budgets.reserve("f1", "acme", None, 100, OWNER, T0)
+    assert budgets.release("f1") is True
+    assert budgets.release("f1") is False
+    assert budgets.status("account", "acme", T0).reserved == 0
+
+
+def test_reserve_fails_cleanly_when_the_ledger_is_locked(path):
+    """A ledger locked past the busy timeout raises BudgetUnavailable and reserves nothing."""
+    fast = Budgets(path, busy_timeout_s=0.05)
+    fast.set("key", "k1", 1000, None, now=T0)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(BudgetUnavailable):
+            fast.reserve("f1", "acme", "k1", 1, OWNER, T0)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert fast.reservations() == []
+    fast.close()
+
+
+def test_open_existing_only(tmp_path):
+    """Budgets(create=False) never creates a ledger."""
+    with pytest.raises(LedgerNotFound):
+        Budgets(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+# -- rolling windows ----------------------------------------------------------------------
+
+
+def test_window_spend_ages_out(budgets, ledger):
+    """Spend counts while ts > now - window, and no longer once it has aged out."""
+    budgets.set("key", "k1", 1000, 3600, now=T0)
+    ledger.insert_rows([row("a", T0, 300), row("b", T0 + 600, 200)])
+    assert budgets.status("key", "k1", T0 + 3599).spent == 500
+    status = budgets.status("key", "k1", T0 + 3600)
+    assert status.spent == 200
+    assert status.resets_at == ts_from_epoch(T0 + 600 + 3600)
+    assert budgets.status("key", "k1", T0 + 4200).spent == 0
+    assert budgets.status("key", "k1", T0 + 4200).resets_at is None
+
+
+def test_window_retry_after_is_when_enough_spend_ages_out(budgets, ledger):
+    """retry_after_s is the time until enough of the oldest spend leaves the window."""
+    budgets.set("key", "k1", 1000, 3600, now=T0)
+    ledger.insert_rows([row("a", T0, 300), row("b", T0 + 600, 300), row("c", T0 + 1200, 300)])
+    now = T0 + 1800
+    # 900 spent; 400 needs 300 freed: "a" ages out at T0 + 3600.
+    refused = budgets.reserve("f1", "acme", "k1", 400, OWNER, now)
+    assert (refused.reason, refused.retry_after_s) == ("window", 3600 - 1800)
+    # 700 needs 600 freed: "a" and "b", at T0 + 600 + 3600.
+    assert budgets.reserve("f2", "acme", "k1", 700, OWNER, now).retry_after_s == 2400
+    # At the instant given, the request fits.
+    assert budgets.reserve("f3", "acme", "k1", 700, OWNER, T0 + 4200).allowed
+
+
+def test_window_retry_after_when_reservations_block(budgets, ledger):
+    """When open reservations (not spend) block, the retry is short."""
+    budgets.set("key", "k1", 1000, 3600, now=T0)
+    budgets.reserve("f1", "acme", "k1", 900, OWNER, T0)
+    refused = budgets.reserve("f2", "acme", "k1", 200, OWNER, T0 + 1)
+    assert refused.retry_after_s == 1.0 and not refused.too_large
+
+
+def test_window_reset_counts_from_now(budgets, ledger):
+    """--reset on a window ignores the spend before it."""
+    ledger.insert_rows([row("a", T0, 900)])
+    budgets.set("key", "k1", 1000, 3600, now=T0 + 10)
+    assert budgets.status("key", "k1", T0 + 10).spent == 900
+    budgets.set("key", "k1", 1000, 3600, reset=True, now=T0 + 20)
+    assert budgets.status("key", "k1", T0 + 20).spent == 0
+
+
+# -- sweep and owners ------------------------------------------------------------------------
+
+
+def _dead_owner() -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", "from spendtap.budgets import process_owner; print(process_owner())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return proc.stdout.strip()
+
+
+def test_owner_strings():
+    """This process is alive; a finished one, a reused pid and a bad string are judged right."""
+    me = process_owner()
+    host, pid, _start = me.rsplit(":", 2)
+    assert int(pid) == os.getpid()
+    assert owner_alive(me)
+    assert not owner_alive(_dead_owner())
+    assert not owner_alive(f"{host}:{os.getpid()}:12345")  # same pid, other start: reused
+    assert owner_alive("elsewhere.example:1:1")  # another host cannot be judged
+    assert owner_alive("garbage")
+
+
+def test_sweep_releases_dead_owners_not_live_ones(budgets):
+    """Sweep releases the reservations of a dead process and keeps a live one's."""
+    budgets.set("account", "acme", 1000, None, now=T0)
+    budgets.reserve("live", "acme", None, 100, process_owner(), T0)
+    budgets.reserve("dead", "acme", None, 100, _dead_owner(), T0)
+    assert budgets.sweep(owner_alive, None, T0) == 1
+    assert [r["id"] for r in budgets.reservations()] == ["live"]
+
+
+def test_sweep_by_age(budgets):
+    """With an age limit, sweep releases old reservations whoever holds them."""
+    budgets.set("account", "acme", 1000, None, now=T0)
+    budgets.reserve("old", "acme", None, 100, process_owner(), T0)
+    budgets.reserve("new", "acme", None, 100, process_owner(), T0 + 3000)
+    assert budgets.sweep(None, 3600, T0 + 3601) == 1
+    assert [r["id"] for r in budgets.reservations()] == ["new"]
+    assert budgets.status("account", "acme", T0 + 3601).reserved == 100
+
+
+# -- estimates ---------------------------------------------------------------------------------
+
+
+def test_estimate_over_counts_english_and_cjk():
+    """The estimate is above a generous real count (4 chars/token English, 1.3 tokens/CJK char)."""
+    english = "The quick brown fox jumps over the lazy dog. " * 100
+    cjk = "日本語のテキストを数える。" * 100
+    for text, real in ((english, len(english) / 4), (cjk, len(cjk) * 1.3)):
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
+        assert estimate_prompt_tokens(body.encode(), "openai-chat") > real
+
+
+def test_estimate_counts_images_flat_and_never_raises():
+    """A base64 image counts a flat figure, not its size; junk bodies count their bytes."""
+    image = "data:image/png;base64," + "A" * 1_000_000
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}
+    ).encode()
+    assert estimate_prompt_tokens(body) < 10_000
+    assert estimate_prompt_tokens(b"\xff\xfe not json") > 0
+    assert estimate_prompt_tokens(b"") > 0
+    assert estimate_prompt_tokens(b"[" * 100_000) > 0
+
+
+def test_reservation_tokens():
+    """A reservation is the estimate plus the output limit, or the fallback."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    prompt = estimate_prompt_tokens(body)
+    assert reservation_tokens(body, "openai-chat", 100) == prompt + 100
+    assert reservation_tokens(body, "openai-chat", None, fallback_max_output=7) == prompt + 7
+    assert reservation_tokens(body, "embeddings", None) == prompt
+    assert reservation_tokens(body, "other", 100) == 0
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+def test_collector_reads_budgets_at_scrape_time(budgets, ledger, path):
+    """The collector reports cap, spent, reserved, remaining and open reservations from the ledger."""
+    registry = CollectorRegistry()
+    registry.register(BudgetCollector(path, "cortex", clock=lambda: T0 + 10))
+    budgets.set("key", "k1", 1000, 3600, now=T0)
+    ledger.insert_rows([row("a", T0, 300)])
+    budgets.reserve("f1", "acme", "k1", 200, OWNER, T0 + 5)
+    labels = {"scope": "key", "principal": "k1"}
+    get = registry.get_sample_value
+    assert get("cortex_budget_cap_tokens", labels) == 1000
+    assert get("cortex_budget_spent_tokens", labels) == 300
+    assert get("cortex_budget_reserved_tokens", labels) == 200
+    assert get("cortex_budget_remaining_tokens", labels) == 500
+    assert get("cortex_open_reservations") == 1
+    budgets.release("f1")
+    assert get("cortex_open_reservations") == 0
+    assert get("cortex_budget_scrape_errors") == 0
+
+
+def test_collector_without_a_ledger(tmp_path):
+    """A ledger that does not exist yet gives zero reservations and no error."""
+    registry = CollectorRegistry()
+    registry.register(BudgetCollector(tmp_path / "none.db", "x"))
+    assert registry.get_sample_value("x_open_reservations") == 0
+    assert not (tmp_path / "none.db").exists()

@@ -1,0 +1,191 @@
+"""`spendtap doctor`: one ok/FAIL line per check, exit 1 when any check fails."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
+
+from spendtap.cli.main import cli
+from spendtap.ledger import MIGRATIONS_TABLE, Ledger
+from spendtap.metrics import Metrics
+from spendtap.metrics_server import MetricsServer
+from tests.proc import Sidecar, Simulator, free_port
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SPENDTAP_"):
+            monkeypatch.delenv(key)
+
+
+def doctor(*args: str, env: dict | None = None):
+    result = CliRunner().invoke(cli, ["doctor", "--timeout", "2", *args], env=env or {})
+    lines = {}
+    for line in result.output.splitlines():
+        status, name, *rest = line.split(None, 2)
+        lines[name] = (status, rest[0] if rest else "")
+    return result.exit_code, lines, result.output
+
+
+def metrics_server(healthy: bool = True) -> MetricsServer:
+    m = Metrics(CollectorRegistry())
+    detail = "ok" if healthy else "ledger writer stuck (5 rows queued)"
+    return MetricsServer("127.0.0.1", 0, m.registry, lambda: (healthy, detail))
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger(path)
+    return path
+
+
+@pytest.mark.e2e
+def test_healthy_setup(tmp_path):
+    """Against a real sidecar and simulator after one request, every check is ok, exit 0."""
+    sim = Simulator(tmp_path)
+    sidecar = Sidecar(tmp_path, sim.url)
+    try:
+        r = httpx.post(
+            sidecar.url + "/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        assert r.status_code == 200
+        sidecar.rows(expect=1)
+        code, lines, out = doctor(
+            "--db",
+            str(sidecar.db),
+            "--metrics",
+            sidecar.metrics_url,
+            "--upstream",
+            sim.url,
+        )
+    finally:
+        sidecar.stop()
+        sim.stop()
+    assert code == 0, out
+    assert lines["ledger"][0] == "ok" and "writable, migrated" in lines["ledger"][1]
+    assert lines["last-row"][0] == "info" and ", 1 rows" in lines["last-row"][1]
+    assert lines["metrics"][0] == "ok" and "metric families" in lines["metrics"][1]
+    assert lines["healthz"] == ("ok", f"{sidecar.metrics_url}/healthz: ok")
+    assert lines["upstream"][0] == "ok" and "HTTP " in lines["upstream"][1]
+    if "reservations" in lines:
+        assert lines["reservations"] == ("info", "0 open")
+
+
+def test_everything_down(tmp_path):
+    """No ledger, nothing on the metrics port, an unreachable upstream: three FAILs, exit 1."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, lines, out = doctor(
+        "--db", str(tmp_path / "none.db"), "--metrics", dead, "--upstream", dead
+    )
+    assert code == 1
+    assert lines["ledger"] == ("FAIL", f"{tmp_path / 'none.db'}: no such file (spendtap run creates it)")
+    assert lines["metrics"][0] == "FAIL" and "refused" in lines["metrics"][1].lower()
+    assert lines["healthz"][0] == "FAIL"
+    assert lines["upstream"][0] == "FAIL" and "refused" in lines["upstream"][1].lower()
+    assert not (tmp_path / "none.db").exists(), "doctor must never create a ledger"
+
+
+def test_stuck_writer_fails_healthz(ledger):
+    """/healthz answering 503 (ledger writer stuck) is a FAIL carrying the server's reason."""
+    server = metrics_server(healthy=False)
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        code, lines, out = doctor("--db", str(ledger), "--metrics", url)
+    finally:
+        server.close()
+    assert code == 1, out
+    assert lines["metrics"][0] == "ok"
+    assert lines["healthz"] == (
+        "FAIL",
+        f"{url}/healthz: HTTP 503 ledger writer stuck (5 rows queued)",
+    )
+    assert lines["upstream"][0] == "skip"
+
+
+def test_not_a_ledger(tmp_path):
+    """Someone else's SQLite file, or not SQLite at all, is a FAIL and is left untouched."""
+    other = tmp_path / "other.db"
+    con = sqlite3.connect(other)
+    con.execute("create table t (x)")
+    con.commit()
+    con.close()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database" * 100)
+    for path, message in ((other, "not a spendtap ledger"), (junk, "not an SQLite database")):
+        code, lines, out = doctor("--db", str(path), "--metrics", "none")
+        assert code == 1
+        assert lines["ledger"][0] == "FAIL" and message in lines["ledger"][1], out
+    assert junk.read_bytes() == b"not a database" * 100
+
+
+def test_pending_migration(ledger):
+    """A ledger missing a migration (an older spendtap wrote it) is a FAIL that says which."""
+    con = sqlite3.connect(ledger)
+    last = con.execute(f"select name from {MIGRATIONS_TABLE} order by rowid desc").fetchone()[0]
+    con.execute(f"delete from {MIGRATIONS_TABLE} where name = ?", (last,))
+    con.commit()
+    con.close()
+    code, lines, out = doctor("--db", str(ledger), "--metrics", "none")
+    assert code == 1
+    assert lines["ledger"][0] == "FAIL"
+    assert f"1 migration(s) pending: {last}" in lines["ledger"][1]
+
+
+def test_empty_ledger_and_open_reservations(ledger):
+    """A fresh ledger is ok with no rows; open reservations are counted with the oldest's age."""
+    con = sqlite3.connect(ledger)
+    has_reservations = bool(
+        con.execute("select 1 from sqlite_master where name = 'reservations'").fetchone()
+    )
+    if has_reservations:
+        con.execute(
+            "insert into reservations (id, account, key, tokens, created_at, owner) "
+            "values ('r1', 'acme', 'k', 100, '2020-01-01T00:00:00.000Z', 'test')"
+        )
+        con.commit()
+    con.close()
+    code, lines, out = doctor("--db", str(ledger), "--metrics", "none")
+    assert code == 0, out
+    assert lines["ledger"][0] == "ok"
+    assert lines["last-row"] == ("info", "no rows yet")
+    assert lines["metrics"] == ("skip", "disabled")
+    if has_reservations:
+        assert lines["reservations"][1].startswith("1 open, oldest 2020-01-01T00:00:00.000Z (")
+
+
+def test_reads_run_settings_from_env_and_config(ledger, tmp_path):
+    """Without flags, doctor checks what `spendtap run` would use: SPENDTAP_* and --config."""
+    server = metrics_server()
+    try:
+        config = tmp_path / "spendtap.toml"
+        config.write_text(f'metrics = "127.0.0.1:{server.port}"\ndb = "{ledger}"\n')
+        code, lines, out = doctor(
+            "--config", str(config), env={"SPENDTAP_UPSTREAM": f"http://127.0.0.1:{server.port}"}
+        )
+    finally:
+        server.close()
+    assert code == 0, out
+    assert lines["ledger"][1].startswith(f"{ledger}: ")
+    assert lines["healthz"][0] == "ok"
+    assert lines["upstream"][0] == "ok"
+
+
+def test_invalid_config_is_one_line(tmp_path):
+    """A broken config file is reported like `spendtap run` reports it: one line, exit 1."""
+    config = tmp_path / "bad.toml"
+    config.write_text("bogus = 1\n")
+    result = CliRunner().invoke(cli, ["doctor", "--config", str(config)], env={})
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        result.output.strip()
+    ] and "unknown key 'bogus'" in result.output
