@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
 from spendtap.budgets import open_readonly, open_reservation_count, read_statuses
 from spendtap.ledger import LedgerNotFound
 

@@ -30,11 +30,14 @@ from mitmproxy import ctx, exceptions, http
 
 from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
+from spendtap.budget_metrics import BudgetCollector
+from spendtap.gate import PRINCIPAL_SOURCES, Admission, Gate
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.meter import (
     CLIENT_DISCONNECTED,
     COMPLETED,
+    REJECTED,
     UPSTREAM_ERROR,
     FlowMeter,
     outcome_for_error,
@@ -42,7 +45,8 @@ from spendtap.meter import (
 from spendtap.metrics import CallbackGauges, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.paths import default_db_path
-from spendtap.request import clean_principal, parse_request
+from spendtap.refusals import service_unavailable
+from spendtap.request import parse_request
 from spendtap.writer import LedgerWriter
 
 logger = logging.getLogger("spendtap")
@@ -57,7 +61,9 @@ class SpendTap:
         self.writer: LedgerWriter | None = None
         self.access_log: AccessLog | None = None
         self.in_flight: dict[str, FlowMeter] = {}
+        self.gate: Gate | None = None
         self._db_path: str | None = None
+        self._sweeper: asyncio.Task | None = None
 
     # -- options -----------------------------------------------------------
 
@@ -131,6 +137,51 @@ class SpendTap:
             "bodies stream through with bounded memory. 0 streams everything.",
         )
         loader.add_option(
+            "spendtap_enforce_budgets",
+            bool,
+            True,
+            "Reserve each request's tokens against its key's and account's budgets before "
+            "dispatch, and refuse (429) what would exceed a cap. Principals without a budget "
+            "are never refused.",
+        )
+        loader.add_option(
+            "spendtap_principal_source",
+            str,
+            "headers",
+            "Where a request's principal comes from: headers (trusted headers a gateway "
+            "stamps), bearer (Authorization: Bearer / x-api-key, registered with spendtap "
+            "keys), or both (headers first).",
+            choices=PRINCIPAL_SOURCES,
+        )
+        loader.add_option(
+            "spendtap_require_auth",
+            bool,
+            False,
+            "Refuse (401 invalid_api_key) requests that name no principal.",
+        )
+        loader.add_option(
+            "spendtap_fallback_max_output",
+            int,
+            4096,
+            "Output tokens reserved for a request that sets no max_tokens / "
+            "max_completion_tokens / max_output_tokens.",
+        )
+        loader.add_option(
+            "spendtap_fail_open",
+            bool,
+            False,
+            "When the ledger cannot reserve, dispatch budgeted requests anyway (counted) "
+            "instead of refusing them with 503.",
+        )
+        loader.add_option(
+            "spendtap_reservation_max_age_s",
+            int,
+            7200,
+            "Open reservations older than this are released by the periodic sweep (no "
+            "request lives that long). Reservations of dead sidecar processes are released "
+            "at start.",
+        )
+        loader.add_option(
             "spendtap_max_model_series",
             int,
             200,
@@ -145,7 +196,12 @@ class SpendTap:
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        for name in ("spendtap_commit_wait_ms", "spendtap_buffer_bytes"):
+        for name in (
+            "spendtap_commit_wait_ms",
+            "spendtap_buffer_bytes",
+            "spendtap_fallback_max_output",
+            "spendtap_reservation_max_age_s",
+        ):
             if getattr(opts, name) < 0:
                 raise exceptions.OptionsError(f"{name} must be >= 0")
         # The ledger first: a bad ledger must stop the sidecar before it listens anywhere.
@@ -162,6 +218,17 @@ class SpendTap:
             or self.metrics is None
         ):
             self._configure_metrics()
+        if self.gate is None or updated & {
+            "spendtap_db",
+            "spendtap_enforce_budgets",
+            "spendtap_principal_source",
+            "spendtap_require_auth",
+            "spendtap_fallback_max_output",
+            "spendtap_fail_open",
+            "spendtap_account_header",
+            "spendtap_key_header",
+        }:
+            self._configure_gate()
         if "spendtap_access_log" in updated:
             if self.access_log is not None:
                 self.access_log.close()
@@ -220,6 +287,8 @@ class SpendTap:
                 ],
             )
         )
+        # Budget figures live in the ledger: read at scrape time, never stale.
+        self.metrics.add_collector(BudgetCollector(self._db_path, opts.spendtap_metrics_prefix))
         if listen is not None:
             try:
                 self.metrics_server = MetricsServer(*listen, self.metrics.registry, self._health)
@@ -247,6 +316,38 @@ class SpendTap:
         self._db_path = path
         logger.info(f"spendtap: metering to ledger {path}")
 
+    def _configure_gate(self) -> None:
+        opts = ctx.options
+        if self.gate is not None:
+            self.gate.close()
+        self.gate = Gate(
+            self._db_path,
+            enforce=opts.spendtap_enforce_budgets,
+            principal_source=opts.spendtap_principal_source,
+            account_header=opts.spendtap_account_header,
+            key_header=opts.spendtap_key_header,
+            require_auth=opts.spendtap_require_auth,
+            fallback_max_output=opts.spendtap_fallback_max_output,
+            fail_open=opts.spendtap_fail_open,
+        )
+        # Reservations of sidecar processes that died (a crash, kill -9) never settle.
+        swept = self.gate.sweep_now()
+        if swept:
+            logger.warning(f"spendtap: released {swept} reservations of dead sidecar processes")
+
+    def running(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        """Release reservations nobody will settle: dead owners, or older than any request."""
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await self.gate.sweep(ctx.options.spendtap_reservation_max_age_s)
+            except Exception:
+                self._count_error("sweep", "could not sweep stale reservations")
+
     def _health(self) -> tuple[bool, str]:
         if self.writer is None:
             return False, "ledger writer not started"
@@ -256,23 +357,24 @@ class SpendTap:
 
     # -- flow hooks ----------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return  # answered by another addon already
         try:
             req = flow.request
             opts = ctx.options
-            info = parse_request(req.path, req.headers, req.get_content(strict=False))
-            node = opts.spendtap_node or f"{req.host}:{req.port}"
+            body = req.get_content(strict=False)
+            info = parse_request(req.path, req.headers, body)
+            account, key, refusal = await self.gate.principal(req.headers, info.api)
             meter = FlowMeter(
                 flow_id=flow.id,
                 started_at=req.timestamp_start or time.time(),
                 method=req.method,
                 path=req.path,
                 info=info,
-                account=clean_principal(req.headers.get(opts.spendtap_account_header)),
-                key=clean_principal(req.headers.get(opts.spendtap_key_header)),
-                node=node,
+                account=account,
+                key=key,
+                node=opts.spendtap_node or f"{req.host}:{req.port}",
             )
         except Exception:
             self._count_error("request", "could not read the request")
@@ -280,8 +382,29 @@ class SpendTap:
         flow.metadata[META_KEY] = meter
         self.in_flight[flow.id] = meter
         self.metrics.in_flight.inc()
+        if refusal is not None:
+            self._refuse(flow, meter, refusal, "invalid_api_key")
+            return
+        try:
+            admission = await self.gate.admit(flow.id, body, info, account, key)
+        except Exception:
+            self._count_error("budget", "could not check the budget")
+            admission = Admission(service_unavailable(info.api), "unavailable")
+        if admission.refusal is not None:
+            self._refuse(flow, meter, admission.refusal, admission.reason)
+            return
+        if admission.reason == "fail_open":
+            self._count_error("budget_fail_open", "ledger could not reserve; dispatched anyway")
+        meter.reservation_id = admission.reservation_id
         if opts.spendtap_inject_usage and wants_usage_injection(info):
             self._inject_usage(flow, meter)
+
+    def _refuse(self, flow: http.HTTPFlow, meter: FlowMeter, refusal, reason: str) -> None:
+        """Answer locally; the request never reaches the upstream."""
+        status, headers, body = refusal
+        flow.response = http.Response.make(status, body, headers)
+        meter.rejected = True
+        self.metrics.rejections.labels(reason).inc()
 
     def _inject_usage(self, flow: http.HTTPFlow, meter: FlowMeter) -> None:
         try:
@@ -346,7 +469,9 @@ class SpendTap:
                 meter.feed_whole(resp.raw_content or b"", resp.timestamp_start or time.time())
             except Exception:
                 self._count_error("response", "could not scan a held response")
-        if flow.error is not None:
+        if meter.rejected:
+            outcome, error = REJECTED, f"refused by spendtap ({meter.status})"
+        elif flow.error is not None:
             # An exception in the stream callable fires both hooks; error has the truth.
             outcome, error = outcome_for_error(flow.error.msg), flow.error.msg
         else:
@@ -386,6 +511,12 @@ class SpendTap:
                 self._submit(row)
         if self.writer is not None:
             self.writer.close(timeout=30)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self.gate is not None:
+            self.gate.close()
+            self.gate = None
         if self.access_log is not None:
             self.access_log.close()
         if self.metrics_server is not None:
@@ -405,11 +536,13 @@ class SpendTap:
             row = meter.finish(outcome, now, error)
         except Exception:
             self._count_error("finalize", "could not finalize a request")
-            return None
+            row = None
         finally:
             if self.in_flight.pop(meter.flow_id, None) is not None:
                 self.metrics.in_flight.dec()
         if row is None:
+            if meter.reservation_id is not None and self.gate is not None:
+                self.gate.release(meter.reservation_id)  # no row will settle it
             return None
         if meter.chunk_errors:
             self._count_error("scan", f"{meter.chunk_errors} chunks could not be scanned")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
 from spendtap.timeparse import normalize_ts
 
 __all__ = [

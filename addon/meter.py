@@ -49,6 +49,8 @@ class FlowMeter:
         "method",
         "node",
         "path",
+        "rejected",
+        "reservation_id",
         "response_bytes",
         "scanner",
         "started_at",
@@ -82,6 +84,8 @@ class FlowMeter:
         self.chunk_errors = 0
         self.finished = False
         self.last_activity = started_at
+        self.rejected = False  # answered by spendtap itself (401/429/503)
+        self.reservation_id: str | None = None  # open budget reservation (settled by the row)
         # Set when spendtap asked the upstream for usage the client did not ask for.
         self.usage_filter: InjectedUsageFilter | None = None
 

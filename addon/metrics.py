@@ -141,6 +141,13 @@ class Metrics:
             ("kind",),
             registry=r,
         )
+        self.rejections = Counter(
+            p + "rejections",
+            "Requests spendtap answered itself instead of dispatching, by reason "
+            "(balance, window, unavailable, invalid_api_key).",
+            ("reason",),
+            registry=r,
+        )
         self.in_flight = Gauge(
             p + "in_flight_requests",
             "Requests currently being proxied.",

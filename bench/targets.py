@@ -274,3 +274,20 @@ def start_litellm(
         time.sleep(0.3)
     return Target("litellm", "127.0.0.1", port, [p], note=f"litellm {version}",
                   forwards_headers=False)  # fmt: skip
+
+
+def budget_charged(db: Path) -> dict:
+    """``spendtap budget show --key`` after the load: did enforcement charge anything?"""
+    r = subprocess.run(
+        [*_spendtap_cli(), "budget", "show", "--key", KEY, "--db", str(db), "-f", "json"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if r.returncode != 0:
+        return {"error": (r.stderr or r.stdout)[-300:]}
+    try:
+        import json
+
+        doc = json.loads(r.stdout)
+    except ValueError:
+        return {"raw": r.stdout[-300:]}
+    return doc[0] if isinstance(doc, list) and doc else doc

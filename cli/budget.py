@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+
 from spendtap.budgets import EPOCH_TS, Budgets, owner_alive, parse_window
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option

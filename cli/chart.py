@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
+
 from spendtap.budgets import format_window
 from spendtap.cli.paths import open_ledger
 from spendtap.ledger import LedgerError
@@ -121,13 +123,11 @@ def draw_report_chart(
 ) -> None:
     """Print the spend chart of ``report --chart``; ClickException on bad options."""
     if fmt != "table":
-        raise click.ClickException(
-            "--chart draws on the terminal; it does not combine with --format"
-        )
+        raise click.ClickException("--chart draws on the terminal; it does not take --format")
     if by not in ("account", "key", "model", "node"):
         raise click.ClickException("--chart draws per account, key, model or node, not per " + by)
     if not ascii_only:
-        ascii_only = not can_draw_unicode(click.get_text_stream("stdout").encoding)
+        ascii_only = not can_draw_unicode(sys.stdout.encoding)
     chosen = {k: v for k, v in filters.items() if v is not None}
     ledger = open_ledger(db_path)
     try:

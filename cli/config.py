@@ -105,15 +105,11 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key not in KEYS:
-            raise ConfigError(
-                f"{where}: unknown key {key!r} (known: {', '.join(KEYS)})"
-            )
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(KEYS)})")
         if key == "set":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: 'set' must be a table of OPTION = VALUE")
-            out["set"] = {
-                name: _scalar(f"{where}: set.{name}", v) for name, v in value.items()
-            }
+            out["set"] = {name: _scalar(f"{where}: set.{name}", v) for name, v in value.items()}
             for name in out["set"]:
                 _check_option_name(f"{where}: set", name)
         else:
@@ -263,4 +259,3 @@ def _scalar(where: str, value: Any) -> str:
 def _check_option_name(where: str, name: str) -> None:
     if not _OPTION_NAME.match(name):
         raise ConfigError(f"{where}: bad option name {name!r}")
-

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.paths import db_option
 from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
@@ -229,10 +230,9 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
         raise click.ClickException(f"invalid setting: {e}") from None
     report = Report(click.echo)
     db = db_path
-    if (
-        click.get_current_context().get_parameter_source("db_path").name == "DEFAULT"
-        and configured.get("db")
-    ):
+    if click.get_current_context().get_parameter_source(
+        "db_path"
+    ).name == "DEFAULT" and configured.get("db"):
         db = Path(configured["db"])
     check_ledger(report, Path(db))
 

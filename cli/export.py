@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from spendtap.cli.output import Choice, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import time_options, time_range
@@ -96,10 +97,7 @@ def export_command(
             since=start, until=end, order="asc", **filters
         )
         if progress is None:
-            progress = (
-                click.get_text_stream("stderr").isatty()
-                and not click.get_text_stream("stdout").isatty()
-            )
+            progress = sys.stderr.isatty() and not sys.stdout.isatty()
             total = ledger.count(since=start, until=end, **filters) if progress else 0
             progress = progress and total > PROGRESS_MIN_ROWS
         elif progress:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
+
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option
 from spendtap.keys import ApiKeyError, Keys, generate_secret
@@ -84,7 +86,7 @@ def keys_add(account: str, key_id: str, generate: bool, db_path: Path) -> None:
         spendtap keys add --account acme --key-id k-acme-1
         printf %s "$OPENAI_API_KEY" | spendtap keys add --account acme --key-id k-acme-2
     """
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     generated = generate or stdin.isatty()
     if generated:
         secret = generate_secret()

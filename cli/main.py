@@ -7,6 +7,7 @@ registered below with ``cli.add_command``, so the full list is in one place.
 from __future__ import annotations
 
 import click
+
 from spendtap import __version__
 from spendtap.cli.budget import budget_group, reservations_command, sweep_command
 from spendtap.cli.demo import demo

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import click
 from click.core import ParameterSource
+
 from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import click
+
 from spendtap.sim import SimServer, parse_listen, serve_until_signalled
 
 

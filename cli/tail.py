@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from spendtap.cli.output import Choice, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import REQUESTS_TABLE

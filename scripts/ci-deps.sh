@@ -5,9 +5,8 @@
 #   nftables   nft, transparent redirect (tests/test_transparent.py)
 #   iptables   iptables fallback          (tests/test_transparent.py)
 #   iproute2   ip netns, veth             (tests/test_transparent.py)
-#   curl       the client in the client namespace (tests/test_transparent.py)
-# Idempotent and quiet: prints one line per package it installs, nothing when
-# all are there. Needs root (CI runs as root); without root it says what is
+# Idempotent and quiet: one line naming what it installs (apt's output only on
+# failure), nothing when all are there. Needs root (CI runs as root); without root it says what is
 # missing and exits 0, so the tests skip with that reason instead.
 set -euo pipefail
 
@@ -17,11 +16,10 @@ declare -A tool_of=(
   [nftables]=nft
   [iptables]=iptables
   [iproute2]=ip
-  [curl]=curl
 )
 
 missing=()
-for pkg in systemd prometheus nftables iptables iproute2 curl; do
+for pkg in systemd prometheus nftables iptables iproute2; do
   tool=${tool_of[$pkg]}
   if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
     missing+=("$pkg")

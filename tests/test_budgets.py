@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from prometheus_client import CollectorRegistry
+
 from spendtap.budget_metrics import BudgetCollector
 from spendtap.budgets import (
     EPOCH_TS,
@@ -68,7 +69,14 @@ def ledger(path, budgets):
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("balance", None), ("15m", 900), ("1h", 3600), ("1d", 86400), ("30d", 2592000), ("1h30m", 5400)],
+    [
+        ("balance", None),
+        ("15m", 900),
+        ("1h", 3600),
+        ("1d", 86400),
+        ("30d", 2592000),
+        ("1h30m", 5400),
+    ],
 )
 def test_parse_window(text, seconds):
     """Windows parse to seconds (None for a balance) and format back."""
@@ -135,7 +143,7 @@ def test_balance_counts_only_rows_since(budgets, ledger):
 
 
 def test_running_total_equals_recount(budgets, ledger, path):
-    """The balance's running total equals a recount over the rows, also after deletes and updates."""
+    """A balance's running total equals a recount of the rows, also after deletes and updates."""
     budgets.set("key", "k1", 10**9, None, now=T0)
     budgets.set("account", "acme", 10**9, None, now=T0)
     ledger.insert_rows([row(f"r{i}", T0 + i, i * 7, completion=i) for i in range(50)])
@@ -315,7 +323,11 @@ def test_window_reset_counts_from_now(budgets, ledger):
 
 def _dead_owner() -> str:
     proc = subprocess.run(
-        [sys.executable, "-c", "from spendtap.budgets import process_owner; print(process_owner())"],
+        [
+            sys.executable,
+            "-c",
+            "from spendtap.budgets import process_owner; print(process_owner())",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -370,7 +382,11 @@ def test_estimate_counts_images_flat_and_never_raises():
     """A base64 image counts a flat figure, not its size; junk bodies count their bytes."""
     image = "data:image/png;base64," + "A" * 1_000_000
     body = json.dumps(
-        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}
+            ]
+        }
     ).encode()
     assert estimate_prompt_tokens(body) < 10_000
     assert estimate_prompt_tokens(b"\xff\xfe not json") > 0
@@ -392,7 +408,7 @@ def test_reservation_tokens():
 
 
 def test_collector_reads_budgets_at_scrape_time(budgets, ledger, path):
-    """The collector reports cap, spent, reserved, remaining and open reservations from the ledger."""
+    """The collector reads cap, spent, reserved, remaining and open reservations from the ledger."""
     registry = CollectorRegistry()
     registry.register(BudgetCollector(path, "cortex", clock=lambda: T0 + 10))
     budgets.set("key", "k1", 1000, 3600, now=T0)

@@ -109,7 +109,10 @@ def test_precedence_cli_env_file_default(tmp_path, cli, env, file, expected):
         args += ["--config", str(write(tmp_path, f'listen = "{file}"\n'))]
     code, out, argv = dry_run(*args, env=env)
     assert code == 0, out
-    assert (argv[argv.index("--listen-host") + 1], argv[argv.index("--listen-port") + 1]) == expected
+    assert (
+        argv[argv.index("--listen-host") + 1],
+        argv[argv.index("--listen-port") + 1],
+    ) == expected
 
 
 def test_every_env_var(tmp_path):

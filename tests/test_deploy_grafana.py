@@ -1,4 +1,4 @@
-"""deploy/grafana: an importable dashboard whose queries use only metrics a running sidecar exports."""
+"""deploy/grafana: an importable dashboard querying only metrics a running sidecar exports."""
 
 from __future__ import annotations
 

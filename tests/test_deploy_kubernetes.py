@@ -69,14 +69,14 @@ def test_spendtap_settings_are_valid_and_point_at_the_inference_container():
     assert settings.upstream == "http://127.0.0.1:8000"
     assert settings.listen == "0.0.0.0:8080"
     assert settings.metrics == "0.0.0.0:9464"
-    node = [e for e in container("spendtap")["env"] if e["name"] == "SPENDTAP_NODE"][0]
+    node = next(e for e in container("spendtap")["env"] if e["name"] == "SPENDTAP_NODE")
     assert node["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 
 
 def test_ledger_on_a_volume():
     """The ledger path is inside a mount backed by the PVC, so it survives restarts."""
     spendtap = container("spendtap")
-    db = [e["value"] for e in spendtap["env"] if e["name"] == "SPENDTAP_DB"][0]
+    db = next(e["value"] for e in spendtap["env"] if e["name"] == "SPENDTAP_DB")
     (mount,) = [m for m in spendtap["volumeMounts"] if db.startswith(m["mountPath"] + "/")]
     (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
     claim = volume["persistentVolumeClaim"]["claimName"]

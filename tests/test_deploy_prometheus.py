@@ -66,7 +66,7 @@ def alert_names() -> list[str]:
 
 
 def test_check_config():
-    """``promtool check config`` accepts prometheus.yml and the rule file it loads, without warnings."""
+    """``promtool check config`` accepts prometheus.yml and its rule file, without warnings."""
     proc = run("check", "config", "prometheus.yml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "WARNING" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
@@ -121,7 +121,7 @@ def test_rule_tests_fail_when_an_alert_is_broken(tmp_path, alert):
 
 
 def test_metric_names_use_the_exported_families():
-    """The alert expressions name only families spendtap exports (prefix cortex_) or Prometheus' up."""
+    """Alert expressions name only families spendtap exports (cortex_) or Prometheus' up."""
     names = set()
     for group in yaml.load(PROM / "alerts.yml")["groups"]:
         for rule in group["rules"]:
@@ -138,8 +138,8 @@ def test_metric_names_use_the_exported_families():
 
 
 def test_kubernetes_scrape_job_structure():
-    """kubernetes-scrape.yml (Debian's promtool lacks Kubernetes discovery, so not promtool-checked)
-    keeps exactly the port named "metrics" of containers named "spendtap", as the sidecar manifest has."""
+    """kubernetes-scrape.yml keeps exactly the port "metrics" of containers named "spendtap",
+    as the sidecar manifest has (Debian's promtool lacks Kubernetes discovery: no promtool)."""
     doc = yaml.load(PROM / "kubernetes-scrape.yml")
     (job,) = doc["scrape_configs"]
     assert job["kubernetes_sd_configs"] == [{"role": "pod"}]

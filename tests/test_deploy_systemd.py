@@ -1,4 +1,4 @@
-"""deploy/systemd: the unit passes ``systemd-analyze verify`` and carries the hardening we promise."""
+"""deploy/systemd: the unit passes ``systemd-analyze verify`` and has the promised hardening."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_verify_catches_a_broken_unit(tmp_path):
 
 
 def test_unit_structure():
-    """Reverse mode via `spendtap run`, its own user, state dir for the ledger, hardened, restarts."""
+    """Reverse mode via `spendtap run`, own user, state dir for the ledger, hardened, restarts."""
     unit = parse_unit(UNIT.read_text())
     svc = unit["Service"]
     one = {k: v[-1] for k, v in svc.items()}

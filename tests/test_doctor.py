@@ -87,8 +87,11 @@ def test_everything_down(tmp_path):
     code, lines, out = doctor(
         "--db", str(tmp_path / "none.db"), "--metrics", dead, "--upstream", dead
     )
-    assert code == 1
-    assert lines["ledger"] == ("FAIL", f"{tmp_path / 'none.db'}: no such file (spendtap run creates it)")
+    assert code == 1, out
+    assert lines["ledger"] == (
+        "FAIL",
+        f"{tmp_path / 'none.db'}: no such file (spendtap run creates it)",
+    )
     assert lines["metrics"][0] == "FAIL" and "refused" in lines["metrics"][1].lower()
     assert lines["healthz"][0] == "FAIL"
     assert lines["upstream"][0] == "FAIL" and "refused" in lines["upstream"][1].lower()
@@ -123,7 +126,7 @@ def test_not_a_ledger(tmp_path):
     junk.write_bytes(b"not a database" * 100)
     for path, message in ((other, "not a spendtap ledger"), (junk, "not an SQLite database")):
         code, lines, out = doctor("--db", str(path), "--metrics", "none")
-        assert code == 1
+        assert code == 1, out
         assert lines["ledger"][0] == "FAIL" and message in lines["ledger"][1], out
     assert junk.read_bytes() == b"not a database" * 100
 
@@ -136,7 +139,7 @@ def test_pending_migration(ledger):
     con.commit()
     con.close()
     code, lines, out = doctor("--db", str(ledger), "--metrics", "none")
-    assert code == 1
+    assert code == 1, out
     assert lines["ledger"][0] == "FAIL"
     assert f"1 migration(s) pending: {last}" in lines["ledger"][1]
 
@@ -186,6 +189,7 @@ def test_invalid_config_is_one_line(tmp_path):
     config.write_text("bogus = 1\n")
     result = CliRunner().invoke(cli, ["doctor", "--config", str(config)], env={})
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
-        result.output.strip()
-    ] and "unknown key 'bogus'" in result.output
+    assert (
+        result.output.strip().splitlines() == [result.output.strip()]
+        and "unknown key 'bogus'" in result.output
+    )

@@ -22,6 +22,7 @@
 # what `add` created and nothing else. `add` replaces an earlier `add`.
 # Exit status: 0 ok; 1 failure; 2 usage; `status` exits 3 when no rule is installed.
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"
 
 TABLE=spendtap
 PRE=SPENDTAP_PRE

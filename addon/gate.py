@@ -1,0 +1,169 @@
+"""Who is asking, and may they: principals and budget admission, off the event loop.
+
+The hook layer asks two questions per request, both answered here without
+mitmproxy: ``principal`` (trusted headers, a bearer key, or both) and
+``admit`` (reserve the request's tokens against its budgets, or refuse it).
+SQLite is only touched from one worker thread; the hook awaits the answer, so
+the event loop never blocks on the ledger.
+
+Failure policy: when the ledger cannot reserve (locked past the busy timeout,
+unwritable, gone), a budgeted request is refused with 503 (fail closed) unless
+``fail_open`` is set, in which case it is dispatched unreserved and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from spendtap.budgets import (
+    Budgets,
+    BudgetUnavailable,
+    owner_alive,
+    process_owner,
+    reservation_tokens,
+)
+from spendtap.keys import Keys, extract_secret, fingerprint
+from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
+from spendtap.request import RequestInfo, clean_principal
+
+PRINCIPAL_SOURCES = ("headers", "bearer", "both")
+KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
+
+
+@dataclass(slots=True)
+class Admission:
+    refusal: Refusal | None = None  # answer with this instead of dispatching
+    reason: str | None = None  # balance, window, unavailable, invalid_api_key, fail_open
+    reservation_id: str | None = None
+
+
+ADMITTED = Admission()
+
+
+class Gate:
+    def __init__(
+        self,
+        path: str,
+        *,
+        enforce: bool = True,
+        principal_source: str = "headers",
+        account_header: str = "x-helexa-account-id",
+        key_header: str = "x-helexa-key-id",
+        require_auth: bool = False,
+        fallback_max_output: int = 4096,
+        fail_open: bool = False,
+    ):
+        if principal_source not in PRINCIPAL_SOURCES:
+            raise ValueError(
+                f"principal source must be one of {', '.join(PRINCIPAL_SOURCES)}, "
+                f"not {principal_source!r}"
+            )
+        self.enforce = enforce
+        self.principal_source = principal_source
+        self.account_header = account_header
+        self.key_header = key_header
+        self.require_auth = require_auth
+        self.fallback_max_output = fallback_max_output
+        self.fail_open = fail_open
+        self.owner = process_owner()
+        # One thread owns the connections: reserve, release and key look-ups are
+        # serialized here and never run on the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spendtap-budgets")
+        self._budgets = self._executor.submit(Budgets, path).result()
+        self._keys = self._executor.submit(Keys, path).result()
+        self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- who ---------------------------------------------------------------------
+
+    async def principal(
+        self, headers: Mapping[str, str], api: str
+    ) -> tuple[str | None, str | None, Refusal | None]:
+        """(account, key, refusal): refusal is a 401 when auth is required and missing."""
+        account = key = None
+        if self.principal_source in ("headers", "both"):
+            account = clean_principal(headers.get(self.account_header))
+            key = clean_principal(headers.get(self.key_header))
+        if account is None and key is None and self.principal_source in ("bearer", "both"):
+            resolved = await self._resolve_key(extract_secret(headers))
+            if resolved is not None:
+                account, key = resolved
+        if self.require_auth and account is None and key is None:
+            return None, None, invalid_api_key(api)
+        return account, key, None
+
+    async def _resolve_key(self, secret: str | None) -> tuple[str, str] | None:
+        if not secret:
+            return None
+        fp = fingerprint(secret)  # the cache never holds a secret
+        now = time.monotonic()
+        hit = self._key_cache.get(fp)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        resolved = await self._run(self._keys.resolve, secret)
+        if len(self._key_cache) > 10_000:
+            self._key_cache.clear()
+        self._key_cache[fp] = (now + KEY_CACHE_S, resolved)
+        return resolved
+
+    # -- may they ----------------------------------------------------------------
+
+    async def admit(
+        self,
+        flow_id: str,
+        body: bytes | None,
+        info: RequestInfo,
+        account: str | None,
+        key: str | None,
+    ) -> Admission:
+        """Reserve the request's tokens, or say why it must be refused."""
+        if not self.enforce or (account is None and key is None):
+            return ADMITTED  # anonymous requests are never budgeted
+        tokens = reservation_tokens(
+            body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
+        )
+        if tokens <= 0:
+            return ADMITTED
+        try:
+            decision = await self._run(
+                self._budgets.reserve, flow_id, account, key, tokens, self.owner
+            )
+        except BudgetUnavailable:
+            if self.fail_open:
+                return Admission(reason="fail_open")
+            return Admission(service_unavailable(info.api), "unavailable")
+        if not decision.allowed:
+            return Admission(budget_refusal(info.api, decision), decision.reason)
+        return Admission(reservation_id=decision.reservation_id)
+
+    def release(self, reservation_id: str) -> None:
+        """Release a reservation no row will settle (fire and forget, off the loop)."""
+        self._executor.submit(_quietly, self._budgets.release, reservation_id)
+
+    async def sweep(self, older_than_s: float | None) -> int:
+        """Release reservations whose owner is gone, or older than any live request."""
+        return await self._run(self._budgets.sweep, owner_alive, older_than_s)
+
+    def sweep_now(self, older_than_s: float | None = None) -> int:
+        return self._executor.submit(self._budgets.sweep, owner_alive, older_than_s).result()
+
+    def close(self) -> None:
+        def _close():
+            self._budgets.close()
+            self._keys.close()
+
+        self._executor.submit(_quietly, _close).result()
+        self._executor.shutdown(wait=True)
+
+
+def _quietly(fn, *args):
+    try:
+        return fn(*args)
+    except Exception:  # a failed release is swept later; nothing to raise to
+        return None

@@ -1,0 +1,132 @@
+"""Profile a target's process under one load scenario with py-spy (sampling, no changes).
+
+    python -m bench.profile --target spendtap --scenario stream-unpaced-c64 --seconds 15
+
+Writes the collapsed stacks (``*.folded``, for flamegraph tools / speedscope) under
+``bench/results/`` and prints where the time goes: self time per function, and
+inclusive time of the frames that matter (spendtap's modules, mitmproxy's layers, the
+stream callable, the ledger writer thread). Needs ``py-spy`` (``pip install py-spy``)
+and ptrace permission on the child (root, or ``kernel.yama.ptrace_scope=0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from bench.main import RESULTS, measure, scenarios
+from bench.procs import PYTHON
+from bench.targets import start_mitmdump, start_sim, start_spendtap
+
+
+def py_spy() -> str:
+    exe = Path(PYTHON).with_name("py-spy")
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("py-spy")
+    if not found:
+        sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
+    return found
+
+
+def analyze(folded: Path, top: int = 30) -> str:
+    """Self and inclusive sample shares from py-spy's collapsed ('raw') output."""
+    self_t: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = stack.split(";")
+        threads[frames[0]] += n
+        frames = [f for f in frames[1:]]
+        if frames:
+            self_t[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "no samples"
+    out = [f"{total} samples"]
+    out.append("\nby thread:")
+    for t, n in threads.most_common(6):
+        out.append(f"  {n / total:6.1%}  {t}")
+    out.append(f"\nself time, top {top}:")
+    for f, n in self_t.most_common(top):
+        out.append(f"  {n / total:6.1%}  {f}")
+    out.append("\ninclusive time of selected frames:")
+    keys = ("spendtap", "/addon/", "hooks.py", "meter.py", "scanner.py", "sse.py", "writer.py",
+            "ledger.py", "metrics.py", "state_stream_response_body", "_run_once", "select")  # fmt: skip
+    sel = [(f, n) for f, n in incl.items() if any(k in f for k in keys)]
+    for f, n in sorted(sel, key=lambda x: -x[1])[:top]:
+        out.append(f"  {n / total:6.1%}  {f}")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="spendtap", choices=["spendtap", "mitmdump", "mitmdump-cb"])
+    ap.add_argument("--scenario", default="stream-unpaced-c64")
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
+    ap.add_argument("--idle", action="store_true", help="include idle (waiting) samples")
+    ap.add_argument("--ttft-ms", type=int, default=200)
+    ap.add_argument("--tps", type=int, default=50)
+    args = ap.parse_args(argv)  # fmt: skip
+
+    sc = next((s for s in scenarios(False) if s.name == args.scenario), None)
+    if sc is None:
+        sys.exit(f"unknown scenario {args.scenario}")
+    from dataclasses import replace
+
+    sc = replace(sc, duration_s=args.seconds, warmup_s=1.0)
+    tmp = Path(tempfile.mkdtemp(prefix="spendtap-bench-prof-"))
+    sim = start_sim(tmp)
+    if args.target == "spendtap":
+        tgt = start_spendtap(sim.url, tmp)
+    else:
+        tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folded = RESULTS / f"profile-{args.target}-{sc.name}-{stamp}.folded"
+    spy = None
+    try:
+        cmd = [py_spy(), "record", "-p", str(tgt.procs[0].pid), "-r", str(args.rate),
+               "-d", str(int(args.seconds + 1)), "-f", "raw", "-o", str(folded), "--threads",
+               "--nonblocking"]  # fmt: skip
+        if args.idle:
+            cmd.append("--idle")
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        r = measure(tgt, sim, sc, args)
+        spy.wait(timeout=args.seconds + 30)
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.terminate()
+            spy.wait()
+        tgt.stop()
+        sim.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({k: r[k] for k in ("rps", "chunks_per_s", "cpu_s_per_1k_chunks",
+                                        "cpu_ms_per_req", "ttfc_p50_ms", "e2e_p50_ms")}))  # fmt: skip
+    if not folded.exists():
+        print("py-spy wrote nothing:", spy.stderr.read() if spy and spy.stderr else "")
+        return 1
+    print(analyze(folded))
+    print(f"\ncollapsed stacks: {folded}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

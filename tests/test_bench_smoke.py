@@ -1,0 +1,49 @@
+"""Smoke run of the benchmark harness (``python -m bench``) at minimal sizes: it runs, it
+measures every default target, and it writes its JSON. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.proc import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_quick_runs_and_writes_results(tmp_path):
+    """A tiny quick run measures direct, bare mitmdump and spendtap, checks memory, runs the
+    micro-benchmarks, and writes raw results with a verdict per target."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "bench", "--quick",
+            "--scenarios", "stream-unpaced-c16,json-c16",
+            "--streams", "20",
+            "--results-dir", str(tmp_path),
+        ],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(tmp_path.glob("bench-quick-*.json"))
+    assert len(files) == 1
+    res = json.loads(files[0].read_text())
+    summary = res["summary"]
+    for scenario in ("stream-unpaced-c16", "json-c16"):
+        for target in ("direct", "mitmdump", "spendtap"):
+            m = summary[scenario][target]
+            assert m["errors"] == 0, (scenario, target, m)
+            assert m["rps"] > 0, (scenario, target, m)
+    stream = summary["stream-unpaced-c16"]
+    assert stream["spendtap"]["chunks_per_s"] > 0
+    assert stream["spendtap"]["cpu_s_per_1k_chunks"] > 0
+    assert stream["spendtap"]["ttfc_p50_ms"] is not None
+    assert res["memory"]["spendtap"]["idle_streams"]["held"] == 20
+    assert all(h.get("status") == 200 for h in res["memory"]["spendtap"]["huge"])
+    assert "error" not in res["micro"]["scanner"]
+    assert "error" not in res["micro"]["on_chunk"]
+    assert "error" not in res["micro"]["writer"]
+    assert res["verdicts"], "no target was judged"
+    assert "# spendtap benchmark" in proc.stdout

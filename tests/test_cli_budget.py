@@ -1,0 +1,227 @@
+"""The budget, keys, reservations and sweep commands: output, effects and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from spendtap.budgets import Budgets, process_owner
+from spendtap.cli.main import cli
+from spendtap.keys import Keys, fingerprint
+from spendtap.ledger import Ledger
+from spendtap.timeparse import ts_from_epoch
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "ledger.db"
+
+
+def run(db, *args, input=None):
+    return CliRunner().invoke(cli, [*args, "--db", str(db)], input=input)
+
+
+def test_budget_set_show_list_rm(db):
+    """A budget is set, shown with its figures, listed and removed."""
+    result = run(db, "budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h")
+    assert result.exit_code == 0, result.output
+    assert result.output == "key k1: cap 1000 tokens, per rolling 1h\n"
+    result = run(db, "budget", "set", "--account", "acme", "--cap", "5000", "--window", "balance")
+    assert result.output.startswith("account acme: cap 5000 tokens, balance, counting spend since ")
+    now = time.time()
+    with Ledger(db) as ledger:
+        ledger.insert_rows(
+            [{"id": "a", "ts": ts_from_epoch(now), "account": "acme", "key": "k1",
+              "prompt_tokens": 100, "completion_tokens": 50}]
+        )  # fmt: skip
+    result = run(db, "budget", "show", "--key", "k1", "-f", "json")
+    doc = json.loads(result.output)[0]
+    assert {k: doc[k] for k in ("scope", "principal", "cap", "window", "spent", "reserved")} == {
+        "scope": "key", "principal": "k1", "cap": 1000, "window": "1h", "spent": 150,
+        "reserved": 0,
+    }  # fmt: skip
+    assert doc["remaining"] == 850 and doc["resets_at"] == ts_from_epoch(now + 3600)
+    table = run(db, "budget", "list").output.splitlines()
+    assert table[0].split() == [
+        "scope", "principal", "cap", "window", "spent", "reserved", "remaining", "resets_at",
+    ]  # fmt: skip
+    assert table[2].split()[:7] == ["key", "k1", "1000", "1h", "150", "0", "850"]
+    assert table[3].split() == ["account", "acme", "5000", "balance", "150", "0", "4850", "-"]
+    assert run(db, "budget", "rm", "--key", "k1").output == "removed the budget of key k1\n"
+    assert [r["principal"] for r in json.loads(run(db, "budget", "list", "-f", "json").output)] == [
+        "acme"
+    ]
+
+
+def test_budget_reset(db):
+    """--reset starts counting a balance afresh; a cap change alone keeps the spend."""
+    run(db, "budget", "set", "--key", "k1", "--cap", "10", "--window", "balance")
+    time.sleep(0.01)
+    with Ledger(db) as ledger:
+        ledger.insert_rows([{"id": "a", "ts": time.time(), "key": "k1", "prompt_tokens": 7}])
+    time.sleep(0.01)
+
+    def spent():
+        return json.loads(run(db, "budget", "show", "--key", "k1", "-f", "json").output)[0]["spent"]
+
+    assert spent() == 7
+    run(db, "budget", "set", "--key", "k1", "--cap", "20", "--window", "balance")
+    assert spent() == 7
+    run(db, "budget", "set", "--key", "k1", "--cap", "20", "--window", "balance", "--reset")
+    assert spent() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["budget", "set", "--cap", "1", "--window", "1h"],
+            "give exactly one of --key and --account",
+        ),
+        (
+            ["budget", "set", "--key", "k", "--account", "a", "--cap", "1", "--window", "1h"],
+            "give exactly one of --key and --account",
+        ),
+        (["budget", "set", "--key", "k", "--cap", "-5", "--window", "1h"], "-5 is below 0"),
+        (
+            ["budget", "set", "--key", "k", "--cap", "5", "--window", "soon"],
+            "invalid window 'soon'",
+        ),
+        (["budget", "show", "--key", "nope"], "no budget for key nope"),
+        (["budget", "rm", "--account", "nope"], "no budget for account nope"),
+    ],
+)
+def test_budget_errors(db, args, message):
+    """Bad budget commands fail with one line and exit 1."""
+    Ledger(db).close()
+    result = run(db, *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+    assert result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args", [["budget", "list"], ["budget", "show", "--key", "k"], ["reservations"], ["sweep"],
+             ["keys", "list"], ["keys", "rm", "--key-id", "k"]],
+)  # fmt: skip
+def test_reading_commands_need_a_ledger(tmp_path, args):
+    """Commands that read never create a ledger: they say where they looked."""
+    db = tmp_path / "missing.db"
+    result = run(db, *args)
+    assert result.exit_code == 1
+    assert f"Error: no ledger at {db}" in result.output
+    assert not db.exists()
+
+
+def test_reservations_and_sweep(db):
+    """Open reservations are listed; sweep releases a dead owner's, --older-than old ones."""
+    dead = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from spendtap.budgets import process_owner; print(process_owner())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    now = time.time()
+    with Budgets(db) as budgets:
+        budgets.set("account", "acme", 1000, None)
+        budgets.reserve("f-live", "acme", None, 10, process_owner(), now - 2)
+        budgets.reserve("f-dead", "acme", None, 20, dead, now - 1)
+        budgets.reserve("f-far", "acme", "k1", 30, "elsewhere.example:1:1", now)
+    rows = json.loads(run(db, "reservations", "-f", "json").output)
+    assert [(r["id"], r["tokens"]) for r in rows] == [("f-live", 10), ("f-dead", 20), ("f-far", 30)]
+    assert set(rows[0]) == {"id", "account", "key", "tokens", "created_at", "age_s", "owner"}
+    assert rows[0]["age_s"] >= 2
+    assert run(db, "sweep").output == "released 1 stale reservation\n"
+    assert run(db, "sweep", "--older-than", "0s").output == "released 2 stale reservations\n"
+    assert json.loads(run(db, "reservations", "-f", "json").output) == []
+    assert (
+        run(db, "reservations", "-f", "csv").output
+        == "id,account,key,tokens,created_at,age_s,owner\n"
+    )
+    result = run(db, "sweep", "--older-than", "soon")
+    assert result.exit_code == 1 and "Invalid value for '--older-than'" in result.output
+
+
+def test_keys_add_from_stdin_list_rm(db):
+    """A piped secret is registered by fingerprint; list never shows it; rm revokes it."""
+    secret = "sk-live-0123456789abcdef"
+    result = run(db, "keys", "add", "--account", "acme", "--key-id", "k1", input=secret + "\n")
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"registered sk-liv\u2026 (fingerprint {fingerprint(secret)[:12]}) "
+        "for account acme, key k1\n"
+    )
+    with Keys(db) as keys:
+        assert keys.resolve(secret) == ("acme", "k1")
+    listing = run(db, "keys", "list", "-f", "json").output
+    assert secret not in listing
+    (entry,) = json.loads(listing)
+    assert entry["fingerprint"] == fingerprint(secret) and entry["prefix"] == "sk-liv\u2026"
+    table = run(db, "keys", "list").output
+    assert fingerprint(secret)[:12] in table and fingerprint(secret)[:13] not in table
+    assert run(db, "keys", "rm", "--key-id", "k1").output == "revoked 1 key\n"
+    assert json.loads(run(db, "keys", "list", "-f", "json").output) == []
+    assert len(json.loads(run(db, "keys", "list", "--all", "-f", "json").output)) == 1
+    assert secret.encode() not in db.read_bytes()
+
+
+def test_keys_add_generates_and_prints_once(db):
+    """--generate prints a new secret once on stdout; only its fingerprint is kept."""
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["keys", "add", "--account", "acme", "--key-id", "k9", "--generate", "--db", str(db)]
+    )
+    assert result.exit_code == 0
+    secret = result.stdout.strip()
+    assert secret.startswith("sk-st-")
+    assert "cannot be shown again" in result.stderr
+    with Keys(db) as keys:
+        assert keys.resolve(secret) == ("acme", "k9")
+    assert secret not in run(db, "keys", "list").output
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (["keys", "add", "--account", "a", "--key-id", "k"], "", "no secret on stdin"),
+        (["keys", "add", "--account", "a", "--key-id", "k"], "short", "at least 16 characters"),
+        (["keys", "rm"], None, "give exactly one of --key-id and --fingerprint"),
+        (["keys", "rm", "--key-id", "ghost"], None, "no active key with key id ghost"),
+        (["keys", "rm", "--fingerprint", "xyz"], None, "at least 8 hex digits"),
+    ],
+)
+def test_keys_errors(db, args, stdin, message):
+    """Bad keys commands fail with one line and exit 1."""
+    Ledger(db).close()
+    result = run(db, *args, input=stdin)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+
+
+def test_keys_add_duplicate(db):
+    """Registering the same secret twice is refused."""
+    run(db, "keys", "add", "--account", "a", "--key-id", "k", input="0123456789abcdefgh")
+    result = run(db, "keys", "add", "--account", "b", "--key-id", "j", input="0123456789abcdefgh")
+    assert result.exit_code == 1 and "already registered" in result.output
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["budget"], ["budget", "set"], ["budget", "show"], ["budget", "list"], ["budget", "rm"],
+     ["keys"], ["keys", "add"], ["keys", "list"], ["keys", "rm"], ["reservations"], ["sweep"],
+     ["tail"], ["export"]],
+)  # fmt: skip
+def test_help_has_examples(command):
+    """Every new command has help text with an Examples block."""
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Examples:" in result.output
