@@ -116,8 +116,8 @@ class BudgetUnavailable(LedgerError):
 def parse_window(text: str) -> int | None:
     """``"balance"`` -> None; ``"15m"``, ``"1h"``, ``"1d"``, ``"30d"``... -> seconds.
 
-    Any duration of ``spendtap.timeparse.parse_duration`` from one minute up
-    is accepted. Raises ``ValueError`` naming what would have been accepted.
+    Any duration of ``spendtap.timeparse.parse_duration`` from one second up
+    is accepted (short windows are for tests and burst limits). Raises ``ValueError`` naming what would have been accepted.
     """
     s = text.strip().lower()
     if s == BALANCE:
@@ -128,8 +128,8 @@ def parse_window(text: str) -> int | None:
         raise ValueError(
             f"invalid window {text!r}: expected balance or a duration such as 15m, 1h, 1d or 30d"
         ) from None
-    if seconds < 60:
-        raise ValueError(f"invalid window {text!r}: a rolling window is at least 1m")
+    if seconds < 1:
+        raise ValueError(f"invalid window {text!r}: a rolling window is at least 1s")
     return seconds
 
 

@@ -112,8 +112,10 @@ class Client(asyncio.Protocol):
         if self.nl and p[:1] == b"\n":
             n += 1
         if p:
-            self.nl = p[-1:] == b"\n" and p[-2:] != b"\n\n" if len(p) > 1 else (
-                p == b"\n" and not self.nl
+            self.nl = (
+                p[-1:] == b"\n" and p[-2:] != b"\n\n"
+                if len(p) > 1
+                else (p == b"\n" and not self.nl)
             )
         if not self.t_body:
             self.t_body = t
@@ -286,7 +288,7 @@ async def run_load(spec: dict) -> dict:
     ev1, by1, cpu1, real1 = stats.events, stats.bytes, _cpu(), now()
     print("MARK end", flush=True)
     stopping.set()
-    done, pending = await asyncio.wait(tasks, timeout=spec.get("grace_s", 5))
+    _, pending = await asyncio.wait(tasks, timeout=spec.get("grace_s", 5))
     for t in pending:
         t.cancel()
     window = real1 - real0

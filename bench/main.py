@@ -36,6 +36,7 @@ from bench.targets import (
     MODEL_UNPACED,
     Target,
     budget_support,
+    metering_only_sets,
     start_litellm,
     start_mitmdump,
     start_sim,
@@ -90,7 +91,7 @@ def _pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
@@ -170,7 +171,8 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         "e2e_p99_ms": _ms(_pct(e2e, 0.99)),
         "proxy_cpu_s": proxy_cpu,
         "proxy_cpu_frac": proxy_cpu / w if proxy_cpu is not None else None,
-        "cpu_s_per_1k_chunks": proxy_cpu / events * 1000 if proxy_cpu is not None and events
+        "cpu_s_per_1k_chunks": proxy_cpu / events * 1000
+        if proxy_cpu is not None and events
         else None,
         "cpu_ms_per_req": proxy_cpu / result["completed"] * 1000
         if proxy_cpu is not None and result["completed"]
@@ -208,8 +210,11 @@ def summarize(runs: list[dict]) -> dict:
     for (sc, tg), rs in by.items():
         med: dict = {"rounds": len(rs)}
         for k in rs[0]:
-            vals = [r[k] for r in rs if isinstance(r.get(k), int | float) and not isinstance(
-                r.get(k), bool)]
+            vals = [
+                r[k]
+                for r in rs
+                if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)
+            ]
             if vals and k not in ("round",):
                 med[k] = statistics.median(vals)
         med["errors"] = sum(r["errors"] for r in rs)
@@ -232,15 +237,24 @@ def _versions() -> dict:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (~1 min)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
-    ap.add_argument("--peers", default=os.environ.get("PEERS", ""),
-                    help="comma list of peer proxies to add: litellm (env PEERS)")
-    ap.add_argument("--targets", default="",
-                    help="comma list to run instead of the default set (direct,mitmdump,"
-                         "spendtap,spendtap-budget[,litellm]); mitmdump-cb is opt-in")
+    ap.add_argument(
+        "--peers",
+        default=os.environ.get("PEERS", ""),
+        help="comma list of peer proxies to add: litellm (env PEERS)",
+    )
+    ap.add_argument(
+        "--targets",
+        default="",
+        help="comma list to run instead of the default set (direct,mitmdump,"
+        "spendtap,spendtap-budget[,litellm]); mitmdump-cb is opt-in",
+    )
     ap.add_argument("--scenarios", default="", help="comma list of scenario names to keep")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: load,micro,memory")
     ap.add_argument("--ttft-ms", type=int, default=200, help="paced time to first token")
@@ -248,8 +262,11 @@ def parse_args(argv):
     ap.add_argument("--streams", type=int, help="idle streams for the memory check (500)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
-    ap.add_argument("--hold", action="store_true",
-                    help="after the load phase, keep the targets up until Enter (to profile)")
+    ap.add_argument(
+        "--hold",
+        action="store_true",
+        help="after the load phase, keep the targets up until Enter (to profile)",
+    )
     return ap.parse_args(argv)  # fmt: skip
 
 
@@ -294,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         if want("mitmdump-cb", default=False):
             targets.append(start_mitmdump(sim.url, log_dir, callable_stream=True))
         if want("spendtap"):
-            targets.append(start_spendtap(sim.url, log_dir))
+            sets = metering_only_sets()
+            if sets:
+                results["notes"].append(f"spendtap (metering only): --set {' '.join(sets)}")
+            targets.append(start_spendtap(sim.url, log_dir, sets))
         if want("spendtap-budget"):
             ok, note, extra = budget_support(log_dir)
             if ok:
@@ -313,9 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 sc_list = scenarios(args.quick)
                 controls = {}
                 for sc in sc_list:
-                    controls.setdefault(sc.model, {}).update(
-                        sc.controls(args.ttft_ms, args.tps)
-                    )
+                    controls.setdefault(sc.model, {}).update(sc.controls(args.ttft_ms, args.tps))
                 if len({tuple(sorted(sc.controls(args.ttft_ms, args.tps).items()))
                         for sc in sc_list if sc.model == MODEL_UNPACED}) > 1:  # fmt: skip
                     results["notes"].append(
@@ -368,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"] = runs
             results["summary"] = summarize(runs)
         if args.hold:
-            log("holding the targets up; press Enter to continue: "
-                + ", ".join(f"{t.name}={t.url} pid {t.procs[0].pid}" for t in targets))
+            log(
+                "holding the targets up; press Enter to continue: "
+                + ", ".join(f"{t.name}={t.url} pid {t.procs[0].pid}" for t in targets)
+            )
             sys.stdin.readline()
 
         # -- memory ------------------------------------------------------------------------
@@ -377,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
             mem_targets = [t for t in targets if t.name in ("mitmdump", "mitmdump-cb", "spendtap")]
             streams = args.streams or (50 if args.quick else 500)
             sizes = (2 << 20, 20 << 20) if args.quick else (20 << 20, 200 << 20)
-            log(f"memory: {streams} idle streams, responses of {sizes[0] >> 20} and "
-                f"{sizes[1] >> 20} MiB")
+            log(
+                f"memory: {streams} idle streams, responses of {sizes[0] >> 20} and "
+                f"{sizes[1] >> 20} MiB"
+            )
             results["memory"] = memory.run(mem_targets, streams, sizes, log)
 
         # -- micro -------------------------------------------------------------------------

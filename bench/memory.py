@@ -126,7 +126,9 @@ def run(targets: list[Target], streams: int, sizes: tuple[int, int], log=print) 
                 res["huge"].append({"body_bytes": size, "error": f"{type(e).__name__}: {e}"})
         h = [x for x in res["huge"] if "peak_rss_kib" in x]
         if len(h) == 2:
-            res["huge_peak_growth_large_minus_small_kib"] = h[1]["peak_rss_kib"] - h[0]["peak_rss_kib"]
+            res["huge_peak_growth_large_minus_small_kib"] = (
+                h[1]["peak_rss_kib"] - h[0]["peak_rss_kib"]
+            )
         out[t.name] = res
         log(
             f"  memory {t.name}: {res['idle_streams'].get('kib_per_stream')} KiB/stream, "

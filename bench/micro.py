@@ -46,6 +46,7 @@ def split(body: bytes, size: int) -> list[bytes]:
 def sim_stream_body(tokens: int) -> bytes:
     """A real simulator chat stream (include_usage) of ``tokens`` tokens."""
     import httpx
+
     from spendtap.sim import run_in_thread
 
     with run_in_thread() as sim:
@@ -178,6 +179,7 @@ def bench_scanner(quick: bool) -> dict:
 
 async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path) -> dict:
     from mitmproxy.test import taddons, tflow, tutils
+
     from spendtap.hooks import SpendTap
 
     addon = SpendTap()
@@ -337,8 +339,9 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
 
     # 2. Durable: C concurrent "requests" each submit with on_commit and wait for it,
     # exactly as the response hook does (call_soon_threadsafe back to the event loop).
-    async def durable(conc: int, seconds: float) -> dict:
-        w = LedgerWriter(tmp / f"writer-durable-{conc}.db", logger=log)
+    async def durable(conc: int, seconds: float, **kw) -> dict:
+        tag = "-".join(f"{k}{v}" for k, v in kw.items())
+        w = LedgerWriter(tmp / f"writer-durable-{conc}{tag}.db", logger=log, **kw)
         w.start()
         loop = asyncio.get_running_loop()
         lat: list[float] = []
@@ -353,7 +356,9 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
             while loop.time() < stop:
                 fut = loop.create_future()
                 t = clock()
-                w.submit(_row(next(counter)), lambda fut=fut: loop.call_soon_threadsafe(resolve, fut))
+                w.submit(
+                    _row(next(counter)), lambda fut=fut: loop.call_soon_threadsafe(resolve, fut)
+                )
                 await fut
                 lat.append(clock() - t)
 
@@ -373,6 +378,11 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
 
     secs = 0.5 if quick else 2.0
     res["durable"] = [asyncio.run(durable(c, secs)) for c in (1, 16, 64)]
+    # What-if: the same writer without the batch-fill wait (max_delay_s=0): rows that
+    # arrive while a commit is in progress still share the next one (group commit).
+    res["durable_no_fill_wait"] = [
+        asyncio.run(durable(c, secs, max_delay_s=0.0)) for c in (1, 16, 64)
+    ]
     return res
 
 

@@ -39,7 +39,14 @@ def ensure_litellm(log=print) -> tuple[Path, str]:
     if not (venv / "bin" / "python").exists():
         log(f"creating {venv} ...")
         subprocess.run([_base_python(), "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+    ]
     log(f"installing litellm {LITELLM_VERSION} and its proxy dependencies (a few minutes) ...")
     r = subprocess.run([*pip, "-r", str(LITELLM_REQUIREMENTS)], capture_output=True, text=True)
     if r.returncode != 0:

@@ -45,8 +45,14 @@ def _raise_nofile() -> None:
 class Proc:
     """A child process with its output in a log file; always stopped (TERM, then KILL)."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict | None = None,
-                 cwd: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        log_dir: Path,
+        env: dict | None = None,
+        cwd: str | None = None,
+    ):
         self.name = name
         self.args = args
         self.log_path = log_dir / f"{name}.log"

@@ -65,8 +65,9 @@ def analyze(folded: Path, top: int = 30) -> str:
     for f, n in self_t.most_common(top):
         out.append(f"  {n / total:6.1%}  {f}")
     out.append("\ninclusive time of selected frames:")
-    keys = ("spendtap", "/addon/", "hooks.py", "meter.py", "scanner.py", "sse.py", "writer.py",
-            "ledger.py", "metrics.py", "state_stream_response_body", "_run_once", "select")  # fmt: skip
+    keys = ("spendtap", "/addon/", "hooks.py", "meter.py", "scanner.py", "sse.py",
+            "writer.py", "ledger.py", "metrics.py", "state_stream_response_body", "_run_once",
+            "select")  # fmt: skip
     sel = [(f, n) for f, n in incl.items() if any(k in f for k in keys)]
     for f, n in sorted(sel, key=lambda x: -x[1])[:top]:
         out.append(f"  {n / total:6.1%}  {f}")
@@ -74,8 +75,11 @@ def analyze(folded: Path, top: int = 30) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--target", default="spendtap", choices=["spendtap", "mitmdump", "mitmdump-cb"])
     ap.add_argument("--scenario", default="stream-unpaced-c64")
     ap.add_argument("--seconds", type=float, default=15)
@@ -118,8 +122,9 @@ def main(argv=None) -> int:
         tgt.stop()
         sim.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({k: r[k] for k in ("rps", "chunks_per_s", "cpu_s_per_1k_chunks",
-                                        "cpu_ms_per_req", "ttfc_p50_ms", "e2e_p50_ms")}))  # fmt: skip
+    keys = ("rps", "chunks_per_s", "cpu_s_per_1k_chunks", "cpu_ms_per_req", "ttfc_p50_ms",
+            "e2e_p50_ms")  # fmt: skip
+    print(json.dumps({k: r[k] for k in keys}))
     if not folded.exists():
         print("py-spy wrote nothing:", spy.stderr.read() if spy and spy.stderr else "")
         return 1

@@ -39,9 +39,17 @@ def table(summary: dict) -> str:
             m = {**by_target[tg], "target": tg}
             rows.append([_fmt(f, m.get(k)) for k, _, f in COLS])
         widths = [max(len(r[i]) for r in rows) for i in range(len(COLS))]
-        lines.append(f"\n## {sc}   (medians over {max(m.get('rounds', 0) for m in by_target.values())} rounds; ms unless noted)")
+        lines.append(
+            f"\n## {sc}   (medians over {max(m.get('rounds', 0) for m in by_target.values())} "
+            "rounds; ms unless noted)"
+        )
         for j, r in enumerate(rows):
-            lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+            lines.append(
+                "  ".join(
+                    c.rjust(w) if i else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(r, widths, strict=True))
+                )
+            )
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -92,8 +100,10 @@ def verdicts(res: dict) -> list[dict]:
         if r is not None:
             add(f"TTFC excess spendtap/litellm ({sc})", round(r, 3), "< 0.25", r < 0.25,
                 f"+{s:.3f} ms vs +{lt:.3f} ms over direct (p50)")  # fmt: skip
-    s, lt = _get(res, "stream-unpaced-c64", "spendtap", "rps"), _get(
-        res, "stream-unpaced-c64", "litellm", "rps")
+    s, lt = (
+        _get(res, "stream-unpaced-c64", "spendtap", "rps"),
+        _get(res, "stream-unpaced-c64", "litellm", "rps"),
+    )
     if s is not None and lt is not None:
         add("req/s spendtap/litellm (stream-unpaced-c64)", round(s / lt, 2), "(info)", None,
             f"{s:.1f} vs {lt:.1f} req/s")  # fmt: skip
@@ -122,7 +132,8 @@ def verdicts(res: dict) -> list[dict]:
     v = sc.get("corpus_stream_us_per_chunk")
     if v is not None:
         add("scanner us per ~120 B chunk (corpus streams)", v, "< 5 us", v < 5,
-            f"all corpus {sc.get('corpus_us_per_chunk')} us/chunk, {sc.get('corpus_mb_per_s')} MB/s;"
+            f"all corpus {sc.get('corpus_us_per_chunk')} us/chunk, "
+            f"{sc.get('corpus_mb_per_s')} MB/s;"
             f" worst case {sc.get('worst_case', {}).get('case')} "
             f"{sc.get('worst_case', {}).get('us_per_chunk')} us")  # fmt: skip
     v = sc.get("linearity_ns_per_byte_max_over_min")
@@ -173,8 +184,9 @@ def render(res: dict) -> str:
             lines.append(f"scanner: ERROR {sc['error']}")
         elif sc:
             lines.append(
-                f"scanner (ResponseScanner.feed, {sc['chunk_bytes']} B chunks, {sc['corpus_cases']} "
-                f"corpus cases): {sc['corpus_us_per_chunk']} us/chunk, {sc['corpus_mb_per_s']} MB/s "
+                f"scanner (ResponseScanner.feed, {sc['chunk_bytes']} B chunks, "
+                f"{sc['corpus_cases']} corpus cases): {sc['corpus_us_per_chunk']} us/chunk, "
+                f"{sc['corpus_mb_per_s']} MB/s "
                 f"(streams only {sc['corpus_stream_us_per_chunk']} us/chunk, "
                 f"{sc['corpus_stream_mb_per_s']} MB/s); simulator chat stream "
                 f"{sc['sim_stream_us_per_120b_chunk']} us per 120 B chunk, "
@@ -206,9 +218,13 @@ def render(res: dict) -> str:
             b = w["batched"]
             lines.append(f"ledger writer batched: {b['rows_per_s']} rows/s ({b['rows']} rows, "
                          f"{b['batches']} batches)")  # fmt: skip
-            for d in w["durable"]:
+            for d in w["durable"] + [
+                {**x, "what_if": True} for x in w.get("durable_no_fill_wait", [])
+            ]:
+                label = "WHAT-IF max_delay_s=0 " if d.get("what_if") else ""
                 lines.append(
-                    f"ledger writer durable (submit + wait on_commit), c={d['concurrency']}: "
+                    f"ledger writer {label}durable (submit + wait on_commit), "
+                    f"c={d['concurrency']}: "
                     f"{d['rows_per_s']} rows/s, commit wait p50 {d['commit_wait_ms_p50']} ms, "
                     f"p99 {d['commit_wait_ms_p99']} ms, {d['rows_per_batch']} rows/batch"
                 )

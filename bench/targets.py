@@ -136,8 +136,13 @@ def start_mitmdump(upstream: str, log_dir: Path, callable_stream: bool = False) 
     return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]))
 
 
-def start_spendtap(upstream: str, log_dir: Path, extra: list[str] | None = None,
-                   name: str = "spendtap", db: Path | None = None) -> Target:
+def start_spendtap(
+    upstream: str,
+    log_dir: Path,
+    extra: list[str] | None = None,
+    name: str = "spendtap",
+    db: Path | None = None,
+) -> Target:
     port, mport = free_port(), free_port()
     db = db or log_dir / f"{name}-ledger.db"
     args = spendtap_args(upstream, port, db, mport)
@@ -183,6 +188,21 @@ def budget_support(log_dir: Path) -> tuple[bool, str, list[str]]:
         return False, "spendtap has no `budget` command nor spendtap_enforce_budgets option", []
     extra = ["spendtap_enforce_budgets=true"] if has_opt else []
     return True, f"budget command: {has_cmd}, enforce option: {has_opt}", extra
+
+
+def metering_only_sets() -> list[str]:
+    """--set options that make the ``spendtap`` target pure metering (budgets off), when
+    this spendtap has them; ``spendtap-budget`` measures enforcement separately."""
+    try:
+        from spendtap.cli.run import _mitmdump_command, addon_path
+
+        options = subprocess.run(
+            [*_mitmdump_command(), "-s", addon_path(), "--options"],
+            capture_output=True, text=True, timeout=60,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return ["spendtap_enforce_budgets=false"] if "spendtap_enforce_budgets" in options else []
 
 
 def set_budget(db: Path, log_dir: Path) -> str | None:
@@ -251,7 +271,10 @@ OFFLINE_ENV = {
 
 
 def start_litellm(
-    litellm_bin: Path, sim_url: str, log_dir: Path, controls: dict[str, dict[str, str]],
+    litellm_bin: Path,
+    sim_url: str,
+    log_dir: Path,
+    controls: dict[str, dict[str, str]],
     version: str,
 ) -> Target:
     port = free_port()
@@ -264,7 +287,8 @@ def start_litellm(
         if not p.alive():
             raise RuntimeError("litellm exited during start-up:\n" + p.tail())
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1).status_code == 200:
+            health = httpx.get(f"http://127.0.0.1:{port}/health/liveliness", timeout=1)
+            if health.status_code == 200:
                 break
         except httpx.HTTPError:
             pass

@@ -53,3 +53,7 @@ cli.add_command(addon_path_command)
 cli.add_command(simulate)
 cli.add_command(demo)
 cli.add_command(doctor)
+
+
+if __name__ == "__main__":
+    cli()
