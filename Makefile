@@ -7,6 +7,7 @@ demo:
 
 test:
 	@scripts/venv.sh test
+	@scripts/ci-deps.sh
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 

@@ -117,7 +117,8 @@ def parse_window(text: str) -> int | None:
     """``"balance"`` -> None; ``"15m"``, ``"1h"``, ``"1d"``, ``"30d"``... -> seconds.
 
     Any duration of ``spendtap.timeparse.parse_duration`` from one second up
-    is accepted (short windows are for tests and burst limits). Raises ``ValueError`` naming what would have been accepted.
+    is accepted (short windows are for tests and burst limits). Raises
+    ``ValueError`` naming what would have been accepted.
     """
     s = text.strip().lower()
     if s == BALANCE:

@@ -93,7 +93,7 @@ def test_window_budget_refuses_then_recovers(sim, budget_sidecar):
         time.sleep(retry_after + 0.5)
         resp = _chat(client, "win-key")  # the window moved on
         assert resp.http_response.status_code == 200
-    row = [r for r in read_rows(db) if r["outcome"] == "rejected"][0]
+    row = next(r for r in read_rows(db) if r["outcome"] == "rejected")
     assert row["status"] == 429 and row["key"] == "win-key" and row["prompt_tokens"] is None
     show = spendtap("budget", "show", "--key", "win-key", "--format", "json", db=db)
     assert '"cap": 400' in show
