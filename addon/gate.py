@@ -32,6 +32,9 @@ from spendtap.request import RequestInfo, clean_principal
 
 PRINCIPAL_SOURCES = ("headers", "bearer", "both")
 KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
+# How long the set of budgeted principals is reused: a budget set with the CLI
+# takes effect within this time, and unbudgeted traffic never waits on SQLite.
+BUDGETED_CACHE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -76,6 +79,8 @@ class Gate:
         self._budgets = self._executor.submit(Budgets, path).result()
         self._keys = self._executor.submit(Keys, path).result()
         self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._budgeted: frozenset[tuple[str, str]] = frozenset()
+        self._budgeted_until = 0.0
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -131,6 +136,9 @@ class Gate:
         if tokens <= 0:
             return ADMITTED
         try:
+            budgeted = await self._budgeted_principals()
+            if ("key", key) not in budgeted and ("account", account) not in budgeted:
+                return ADMITTED
             decision = await self._run(
                 self._budgets.reserve, flow_id, account, key, tokens, self.owner
             )
@@ -141,6 +149,14 @@ class Gate:
         if not decision.allowed:
             return Admission(budget_refusal(info.api, decision), decision.reason)
         return Admission(reservation_id=decision.reservation_id)
+
+    async def _budgeted_principals(self) -> frozenset[tuple[str, str]]:
+        now = time.monotonic()
+        if now >= self._budgeted_until:
+            budgets = await self._run(self._budgets.list)
+            self._budgeted = frozenset((b.scope, b.principal) for b in budgets)
+            self._budgeted_until = now + BUDGETED_CACHE_S
+        return self._budgeted
 
     def release(self, reservation_id: str) -> None:
         """Release a reservation no row will settle (fire and forget, off the loop)."""

@@ -389,7 +389,10 @@ class SpendTap:
             admission = await self.gate.admit(flow.id, body, info, account, key)
         except Exception:
             self._count_error("budget", "could not check the budget")
-            admission = Admission(service_unavailable(info.api), "unavailable")
+            if opts.spendtap_fail_open:
+                admission = Admission(reason="fail_open")
+            else:
+                admission = Admission(service_unavailable(info.api), "unavailable")
         if admission.refusal is not None:
             self._refuse(flow, meter, admission.refusal, admission.reason)
             return
@@ -397,7 +400,7 @@ class SpendTap:
             self._count_error("budget_fail_open", "ledger could not reserve; dispatched anyway")
         meter.reservation_id = admission.reservation_id
         if opts.spendtap_inject_usage and wants_usage_injection(info):
-            self._inject_usage(flow, meter)
+            self._inject_usage(flow, meter, body)
 
     def _refuse(self, flow: http.HTTPFlow, meter: FlowMeter, refusal, reason: str) -> None:
         """Answer locally; the request never reaches the upstream."""
@@ -406,9 +409,9 @@ class SpendTap:
         meter.rejected = True
         self.metrics.rejections.labels(reason).inc()
 
-    def _inject_usage(self, flow: http.HTTPFlow, meter: FlowMeter) -> None:
+    def _inject_usage(self, flow: http.HTTPFlow, meter: FlowMeter, body: bytes | None) -> None:
         try:
-            body = with_include_usage(flow.request.get_content(strict=False) or b"")
+            body = with_include_usage(body or b"")
         except Exception:
             body = None
         if body is None:
