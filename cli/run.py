@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -14,6 +15,7 @@ from click.core import ParameterSource
 from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option
+from spendtap.ledger import Ledger, LedgerError
 from spendtap.paths import default_db_path
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -220,6 +222,14 @@ def run(
             os.makedirs(db_dir, exist_ok=True)
         except OSError as e:
             raise click.ClickException(f"cannot create {db_dir}: {e.strerror}") from None
+        # Open (create, migrate) the ledger here, so a corrupt or foreign file is one
+        # clear line rather than a traceback from inside mitmdump.
+        try:
+            Ledger(db).close()
+        except LedgerError as e:
+            raise click.ClickException(str(e)) from None
+        except (OSError, sqlite3.Error) as e:
+            raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
     args = build_mitmdump_args(
         mode=settings.mode,
         upstream=settings.upstream,

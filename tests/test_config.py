@@ -236,3 +236,18 @@ def test_resolve_raises_config_error():
     """The pure resolver raises ConfigError (no click), for use outside the CLI."""
     with pytest.raises(ConfigError, match="SPENDTAP_LISTEN"):
         resolve({}, {"SPENDTAP_UPSTREAM": UP, "SPENDTAP_LISTEN": ":x"}, None)
+
+
+def test_run_refuses_a_corrupt_ledger_in_one_line(tmp_path):
+    """spendtap run stops before mitmdump with one clear line when the ledger is not usable."""
+    from click.testing import CliRunner
+
+    from spendtap.cli.main import cli
+
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not sqlite at all" * 100)
+    result = CliRunner().invoke(cli, ["run", "--upstream", "http://127.0.0.1:1", "--db", str(bad)])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "not a spendtap ledger" in result.output
+    assert bad.read_bytes() == b"this is not sqlite at all" * 100
