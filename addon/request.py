@@ -58,7 +58,7 @@ class RequestInfo:
     prompt_estimate: int | None = None
 
 
-def detect_api(path: str, headers: Mapping[str, str] | None = None) -> str:
+def detect_api(path: str) -> str:
     """Name the API family from the request path (query string ignored)."""
     p = path.split("?", 1)[0].rstrip("/").lower()
     if p.endswith("/chat/completions"):
@@ -82,7 +82,7 @@ def _positive_int(value: object) -> int | None:
 
 def parse_request(path: str, headers: Mapping[str, str] | None, body: bytes | None) -> RequestInfo:
     """Read what the request asks for; never raises."""
-    info = RequestInfo(api=detect_api(path, headers))
+    info = RequestInfo(api=detect_api(path))
     body = body or b""
     if len(body) <= MAX_PARSE_BYTES:
         try:

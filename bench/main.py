@@ -150,6 +150,7 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
     if result is None:
         raise RuntimeError(f"load generator failed: {p.stderr.read()[-1000:]}")
     samples = result.pop("samples")
+    ttfb = [s[0] for s in samples if s[0] is not None]
     ttfc = [s[1] for s in samples if s[1] is not None]
     e2e = [s[2] for s in samples]
     w = result["window_s"]
@@ -165,6 +166,7 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         "error_samples": result["error_samples"],
         "rps": result["completed"] / w,
         "chunks_per_s": events / w,
+        "ttfb_p50_ms": _ms(_pct(ttfb, 0.5)),
         "ttfc_p50_ms": _ms(_pct(ttfc, 0.5)),
         "ttfc_p99_ms": _ms(_pct(ttfc, 0.99)),
         "e2e_p50_ms": _ms(_pct(e2e, 0.5)),
@@ -197,6 +199,10 @@ def summarize(runs: list[dict]) -> dict:
     direct = {(r["scenario"], r["round"]): r for r in runs if r["target"] == "direct"}
     for r in runs:
         d = direct.get((r["scenario"], r["round"]))
+        k = "ttfb_p50_ms"
+        r["ttfb_excess_p50_ms"] = (
+            r[k] - d[k] if d and r.get(k) is not None and d.get(k) is not None else None
+        )
         for q in ("p50", "p99"):
             k = f"ttfc_{q}_ms"
             r[f"ttfc_excess_{q}_ms"] = (

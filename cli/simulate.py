@@ -6,7 +6,8 @@ import asyncio
 
 import click
 
-from spendtap.sim import SimServer, parse_listen, serve_until_signalled
+from spendtap.address import parse_listen
+from spendtap.sim import SimServer, serve_until_signalled
 
 
 def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:

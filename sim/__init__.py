@@ -95,6 +95,6 @@ Command line: ``python -m spendtap.sim --listen HOST:PORT [--ttft-ms] [--tps] [-
 or ``spendtap simulate``.
 """
 
-from .server import SimServer, parse_listen, run_in_thread, serve_until_signalled
+from .server import SimServer, run_in_thread, serve_until_signalled
 
-__all__ = ["SimServer", "parse_listen", "run_in_thread", "serve_until_signalled"]
+__all__ = ["SimServer", "run_in_thread", "serve_until_signalled"]

@@ -1,7 +1,5 @@
-"""``python -m spendtap.sim --listen HOST:PORT``: run the simulated inference server."""
+"""``python -m spendtap.sim --listen HOST:PORT``: the same command as ``spendtap simulate``."""
 
-import sys
+from spendtap.cli.simulate import simulate
 
-from .server import main
-
-sys.exit(main())
+simulate(prog_name="python -m spendtap.sim")

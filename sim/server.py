@@ -11,20 +11,20 @@ import contextlib
 import json
 import logging
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from spendtap.address import parse_listen
+from spendtap.request import detect_api
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
     OPENAI_CHAT,
     OPENAI_COMPLETIONS,
     OPENAI_RESPONSES,
+    OTHER,
 )
 
 from .apis import (
@@ -78,18 +78,11 @@ def classify(path: str) -> str:
         return SIM_STATS
     if p.endswith("/sim/reset"):
         return SIM_RESET
-    if p.endswith("/chat/completions"):
-        return OPENAI_CHAT
     if p.endswith("/messages/count_tokens"):
         return COUNT_TOKENS
-    if p.endswith("/completions"):
-        return OPENAI_COMPLETIONS
-    if p.endswith("/responses"):
-        return OPENAI_RESPONSES
-    if p.endswith("/embeddings"):
-        return EMBEDDINGS
-    if p.endswith("/messages"):
-        return ANTHROPIC_MESSAGES
+    api = detect_api(p)  # the same API families the addon meters
+    if api != OTHER:
+        return api
     if p.endswith("/models"):
         return MODELS
     if p.endswith(("/health", "/healthz")) or p == "":
@@ -857,42 +850,3 @@ def run_in_thread(host: str = "127.0.0.1", port: int = 0, **kwargs: Any) -> Iter
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m spendtap.sim --listen HOST:PORT [--ttft-ms N] [--tps N] [--tokens N]``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m spendtap.sim", description="spendtap's simulated inference server"
-    )
-    parser.add_argument(
-        "--listen", default="127.0.0.1:8000", help="HOST:PORT (port 0 picks a free one)"
-    )
-    parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token (ms)")
-    parser.add_argument("--tps", type=float, default=0.0, help="tokens per second (0 = unpaced)")
-    parser.add_argument("--tokens", type=int, default=16, help="default completion length")
-    parser.add_argument("--model", default="sim-model", help="model id when a request names none")
-    args = parser.parse_args(argv)
-    try:
-        host, port = parse_listen(args.listen)
-        server = SimServer(
-            host,
-            port,
-            ttft_ms=args.ttft_ms,
-            tokens_per_s=args.tps,
-            default_tokens=args.tokens,
-            model=args.model,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-
-    def announce(url: str) -> None:
-        print(f"spendtap simulator listening on {url}", flush=True)
-
-    try:
-        asyncio.run(serve_until_signalled(server, announce))
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -24,8 +24,9 @@ import pytest
 import zstandard
 from click.testing import CliRunner
 
+from spendtap.address import parse_listen
 from spendtap.cli.simulate import simulate
-from spendtap.sim import SimServer, parse_listen, run_in_thread
+from spendtap.sim import SimServer, run_in_thread
 from spendtap.sim.apis import completion_text
 
 MESSAGES = [{"role": "user", "content": "hello there"}]  # 11 chars -> 3 tokens
