@@ -12,8 +12,8 @@ import click
 
 from spendtap.cli.output import Choice, write_rows
 from spendtap.cli.paths import db_option, open_ledger
-from spendtap.cli.query import time_options, time_range
-from spendtap.ledger import COLUMNS, OUTCOMES, LedgerError
+from spendtap.cli.query import filter_options, time_options, time_range
+from spendtap.ledger import COLUMNS, LedgerError
 
 # Below this many rows an export is quick: no progress bar.
 PROGRESS_MIN_ROWS = 10_000
@@ -44,11 +44,7 @@ def _with_progress(rows: Iterator[dict[str, Any]], total: int) -> Iterator[dict[
     help="JSON lines or CSV with a header line; every column of every row.",
 )
 @time_options
-@click.option("--account", help="Only this account.")
-@click.option("--key", help="Only this key.")
-@click.option("--model", help="Only this model.")
-@click.option("--node", help="Only this node (upstream).")
-@click.option("--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome.")
+@filter_options(outcome=True)
 @click.option(
     "--progress/--no-progress",
     default=None,

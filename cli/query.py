@@ -75,6 +75,23 @@ def time_options(fn):
     return fn
 
 
+def filter_options(outcome: bool):
+    """The row filters every ledger command shares: --account, --key, --model, --node
+    (and --outcome where it makes sense)."""
+
+    def decorate(fn):
+        if outcome:
+            fn = click.option(
+                "--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome."
+            )(fn)
+        fn = click.option("--node", help="Only this node (upstream).")(fn)
+        fn = click.option("--model", help="Only this model.")(fn)
+        fn = click.option("--key", help="Only this key.")(fn)
+        return click.option("--account", help="Only this account.")(fn)
+
+    return decorate
+
+
 def time_range(since: str | None, until: str | None) -> tuple[str | None, str | None]:
     """Parse ``--since``/``--until`` against one ``now``; ClickException on bad input."""
     now = datetime.now(UTC)
@@ -102,11 +119,7 @@ def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
 
 @click.command(name="requests")
 @time_options
-@click.option("--account", help="Only this account.")
-@click.option("--key", help="Only this key.")
-@click.option("--model", help="Only this model.")
-@click.option("--node", help="Only this node (upstream).")
-@click.option("--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome.")
+@filter_options(outcome=True)
 @click.option(
     "--limit",
     type=int,
@@ -169,10 +182,7 @@ def requests_command(
     help="Group totals by account, key, model, node, UTC day or UTC hour.",
 )
 @time_options
-@click.option("--account", help="Only this account.")
-@click.option("--key", help="Only this key.")
-@click.option("--model", help="Only this model.")
-@click.option("--node", help="Only this node (upstream).")
+@filter_options(outcome=False)
 @click.option(
     "--chart",
     is_flag=True,

@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
-from spendtap.cli.output import Choice, output_options, write_rows
+from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
-from spendtap.cli.query import REQUESTS_TABLE
-from spendtap.ledger import COLUMNS, OUTCOMES, Ledger, LedgerError
+from spendtap.cli.query import REQUESTS_TABLE, filter_options
+from spendtap.ledger import COLUMNS, Ledger, LedgerError
 
 # Table widths: wide enough for typical values, so most rows line up.
 _WIDTHS = {
@@ -136,11 +136,7 @@ def follow(
 
 
 @click.command(name="tail")
-@click.option("--account", help="Only this account.")
-@click.option("--key", help="Only this key.")
-@click.option("--model", help="Only this model.")
-@click.option("--node", help="Only this node (upstream).")
-@click.option("--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome.")
+@filter_options(outcome=True)
 @click.option(
     "-n",
     "--lines",
