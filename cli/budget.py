@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from spendtap.budgets import EPOCH_TS, Budgets, owner_alive, parse_window
 from spendtap.cli.output import output_options, write_rows
-from spendtap.cli.paths import db_option
-from spendtap.ledger import LedgerError, LedgerNotFound
-from spendtap.paths import ENV_DB
+from spendtap.cli.paths import db_option, open_store
 from spendtap.timeparse import parse_datetime, parse_duration
 
 STATUS_COLUMNS = (
@@ -42,23 +38,9 @@ STATUS_TABLE = (
 RESERVATION_COLUMNS = ("id", "account", "key", "tokens", "created_at", "age_s", "owner")
 
 
-@contextmanager
-def open_budgets(path: Path, *, create: bool = False) -> Iterator[Budgets]:
+def open_budgets(path: Path, *, create: bool = False):
     """Budgets over the ledger at ``path``; any ledger error is one line and exit 1."""
-    try:
-        budgets = Budgets(path, create=create)
-    except LedgerNotFound:
-        raise click.ClickException(
-            f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
-        ) from None
-    except (LedgerError, sqlite3.Error, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    try:
-        yield budgets
-    except (LedgerError, sqlite3.Error) as e:
-        raise click.ClickException(f"cannot use the ledger: {e}") from None
-    finally:
-        budgets.close()
+    return open_store(Budgets, path, create=create)
 
 
 def principal_options[F: Callable](fn: F) -> F:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sqlite3
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from spendtap.cli.output import output_options, write_rows
-from spendtap.cli.paths import db_option
+from spendtap.cli.paths import db_option, open_store
 from spendtap.keys import ApiKeyError, Keys, generate_secret
-from spendtap.ledger import LedgerError, LedgerNotFound
-from spendtap.paths import ENV_DB
 
 KEY_COLUMNS = ("account", "key_id", "prefix", "fingerprint", "created_at", "revoked_at")
 KEY_TABLE = (
@@ -27,24 +22,9 @@ KEY_TABLE = (
 )
 
 
-@contextmanager
-def open_keys(path: Path, *, create: bool = False) -> Iterator[Keys]:
-    try:
-        keys = Keys(path, create=create)
-    except LedgerNotFound:
-        raise click.ClickException(
-            f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
-        ) from None
-    except (LedgerError, sqlite3.Error, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    try:
-        yield keys
-    except (ApiKeyError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    except (LedgerError, sqlite3.Error) as e:
-        raise click.ClickException(f"cannot use the ledger: {e}") from None
-    finally:
-        keys.close()
+def open_keys(path: Path, *, create: bool = False):
+    """Keys over the ledger at ``path``; any ledger error is one line and exit 1."""
+    return open_store(Keys, path, create=create, user_errors=(ApiKeyError, ValueError))
 
 
 @click.group(name="keys")

@@ -7,8 +7,11 @@ the XDG spec asks), else ``~/.local/share/spendtap/ledger.db``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -40,3 +43,34 @@ def open_ledger(path: Path) -> Ledger:
         ) from None
     except LedgerError as e:
         raise click.ClickException(str(e)) from None
+
+
+@contextmanager
+def open_store(
+    factory: Callable[..., Any],
+    path: Path,
+    *,
+    create: bool = False,
+    user_errors: tuple[type[Exception], ...] = (),
+) -> Iterator[Any]:
+    """A store over the ledger (``Budgets``, ``Keys``); any ledger error is one line, exit 1.
+
+    ``user_errors`` are the store's own refusals (a duplicate key, a bad window):
+    their message is shown as it is.
+    """
+    try:
+        store = factory(path, create=create)
+    except LedgerNotFound:
+        raise click.ClickException(
+            f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
+        ) from None
+    except (LedgerError, sqlite3.Error, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        yield store
+    except user_errors as e:
+        raise click.ClickException(str(e)) from None
+    except (LedgerError, sqlite3.Error) as e:
+        raise click.ClickException(f"cannot use the ledger: {e}") from None
+    finally:
+        store.close()
