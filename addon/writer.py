@@ -3,9 +3,12 @@
 mitmproxy's event loop must never wait on SQLite, so hooks hand finished rows
 to ``LedgerWriter.submit``, which only appends to an in-memory queue (under a
 lock held for microseconds) and never raises. One background thread owns its
-own ledger connection: it takes everything queued (up to ``batch_size``,
-waiting up to ``max_delay_s`` for a batch to fill), inserts it in one
-transaction, commits, then calls each row's ``on_commit``.
+own ledger connection: it takes everything queued (up to ``batch_size``;
+``max_delay_s``, 0 by default, can make it wait for a batch to fill), inserts
+it in one transaction, commits, then calls each row's ``on_commit``. With no
+wait this is group commit: rows that arrive while one transaction commits
+form the next one, so batches grow with load and a lone row is not delayed
+(the end of a response waits for its row's commit).
 
 Settling budgets: ``Ledger.insert_rows`` deletes, in that same transaction,
 the budget reservation whose id is a row's id (the flow id), and the ledger's
@@ -82,7 +85,7 @@ class LedgerWriter:
         path: str | os.PathLike[str],
         *,
         batch_size: int = 512,
-        max_delay_s: float = 0.01,
+        max_delay_s: float = 0.0,
         max_pending: int = 200_000,
         logger: logging.Logger | None = None,
         busy_timeout_s: float = 5.0,
@@ -341,7 +344,12 @@ class LedgerWriter:
                     )
                 self._cond.notify_all()
                 return None
-            if healthy and not self._closing and len(self._pending) < self.batch_size:
+            if (
+                self.max_delay_s > 0
+                and healthy
+                and not self._closing
+                and len(self._pending) < self.batch_size
+            ):
                 self._cond.wait_for(
                     lambda: len(self._pending) >= self.batch_size or self._closing,
                     self.max_delay_s,

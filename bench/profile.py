@@ -36,7 +36,7 @@ def py_spy() -> str:
     return found
 
 
-def analyze(folded: Path, top: int = 30) -> str:
+def analyze(folded: Path, top: int = 30, us_per_sample: float | None = None) -> str:
     """Self and inclusive sample shares from py-spy's collapsed ('raw') output."""
     self_t: Counter[str] = Counter()
     incl: Counter[str] = Counter()
@@ -64,6 +64,27 @@ def analyze(folded: Path, top: int = 30) -> str:
     out.append(f"\nself time, top {top}:")
     for f, n in self_t.most_common(top):
         out.append(f"  {n / total:6.1%}  {f}")
+    out.append(
+        "\nspendtap code on the main thread (outermost addon frame), share of all samples"
+        + (", us per chunk" if us_per_sample else "")
+        + ":"
+    )
+    outer: Counter[str] = Counter()
+    for line in folded.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit() or "MainThread" not in stack.split(";")[0]:
+            continue
+        for f in stack.split(";")[1:]:
+            if "/addon/" in f or "(addon/" in f:
+                outer[f.split(" (")[0]] += int(n)
+                break
+    outer["(all spendtap code on the main thread)"] = sum(outer.values())
+    for t, n in threads.items():
+        if "spendtap" in t:
+            outer[f"(thread {t.split(':')[-1].strip()})"] = n
+    for f, n in outer.most_common(14):
+        extra = f"  {n * us_per_sample:7.2f} us/chunk" if us_per_sample else ""
+        out.append(f"  {n / total:6.1%}{extra}  {f}")
     out.append("\ninclusive time of selected frames:")
     keys = ("spendtap", "/addon/", "hooks.py", "meter.py", "scanner.py", "sse.py",
             "writer.py", "ledger.py", "metrics.py", "state_stream_response_body", "_run_once",
@@ -87,6 +108,14 @@ def main(argv=None) -> int:
     ap.add_argument("--idle", action="store_true", help="include idle (waiting) samples")
     ap.add_argument("--ttft-ms", type=int, default=200)
     ap.add_argument("--tps", type=int, default=50)
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="extra mitmdump/spendtap option for the spendtap target (repeatable)",
+    )
     args = ap.parse_args(argv)  # fmt: skip
 
     sc = next((s for s in scenarios(False) if s.name == args.scenario), None)
@@ -98,7 +127,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="spendtap-bench-prof-"))
     sim = start_sim(tmp)
     if args.target == "spendtap":
-        tgt = start_spendtap(sim.url, tmp)
+        tgt = start_spendtap(sim.url, tmp, args.sets)
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -128,7 +157,13 @@ def main(argv=None) -> int:
     if not folded.exists():
         print("py-spy wrote nothing:", spy.stderr.read() if spy and spy.stderr else "")
         return 1
-    print(analyze(folded))
+    # CPU per chunk split by sample share (samples are taken only while a thread runs).
+    us_per_sample = None
+    if r.get("cpu_s_per_1k_chunks"):
+        lines = folded.read_text().splitlines()
+        total = sum(int(x.rpartition(" ")[2]) for x in lines if x.rpartition(" ")[2].isdigit())
+        us_per_sample = r["cpu_s_per_1k_chunks"] * 1000 / max(1, total)  # us/chunk per sample
+    print(analyze(folded, us_per_sample=us_per_sample))
     print(f"\ncollapsed stacks: {folded}")
     return 0
 

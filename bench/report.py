@@ -6,7 +6,6 @@ COLS = [
     ("target", "target", "{}"),
     ("rps", "req/s", "{:.1f}"),
     ("chunks_per_s", "chunks/s", "{:.0f}"),
-    ("ttfb_excess_p50_ms", "+TTFB p50", "{:.2f}"),
     ("ttfc_p50_ms", "TTFC p50", "{:.2f}"),
     ("ttfc_p99_ms", "TTFC p99", "{:.2f}"),
     ("ttfc_excess_p50_ms", "+TTFC p50", "{:.2f}"),
@@ -171,8 +170,7 @@ def render(res: dict) -> str:
     lines.append(
         f"rounds {c.get('rounds')}, paced = ttft {c.get('ttft_ms')} ms + {c.get('tps')} tok/s; "
         "chunks = SSE events received by the client; TTFC = first token event (after the role "
-        "preamble); +TTFC = excess over direct in the same round; +TTFB = excess of the first body "
-        "byte (the role preamble the server sends on arrival: the request path's cost); CPU = proxy process "
+        "preamble); +TTFC = excess over direct in the same round; CPU = proxy process "
         "utime+stime (all threads) over the measured window; elapsed "
         f"{res.get('elapsed_s')} s"
     )
