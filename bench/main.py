@@ -259,7 +259,7 @@ def parse_args(argv):
         "--targets",
         default="",
         help="comma list to run instead of the default set (direct,mitmdump,"
-        "spendtap,spendtap-budget[,litellm]); mitmdump-cb is opt-in",
+        "spendtap,spendtap-nowait,spendtap-budget[,litellm]); mitmdump-cb is opt-in",
     )
     ap.add_argument("--scenarios", default="", help="comma list of scenario names to keep")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: load,micro,memory")
@@ -321,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             if sets:
                 results["notes"].append(f"spendtap (metering only): --set {' '.join(sets)}")
             targets.append(start_spendtap(sim.url, log_dir, sets))
+        if want("spendtap-nowait"):
+            # The same without the durable commit wait: the difference is its cost.
+            sets = [*metering_only_sets(), "spendtap_commit_wait_ms=0"]
+            targets.append(start_spendtap(sim.url, log_dir, sets, name="spendtap-nowait"))
         if want("spendtap-budget"):
             ok, note, extra = budget_support(log_dir)
             if ok:
