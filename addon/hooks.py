@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions, http
 
@@ -64,6 +66,7 @@ class SpendTap:
         self.gate: Gate | None = None
         self._db_path: str | None = None
         self._sweeper: asyncio.Task | None = None
+        self._commit_waiters: CommitWaiters | None = None
 
     # -- options -----------------------------------------------------------
 
@@ -572,15 +575,13 @@ class SpendTap:
         if wait_s <= 0 or writer is None or writer.failing:
             self._submit(row)
             return
-        loop = asyncio.get_running_loop()
-        committed = loop.create_future()
-
-        def on_commit() -> None:  # runs on the writer thread
-            loop.call_soon_threadsafe(_resolve, committed)
-
+        if self._commit_waiters is None:
+            self._commit_waiters = CommitWaiters(asyncio.get_running_loop())
+        committed, on_commit = self._commit_waiters.new()
         self._submit(row, on_commit)
         try:
-            await asyncio.wait_for(committed, wait_s)
+            async with asyncio.timeout(wait_s):
+                await committed
         except TimeoutError:
             self._count_error("ledger_slow", "ledger commit took longer than the wait; moving on")
 
@@ -602,6 +603,36 @@ def _content_length(headers) -> int | None:
         return None
 
 
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+class CommitWaiters:
+    """Futures the writer thread resolves, with one event-loop wake-up per batch.
+
+    ``call_soon_threadsafe`` per row would wake the loop (a syscall) once per
+    row; a commit of many rows schedules one drain instead.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._done: list[asyncio.Future] = []
+        self._scheduled = False
+
+    def new(self) -> tuple[asyncio.Future, Callable[[], None]]:
+        future = self._loop.create_future()
+
+        def on_commit() -> None:  # runs on the writer thread
+            with self._lock:
+                self._done.append(future)
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+        return future, on_commit
+
+    def _drain(self) -> None:
+        with self._lock:
+            done, self._done = self._done, []
+            self._scheduled = False
+        for future in done:
+            if not future.done():
+                future.set_result(None)

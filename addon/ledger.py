@@ -515,8 +515,11 @@ class Ledger:
 
     # -- writing ------------------------------------------------------------------
 
-    def insert_rows(self, rows: Sequence[Mapping[str, Any]]) -> int:
+    def insert_rows(self, rows: Sequence[Mapping[str, Any]], *, normalized: bool = False) -> int:
         """Insert rows in one transaction; a row whose id is already stored is ignored.
+
+        ``normalized=True`` says the rows already went through ``normalize_row``
+        (the writer checks each row when it is submitted), so it is not done twice.
 
         The same transaction settles each row's budget reservation (the
         reservation whose id is the row's id is deleted, and the triggers of
@@ -527,7 +530,7 @@ class Ledger:
         of rows actually inserted. ``sqlite3.OperationalError`` (locked, read-only,
         disk full) propagates with nothing written.
         """
-        prepared = [normalize_row(r) for r in rows]
+        prepared = list(rows) if normalized else [normalize_row(r) for r in rows]
         if not prepared:
             return 0
         conn = self.db.conn

@@ -153,6 +153,7 @@ class Metrics:
             "Requests currently being proxied.",
             registry=r,
         )
+        self._children: dict[tuple, object] = {}
         self._models = LabelCap(max_model_series)
         self._principals = LabelCap(max_principal_series)
 
@@ -166,32 +167,44 @@ class Metrics:
 
     def observe(self, row: dict) -> None:
         """Record one finished request (a ledger row) in the metric families."""
+        child = self._child
         model, node = self.model_node(row.get("model"), row.get("node"))
-        self.requests.labels(model, node, status_class(row.get("status")), row["outcome"]).inc()
+        mn = (model, node)
+        outcome = (model, node, status_class(row.get("status")), row["outcome"])
+        child(self.requests, outcome).inc()
         if row.get("ttft_s") is not None:
-            self.ttft.labels(model, node).observe(row["ttft_s"])
+            child(self.ttft, mn).observe(row["ttft_s"])
         if row.get("tokens_per_s") is not None:
-            self.decode_rate.labels(model, node).observe(row["tokens_per_s"])
+            child(self.decode_rate, mn).observe(row["tokens_per_s"])
         if row.get("duration_s") is not None:
-            self.duration.labels(model, node).observe(row["duration_s"])
+            child(self.duration, mn).observe(row["duration_s"])
         prompt = row.get("prompt_tokens") or 0
         completion = row.get("completion_tokens") or 0
         if prompt:
-            self.prompt_tokens.labels(model, node).inc(prompt)
+            child(self.prompt_tokens, mn).inc(prompt)
         if completion:
-            self.completion_tokens.labels(model, node).inc(completion)
+            child(self.completion_tokens, mn).inc(completion)
         if row.get("cached_tokens"):
-            self.cached_prompt_tokens.labels(model, node).inc(row["cached_tokens"])
-        self.usage_source.labels(model, node, row.get("usage_source") or "none").inc()
+            child(self.cached_prompt_tokens, mn).inc(row["cached_tokens"])
+        child(self.usage_source, (model, node, row.get("usage_source") or "none")).inc()
         # Anonymous requests are metered per model but never charged.
         if row.get("account") or row.get("key"):
-            account, key = self.principal(row.get("account"), row.get("key"))
+            ak = self.principal(row.get("account"), row.get("key"))
             if prompt or completion:
-                self.spend_tokens.labels(account, key).inc(prompt + completion)
+                child(self.spend_tokens, ak).inc(prompt + completion)
             if prompt:
-                self.spend_prompt_tokens.labels(account, key).inc(prompt)
+                child(self.spend_prompt_tokens, ak).inc(prompt)
             if completion:
-                self.spend_completion_tokens.labels(account, key).inc(completion)
+                child(self.spend_completion_tokens, ak).inc(completion)
+
+    def _child(self, metric, labels: tuple):
+        """``metric.labels(*labels)``, remembered: label values are bounded by the caps,
+        and ``labels()`` takes a lock and builds a key on every call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

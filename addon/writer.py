@@ -410,7 +410,7 @@ class LedgerWriter:
                 self._open()
             self._check_file()
             try:
-                self._ledger.insert_rows([entry[1] for entry in batch])
+                self._ledger.insert_rows([entry[1] for entry in batch], normalized=True)
             except _ROW_ERRORS:
                 self._write_one_by_one(batch)
             # Deleted or replaced during the commit: the rows went to a dead inode.
@@ -429,7 +429,7 @@ class LedgerWriter:
         """A batch a row of which SQLite refuses: write the others, drop that one."""
         for entry in batch:
             try:
-                self._ledger.insert_rows([entry[1]])
+                self._ledger.insert_rows([entry[1]], normalized=True)
             except _ROW_ERRORS as e:
                 self._dropped_rows += 1
                 self.log.warning("spendtap ledger: dropped row %s: %s", entry[1].get("id"), e)
