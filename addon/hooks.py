@@ -578,10 +578,12 @@ class SpendTap:
         if self._commit_waiters is None:
             self._commit_waiters = CommitWaiters(asyncio.get_running_loop())
         committed, on_commit = self._commit_waiters.new()
+        started = time.perf_counter()
         self._submit(row, on_commit)
         try:
             async with asyncio.timeout(wait_s):
                 await committed
+            self.metrics.commit_wait.observe(time.perf_counter() - started)
         except TimeoutError:
             self._count_error("ledger_slow", "ledger commit took longer than the wait; moving on")
 

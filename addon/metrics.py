@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+COMMIT_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 DECODE_RATE_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 
 OTHER_LABEL = "_other"
@@ -139,6 +140,12 @@ class Metrics:
             p + "metering_errors",
             "Failures to meter (the traffic itself kept flowing), by kind.",
             ("kind",),
+            registry=r,
+        )
+        self.commit_wait = Histogram(
+            p + "ledger_commit_wait_seconds",
+            "How long the end of a response waited for its ledger row to commit.",
+            buckets=COMMIT_WAIT_BUCKETS,
             registry=r,
         )
         self.rejections = Counter(

@@ -123,9 +123,8 @@ def verdicts(res: dict) -> list[dict]:
         if s is not None and nw is not None:
             d = s - nw
             primary = sc == "stream-paced-c16"
-            add(f"durable commit adds to end p50, spendtap - spendtap-nowait ({sc})", round(d, 3),
-                "< 2 ms", d < 2.0 if primary else None,
-                "target judged on the paced stream (proxy not saturated)" if primary else
+            add(f"end p50, spendtap - spendtap-nowait ({sc})", round(d, 3), "(info)", None,
+                "end to end, so within the run's noise" if primary else
                 "info: includes CPU queueing at saturation")  # fmt: skip
         b = _get(res, sc, "mitmdump", "e2e_p50_ms")
         if s is not None and b is not None:
@@ -142,6 +141,14 @@ def verdicts(res: dict) -> list[dict]:
         if s is not None and bg is not None:
             add(f"budget enforcement adds to TTFC p50 ({sc})", round(bg - s, 3), "(info)", None)
     # Scanner.
+    # Durable commit: what the end of a response waits for its row (the writer as the
+    # sidecar runs it, c=16 concurrent responses), measured directly rather than as
+    # a difference of two noisy end-to-end medians.
+    for d in res.get("micro", {}).get("writer", {}).get("durable", []):
+        if d.get("concurrency") == 16:
+            v = d["commit_wait_ms_p50"]
+            add("durable commit wait p50 at c=16 (ledger writer)", v, "< 2 ms", v < 2.0,
+                f"p99 {d['commit_wait_ms_p99']} ms, {d['rows_per_batch']} rows/batch")  # fmt: skip
     sc = res.get("micro", {}).get("scanner", {})
     v = sc.get("corpus_stream_us_per_chunk")
     if v is not None:
@@ -232,12 +239,9 @@ def render(res: dict) -> str:
             b = w["batched"]
             lines.append(f"ledger writer batched: {b['rows_per_s']} rows/s ({b['rows']} rows, "
                          f"{b['batches']} batches)")  # fmt: skip
-            for d in w["durable"] + [
-                {**x, "what_if": True} for x in w.get("durable_no_fill_wait", [])
-            ]:
-                label = "WHAT-IF max_delay_s=0 " if d.get("what_if") else ""
+            for d in w["durable"]:
                 lines.append(
-                    f"ledger writer {label}durable (submit + wait on_commit), "
+                    "ledger writer durable (submit + wait on_commit), "
                     f"c={d['concurrency']}: "
                     f"{d['rows_per_s']} rows/s, commit wait p50 {d['commit_wait_ms_p50']} ms, "
                     f"p99 {d['commit_wait_ms_p99']} ms, {d['rows_per_batch']} rows/batch"
