@@ -445,16 +445,22 @@ def main(argv: list[str] | None = None) -> int:
             results["notes"].append(f"logs kept in {tmpdir}")
 
     results["elapsed_s"] = round(time.monotonic() - t_begin, 1)
-    results["verdicts"] = report.verdicts(results)
-    text = report.render(results)
-    print(text)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"bench-{'quick-' if args.quick else ''}{stamp}.json"
     path = args.results_dir / name
+    # The raw results first: a minutes-long run must never be lost to a report bug.
     path.write_text(json.dumps(results, indent=1, default=str))
-    (args.results_dir / "latest.txt").write_text(text + "\n")
-    log(f"raw results: {path}")
+    return _report(results, path)
+
+
+def _report(results: dict, path) -> int:
+    results["verdicts"] = report.verdicts(results)
+    path.write_text(json.dumps(results, indent=1, default=str))
+    text = report.render(results)
+    print(text)
+    (path.parent / "latest.txt").write_text(text + "\n")
+    print(f"raw results: {path}")
     return 0
 
 

@@ -112,7 +112,7 @@ def verdicts(res: dict) -> list[dict]:
         _get(res, "stream-unpaced-c64", "spendtap", "rps"),
         _get(res, "stream-unpaced-c64", "litellm", "rps"),
     )
-    if s is not None and lt is not None:
+    if s is not None and lt:
         add("req/s spendtap/litellm (stream-unpaced-c64)", round(s / lt, 2), "(info)", None,
             f"{s:.1f} vs {lt:.1f} req/s")  # fmt: skip
     # Durable commit: what waiting for the row's commit adds to the end of a response,
