@@ -18,7 +18,7 @@ lint:
 
 bench:
 	@scripts/venv.sh test
-	.venv/bin/python -m bench $(BENCH_ARGS)
+	.venv/bin/python -m bench $(if $(PEERS),--peers $(PEERS)) $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .hypothesis
