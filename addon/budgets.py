@@ -826,24 +826,43 @@ class Budgets:
         Stale: ``owner_alive(owner)`` is False (the process that made it is
         gone, so it will never settle), or it was made more than
         ``older_than_s`` seconds before ``now``. Either test may be None.
+
+        A reservation whose owner died belongs to a request the crash cut short:
+        its ledger row will never come, so one is written in the same
+        transaction, marked (outcome ``upstream_error``, no usage, an error
+        saying why), so the request is not silently missing. One released for
+        age alone gets no row: its request may still be running and write its
+        own.
         """
         t = _epoch(now)
         cutoff = ts_from_epoch(t - older_than_s) if older_than_s is not None else None
         with self._write() as conn:
-            rows = conn.execute("SELECT id, owner, created_at FROM reservations").fetchall()
+            rows = conn.execute(
+                "SELECT id, owner, created_at, account, key FROM reservations"
+            ).fetchall()
             verdicts: dict[str, bool] = {}
             stale = []
-            for rid, owner, created_at in rows:
-                if cutoff is not None and created_at < cutoff:
-                    stale.append((rid,))
-                    continue
+            orphans = []
+            for rid, owner, created_at, account, key in rows:
                 if owner_alive is not None:
                     if owner not in verdicts:
                         verdicts[owner] = bool(owner_alive(owner))
                     if not verdicts[owner]:
                         stale.append((rid,))
+                        orphans.append((rid, created_at, account, key, _ORPHAN_ERROR))
+                        continue
+                if cutoff is not None and created_at < cutoff:
+                    stale.append((rid,))
             conn.executemany("DELETE FROM reservations WHERE id = ?", stale)
+            conn.executemany(_ORPHAN_ROW_SQL, orphans)
         return len(stale)
+
+
+_ORPHAN_ERROR = "the sidecar process ended before this request finished (crash or kill)"
+_ORPHAN_ROW_SQL = (
+    "INSERT OR IGNORE INTO requests (id, ts, account, key, outcome, usage_source, error) "
+    "VALUES (?, ?, ?, ?, 'upstream_error', 'none', ?)"
+)
 
 
 def _binding(refusals: list[Decision]) -> Decision:

@@ -366,6 +366,21 @@ def test_sweep_by_age(budgets):
     assert budgets.status("account", "acme", T0 + 3601).reserved == 100
 
 
+def test_sweep_marks_requests_a_dead_sidecar_cut_short(budgets, ledger):
+    """A dead owner's reservation becomes a marked ledger row; an aged-out one does not."""
+    budgets.set("account", "acme", 1000, None, now=T0)
+    budgets.reserve("cut-short", "acme", "k1", 100, _dead_owner(), T0)
+    budgets.reserve("long-running", "acme", "k1", 100, process_owner(), T0)
+    assert budgets.sweep(owner_alive, 3600, T0 + 7200) == 2
+    rows = {r["id"]: r for r in ledger.requests()}
+    assert set(rows) == {"cut-short"}
+    marked = rows["cut-short"]
+    assert marked["outcome"] == "upstream_error" and marked["usage_source"] == "none"
+    assert "sidecar process ended" in marked["error"]
+    assert marked["account"] == "acme" and marked["key"] == "k1"
+    assert budgets.status("account", "acme", T0 + 7200).spent == 0
+
+
 # -- estimates ---------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ import uuid
 import httpx
 import pytest
 
+from spendtap.budgets import Budgets
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +56,8 @@ def test_kill_9_loses_no_acknowledged_request(sim, tmp_path, run):
     """Every request a client saw complete has exactly one correct row after a kill -9."""
     rng = random.Random(run)
     db = tmp_path / "ledger.db"
+    with Budgets(db) as budgets:  # every request reserves, so the crash leaves reservations
+        budgets.set("account", "crash", 10**12, None)
     proxy = Sidecar(tmp_path, sim.url, db=db)
     stop = threading.Event()
     completed: list[str] = []
@@ -80,17 +83,24 @@ def test_kill_9_loses_no_acknowledged_request(sim, tmp_path, run):
     restarted = Sidecar(tmp_path, sim.url, db=db)  # migrations, start-up sweep
     try:
         rows = [r for r in read_rows(db) if r["account"] == "crash"]
+        with Budgets(db) as budgets:
+            open_after_sweep = len(budgets.reservations())
     finally:
         restarted.stop()
+    marked = [r for r in rows if r["error"] and "sidecar process ended" in r["error"]]
     by_key: dict[str, list[dict]] = {}
     for row in rows:
         by_key.setdefault(row["key"], []).append(row)
     missing = [rid for rid in completed if rid not in by_key]
     duplicated = {k: len(v) for k, v in by_key.items() if len(v) > 1}
     print(
-        f"run {run}: clients saw {len(completed)} complete, ledger has {len(rows)} rows, "
-        f"missing {len(missing)}, duplicated {len(duplicated)}"
+        f"run {run}: clients saw {len(completed)} complete, ledger has {len(rows)} rows "
+        f"({len(marked)} marked as cut short by the kill), missing {len(missing)}, "
+        f"duplicated {len(duplicated)}, open reservations after the start-up sweep "
+        f"{open_after_sweep}"
     )
+    assert open_after_sweep == 0
+    assert marked, "requests in flight at the kill must be marked, not silently missing"
     assert not missing, f"{len(missing)} of {len(completed)} acknowledged requests have no row"
     assert not duplicated
     for rid in completed:
