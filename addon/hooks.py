@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions, http
 
 from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
 from spendtap.budget_metrics import BudgetCollector
+from spendtap.commits import CommitWaiters
 from spendtap.gate import PRINCIPAL_SOURCES, Admission, Gate
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.ledger import Ledger, LedgerError
@@ -603,38 +602,3 @@ def _content_length(headers) -> int | None:
         return int(value)
     except ValueError:
         return None
-
-
-class CommitWaiters:
-    """Futures the writer thread resolves, with one event-loop wake-up per batch.
-
-    ``call_soon_threadsafe`` per row would wake the loop (a syscall) once per
-    row; a commit of many rows schedules one drain instead.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._done: list[asyncio.Future] = []
-        self._scheduled = False
-
-    def new(self) -> tuple[asyncio.Future, Callable[[], None]]:
-        future = self._loop.create_future()
-
-        def on_commit() -> None:  # runs on the writer thread
-            with self._lock:
-                self._done.append(future)
-                if self._scheduled:
-                    return
-                self._scheduled = True
-            self._loop.call_soon_threadsafe(self._drain)
-
-        return future, on_commit
-
-    def _drain(self) -> None:
-        with self._lock:
-            done, self._done = self._done, []
-            self._scheduled = False
-        for future in done:
-            if not future.done():
-                future.set_result(None)
