@@ -413,7 +413,7 @@ class SpendTap:
 
     def _inject_usage(self, flow: http.HTTPFlow, meter: FlowMeter, body: bytes | None) -> None:
         try:
-            body = with_include_usage(body or b"")
+            body = with_include_usage(body or b"", meter.info)
         except Exception:
             body = None
         if body is None:

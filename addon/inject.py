@@ -36,8 +36,15 @@ def wants_usage_injection(info: RequestInfo) -> bool:
     )
 
 
-def with_include_usage(body: bytes) -> bytes | None:
-    """The request body with ``stream_options.include_usage`` set, or None if it cannot be."""
+def with_include_usage(body: bytes, info: RequestInfo | None = None) -> bytes | None:
+    """The request body with ``stream_options.include_usage`` set, or None if it cannot be.
+
+    With the ``RequestInfo`` that ``parse_request`` already made of this body, the
+    common case (a non-empty object without ``stream_options``) is handled without
+    parsing the body a second time on the event loop.
+    """
+    if info is not None and info.body_parsed and info.stream and not info.has_stream_options:
+        return _append_member(body, nonempty=True)
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -46,16 +53,20 @@ def with_include_usage(body: bytes) -> bytes | None:
         return None
     options = doc.get("stream_options")
     if options is None:
-        # Append the member without re-serializing: every other byte stays as sent.
-        end = body.rstrip().rfind(b"}")
-        if end < 0:
-            return None
-        sep = b"," if doc else b""
-        return body[:end] + sep + b'"stream_options":{"include_usage":true}' + body[end:]
+        return _append_member(body, nonempty=bool(doc))
     if not isinstance(options, dict):
         return None
     doc["stream_options"] = {**options, "include_usage": True}
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _append_member(body: bytes, nonempty: bool) -> bytes | None:
+    """Append the member without re-serializing: every other byte stays as sent."""
+    end = body.rstrip().rfind(b"}")
+    if end < 0:
+        return None
+    sep = b"," if nonempty else b""
+    return body[:end] + sep + b'"stream_options":{"include_usage":true}' + body[end:]
 
 
 class InjectedUsageFilter:

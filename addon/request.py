@@ -53,6 +53,7 @@ class RequestInfo:
     stream: bool = False
     max_output_tokens: int | None = None
     include_usage: bool | None = None
+    has_stream_options: bool = False
     body_parsed: bool = False
     # Best-guess prompt size for usage estimates (see spendtap.estimate).
     prompt_estimate: int | None = None
@@ -117,6 +118,7 @@ def _from_document(info: RequestInfo, doc: dict) -> None:
     if info.api in _ESTIMATED_APIS:
         info.prompt_estimate = estimate_prompt_tokens(*request_text(doc))
     options = doc.get("stream_options")
+    info.has_stream_options = "stream_options" in doc
     if isinstance(options, dict) and "include_usage" in options:
         info.include_usage = options.get("include_usage") is True
 

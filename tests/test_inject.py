@@ -90,3 +90,14 @@ def test_filter_gives_up_on_unframed_data():
     assert f.feed(big) == b""
     assert f.feed(b"y") == big + b"y"
     assert f.passthrough
+
+
+def test_body_from_parsed_request_is_not_parsed_again_and_gives_the_same_bytes():
+    """With parse_request's info, the appended body equals the one made by parsing."""
+    for body in (
+        b'{"model": "m", "stream": true, "messages": []}',
+        b'{"stream":true}\n',
+        b'{"stream": true, "stream_options": {"include_usage": false}}',
+    ):
+        info = parse_request("/v1/chat/completions", {}, body)
+        assert with_include_usage(body, info) == with_include_usage(body)
