@@ -21,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.procs import PYTHON, REPO, Proc, descendants, free_port, wait_for_port
+from bench.procs import PYTHON, REPO, Proc, descendants
+from spendtap.address import free_port, wait_for_port
 
 ACCOUNT = "bench-acct"
 KEY = "bench-key"

@@ -8,11 +8,9 @@ report, and stops everything it started.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import click
 
+from spendtap.address import free_port, wait_for_port
 from spendtap.cli.query import report_command
 from spendtap.cli.run import build_mitmdump_args
 
@@ -42,21 +41,11 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"{what} exited with status {proc.returncode} at start")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise click.ClickException(f"{what} did not start listening on port {port} in {timeout:.0f}s")
+def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    try:
+        wait_for_port(port, proc)
+    except (RuntimeError, TimeoutError) as e:
+        raise click.ClickException(f"{what}: {e}") from None
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -194,7 +183,7 @@ def demo(db, n, ttft_ms, tps, seed):
     db = os.path.abspath(db)
     workdir = Path(db).parent
     workdir.mkdir(parents=True, exist_ok=True)
-    sim_port, proxy_port, metrics_port = _free_port(), _free_port(), _free_port()
+    sim_port, proxy_port, metrics_port = free_port(), free_port(), free_port()
     sim_url = f"http://127.0.0.1:{sim_port}"
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     sim = proxy = None

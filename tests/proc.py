@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -14,26 +12,11 @@ from pathlib import Path
 
 import httpx
 
+from spendtap.address import free_port, wait_for_port
+
 REPO = Path(__file__).resolve().parent.parent
 ADDON = REPO / "addon" / "spendtap.py"
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
 
 
 class Proc:

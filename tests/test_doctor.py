@@ -9,11 +9,12 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
+from spendtap.address import free_port
 from spendtap.cli.main import cli
 from spendtap.ledger import MIGRATIONS_TABLE, Ledger
 from spendtap.metrics import Metrics
 from spendtap.metrics_server import MetricsServer
-from tests.proc import Sidecar, Simulator, free_port
+from tests.proc import Sidecar, Simulator
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,8 @@ import uuid
 import httpx
 import pytest
 
-from tests.proc import Sidecar, free_port, rss_peak_kib
+from spendtap.address import free_port
+from tests.proc import Sidecar, rss_peak_kib
 
 pytestmark = pytest.mark.e2e
 
