@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,42 +17,49 @@ from spendtap.ledger import Ledger
 from spendtap.timeparse import ts_from_epoch
 
 CAP = 5000
+REPO = Path(__file__).resolve().parent.parent
+
 
 # One worker: reserve `n` times; settle about half (usage up to the reservation,
 # through Ledger.insert_rows, the writer's transaction) and release the rest,
-# unless `hold` (keep every reservation open). Prints what it was granted.
-WORKER = r"""
-import json, random, sys
-from spendtap.budgets import Budgets, process_owner
-from spendtap.ledger import Ledger
-from spendtap.timeparse import ts_from_epoch
-import time
+# unless `hold` (keep every reservation open). Returns what it was granted.
+def run_worker(path, name: str, n: int, hold: bool, seed: int) -> dict:
+    rng = random.Random(seed)
+    budgets = Budgets(path, busy_timeout_s=60)
+    ledger = Ledger(path, busy_timeout_s=60)
+    owner = process_owner()
+    out = {"granted": [], "refused": [], "used": 0}
+    try:
+        for i in range(n):
+            rid = f"{name}-{i}"
+            tokens = rng.randint(1, 120)
+            d = budgets.reserve(rid, "acme", "k1", tokens, owner)
+            if not d.allowed:
+                out["refused"].append(tokens)
+                continue
+            out["granted"].append(tokens)
+            if hold:
+                continue
+            if rng.random() < 0.5:
+                used = rng.randint(0, tokens)
+                row = {"id": rid, "ts": ts_from_epoch(time.time()), "account": "acme",
+                       "key": "k1", "prompt_tokens": used, "completion_tokens": 0}  # fmt: skip
+                ledger.insert_rows([row])
+                out["used"] += used
+            else:
+                budgets.release(rid)
+    finally:
+        budgets.close()
+        ledger.close()
+    return out
 
-path, name = sys.argv[1], sys.argv[2]
-n, hold, seed = int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
-rng = random.Random(seed)
-budgets = Budgets(path, busy_timeout_s=60)
-ledger = Ledger(path, busy_timeout_s=60)
-owner = process_owner()
-out = {"granted": [], "refused": [], "used": 0}
-for i in range(n):
-    rid = f"{name}-{i}"
-    tokens = rng.randint(1, 120)
-    d = budgets.reserve(rid, "acme", "k1", tokens, owner)
-    if not d.allowed:
-        out["refused"].append(tokens)
-        continue
-    out["granted"].append(tokens)
-    if hold:
-        continue
-    if rng.random() < 0.5:
-        used = rng.randint(0, tokens)
-        ledger.insert_rows([{"id": rid, "ts": ts_from_epoch(time.time()), "account": "acme",
-                             "key": "k1", "prompt_tokens": used, "completion_tokens": 0}])
-        out["used"] += used
-    else:
-        budgets.release(rid)
-print(json.dumps(out))
+
+# The same worker in its own process (so the processes share only the ledger file).
+WORKER = r"""
+import json, sys
+from tests.test_budgets_concurrency import run_worker
+path, name, n, hold, seed = sys.argv[1:6]
+print(json.dumps(run_worker(path, name, int(n), hold == "1", int(seed))))
 """
 
 
@@ -75,41 +83,7 @@ def _setup(path, window_s=None):
 
 def _thread_worker(path, name, n, hold, seed, results, errors):
     try:
-        rng = random.Random(seed)
-        budgets = Budgets(path, busy_timeout_s=60)
-        ledger = Ledger(path, busy_timeout_s=60)
-        owner = process_owner()
-        out = {"granted": [], "refused": [], "used": 0}
-        for i in range(n):
-            rid = f"{name}-{i}"
-            tokens = rng.randint(1, 120)
-            d = budgets.reserve(rid, "acme", "k1", tokens, owner)
-            if not d.allowed:
-                out["refused"].append(tokens)
-                continue
-            out["granted"].append(tokens)
-            if hold:
-                continue
-            if rng.random() < 0.5:
-                used = rng.randint(0, tokens)
-                ledger.insert_rows(
-                    [
-                        {
-                            "id": rid,
-                            "ts": ts_from_epoch(time.time()),
-                            "account": "acme",
-                            "key": "k1",
-                            "prompt_tokens": used,
-                            "completion_tokens": 0,
-                        }
-                    ]
-                )
-                out["used"] += used
-            else:
-                budgets.release(rid)
-        budgets.close()
-        ledger.close()
-        results.append(out)
+        results.append(run_worker(path, name, n, hold, seed))
     except BaseException as e:  # reported by the test
         errors.append(e)
 
@@ -130,6 +104,7 @@ def _run_processes(path, count, n, hold):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=REPO,  # so the worker can import this module
         )
         for i in range(count)
     ]
