@@ -1,6 +1,7 @@
 """Optional JSONL access log: one line per finished request, written off the event loop.
 
 Lines carry the ledger row's figures only: never a body, a header or a secret.
+A new log file is created readable by its owner only.
 Writes go through a ``QueueHandler`` so the hook that logs never waits on disk.
 """
 
@@ -11,10 +12,13 @@ import logging
 import logging.handlers
 import queue
 
+from spendtap.ledger import create_private
+
 
 class AccessLog:
     def __init__(self, path: str):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        create_private(path)  # who spent what: the owner's to read
         handler = logging.FileHandler(path, encoding="utf-8", delay=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._listener = logging.handlers.QueueListener(self._queue, handler)

@@ -1,8 +1,16 @@
 """Who is asking, and may they: principals and budget admission, off the event loop.
 
 The hook layer asks two questions per request, both answered here without
-mitmproxy: ``principal`` (trusted headers, a bearer key, or both) and
-``admit`` (reserve the request's tokens against its budgets, or refuse it).
+mitmproxy: ``principal`` (principal headers a trusted peer vouches for, a bearer
+key, or both) and ``admit`` (reserve the request's tokens against its budgets,
+or refuse it).
+
+Who may name a principal (see ``spendtap.trust``): headers count only when the
+``TrustPolicy`` vouches for the request's TCP peer (and gateway secret). A key
+pays for itself: from anyone else, a valid bearer key is charged whatever
+headers come with it. ``require_auth`` is met by a known key or by vouched-for
+headers, nothing else. With key swap on, a presented secret must be a known
+spendtap key (else 401), and that request's credential is replaced upstream.
 SQLite is only touched from one worker thread; the hook awaits the answer, so
 the event loop never blocks on the ledger.
 
@@ -27,10 +35,11 @@ from spendtap.budgets import (
     reservation_tokens,
 )
 from spendtap.keys import Keys, extract_secret, fingerprint
+from spendtap.options import PRINCIPAL_SOURCES
 from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
 from spendtap.request import RequestInfo, clean_principal
+from spendtap.trust import TrustPolicy
 
-PRINCIPAL_SOURCES = ("headers", "bearer", "both")
 KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
 # How long the set of budgeted principals is reused: a budget set with the CLI
 # takes effect within this time, and unbudgeted traffic never waits on SQLite.
@@ -47,6 +56,20 @@ class Admission:
 ADMITTED = Admission()
 
 
+@dataclass(slots=True)
+class Principal:
+    """Who a request is, and what the hook layer must do to its headers."""
+
+    account: str | None = None
+    key: str | None = None
+    refusal: Refusal | None = None  # 401: answer with this instead of dispatching
+    # Principal headers came from a peer nobody vouched for: ignored, and to be
+    # removed before the request goes upstream.
+    untrusted_claim: bool = False
+    # The request presented a known spendtap key: send the operator's credential.
+    swap_credential: bool = False
+
+
 class Gate:
     def __init__(
         self,
@@ -59,6 +82,8 @@ class Gate:
         require_auth: bool = False,
         fallback_max_output: int = 4096,
         fail_open: bool = False,
+        trust: TrustPolicy | None = None,
+        key_swap: bool = False,
     ):
         if principal_source not in PRINCIPAL_SOURCES:
             raise ValueError(
@@ -72,6 +97,8 @@ class Gate:
         self.require_auth = require_auth
         self.fallback_max_output = fallback_max_output
         self.fail_open = fail_open
+        self.trust = trust if trust is not None else TrustPolicy.from_settings("", None)
+        self.key_swap = key_swap
         self.owner = process_owner()
         # One thread owns the connections: reserve, release and key look-ups are
         # serialized here and never run on the event loop.
@@ -87,21 +114,32 @@ class Gate:
 
     # -- who ---------------------------------------------------------------------
 
-    async def principal(
-        self, headers: Mapping[str, str], api: str
-    ) -> tuple[str | None, str | None, Refusal | None]:
-        """(account, key, refusal): refusal is a 401 when auth is required and missing."""
-        account = key = None
-        if self.principal_source in ("headers", "both"):
-            account = clean_principal(headers.get(self.account_header))
-            key = clean_principal(headers.get(self.key_header))
-        if account is None and key is None and self.principal_source in ("bearer", "both"):
-            resolved = await self._resolve_key(extract_secret(headers))
-            if resolved is not None:
-                account, key = resolved
-        if self.require_auth and account is None and key is None:
-            return None, None, invalid_api_key(api)
-        return account, key, None
+    async def principal(self, headers: Mapping[str, str], api: str, peer: str | None) -> Principal:
+        """Name the request's principal; ``peer`` is the client's TCP address."""
+        claimed = bool(
+            (headers.get(self.account_header) or "").strip()
+            or (headers.get(self.key_header) or "").strip()
+        )
+        vouched = claimed and self.trust.vouches(peer, headers)
+        found = Principal(untrusted_claim=claimed and not vouched)
+        if vouched and self.principal_source in ("headers", "both"):
+            found.account = clean_principal(headers.get(self.account_header))
+            found.key = clean_principal(headers.get(self.key_header))
+        if self.principal_source in ("bearer", "both"):
+            secret = extract_secret(headers)
+            named = found.account is not None or found.key is not None
+            if secret and (not named or self.key_swap):
+                resolved = await self._resolve_key(secret)
+                if resolved is None and self.key_swap:
+                    # An unknown secret must not be forwarded, nor served on our credential.
+                    return Principal(refusal=invalid_api_key(api), untrusted_claim=claimed)
+                if resolved is not None:
+                    found.swap_credential = self.key_swap
+                    if not named:
+                        found.account, found.key = resolved
+        if self.require_auth and found.account is None and found.key is None:
+            found.refusal = invalid_api_key(api)
+        return found
 
     async def _resolve_key(self, secret: str | None) -> tuple[str, str] | None:
         if not secret:

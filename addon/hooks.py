@@ -23,17 +23,21 @@ Lifecycle of a flow:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
 from spendtap.budget_metrics import BudgetCollector
 from spendtap.commits import CommitWaiters
-from spendtap.gate import PRINCIPAL_SOURCES, Admission, Gate
+from spendtap.gate import Admission, Gate, Principal
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
+from spendtap.keyswap import UpstreamCredential
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.meter import (
     CLIENT_DISCONNECTED,
@@ -45,9 +49,11 @@ from spendtap.meter import (
 )
 from spendtap.metrics import CallbackGauges, Metrics
 from spendtap.metrics_server import MetricsServer
+from spendtap.options import BY_NAME, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
-from spendtap.refusals import service_unavailable
-from spendtap.request import parse_request
+from spendtap.refusals import misconfigured, service_unavailable
+from spendtap.request import detect_api, parse_request
+from spendtap.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
 from spendtap.writer import LedgerWriter
 
 logger = logging.getLogger("spendtap")
@@ -66,146 +72,52 @@ class SpendTap:
         self._db_path: str | None = None
         self._sweeper: asyncio.Task | None = None
         self._commit_waiters: CommitWaiters | None = None
+        self._running = False
+        # A setting that could not be honoured: every request is refused (503).
+        self.misconfiguration: str | None = None
+        self.trust = TrustPolicy.from_settings("", None)
+        self.credential: UpstreamCredential | None = None
+        self._warned_peers: set[str | None] = set()
 
     # -- options -----------------------------------------------------------
 
     def load(self, loader) -> None:
-        loader.add_option(
-            "spendtap_db",
-            str,
-            "",
-            "Path of the SQLite ledger spendtap writes. Empty means $SPENDTAP_DB, "
-            "else ~/.local/share/spendtap/ledger.db.",
-        )
-        loader.add_option(
-            "spendtap_metrics",
-            str,
-            "127.0.0.1:9464",
-            "Address (HOST:PORT) where spendtap serves Prometheus /metrics and /healthz. "
-            "Empty disables the metrics server.",
-        )
-        loader.add_option(
-            "spendtap_metrics_prefix",
-            str,
-            "cortex",
-            "Prefix of every metric name; the default matches helexa cortex dashboards.",
-        )
-        loader.add_option(
-            "spendtap_node",
-            str,
-            "",
-            "Node label for metrics and ledger rows. Empty means the upstream's host:port.",
-        )
-        loader.add_option(
-            "spendtap_account_header",
-            str,
-            "x-helexa-account-id",
-            "Trusted request header that names the account (stamped by a gateway).",
-        )
-        loader.add_option(
-            "spendtap_key_header",
-            str,
-            "x-helexa-key-id",
-            "Trusted request header that names the key (stamped by a gateway).",
-        )
-        loader.add_option(
-            "spendtap_access_log",
-            str,
-            "",
-            "Path of a JSONL access log, one line per request (no bodies, no secrets). "
-            "Empty disables it.",
-        )
-        loader.add_option(
-            "spendtap_commit_wait_ms",
-            int,
-            2000,
-            "How long the end of a response may wait for its ledger row to commit, in "
-            "milliseconds. 0 never waits. While the ledger is failing nothing waits.",
-        )
-        loader.add_option(
-            "spendtap_inject_usage",
-            bool,
-            True,
-            "Ask streaming chat/completions upstreams for usage (stream_options.include_usage) "
-            "when the client did not, and remove the added usage chunk from what the client "
-            "receives.",
-        )
-        loader.add_option(
-            "spendtap_buffer_bytes",
-            int,
-            1 << 20,
-            "Non-streaming bodies up to this size (Content-Length) are held until their ledger "
-            "row commits, so a client that got the whole body has its row on disk. Larger "
-            "bodies stream through with bounded memory. 0 streams everything.",
-        )
-        loader.add_option(
-            "spendtap_enforce_budgets",
-            bool,
-            True,
-            "Reserve each request's tokens against its key's and account's budgets before "
-            "dispatch, and refuse (429) what would exceed a cap. Principals without a budget "
-            "are never refused.",
-        )
-        loader.add_option(
-            "spendtap_principal_source",
-            str,
-            "headers",
-            "Where a request's principal comes from: headers (trusted headers a gateway "
-            "stamps), bearer (Authorization: Bearer / x-api-key, registered with spendtap "
-            "keys), or both (headers first).",
-            choices=PRINCIPAL_SOURCES,
-        )
-        loader.add_option(
-            "spendtap_require_auth",
-            bool,
-            False,
-            "Refuse (401 invalid_api_key) requests that name no principal.",
-        )
-        loader.add_option(
-            "spendtap_fallback_max_output",
-            int,
-            4096,
-            "Output tokens reserved for a request that sets no max_tokens / "
-            "max_completion_tokens / max_output_tokens.",
-        )
-        loader.add_option(
-            "spendtap_fail_open",
-            bool,
-            False,
-            "When the ledger cannot reserve, dispatch budgeted requests anyway (counted) "
-            "instead of refusing them with 503.",
-        )
-        loader.add_option(
-            "spendtap_reservation_max_age_s",
-            int,
-            7200,
-            "Open reservations older than this are released by the periodic sweep (no "
-            "request lives that long). Reservations of dead sidecar processes are released "
-            "at start.",
-        )
-        loader.add_option(
-            "spendtap_max_model_series",
-            int,
-            200,
-            "Distinct model/node label pairs before new ones are folded into _other.",
-        )
-        loader.add_option(
-            "spendtap_max_principal_series",
-            int,
-            1000,
-            "Distinct account/key label pairs before new ones are folded into _other.",
-        )
+        # Check the --set values mitmproxy deferred for us before registering the
+        # options: a value mitmproxy fails to parse would make it drop this script
+        # and keep proxying unmetered (see spendtap.options).
+        problems = take_deferred(loader.master.options.deferred)
+        for option in OPTIONS:
+            loader.add_option(option.name, option.type, option.default, option.help, option.choices)
+        if problems:
+            self._refuse_to_meter("; ".join(problems))
 
     def configure(self, updated: set[str]) -> None:
+        try:
+            for name in updated:
+                if name in BY_NAME:
+                    BY_NAME[name].validate(getattr(ctx.options, name))
+            self._configure(updated)
+        except (OptionError, exceptions.OptionsError) as e:
+            if self._running:
+                # A change at run time: mitmproxy rolls it back, the old settings stay.
+                raise exceptions.OptionsError(str(e)) from None
+            self._refuse_to_meter(str(e))
+
+    def _refuse_to_meter(self, problem: str) -> None:
+        """A setting spendtap cannot honour: stop mitmdump, and never proxy unmetered.
+
+        An error logged during start-up makes mitmdump exit 1 (its errorcheck addon);
+        wherever nothing stops the process, every request gets a 503 naming the
+        problem and nothing reaches the upstream.
+        """
+        self.misconfiguration = problem
+        logger.error(f"spendtap: {problem}")
+
+    def _configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        for name in (
-            "spendtap_commit_wait_ms",
-            "spendtap_buffer_bytes",
-            "spendtap_fallback_max_output",
-            "spendtap_reservation_max_age_s",
-        ):
-            if getattr(opts, name) < 0:
-                raise exceptions.OptionsError(f"{name} must be >= 0")
+        if self.misconfiguration is not None:
+            return
+        self._configure_trust()
         # The ledger first: a bad ledger must stop the sidecar before it listens anywhere.
         if "spendtap_db" in updated or self.writer is None:
             self._configure_ledger()
@@ -229,6 +141,10 @@ class SpendTap:
             "spendtap_fail_open",
             "spendtap_account_header",
             "spendtap_key_header",
+            "spendtap_trusted_peers",
+            "spendtap_gateway_secret",
+            "spendtap_gateway_secret_file",
+            "spendtap_upstream_key_file",
         }:
             self._configure_gate()
         if "spendtap_access_log" in updated:
@@ -241,13 +157,53 @@ class SpendTap:
                 except OSError as e:
                     raise exceptions.OptionsError(f"spendtap_access_log: {e}") from e
 
+    def _configure_trust(self) -> None:
+        """Who may name a principal, the key swap credential, and the refusal to run
+        unguarded beyond loopback."""
+        opts = ctx.options
+        try:
+            secret = opts.spendtap_gateway_secret or None
+            if opts.spendtap_gateway_secret_file:
+                if secret:
+                    raise ValueError(
+                        "set spendtap_gateway_secret or spendtap_gateway_secret_file, not both"
+                    )
+                secret = read_secret_file(
+                    opts.spendtap_gateway_secret_file, "spendtap_gateway_secret_file"
+                )
+            trust = TrustPolicy.from_settings(opts.spendtap_trusted_peers, secret)
+            credential = None
+            if opts.spendtap_upstream_key_file:
+                if opts.spendtap_principal_source == "headers":
+                    raise ValueError(
+                        "spendtap_upstream_key_file needs spendtap_principal_source bearer or "
+                        "both (clients must present spendtap keys)"
+                    )
+                credential = UpstreamCredential(opts.spendtap_upstream_key_file)
+        except ValueError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        modes = list(opts.mode) if not isinstance(opts.mode, str) else [opts.mode]
+        hosts, transparent = [], False
+        for spec in modes:
+            try:
+                mode = ProxyMode.parse(spec)
+            except ValueError:
+                continue  # mitmproxy reports its own bad modes
+            hosts.append(mode.listen_host(opts.listen_host))
+            transparent = transparent or mode.type_name == "transparent"
+        problem = unguarded_start(
+            listen_hosts=hosts,
+            transparent=transparent,
+            principal_source=opts.spendtap_principal_source,
+            policy=trust,
+        )
+        if problem is not None:
+            raise exceptions.OptionsError(problem)
+        self.trust = trust
+        self.credential = credential
+
     def _configure_metrics(self) -> None:
         opts = ctx.options
-        if not opts.spendtap_metrics_prefix.replace("_", "").isalnum():
-            raise exceptions.OptionsError(
-                f"spendtap_metrics_prefix must be letters, digits and _, "
-                f"got {opts.spendtap_metrics_prefix!r}"
-            )
         listen = None
         if opts.spendtap_metrics:
             try:
@@ -309,7 +265,6 @@ class SpendTap:
             message = (
                 f"spendtap_db: {e}" if isinstance(e, LedgerError) else f"spendtap_db: {path}: {e}"
             )
-            logger.error(f"spendtap: cannot use the ledger. {message}")
             raise exceptions.OptionsError(message) from e
         if self.writer is not None:
             self.writer.close(timeout=10)
@@ -331,6 +286,13 @@ class SpendTap:
             require_auth=opts.spendtap_require_auth,
             fallback_max_output=opts.spendtap_fallback_max_output,
             fail_open=opts.spendtap_fail_open,
+            trust=self.trust,
+            key_swap=self.credential is not None,
+        )
+        logger.info(
+            f"spendtap: principal source {opts.spendtap_principal_source}; headers honoured "
+            f"from {self.trust.describe()}"
+            + ("; key swap on" if self.credential is not None else "")
         )
         # Reservations of sidecar processes that died (a crash, kill -9) never settle.
         swept = self.gate.sweep_now()
@@ -338,8 +300,23 @@ class SpendTap:
             logger.warning(f"spendtap: released {swept} reservations of dead sidecar processes")
 
     def running(self) -> None:
+        self._running = True
+        if self.misconfiguration is not None:
+            return
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._reload_secrets)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    def _reload_secrets(self) -> None:
+        """SIGHUP: read the upstream credential and the gateway secret files again."""
+        try:
+            self._configure_trust()
+            if self.gate is not None:
+                self.gate.trust = self.trust
+            logger.info("spendtap: reloaded the credential files (SIGHUP)")
+        except exceptions.OptionsError as e:
+            logger.error(f"spendtap: SIGHUP: kept the previous credentials: {e}")
 
     async def _sweep_forever(self) -> None:
         """Release reservations nobody will settle: dead owners, or older than any request."""
@@ -362,20 +339,40 @@ class SpendTap:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return  # answered by another addon already
+        if self.misconfiguration is not None:
+            # Never proxy unmetered: a setting could not be honoured.
+            api = detect_api(flow.request.path)
+            status, headers, body = misconfigured(api, self.misconfiguration)
+            flow.response = http.Response.make(status, body, headers)
+            return
         try:
             req = flow.request
             opts = ctx.options
             body = req.get_content(strict=False)
             info = parse_request(req.path, req.headers, body)
-            account, key, refusal = await self.gate.principal(req.headers, info.api)
+            peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        except Exception:
+            self._count_error("request", "could not read the request")
+            return
+        try:
+            who = await self.gate.principal(req.headers, info.api, peer)
+        except Exception:
+            # Who pays cannot be told (the key store failed): refuse rather than
+            # forward a request nobody vouched for.
+            self._count_error("principal", "could not name the principal")
+            who = Principal(refusal=service_unavailable(info.api))
+        try:
+            self._guard_headers(req.headers, who, peer)
+            if who.swap_credential and self.credential is not None:
+                self.credential.apply(req.headers, info.api)
             meter = FlowMeter(
                 flow_id=flow.id,
                 started_at=req.timestamp_start or time.time(),
                 method=req.method,
                 path=req.path,
                 info=info,
-                account=account,
-                key=key,
+                account=who.account,
+                key=who.key,
                 node=opts.spendtap_node or f"{req.host}:{req.port}",
             )
         except Exception:
@@ -384,8 +381,10 @@ class SpendTap:
         flow.metadata[META_KEY] = meter
         self.in_flight[flow.id] = meter
         self.metrics.in_flight.inc()
+        account, key, refusal = who.account, who.key, who.refusal
         if refusal is not None:
-            self._refuse(flow, meter, refusal, "invalid_api_key")
+            reason = "unavailable" if refusal[0] == 503 else "invalid_api_key"
+            self._refuse(flow, meter, refusal, reason)
             return
         try:
             admission = await self.gate.admit(flow.id, body, info, account, key)
@@ -403,6 +402,23 @@ class SpendTap:
         meter.reservation_id = admission.reservation_id
         if opts.spendtap_inject_usage and wants_usage_injection(info):
             self._inject_usage(flow, meter, body)
+
+    def _guard_headers(self, headers, who, peer: str | None) -> None:
+        """The gateway secret never goes upstream; nor does a principal nobody vouched for."""
+        if GATEWAY_SECRET_HEADER in headers:
+            del headers[GATEWAY_SECRET_HEADER]
+        if not who.untrusted_claim:
+            return
+        for name in (self.gate.account_header, self.gate.key_header):
+            if name in headers:
+                del headers[name]
+        self.metrics.untrusted_principal_headers.inc()
+        if peer not in self._warned_peers and len(self._warned_peers) < 10_000:
+            self._warned_peers.add(peer)
+            logger.warning(
+                f"spendtap: principal headers from untrusted peer {peer} ignored and removed "
+                f"(trusted: {self.trust.describe()}); further ones from it are only counted"
+            )
 
     def _refuse(self, flow: http.HTTPFlow, meter: FlowMeter, refusal, reason: str) -> None:
         """Answer locally; the request never reaches the upstream."""

@@ -405,6 +405,7 @@ def _connect(path: Path, *, create: bool, busy_timeout_s: float) -> sqlite3.Conn
         raise NotALedger(f"{path} is a directory, not a spendtap ledger")
     if create:
         path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         return sqlite3.connect(path, timeout=busy_timeout_s)
     # mode=rw opens an existing file (read-only if the OS says so) and never creates one.
     uri = "file:" + _uri_path(path) + "?mode=rw"
@@ -414,6 +415,27 @@ def _connect(path: Path, *, create: bool, busy_timeout_s: float) -> sqlite3.Conn
         if not path.exists():
             raise LedgerNotFound(f"ledger not found: {path}") from None
         raise
+
+
+PRIVATE_FILE_MODE = 0o600
+
+
+def create_private(path: str | os.PathLike[str]) -> None:
+    """Create ``path`` readable by its owner only, whatever the umask; leave an existing
+    file as it is.
+
+    Ledgers and access logs hold who spent what. SQLite gives a database's ``-wal``
+    and ``-shm`` files the database file's own mode, so creating the file private
+    keeps all three private.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # the umask cannot widen what open() narrowed
+    finally:
+        os.close(fd)
 
 
 def _uri_path(path: Path) -> str:

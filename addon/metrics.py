@@ -155,6 +155,12 @@ class Metrics:
             ("reason",),
             registry=r,
         )
+        self.untrusted_principal_headers = Counter(
+            p + "untrusted_principal_headers",
+            "Requests whose principal headers came from a peer nobody vouched for "
+            "(spendtap_trusted_peers, gateway secret): ignored and removed.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             p + "in_flight_requests",
             "Requests currently being proxied.",

@@ -18,6 +18,8 @@ Statuses:
   or missing bearer key when authentication is required.
 - 503 ``service_unavailable`` with ``Retry-After`` when the ledger cannot
   reserve (Anthropic ``api_error``).
+- 503 ``spendtap_misconfigured`` when spendtap was started with a setting it
+  cannot honour: it refuses every request rather than proxy unmetered.
 
 Messages name the scope, principal and cap; never a secret or a header value.
 Every refusal carries ``x-spendtap-refusal`` with a short machine-readable reason.
@@ -35,6 +37,7 @@ __all__ = [
     "REFUSAL_HEADER",
     "budget_refusal",
     "invalid_api_key",
+    "misconfigured",
     "retry_after_header",
     "service_unavailable",
 ]
@@ -147,4 +150,22 @@ def service_unavailable(api: str | None, retry_after_s: float = 1.0) -> Refusal:
         "api_error",
         "ledger_unavailable",
         retry_after_s,
+    )
+
+
+def misconfigured(api: str | None, problem: str) -> Refusal:
+    """The 503 for every request while spendtap runs with a setting it cannot honour.
+
+    ``problem`` is the one-line option error (it names the option and what is
+    accepted; option errors never echo a secret).
+    """
+    return _build(
+        api,
+        503,
+        "The metering sidecar is misconfigured and refuses to forward requests "
+        f"unmetered: {problem}",
+        "server_error",
+        "spendtap_misconfigured",
+        "api_error",
+        "misconfigured",
     )

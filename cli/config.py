@@ -16,12 +16,19 @@ Keys (TOML key / environment variable / ``spendtap run`` option)::
     node            SPENDTAP_NODE             --node            node label
     metrics_prefix  SPENDTAP_METRICS_PREFIX   --metrics-prefix  metric name prefix
     access_log      SPENDTAP_ACCESS_LOG       --access-log      JSONL access log path
+    trusted_peers   SPENDTAP_TRUSTED_PEERS    --trusted-peers   who may send principal headers
     [set]           SPENDTAP_SET              --set             free-form mitmproxy/spendtap options
 
 ``[set]`` is a TOML table (``tcp_timeout = 3600``); ``SPENDTAP_SET`` holds
 ``OPTION=VALUE`` items separated by whitespace (shell quoting applies). The
 ``set`` entries of all three sources are merged by option name, the higher
 source winning per option.
+
+Every ``spendtap_*`` option in ``set`` is checked against the addon's own option
+table (``spendtap.options``): an unknown name (with a suggestion) or a value the
+addon would not accept is refused here, so mitmdump never starts with a setting
+that would leave it proxying unmetered. Listening beyond loopback (or in
+transparent mode) with principal headers and no trust stated is refused too.
 
 Any invalid setting (an unknown key, a wrong type, a bad address or URL) raises
 ``ConfigError`` with one line naming where it came from; ``spendtap run`` turns
@@ -42,6 +49,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from spendtap.address import parse_listen
+from spendtap.options import OptionError, check_settings
+from spendtap.trust import TrustPolicy, unguarded_start
 
 MODES = ("reverse", "regular", "upstream", "transparent")
 ENV_PREFIX = "SPENDTAP_"
@@ -57,6 +66,7 @@ DEFAULTS: dict[str, str | None] = {
     "node": None,
     "metrics_prefix": None,
     "access_log": None,
+    "trusted_peers": None,  # None: loopback (or any peer, with a gateway secret)
 }
 KEYS = (*DEFAULTS, "set")
 _OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -79,6 +89,7 @@ class Settings:
     node: str | None = None
     metrics_prefix: str | None = None
     access_log: str | None = None
+    trusted_peers: str | None = None
     set: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -194,7 +205,7 @@ def _describe(settings: Settings, key: str) -> str:
 
 def _validate(s: Settings) -> None:
     # Empty strings from an env file (SPENDTAP_NODE=) mean "not set".
-    for key in ("upstream", "db", "node", "metrics_prefix", "access_log"):
+    for key in ("upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers"):
         if getattr(s, key) == "":
             setattr(s, key, None)
     if s.mode not in MODES:
@@ -222,6 +233,57 @@ def _validate(s: Settings) -> None:
             f"{_describe(s, 'metrics_prefix')}: metrics prefix must be letters, digits and _, "
             f"got {s.metrics_prefix!r}"
         )
+    options = _check_spendtap_options(s)
+    if s.trusted_peers is not None and "spendtap_trusted_peers" in s.set:
+        raise ConfigError(
+            f"{_describe(s, 'trusted_peers')}: trusted peers given twice "
+            f"(also as set.spendtap_trusted_peers); give one"
+        )
+    peers = s.trusted_peers or options.get("spendtap_trusted_peers", "")
+    try:
+        policy = TrustPolicy.from_settings(
+            peers,
+            options.get("spendtap_gateway_secret") or None,
+        )
+    except ValueError as e:  # the peers are checked above: this is the secret
+        raise ConfigError(f"spendtap_gateway_secret: {e}") from None
+    if options.get("spendtap_gateway_secret_file"):
+        # A secret in a file counts as stated trust; the addon reads the file itself.
+        policy = TrustPolicy(peers=policy.peers, secret=policy.secret, stated=True)
+    problem = unguarded_start(
+        listen_hosts=[parse_listen(s.listen)[0]],
+        transparent=s.mode == "transparent",
+        principal_source=options.get("spendtap_principal_source", "headers"),
+        policy=policy,
+    )
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def _check_spendtap_options(s: Settings) -> dict[str, Any]:
+    """Every ``spendtap_*`` setting checked against the addon's option table."""
+    values: dict[str, Any] = {}
+    if s.trusted_peers is not None:
+        values["spendtap_trusted_peers"] = s.trusted_peers
+    for name, raw in s.set.items():
+        try:
+            values.update(check_settings({name: raw}))
+        except OptionError as e:
+            raise ConfigError(f"{_describe_set(s, name)}: {e}") from None
+    try:
+        check_settings({"spendtap_trusted_peers": values.get("spendtap_trusted_peers", "")})
+    except OptionError as e:
+        raise ConfigError(f"{_describe(s, 'trusted_peers')}: {e}") from None
+    return values
+
+
+def _describe_set(settings: Settings, name: str) -> str:
+    source = settings.sources.get(f"set.{name}", "default")
+    if source == "environment":
+        return env_name("set")
+    if source == "command line":
+        return "--set"
+    return f"{source}: set"
 
 
 def check_address(where: str, value: str) -> tuple[str, int]:

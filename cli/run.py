@@ -16,7 +16,9 @@ from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option
 from spendtap.ledger import Ledger, LedgerError
+from spendtap.options import redact
 from spendtap.paths import default_db_path
+from spendtap.trust import read_secret_file
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -58,6 +60,7 @@ def build_mitmdump_args(
     node: str | None = None,
     metrics_prefix: str | None = None,
     access_log: str | None = None,
+    trusted_peers: str | None = None,
     extra_set: tuple[str, ...] = (),
     verbose: bool = False,
 ) -> list[str]:
@@ -105,6 +108,8 @@ def build_mitmdump_args(
         args += ["--set", f"spendtap_metrics_prefix={metrics_prefix}"]
     if access_log:
         args += ["--set", f"spendtap_access_log={access_log}"]
+    if trusted_peers:
+        args += ["--set", f"spendtap_trusted_peers={trusted_peers}"]
     for item in extra_set:
         args += ["--set", item]
     return args
@@ -118,7 +123,7 @@ def build_mitmdump_args(
     envvar=ENV_CONFIG,
     show_envvar=True,
     help="TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
-    "node, metrics_prefix, access_log, and a [set] table).",
+    "node, metrics_prefix, access_log, trusted_peers, and a [set] table).",
 )
 @click.option(
     "--upstream",
@@ -156,6 +161,14 @@ def build_mitmdump_args(
     help="Write a JSONL access log here. [env: SPENDTAP_ACCESS_LOG]",
 )
 @click.option(
+    "--trusted-peers",
+    metavar="CIDRS",
+    help="Clients whose principal headers count: addresses and CIDRs, comma-separated, "
+    "or 'any'. Others' principal headers are removed and ignored. Required when listening "
+    "beyond loopback with principal headers (unless a gateway secret is set). "
+    "[default: loopback; env: SPENDTAP_TRUSTED_PEERS]",
+)
+@click.option(
     "--set",
     "extra_set",
     multiple=True,
@@ -177,6 +190,7 @@ def run(
     node,
     metrics_prefix,
     access_log,
+    trusted_peers,
     extra_set,
     verbose,
     dry_run,
@@ -188,7 +202,12 @@ def run(
 
     Settings come from the command line, else SPENDTAP_* environment
     variables, else the --config file, else the defaults. An invalid setting
-    fails here, in one line, with exit status 1.
+    (including any spendtap_* option given with --set, checked against the
+    addon's own option table) fails here, in one line, with exit status 1.
+
+    Principal headers count only from trusted peers (--trusted-peers; loopback
+    when nothing is stated). Listening beyond loopback with principal headers
+    and no trust stated is refused.
 
     \b
     Examples:
@@ -205,6 +224,7 @@ def run(
         "node": node,
         "metrics_prefix": metrics_prefix,
         "access_log": access_log,
+        "trusted_peers": trusted_peers,
     }
     cli_values = {k: v for k, v in given.items() if v is not None}
     if ctx.get_parameter_source("db_path") == ParameterSource.COMMANDLINE:
@@ -230,6 +250,13 @@ def run(
             raise click.ClickException(str(e)) from None
         except (OSError, sqlite3.Error) as e:
             raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
+        # Credential files the addon reads at start: unreadable is one line here.
+        for name in ("spendtap_gateway_secret_file", "spendtap_upstream_key_file"):
+            if settings.set.get(name):
+                try:
+                    read_secret_file(settings.set[name], name)
+                except ValueError as e:
+                    raise click.ClickException(str(e)) from None
     args = build_mitmdump_args(
         mode=settings.mode,
         upstream=settings.upstream,
@@ -239,11 +266,12 @@ def run(
         node=settings.node,
         metrics_prefix=settings.metrics_prefix,
         access_log=settings.access_log,
+        trusted_peers=settings.trusted_peers,
         extra_set=settings.set_items(),
         verbose=verbose,
     )
     if dry_run:
-        click.echo(" ".join(_quote(a) for a in args))
+        click.echo(" ".join(_quote(a) for a in redact(args)))
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -64,6 +64,7 @@ mode = "reverse"
 node = "neuron-1"
 metrics_prefix = "acme"
 access_log = "/var/log/spendtap.jsonl"
+trusted_peers = "10.0.0.5,10.1.0.0/16"
 [set]
 tcp_timeout = 3600
 ssl_insecure = true
@@ -80,6 +81,7 @@ spendtap_key_header = "x-key"
         node="neuron-1",
         metrics_prefix="acme",
         access_log="/var/log/spendtap.jsonl",
+        trusted_peers="10.0.0.5,10.1.0.0/16",
         set={"tcp_timeout": "3600", "ssl_insecure": "true", "spendtap_key_header": "x-key"},
         sources=s.sources,
     )
@@ -102,7 +104,7 @@ spendtap_key_header = "x-key"
 )
 def test_precedence_cli_env_file_default(tmp_path, cli, env, file, expected):
     """Command line beats SPENDTAP_* beats the config file beats the default (end to end)."""
-    args = ["--upstream", UP]
+    args = ["--upstream", UP, "--trusted-peers", "10.0.0.5"]
     if "listen" in cli:
         args += ["--listen", cli["listen"]]
     if file:
@@ -126,7 +128,8 @@ def test_every_env_var(tmp_path):
         "SPENDTAP_NODE": "n7",
         "SPENDTAP_METRICS_PREFIX": "acme",
         "SPENDTAP_ACCESS_LOG": str(tmp_path / "a.jsonl"),
-        "SPENDTAP_SET": "tcp_timeout=60 'spendtap_key_header=x key'",
+        "SPENDTAP_TRUSTED_PEERS": "10.0.0.5,fd00::/8",
+        "SPENDTAP_SET": "tcp_timeout=60 'spendtap_gateway_secret_file=/etc/spend tap/gw'",
     }
     code, out, argv = dry_run(env=env)
     assert code == 0, out
@@ -140,7 +143,8 @@ def test_every_env_var(tmp_path):
         "spendtap_metrics_prefix=acme",
         f"spendtap_access_log={tmp_path / 'a.jsonl'}",
         "tcp_timeout=60",
-        "spendtap_key_header=x key",
+        "spendtap_gateway_secret_file=/etc/spend tap/gw",
+        "spendtap_trusted_peers=10.0.0.5,fd00::/8",
         "block_global=false",
     ):
         assert item in s, item
@@ -227,7 +231,9 @@ def test_missing_upstream_in_reverse_mode():
 
 def test_transparent_mode_needs_no_upstream():
     """Transparent mode takes the destination from each connection, so no upstream is needed."""
-    code, out, argv = dry_run(env={"SPENDTAP_MODE": "transparent"})
+    code, out, argv = dry_run(
+        env={"SPENDTAP_MODE": "transparent", "SPENDTAP_TRUSTED_PEERS": "10.0.0.5"}
+    )
     assert code == 0, out
     assert argv[argv.index("--mode") + 1] == "transparent"
 

@@ -88,8 +88,9 @@ def test_entrypoint_is_spendtap_run():
 
 
 def test_image_env_makes_a_valid_run(monkeypatch):
-    """The image's ENV plus the one setting an operator must add (the upstream) is a valid
-    configuration: `spendtap run --dry-run` builds the mitmdump command from it."""
+    """The image's ENV plus the two settings an operator must add (the upstream, and who may
+    name a principal) is a valid configuration: `spendtap run --dry-run` builds the mitmdump
+    command from it; without the trust choice the image refuses to start."""
     import os
 
     for key in list(os.environ):
@@ -100,11 +101,17 @@ def test_image_env_makes_a_valid_run(monkeypatch):
     vol = [exec_form(a) for w, a in instructions() if w == "VOLUME"]
     assert vol == [[env["HOME"]]]
     env["SPENDTAP_UPSTREAM"] = "http://neuron:8000"
+    refused = CliRunner().invoke(cli, ["run", "--dry-run"], env=env)
+    assert refused.exit_code == 1
+    assert "no trusted peers stated" in refused.output
+    assert "SPENDTAP_TRUSTED_PEERS" in (REPO / "deploy" / "Containerfile").read_text()
+    env["SPENDTAP_TRUSTED_PEERS"] = "10.0.0.5"
     result = CliRunner().invoke(cli, ["run", "--dry-run"], env=env)
     assert result.exit_code == 0, result.output
     args = shlex.split(result.output)
     assert args[args.index("--listen-host") + 1] == "0.0.0.0"
     assert f"spendtap_db={env['SPENDTAP_DB']}" in args
     assert "spendtap_metrics=0.0.0.0:9464" in args
+    assert "spendtap_trusted_peers=10.0.0.5" in args
     exposed = [a.split() for w, a in instructions() if w == "EXPOSE"]
     assert exposed == [["8080", "9464"]]

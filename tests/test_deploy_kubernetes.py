@@ -69,6 +69,16 @@ def test_spendtap_settings_are_valid_and_point_at_the_inference_container():
     assert settings.upstream == "http://127.0.0.1:8000"
     assert settings.listen == "0.0.0.0:8080"
     assert settings.metrics == "0.0.0.0:9464"
+    # The trust choice: a gateway secret from a Secret volume, never a literal value.
+    secret_file = settings.set["spendtap_gateway_secret_file"]
+    (mount,) = [
+        m
+        for m in container("spendtap")["volumeMounts"]
+        if secret_file.startswith(m["mountPath"] + "/")
+    ]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod_spec()["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"]
     node = next(e for e in container("spendtap")["env"] if e["name"] == "SPENDTAP_NODE")
     assert node["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
 

@@ -149,4 +149,5 @@ def test_env_file_is_a_valid_run_configuration(monkeypatch):
     assert "spendtap_metrics=127.0.0.1:9464" in sets
     assert "block_global=false" in sets
     assert "spendtap_commit_wait_ms=2000" in sets
+    assert "spendtap_trusted_peers=127.0.0.1,::1" in sets  # the env file states its trust
     assert not any(s.startswith(("spendtap_node=", "spendtap_access_log=")) for s in sets)
