@@ -30,7 +30,8 @@ def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (for local processes the caller starts)."""
-    with socket.socket() as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 

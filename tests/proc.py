@@ -22,11 +22,15 @@ MITMDUMP = Path(sys.executable).with_name("mitmdump")
 class Proc:
     """A child process that is always stopped (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, umask: int = -1):
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            umask=umask,
         )
 
     @property
@@ -70,20 +74,25 @@ class Sidecar(Proc):
         *sets: str,
         mode: str = "reverse",
         db: Path | None = None,
+        listen_host: str = "127.0.0.1",
+        umask: int = -1,
+        quiet: bool = True,
     ):
-        self.port = free_port()
+        self.port = free_port(listen_host)
         self.metrics_port = free_port()
         self.db = db or tmp / f"ledger-{self.port}.db"
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = (
+            f"http://{'[' + listen_host + ']' if ':' in listen_host else listen_host}:{self.port}"
+        )
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         mode_arg = f"reverse:{upstream}" if mode == "reverse" else mode
         args = [
             str(MITMDUMP),
-            "-q",
+            *(["-q"] if quiet else ["--set", "flow_detail=0"]),
             "--mode",
             mode_arg,
             "--listen-host",
-            "127.0.0.1",
+            listen_host,
             "--listen-port",
             str(self.port),
             "-s",
@@ -97,9 +106,9 @@ class Sidecar(Proc):
         ]
         for s in sets:
             args += ["--set", s]
-        super().__init__(args, tmp / f"mitmdump-{self.port}.log")
+        super().__init__(args, tmp / f"mitmdump-{self.port}.log", umask=umask)
         try:
-            wait_for_port(self.port, self.proc)
+            wait_for_port(self.port, self.proc, host=listen_host)
             wait_for_port(self.metrics_port, self.proc)
             health = httpx.get(self.metrics_url + "/healthz", timeout=5)
             assert health.status_code == 200, health.text
