@@ -17,6 +17,13 @@ the event loop never blocks on the ledger.
 Failure policy: when the ledger cannot reserve (locked past the busy timeout,
 unwritable, gone), a budgeted request is refused with 503 (fail closed) unless
 ``fail_open`` is set, in which case it is dispatched unreserved and counted.
+
+In a fleet (``fleet`` given, ``--central``), budgets and reservations live in
+PostgreSQL: reservations run on a small pool of worker threads, and the set of
+budgeted principals comes from the fleet's background view, so a principal
+without a budget never waits on PostgreSQL, even while it is down. Until that
+view has been read once, every principal's request asks PostgreSQL (and is
+refused with 503 if it cannot answer, unless ``fail_open``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from spendtap.budgets import (
     process_owner,
     reservation_tokens,
 )
+from spendtap.fleet import Fleet
 from spendtap.keys import Keys, extract_secret, fingerprint
 from spendtap.options import PRINCIPAL_SOURCES
 from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
@@ -84,6 +92,7 @@ class Gate:
         fail_open: bool = False,
         trust: TrustPolicy | None = None,
         key_swap: bool = False,
+        fleet: Fleet | None = None,
     ):
         if principal_source not in PRINCIPAL_SOURCES:
             raise ValueError(
@@ -108,6 +117,12 @@ class Gate:
         self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._budgeted: frozenset[tuple[str, str]] = frozenset()
         self._budgeted_until = 0.0
+        self.fleet = fleet
+        self._central = (
+            ThreadPoolExecutor(max_workers=8, thread_name_prefix="spendtap-central")
+            if fleet is not None
+            else None
+        )
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -174,12 +189,20 @@ class Gate:
         if tokens <= 0:
             return ADMITTED
         try:
-            budgeted = await self._budgeted_principals()
-            if ("key", key) not in budgeted and ("account", account) not in budgeted:
-                return ADMITTED
-            decision = await self._run(
-                self._budgets.reserve, flow_id, account, key, tokens, self.owner
-            )
+            if self.fleet is not None:
+                budgeted = self.fleet.budgeted()
+                if budgeted is not None and not _names(budgeted, account, key):
+                    return ADMITTED
+                decision = await asyncio.get_running_loop().run_in_executor(
+                    self._central, self.fleet.reserve, flow_id, account, key, tokens, self.owner
+                )
+            else:
+                budgeted = await self._budgeted_principals()
+                if not _names(budgeted, account, key):
+                    return ADMITTED
+                decision = await self._run(
+                    self._budgets.reserve, flow_id, account, key, tokens, self.owner
+                )
         except BudgetUnavailable:
             if self.fail_open:
                 return Admission(reason="fail_open")
@@ -198,13 +221,23 @@ class Gate:
 
     def release(self, reservation_id: str) -> None:
         """Release a reservation no row will settle (fire and forget, off the loop)."""
+        if self.fleet is not None:
+            self._central.submit(_quietly, self.fleet.store.release, reservation_id)
+            return
         self._executor.submit(_quietly, self._budgets.release, reservation_id)
 
     async def sweep(self, older_than_s: float | None) -> int:
         """Release reservations whose owner is gone, or older than any live request."""
+        if self.fleet is not None:
+            # Other hosts' owners are judged by their leases (the shipper sweeps those).
+            return await asyncio.get_running_loop().run_in_executor(
+                self._central, self.fleet.store.sweep, None, older_than_s
+            )
         return await self._run(self._budgets.sweep, owner_alive, older_than_s)
 
     def sweep_now(self, older_than_s: float | None = None) -> int:
+        if self.fleet is not None:
+            return 0  # the shipper releases this node's previous life once its rows shipped
         return self._executor.submit(self._budgets.sweep, owner_alive, older_than_s).result()
 
     def close(self) -> None:
@@ -214,6 +247,12 @@ class Gate:
 
         self._executor.submit(_quietly, _close).result()
         self._executor.shutdown(wait=True)
+        if self._central is not None:
+            self._central.shutdown(wait=True)
+
+
+def _names(budgeted: frozenset[tuple[str, str]], account: str | None, key: str | None) -> bool:
+    return ("key", key) in budgeted or ("account", account) in budgeted
 
 
 def _quietly(fn, *args):

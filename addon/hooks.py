@@ -35,6 +35,7 @@ from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
 from spendtap.budget_metrics import BudgetCollector
 from spendtap.commits import CommitWaiters
+from spendtap.fleet import Fleet
 from spendtap.gate import Admission, Gate, Principal
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.keyswap import UpstreamCredential
@@ -69,6 +70,7 @@ class SpendTap:
         self.access_log: AccessLog | None = None
         self.in_flight: dict[str, FlowMeter] = {}
         self.gate: Gate | None = None
+        self.fleet: Fleet | None = None
         self._db_path: str | None = None
         self._sweeper: asyncio.Task | None = None
         self._commit_waiters: CommitWaiters | None = None
@@ -145,6 +147,9 @@ class SpendTap:
             "spendtap_gateway_secret",
             "spendtap_gateway_secret_file",
             "spendtap_upstream_key_file",
+            "spendtap_central",
+            "spendtap_central_timeout_ms",
+            "spendtap_central_lease_s",
         }:
             self._configure_gate()
         if "spendtap_access_log" in updated:
@@ -242,6 +247,37 @@ class SpendTap:
                         "Rows dropped because the ledger stayed unwritable.",
                         lambda: self.writer.dropped_rows if self.writer else 0,
                     ),
+                    # The fleet's figures exist only with spendtap_central (else not exported).
+                    (
+                        "central_backlog_rows",
+                        "Rows committed locally and not yet shipped to the central store.",
+                        lambda: self.fleet.shipper.backlog_rows,
+                    ),
+                    (
+                        "central_lag_seconds",
+                        "Age of the oldest row not yet shipped to the central store (0: none).",
+                        lambda: self.fleet.shipper.lag_seconds,
+                    ),
+                    (
+                        "central_rows_shipped",
+                        "Rows this sidecar shipped to the central store since start.",
+                        lambda: self.fleet.shipper.rows_shipped,
+                    ),
+                    (
+                        "central_ship_errors",
+                        "Failed shipping attempts (central store unreachable or failing).",
+                        lambda: self.fleet.shipper.ship_errors,
+                    ),
+                    (
+                        "central_reservations_swept",
+                        "Reservations of expired node leases or too old, released by this node.",
+                        lambda: self.fleet.shipper.swept,
+                    ),
+                    (
+                        "central_budget_view_errors",
+                        "Failed reads of the set of budgeted principals from the central store.",
+                        lambda: self.fleet.view_errors,
+                    ),
                 ],
             )
         )
@@ -273,10 +309,40 @@ class SpendTap:
         self._db_path = path
         logger.info(f"spendtap: metering to ledger {path}")
 
+    def _configure_fleet(self) -> Fleet | None:
+        """With spendtap_central: the central store, the shipper and the lease (else None)."""
+        opts = ctx.options
+        if self.fleet is not None:
+            self.fleet.close(timeout=10)
+            self.fleet = None
+        if not opts.spendtap_central:
+            return None
+        try:
+            fleet = Fleet(
+                opts.spendtap_central,
+                self._db_path,
+                timeout_s=opts.spendtap_central_timeout_ms / 1000,
+                lease_s=opts.spendtap_central_lease_s,
+                reservation_max_age_s=opts.spendtap_reservation_max_age_s,
+                logger=logger,
+            )
+        except Exception as e:
+            raise exceptions.OptionsError(f"spendtap_central: {e}") from None
+        fleet.start()
+        # Unreachable at start is not fatal: rows wait locally, budgeted requests get 503.
+        state = "reachable" if fleet.budgeted() is not None else "NOT reachable yet"
+        logger.info(
+            f"spendtap: central store {fleet.where} ({state}); node {fleet.node_id}; "
+            f"lease {opts.spendtap_central_lease_s}s"
+        )
+        self.fleet = fleet
+        return fleet
+
     def _configure_gate(self) -> None:
         opts = ctx.options
         if self.gate is not None:
             self.gate.close()
+        fleet = self._configure_fleet()
         self.gate = Gate(
             self._db_path,
             enforce=opts.spendtap_enforce_budgets,
@@ -288,6 +354,7 @@ class SpendTap:
             fail_open=opts.spendtap_fail_open,
             trust=self.trust,
             key_swap=self.credential is not None,
+            fleet=fleet,
         )
         logger.info(
             f"spendtap: principal source {opts.spendtap_principal_source}; headers honoured "
@@ -332,6 +399,12 @@ class SpendTap:
             return False, "ledger writer not started"
         if self.writer.stuck:
             return False, f"ledger writer stuck ({self.writer.queue_depth} rows queued)"
+        if self.fleet is not None and self.fleet.shipper.stuck:
+            shipper = self.fleet.shipper
+            return False, (
+                f"central shipping stuck ({shipper.backlog_rows} rows waiting, "
+                f"oldest {shipper.lag_seconds:.0f}s)"
+            )
         return True, "ok"
 
     # -- flow hooks ----------------------------------------------------------
@@ -538,6 +611,10 @@ class SpendTap:
         if self.gate is not None:
             self.gate.close()
             self.gate = None
+        if self.fleet is not None:
+            # The writer has drained: ship what it committed (bounded), then stop.
+            self.fleet.close(timeout=10)
+            self.fleet = None
         if self.access_log is not None:
             self.access_log.close()
         if self.metrics_server is not None:

@@ -111,6 +111,12 @@ def _check_peers(value: str) -> None:
     parse_trusted_peers(value)
 
 
+def _check_central(value: str) -> None:
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        # Never echo the value: it may hold a password.
+        raise ValueError("expected a postgresql://USER@HOST:PORT/DB URL or empty")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "spendtap_db",
@@ -270,6 +276,34 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1,
     ),
     Option(
+        "spendtap_central",
+        str,
+        "",
+        "PostgreSQL URL (postgresql://USER@HOST:PORT/DB) of the fleet's central store: "
+        "budgets are decided there for every sidecar, and each committed row is shipped "
+        "there from the local ledger. libpq's PG* variables and password file apply; "
+        "the password is never shown. Empty: budgets and ledger stay in the local SQLite "
+        "file.",
+        check=_check_central,
+    ),
+    Option(
+        "spendtap_central_timeout_ms",
+        int,
+        2000,
+        "Longest wait on the central store for a connection or a statement, in "
+        "milliseconds; past it a budgeted request is refused with 503 (or dispatched "
+        "with spendtap_fail_open).",
+        minimum=100,
+    ),
+    Option(
+        "spendtap_central_lease_s",
+        int,
+        30,
+        "This sidecar's lease in the central store, in seconds: renewed every third of "
+        "it; once expired, any other sidecar releases this node's open reservations.",
+        minimum=1,
+    ),
+    Option(
         "spendtap_max_model_series",
         int,
         200,
@@ -343,10 +377,50 @@ def take_deferred(deferred: dict[str, Any]) -> list[str]:
     return problems
 
 
+# Options whose values are URLs that may hold a password: only the password is hidden.
+URL_OPTIONS = frozenset({"spendtap_central"})
+
+
+def redact_url(url: str) -> str:
+    """A URL with the password of its user info (and any ``password=`` query) as ``***``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{host}"
+    query = "&".join(
+        "password=***" if q.lower().startswith("password=") else q
+        for q in parts.query.split("&")
+        if q
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_value(name: str, value: Any) -> Any:
+    """A setting's value as it may be printed."""
+    if name in SECRET_OPTIONS and value:
+        return "***"
+    if name in URL_OPTIONS and isinstance(value, str) and value:
+        return redact_url(value)
+    return value
+
+
 def redact(items: Iterable[str]) -> list[str]:
     """``NAME=VALUE`` items with secret values replaced by ``***`` (for printing)."""
     out = []
     for item in items:
-        name, sep, _ = item.partition("=")
-        out.append(f"{name}=***" if sep and name in SECRET_OPTIONS else item)
+        name, sep, value = item.partition("=")
+        if sep and name in SECRET_OPTIONS:
+            out.append(f"{name}=***")
+        elif sep and name in URL_OPTIONS:
+            out.append(f"{name}={redact_url(value)}")
+        else:
+            out.append(item)
     return out

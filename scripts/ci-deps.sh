@@ -5,6 +5,7 @@
 #   nftables   nft, transparent redirect (tests/test_transparent.py)
 #   iptables   iptables fallback          (tests/test_transparent.py)
 #   iproute2   ip netns, veth             (tests/test_transparent.py)
+#   postgresql initdb, pg_ctl             (tests/pg.py: the fleet's central store)
 # Idempotent and quiet: one line naming what it installs (apt's output only on
 # failure), nothing when all are there. Needs root (CI runs as root); without root it says what is
 # missing and exits 0, so the tests skip with that reason instead.
@@ -16,12 +17,15 @@ declare -A tool_of=(
   [nftables]=nft
   [iptables]=iptables
   [iproute2]=ip
+  [postgresql]=initdb
 )
 
 missing=()
-for pkg in systemd prometheus nftables iptables iproute2; do
+for pkg in systemd prometheus nftables iptables iproute2 postgresql; do
   tool=${tool_of[$pkg]}
-  if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
+  # Debian keeps PostgreSQL's server tools in /usr/lib/postgresql/VERSION/bin, off PATH.
+  pgbin=$(compgen -G '/usr/lib/postgresql/*/bin' | tr '\n' ':' || true)
+  if ! PATH="$PATH:/usr/sbin:/sbin:$pgbin" command -v "$tool" >/dev/null 2>&1; then
     missing+=("$pkg")
   fi
 done

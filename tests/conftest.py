@@ -21,3 +21,21 @@ def sidecar(sim, tmp_path_factory):
     s = Sidecar(tmp_path_factory.mktemp("sidecar"), sim.url)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One real PostgreSQL server for the session (Debian's postgresql package)."""
+    from tests.pg import PostgresServer, pg_bindir
+
+    if pg_bindir() is None:
+        pytest.skip("PostgreSQL not installed: scripts/ci-deps.sh installs it (as root)")
+    server = PostgresServer()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_dsn(pg_server):
+    """A fresh, empty database on the session's PostgreSQL server, as a DSN."""
+    return pg_server.create_database()

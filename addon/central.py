@@ -1,0 +1,867 @@
+"""The fleet's central store: budgets, reservations, shipped rows and node leases in PostgreSQL.
+
+With ``--central postgresql://...`` every sidecar of a fleet shares one budget
+authority and one ledger. This module is the PostgreSQL implementation of the
+budget store (the SQLite one is ``spendtap.budgets.Budgets``; both satisfy
+``spendtap.store.BudgetStore``) plus what only a fleet needs: shipping rows in
+from each node's local ledger, and node leases.
+
+How the guarantees carry over from one node to a fleet:
+
+- **No overshoot**: ``reserve`` locks the key's and account's budget rows
+  (``SELECT ... FOR UPDATE``, always in the same order, so two sidecars never
+  deadlock), reads spend and open reservations under that lock and inserts the
+  reservation, all in one transaction. A ``BEFORE INSERT`` trigger on
+  ``reservations`` re-checks ``spent + reserved + tokens <= cap`` for every
+  budget of the principal inside the database: an overshooting reservation is
+  impossible whatever client writes it, not just unlikely.
+- **Settle on ship**: a request's row is committed to the node's SQLite ledger
+  first (durable before delivery, locally). ``ship`` inserts rows idempotently
+  (``ON CONFLICT (id) DO NOTHING``: a row shipped twice is stored once), deletes
+  the reservations whose id is a shipped row's id, and advances the node's
+  shipping cursor, all in one transaction. Until a row ships its reservation
+  stays open, so the fleet never counts a request's tokens as neither reserved
+  nor spent.
+- **Leases**: each sidecar heartbeats a row in ``nodes``. Any live sidecar's
+  sweep releases the reservations of nodes whose lease expired; a restarted
+  node ships its backlog first and only then releases what its previous life
+  left open (ship-then-release: the rows that settle reservations are never
+  outrun by the release).
+
+Exceptions::
+
+    LedgerError (spendtap.ledger)
+     +-- CentralError           the central store failed (message names no password)
+     |    +-- NotCentral        the database is someone else's (no spendtap migrations)
+     +-- BudgetUnavailable      (spendtap.budgets) PostgreSQL cannot answer a reserve now
+
+Every connection has a bounded connect timeout and statement timeout; callers
+run these methods on worker threads, never on an event loop. No SQL lives
+outside the backend modules (this one, ``ledger``, ``budgets``, ``keys``).
+
+This module imports neither click nor mitmproxy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from spendtap.budgets import (
+    EPOCH_TS,
+    RESERVED_RETRY_S,
+    SCOPES,
+    UNBUDGETED,
+    Budget,
+    BudgetStatus,
+    BudgetUnavailable,
+    Decision,
+    _binding,
+    _epoch,
+    _ts_epoch,
+)
+from spendtap.ledger import COLUMNS, LedgerError, normalize_row
+from spendtap.options import redact_url
+from spendtap.timeparse import ts_from_epoch
+
+__all__ = [
+    "CentralError",
+    "CentralStore",
+    "NotCentral",
+    "is_central_url",
+    "node_identity",
+    "redact_dsn",
+]
+
+MIGRATIONS_TABLE = "spendtap_migrations"
+_COLUMN = {"key": "key", "account": "account"}
+_SPEND = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
+_BUDGET_COLUMNS = "scope, principal, cap_tokens, window_s, since, created_at, updated_at"
+
+
+class CentralError(LedgerError):
+    """The central store failed; the message is one line and never holds a password."""
+
+
+class NotCentral(CentralError):
+    """The database is reachable but is not spendtap's (tables, no spendtap migrations)."""
+
+
+def is_central_url(value: str | os.PathLike[str] | None) -> bool:
+    """Whether ``--db``/``--central`` names PostgreSQL rather than an SQLite file."""
+    return isinstance(value, str) and value.startswith(("postgresql://", "postgres://"))
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***`` (for logs, metrics and output)."""
+    return redact_url(dsn)
+
+
+def node_identity(local_db: str | os.PathLike[str]) -> str:
+    """A sidecar's stable node id: this host and its local ledger's absolute path."""
+    return f"{socket.gethostname()}:{os.path.abspath(local_db)}"
+
+
+# -- migrations (append-only: never edit a shipped one) -------------------------------
+
+_REQUESTS_COLUMNS_SQL = """
+    id TEXT PRIMARY KEY,
+    ts TEXT NOT NULL,
+    account TEXT,
+    key TEXT,
+    model TEXT,
+    node TEXT,
+    api TEXT,
+    method TEXT,
+    path TEXT,
+    streamed BOOLEAN,
+    status INTEGER,
+    outcome TEXT,
+    prompt_tokens BIGINT,
+    completion_tokens BIGINT,
+    cached_tokens BIGINT,
+    cache_creation_tokens BIGINT,
+    reasoning_tokens BIGINT,
+    usage_source TEXT,
+    ttft_s DOUBLE PRECISION,
+    duration_s DOUBLE PRECISION,
+    tokens_per_s DOUBLE PRECISION,
+    error TEXT,
+    response_bytes BIGINT,
+    shipped_from TEXT,
+    shipped_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    seq BIGSERIAL
+"""
+
+M001_INITIAL = f"""
+CREATE TABLE requests ({_REQUESTS_COLUMNS_SQL});
+CREATE INDEX requests_ts ON requests (ts);
+CREATE INDEX requests_seq ON requests (seq);
+CREATE INDEX requests_account_ts_spend ON requests (account, ts, prompt_tokens, completion_tokens);
+CREATE INDEX requests_key_ts_spend ON requests (key, ts, prompt_tokens, completion_tokens);
+CREATE INDEX requests_model_ts ON requests (model, ts);
+
+CREATE TABLE budgets (
+    scope TEXT NOT NULL CHECK (scope IN ('key', 'account')),
+    principal TEXT NOT NULL,
+    cap_tokens BIGINT NOT NULL CHECK (cap_tokens >= 0),
+    window_s INTEGER CHECK (window_s IS NULL OR window_s > 0),
+    since TEXT NOT NULL,
+    spent_since BIGINT NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (scope, principal)
+);
+
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    lease_s INTEGER NOT NULL CHECK (lease_s > 0),
+    ledger_mark TEXT,
+    shipped_rowid BIGINT NOT NULL DEFAULT 0
+);
+
+CREATE TABLE reservations (
+    id TEXT PRIMARY KEY,
+    account TEXT,
+    key TEXT,
+    tokens BIGINT NOT NULL CHECK (tokens >= 0),
+    created_at TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    node_id TEXT
+);
+CREATE INDEX reservations_account ON reservations (account);
+CREATE INDEX reservations_key ON reservations (key);
+CREATE INDEX reservations_node ON reservations (node_id);
+
+CREATE TABLE api_keys (
+    fingerprint TEXT PRIMARY KEY,
+    prefix TEXT NOT NULL,
+    account TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    revoked_at TEXT
+);
+CREATE INDEX api_keys_key_id ON api_keys (key_id);
+
+-- Spend of one budget now: the running total for a balance, the window's rows otherwise.
+CREATE FUNCTION spendtap_spent(b budgets, now_ts TEXT, window_start TEXT) RETURNS BIGINT
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN b.window_s IS NULL THEN b.spent_since ELSE (
+        SELECT coalesce(sum({_SPEND}), 0)::BIGINT FROM requests r
+        WHERE (CASE b.scope WHEN 'key' THEN r.key ELSE r.account END) = b.principal
+          AND r.ts > window_start AND r.ts >= b.since)
+    END
+$$;
+
+-- The database's own guarantee: no reservation may take a budget over its cap.
+CREATE FUNCTION spendtap_reservation_fits() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    b budgets;
+    spent BIGINT;
+    reserved BIGINT;
+BEGIN
+    FOR b IN
+        SELECT * FROM budgets
+        WHERE (scope = 'key' AND principal = NEW.key)
+           OR (scope = 'account' AND principal = NEW.account)
+        ORDER BY scope, principal
+        FOR UPDATE
+    LOOP
+        spent := spendtap_spent(
+            b, NEW.created_at,
+            CASE WHEN b.window_s IS NULL THEN NULL ELSE to_char(
+                (NEW.created_at::timestamptz - make_interval(secs => b.window_s))
+                    AT TIME ZONE 'UTC',
+                'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') END);
+        SELECT coalesce(sum(tokens), 0) INTO reserved FROM reservations r
+        WHERE (CASE b.scope WHEN 'key' THEN r.key ELSE r.account END) = b.principal;
+        IF spent + reserved + NEW.tokens > b.cap_tokens THEN
+            RAISE EXCEPTION 'reservation % would take % budget % over its cap (% + % + % > %)',
+                NEW.id, b.scope, b.principal, spent, reserved, NEW.tokens, b.cap_tokens
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END LOOP;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER reservations_fit_caps BEFORE INSERT ON reservations
+    FOR EACH ROW EXECUTE FUNCTION spendtap_reservation_fits();
+
+-- A balance's running total moves with the rows, in the row's own transaction.
+CREATE FUNCTION spendtap_row_spend() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(NEW.prompt_tokens, 0) + coalesce(NEW.completion_tokens, 0) != 0 THEN
+        UPDATE budgets SET spent_since = spent_since
+            + coalesce(NEW.prompt_tokens, 0) + coalesce(NEW.completion_tokens, 0)
+        WHERE ((scope = 'key' AND principal = NEW.key)
+            OR (scope = 'account' AND principal = NEW.account))
+          AND NEW.ts >= since;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER requests_budget_spend AFTER INSERT ON requests
+    FOR EACH ROW EXECUTE FUNCTION spendtap_row_spend();
+"""
+
+MIGRATIONS: list[tuple[str, str]] = [("m001_initial", M001_INITIAL)]
+
+
+def _dsn_kwargs(timeout_s: float) -> dict[str, Any]:
+    return {
+        "connect_timeout": max(1, math.ceil(timeout_s)),
+        "options": f"-c statement_timeout={int(timeout_s * 1000)} "
+        f"-c lock_timeout={int(timeout_s * 1000)}",
+        "application_name": "spendtap",
+    }
+
+
+class CentralStore:
+    """The fleet's store in the PostgreSQL database ``dsn``.
+
+    ``pool_size`` > 0 keeps a ``psycopg_pool.ConnectionPool`` (the sidecar);
+    0 uses one connection under a lock (the CLI). ``timeout_s`` bounds the
+    connect, each statement and each wait for a pooled connection.
+    ``create`` False refuses a database without spendtap's migrations
+    (``NotCentral``); True migrates it on first use.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_size: int = 0,
+        timeout_s: float = 2.0,
+        create: bool = True,
+        open_now: bool = True,
+    ):
+        import psycopg  # imported here: the SQLite-only paths never need it
+
+        self._psycopg = psycopg
+        self.dsn = dsn
+        self.where = redact_dsn(dsn)
+        self.timeout_s = timeout_s
+        self.create = create
+        self._migrated = False
+        self._lock = threading.Lock()
+        self._conn = None
+        self._pool = None
+        if pool_size > 0:
+            from psycopg_pool import ConnectionPool
+
+            self._pool = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=pool_size,
+                kwargs={"autocommit": True, **_dsn_kwargs(timeout_s)},
+                timeout=timeout_s,
+                reconnect_timeout=0,  # keep retrying for as long as the sidecar runs
+                check=ConnectionPool.check_connection,
+                open=False,
+                name="spendtap-central",
+            )
+            self._pool.open(wait=False)
+        if open_now:
+            self.migrate()
+
+    def __repr__(self) -> str:
+        return f"<CentralStore {self.where}>"
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close(timeout=2)
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> CentralStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _error(self, e: BaseException) -> CentralError:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return CentralError(f"central store {self.where}: {text}")
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A connection in autocommit mode; wrap writes in ``conn.transaction()``."""
+        psycopg = self._psycopg
+        try:
+            if self._pool is not None:
+                with self._pool.connection(timeout=self.timeout_s) as conn:
+                    if not self._migrated:
+                        self._migrate(conn)
+                    yield conn
+                return
+            with self._lock:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(
+                        self.dsn, autocommit=True, **_dsn_kwargs(self.timeout_s)
+                    )
+                if not self._migrated:
+                    self._migrate(self._conn)
+                try:
+                    yield self._conn
+                except psycopg.OperationalError:
+                    with contextlib.suppress(Exception):
+                        self._conn.close()
+                    self._conn = None
+                    raise
+        except CentralError:
+            raise
+        except psycopg.errors.CheckViolation:
+            raise
+        except (psycopg.Error, OSError) as e:
+            raise self._error(e) from e
+        except Exception as e:  # psycopg_pool.PoolTimeout and friends
+            if type(e).__module__.startswith("psycopg"):
+                raise self._error(e) from e
+            raise
+
+    def migrate(self) -> None:
+        """Apply pending migrations now (raises ``CentralError``/``NotCentral``)."""
+        with self._connection():
+            pass
+
+    def _migrate(self, conn: Any) -> None:
+        with conn.transaction():
+            # One migrator at a time across the fleet.
+            conn.execute("SELECT pg_advisory_xact_lock(72616)")
+            tables = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                )
+            }
+            if MIGRATIONS_TABLE not in tables:
+                if tables or not self.create:
+                    what = "tables but no spendtap migrations" if tables else "an empty database"
+                    raise NotCentral(
+                        f"central store {self.where} is not a spendtap ledger ({what})"
+                    )
+                conn.execute(
+                    f"CREATE TABLE {MIGRATIONS_TABLE} (name TEXT PRIMARY KEY, "
+                    "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                )
+            done = {r[0] for r in conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                conn.execute(sql)
+                conn.execute(f"INSERT INTO {MIGRATIONS_TABLE} (name) VALUES (%s)", (name,))
+        self._migrated = True
+
+    def migrations(self) -> list[str]:
+        with self._connection() as conn:
+            return [r[0] for r in conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY 1")]
+
+    # -- budgets: configuration ----------------------------------------------------
+
+    @staticmethod
+    def _check(scope: str, principal: str) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be key or account, not {scope!r}")
+        if not isinstance(principal, str) or not principal:
+            raise ValueError("a budget needs a non-empty principal")
+
+    def set(
+        self,
+        scope: str,
+        principal: str,
+        cap: int,
+        window_s: int | None,
+        *,
+        reset: bool = False,
+        now: float | datetime | None = None,
+    ) -> Budget:
+        """Create or change a fleet budget (same semantics as ``Budgets.set``)."""
+        self._check(scope, principal)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            raise ValueError(f"cap must be a whole number of tokens >= 0, not {cap!r}")
+        if window_s is not None and (
+            isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
+        ):
+            raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+        now_ts = ts_from_epoch(_epoch(now))
+        column = _COLUMN[scope]
+        with self._connection() as conn, conn.transaction():
+            old = self._get(conn, scope, principal, lock=True)
+            if reset or (window_s is None and (old is None or old.window_s is not None)):
+                since = now_ts
+            elif old is None:
+                since = EPOCH_TS
+            else:
+                since = old.since
+            spent_since = conn.execute(
+                f"SELECT coalesce(sum({_SPEND}), 0) FROM requests WHERE {column} = %s AND ts >= %s",
+                (principal, since),
+            ).fetchone()[0]
+            conn.execute(
+                """
+                INSERT INTO budgets (scope, principal, cap_tokens, window_s, since,
+                                     spent_since, created_at, updated_at)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (scope, principal) DO UPDATE SET
+                    cap_tokens = excluded.cap_tokens,
+                    window_s = excluded.window_s,
+                    since = excluded.since,
+                    spent_since = excluded.spent_since,
+                    updated_at = excluded.updated_at
+                """,
+                (scope, principal, cap, window_s, since, spent_since, now_ts, now_ts),
+            )
+            budget = self._get(conn, scope, principal)
+        assert budget is not None
+        return budget
+
+    def remove(self, scope: str, principal: str) -> bool:
+        self._check(scope, principal)
+        with self._connection() as conn:
+            cur = conn.execute(
+                "DELETE FROM budgets WHERE scope = %s AND principal = %s", (scope, principal)
+            )
+            return cur.rowcount > 0
+
+    @staticmethod
+    def _get(conn: Any, scope: str, principal: str, lock: bool = False) -> Budget | None:
+        row = conn.execute(
+            f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE scope = %s AND principal = %s"
+            + (" FOR UPDATE" if lock else ""),
+            (scope, principal),
+        ).fetchone()
+        return Budget(*row) if row else None
+
+    def get(self, scope: str, principal: str) -> Budget | None:
+        with self._connection() as conn:
+            return self._get(conn, scope, principal)
+
+    def list(self) -> list[Budget]:
+        """Every budget: keys first, then accounts, each by principal."""
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_BUDGET_COLUMNS} FROM budgets ORDER BY scope DESC, principal"
+            ).fetchall()
+        return [Budget(*r) for r in rows]
+
+    def status(
+        self, scope: str, principal: str, now: float | datetime | None = None
+    ) -> BudgetStatus | None:
+        t = _epoch(now)
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            budget = self._get(conn, scope, principal)
+            return None if budget is None else _status(conn, budget, t)
+
+    def statuses(self, now: float | datetime | None = None) -> list[BudgetStatus]:
+        t = _epoch(now)
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = conn.execute(
+                f"SELECT {_BUDGET_COLUMNS} FROM budgets ORDER BY scope DESC, principal"
+            ).fetchall()
+            return [_status(conn, Budget(*r), t) for r in rows]
+
+    # -- budgets: reserve / release / sweep ----------------------------------------
+
+    def reserve(
+        self,
+        reservation_id: str,
+        account: str | None,
+        key: str | None,
+        tokens: int,
+        owner: str,
+        now: float | datetime | None = None,
+        *,
+        node_id: str | None = None,
+    ) -> Decision:
+        """Reserve ``tokens`` fleet-wide, or refuse; same answers as ``Budgets.reserve``.
+
+        Raises ``ValueError`` for a bad argument or an id already reserved, and
+        ``BudgetUnavailable`` when PostgreSQL cannot answer within the timeout.
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
+        if not reservation_id:
+            raise ValueError("a reservation needs an id")
+        if account is None and key is None:
+            return UNBUDGETED
+        psycopg = self._psycopg
+        # Whole milliseconds, as stored: the database's trigger sees the same window.
+        t = _ts_epoch(ts_from_epoch(_epoch(now)))
+        try:
+            with self._connection() as conn, conn.transaction():
+                rows = conn.execute(
+                    f"SELECT {_BUDGET_COLUMNS} FROM budgets "
+                    "WHERE (scope = 'key' AND principal = %s) "
+                    "OR (scope = 'account' AND principal = %s) "
+                    "ORDER BY scope, principal FOR UPDATE",
+                    (key, account),
+                ).fetchall()
+                if not rows:
+                    return UNBUDGETED
+                refusals = []
+                for row in rows:
+                    budget = Budget(*row)
+                    spent = _spent(conn, budget, t)
+                    reserved = _reserved(conn, budget)
+                    if spent + reserved + tokens > budget.cap:
+                        refusals.append(_refusal(conn, budget, spent, reserved, tokens, t))
+                if refusals:
+                    return _binding(refusals)
+                conn.execute(
+                    "INSERT INTO reservations (id, account, key, tokens, created_at, owner, "
+                    "node_id) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    (reservation_id, account, key, tokens, ts_from_epoch(t), owner, node_id),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise ValueError(f"reservation {reservation_id!r} is already open") from None
+        except psycopg.errors.CheckViolation as e:
+            # The database's own check refused: report it as a refusal of the key.
+            raise BudgetUnavailable(f"central store refused the reservation: {e}") from e
+        except CentralError as e:
+            raise BudgetUnavailable(str(e)) from e
+        return Decision(allowed=True, reservation_id=reservation_id, tokens=tokens)
+
+    def release(self, reservation_id: str) -> bool:
+        """Drop a reservation without usage; False if it was not open."""
+        try:
+            with self._connection() as conn:
+                cur = conn.execute("DELETE FROM reservations WHERE id = %s", (reservation_id,))
+                return cur.rowcount > 0
+        except CentralError as e:
+            raise BudgetUnavailable(str(e)) from e
+
+    def reservations(self) -> list[dict[str, Any]]:
+        """Open reservations, oldest first: id, account, key, tokens, created_at, owner."""
+        with self._connection() as conn:
+            cur = conn.execute(
+                "SELECT id, account, key, tokens, created_at, owner FROM reservations "
+                "ORDER BY created_at, id"
+            )
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur]
+
+    def open_reservation_count(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT count(*) FROM reservations").fetchone()[0]
+
+    def sweep(
+        self,
+        owner_alive: Callable[[str], bool] | None = None,
+        older_than_s: float | None = None,
+        now: float | datetime | None = None,
+    ) -> int:
+        """Release stale reservations: of expired node leases, of dead local owners, or old.
+
+        ``owner_alive`` judges owners on this host (another host's count as alive:
+        their leases tell). No row is written for them: a node cut off from
+        PostgreSQL still holds its rows locally and ships them when it is back.
+        """
+        t = _epoch(now)
+        cutoff = ts_from_epoch(t - older_than_s) if older_than_s is not None else None
+        with self._connection() as conn, conn.transaction():
+            released = conn.execute(
+                """
+                DELETE FROM reservations r USING nodes n
+                WHERE r.node_id = n.node_id
+                  AND n.heartbeat_at < now() - make_interval(secs => n.lease_s)
+                """
+            ).rowcount
+            stale: list[str] = []
+            if owner_alive is not None or cutoff is not None:
+                verdicts: dict[str, bool] = {}
+                for rid, owner, created_at in conn.execute(
+                    "SELECT id, owner, created_at FROM reservations"
+                ).fetchall():
+                    if owner_alive is not None:
+                        if owner not in verdicts:
+                            verdicts[owner] = bool(owner_alive(owner))
+                        if not verdicts[owner]:
+                            stale.append(rid)
+                            continue
+                    if cutoff is not None and created_at < cutoff:
+                        stale.append(rid)
+            if stale:
+                released += conn.execute(
+                    "DELETE FROM reservations WHERE id = ANY(%s)", (stale,)
+                ).rowcount
+        return released
+
+    # -- nodes: leases and shipping ---------------------------------------------------
+
+    def heartbeat(self, node_id: str, owner: str, lease_s: int) -> None:
+        """Claim or renew this node's lease."""
+        with self._connection() as conn:
+            conn.execute(
+                """
+                INSERT INTO nodes (node_id, host, pid, owner, lease_s)
+                VALUES (%s, %s, %s, %s, %s)
+                ON CONFLICT (node_id) DO UPDATE SET
+                    host = excluded.host, pid = excluded.pid, lease_s = excluded.lease_s,
+                    started_at = CASE WHEN nodes.owner = excluded.owner THEN nodes.started_at
+                                      ELSE now() END,
+                    owner = excluded.owner, heartbeat_at = now()
+                """,
+                (node_id, socket.gethostname(), os.getpid(), owner, lease_s),
+            )
+
+    def release_previous_life(self, node_id: str, owner: str) -> int:
+        """Release this node's reservations made by another process (its previous life).
+
+        Call only once the node's backlog has shipped (ship-then-release).
+        """
+        with self._connection() as conn:
+            return conn.execute(
+                "DELETE FROM reservations WHERE node_id = %s AND owner != %s", (node_id, owner)
+            ).rowcount
+
+    def shipped_rowid(self, node_id: str, ledger_mark: str | None) -> int:
+        """Where this node's shipping resumes: 0 for a new node or a replaced local ledger."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT shipped_rowid, ledger_mark FROM nodes WHERE node_id = %s", (node_id,)
+            ).fetchone()
+        if row is None or row[1] != ledger_mark:
+            return 0  # re-shipping is harmless: rows are keyed by id
+        return row[0]
+
+    def ship(
+        self,
+        node_id: str,
+        owner: str,
+        lease_s: int,
+        rows: Sequence[tuple[int, dict[str, Any]]],
+        ledger_mark: str | None,
+    ) -> int:
+        """Ship ``(rowid, row)`` pairs of one node in one transaction; returns rows inserted.
+
+        Idempotent: a row already stored is skipped. Settles (deletes) the
+        reservation of every shipped row and moves the node's cursor to the last
+        rowid, in the same transaction.
+        """
+        if not rows:
+            return 0
+        prepared = [normalize_row(r) for _, r in rows]
+        ids = [r["id"] for r in prepared]
+        last = max(rowid for rowid, _ in rows)
+        placeholders = ", ".join(["%s"] * (len(COLUMNS) + 1))
+        sql = (
+            f"INSERT INTO requests ({', '.join(COLUMNS)}, shipped_from) VALUES ({placeholders}) "
+            "ON CONFLICT (id) DO NOTHING"
+        )
+        params = [(*_pg_values(r), node_id) for r in prepared]
+        with self._connection() as conn, conn.transaction():
+            before = conn.execute("SELECT count(*) FROM requests WHERE id = ANY(%s)", (ids,))
+            existing = before.fetchone()[0]
+            with conn.cursor() as cur:
+                cur.executemany(sql, params)
+            conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", (ids,))
+            conn.execute(
+                """
+                INSERT INTO nodes (node_id, host, pid, owner, lease_s, ledger_mark, shipped_rowid)
+                VALUES (%s, %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (node_id) DO UPDATE SET
+                    ledger_mark = excluded.ledger_mark,
+                    shipped_rowid = excluded.shipped_rowid,
+                    heartbeat_at = CASE WHEN nodes.owner = excluded.owner THEN now()
+                                        ELSE nodes.heartbeat_at END
+                """,
+                (node_id, socket.gethostname(), os.getpid(), owner, lease_s, ledger_mark, last),
+            )
+        return len(ids) - existing
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node's lease: node_id, host, pid, heartbeat age, lease, expired, cursor."""
+        with self._connection() as conn:
+            cur = conn.execute(
+                """
+                SELECT node_id, host, pid, owner,
+                       extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age_s,
+                       lease_s,
+                       heartbeat_at < now() - make_interval(secs => lease_s) AS expired,
+                       shipped_rowid
+                FROM nodes ORDER BY node_id
+                """
+            )
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur]
+
+    # -- the fleet ledger ---------------------------------------------------------------
+
+    def count_rows(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+
+    def row_ids(self) -> list[str]:
+        with self._connection() as conn:
+            return [r[0] for r in conn.execute("SELECT id FROM requests")]
+
+    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query (for the fleet ledger's readers in this package)."""
+        with self._connection() as conn:
+            cur = conn.execute(sql, params)
+            names = [d.name for d in cur.description]
+            return [dict(zip(names, r, strict=True)) for r in cur]
+
+
+def _pg_values(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A normalized row's values in ``COLUMNS`` order, ``streamed`` as a boolean."""
+    return tuple(
+        bool(row[c]) if c == "streamed" and row[c] is not None else row[c] for c in COLUMNS
+    )
+
+
+# -- spend queries --------------------------------------------------------------------
+
+
+def _window_start(budget: Budget, now: float) -> str:
+    assert budget.window_s is not None
+    return ts_from_epoch(now - budget.window_s)
+
+
+def _spent(conn: Any, budget: Budget, now: float) -> int:
+    column = _COLUMN[budget.scope]
+    if budget.window_s is None:
+        row = conn.execute(
+            "SELECT spent_since FROM budgets WHERE scope = %s AND principal = %s",
+            (budget.scope, budget.principal),
+        ).fetchone()
+        return row[0] if row else 0
+    return conn.execute(
+        f"SELECT coalesce(sum({_SPEND}), 0) FROM requests "
+        f"WHERE {column} = %s AND ts > %s AND ts >= %s",
+        (budget.principal, _window_start(budget, now), budget.since),
+    ).fetchone()[0]
+
+
+def _reserved(conn: Any, budget: Budget) -> int:
+    column = _COLUMN[budget.scope]
+    return conn.execute(
+        f"SELECT coalesce(sum(tokens), 0) FROM reservations WHERE {column} = %s",
+        (budget.principal,),
+    ).fetchone()[0]
+
+
+def _window_rows(conn: Any, budget: Budget, now: float) -> list[tuple[str, int]]:
+    column = _COLUMN[budget.scope]
+    return conn.execute(
+        f"SELECT ts, {_SPEND} FROM requests "
+        f"WHERE {column} = %s AND ts > %s AND ts >= %s AND {_SPEND} > 0 ORDER BY ts",
+        (budget.principal, _window_start(budget, now), budget.since),
+    ).fetchall()
+
+
+def _status(conn: Any, budget: Budget, now: float) -> BudgetStatus:
+    resets_at = None
+    if budget.window_s is not None:
+        rows = _window_rows(conn, budget, now)
+        if rows:
+            resets_at = ts_from_epoch(_ts_epoch(rows[0][0]) + budget.window_s)
+    return BudgetStatus(
+        budget=budget,
+        spent=int(_spent(conn, budget, now)),
+        reserved=int(_reserved(conn, budget)),
+        resets_at=resets_at,
+    )
+
+
+def _refusal(conn: Any, budget: Budget, spent: int, reserved: int, tokens: int, now: float):
+    """The same refusal ``Budgets`` gives, Retry-After included."""
+    too_large = tokens > budget.cap
+    retry: float | None = None
+    if budget.window_s is not None and not too_large:
+        if spent + tokens <= budget.cap:
+            retry = RESERVED_RETRY_S
+        else:
+            need = min(spent, spent + reserved + tokens - budget.cap)
+            freed = 0
+            for ts, amount in _window_rows(conn, budget, now):
+                freed += amount
+                if freed >= need:
+                    retry = max(0.0, _ts_epoch(ts) + budget.window_s - now)
+                    break
+            if retry is None:
+                retry = RESERVED_RETRY_S
+            elif spent + reserved + tokens - budget.cap > spent:
+                retry = max(retry, RESERVED_RETRY_S)
+    return Decision(
+        allowed=False,
+        reason="balance" if budget.window_s is None else "window",
+        scope=budget.scope,
+        principal=budget.principal,
+        cap=budget.cap,
+        window_s=budget.window_s,
+        spent=int(spent),
+        reserved=int(reserved),
+        tokens=tokens,
+        retry_after_s=retry,
+        too_large=too_large,
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until true or ``timeout_s`` passes (for shutdown and tests)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return predicate()

@@ -1,0 +1,325 @@
+"""A sidecar in a fleet: the shipper thread, the lease, and the view of who has a budget.
+
+With ``--central`` each sidecar keeps writing its rows to its local SQLite
+ledger first (the durable-before-delivery guarantee stays local and fast), and
+``Fleet`` runs two background threads beside the proxy:
+
+- the **shipper** copies committed local rows to PostgreSQL in batches, in
+  insertion (rowid) order, with ``CentralStore.ship`` (idempotent by row id;
+  settles each row's central reservation in the same transaction, and moves
+  the node's cursor). It also renews this node's lease, and sweeps the
+  reservations of nodes whose lease expired. After a restart it ships the whole
+  backlog first and only then releases the reservations its previous life left
+  open (ship-then-release).
+- the **budget view** re-reads the set of budgeted principals every second,
+  so the request path knows without asking PostgreSQL that a principal has no
+  budget; a budget set anywhere takes effect fleet-wide within about a second.
+
+Failure policy: while PostgreSQL is unreachable, rows wait in the local ledger
+(nothing is lost; the backlog and lag are exported), the budget view keeps its
+last answer, and errors are counted and logged once per episode. Nothing here
+runs on the event loop.
+
+This module imports neither click nor mitmproxy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+from spendtap.budgets import process_owner
+from spendtap.central import CentralStore, node_identity
+from spendtap.ledger import Ledger
+from spendtap.timeparse import parse_datetime
+
+__all__ = ["BUDGET_VIEW_S", "Fleet", "Shipper"]
+
+_default_logger = logging.getLogger("spendtap.fleet")
+
+BUDGET_VIEW_S = 1.0  # how often the set of budgeted principals is re-read
+
+
+class Shipper:
+    """Copies one node's committed local rows to the central store, exactly once."""
+
+    def __init__(
+        self,
+        local_db: str,
+        store: CentralStore,
+        *,
+        node_id: str,
+        owner: str,
+        lease_s: int = 30,
+        reservation_max_age_s: float | None = None,
+        batch_size: int = 500,
+        interval_s: float = 0.2,
+        sweep_every_s: float = 5.0,
+        stuck_after_s: float = 60.0,
+        logger: logging.Logger | None = None,
+    ):
+        self.local_db = local_db
+        self.store = store
+        self.node_id = node_id
+        self.owner = owner
+        self.lease_s = lease_s
+        self.reservation_max_age_s = reservation_max_age_s
+        self.batch_size = batch_size
+        self.interval_s = interval_s
+        self.sweep_every_s = sweep_every_s
+        self.stuck_after_s = stuck_after_s
+        self.log = logger or _default_logger
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cursor: int | None = None
+        self._mark: str | None = None
+        self.backlog_rows = 0
+        self.oldest_unshipped_at: float | None = None
+        self.rows_shipped = 0  # rows new to the central store (duplicates excluded)
+        self.batches_shipped = 0
+        self.ship_errors = 0
+        self.swept = 0
+        self.released_previous_life: int | None = None
+        self.last_ship_at: float | None = None
+        self._failing_since: float | None = None
+        self._passes = 0  # completed ship_once calls (close waits for a fresh one)
+
+    # -- figures ----------------------------------------------------------------
+
+    @property
+    def lag_seconds(self) -> float:
+        """Age of the oldest committed row not yet in PostgreSQL (0 when none waits)."""
+        if not self.backlog_rows or self.oldest_unshipped_at is None:
+            return 0.0
+        return max(0.0, time.time() - self.oldest_unshipped_at)
+
+    @property
+    def failing(self) -> bool:
+        return self._failing_since is not None
+
+    @property
+    def stuck(self) -> bool:
+        """True when a committed row has waited longer than ``stuck_after_s`` to ship."""
+        return self.backlog_rows > 0 and self.lag_seconds > self.stuck_after_s
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("Shipper already started")
+        self._thread = threading.Thread(
+            target=self._run, name="spendtap-central-shipper", daemon=True
+        )
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Ship now rather than at the next tick (cheap; any thread)."""
+        self._wake.set()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Ship what is committed (for at most ``timeout`` s), then stop. True if none waits."""
+        deadline = time.monotonic() + timeout
+        start = self._passes
+        while time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            # A pass that began after this call saw every row committed before it.
+            if self._passes > start + 1 and not self.backlog_rows:
+                break
+            self._wake.set()
+            time.sleep(0.02)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(max(1.0, deadline - time.monotonic() + self.store.timeout_s + 1))
+        return self.backlog_rows == 0
+
+    # -- the thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        ledger: Ledger | None = None
+        next_beat = 0.0
+        next_sweep = time.monotonic() + self.sweep_every_s
+        backoff = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    if ledger is None:
+                        ledger = Ledger.open_existing(self.local_db)
+                    now = time.monotonic()
+                    if now >= next_beat:
+                        self.store.heartbeat(self.node_id, self.owner, self.lease_s)
+                        next_beat = now + max(0.5, self.lease_s / 3)
+                    more = self.ship_once(ledger)
+                    if now >= next_sweep:
+                        next_sweep = now + self.sweep_every_s
+                        self.swept += self.store.sweep(None, self.reservation_max_age_s)
+                    self._recovered()
+                    backoff = 0.0
+                    if more:
+                        continue
+                    wait = self.interval_s
+                except Exception as e:
+                    self._failed(e)
+                    if ledger is not None and not isinstance(e, _CENTRAL_ERRORS):
+                        with contextlib.suppress(Exception):
+                            ledger.close()
+                        ledger = None
+                    backoff = min(2.0, backoff * 2) if backoff else 0.1
+                    wait = backoff
+                self._wake.wait(wait)
+                self._wake.clear()
+        finally:
+            if ledger is not None:
+                with contextlib.suppress(Exception):
+                    ledger.close()
+
+    def ship_once(self, ledger: Ledger) -> bool:
+        """Ship one batch; True when more rows are waiting."""
+        if self._mark is None:
+            first = next(ledger.requests(after_rowid=0, order="asc", limit=1), None)
+            self._mark = first["id"] if first else None
+            self._cursor = None  # (re)read where this ledger's shipping stopped
+        if self._cursor is None:
+            self._cursor = self.store.shipped_rowid(self.node_id, self._mark)
+        rows = list(
+            ledger.requests(
+                after_rowid=self._cursor, order="asc", limit=self.batch_size, include_rowid=True
+            )
+        )
+        if rows:
+            batch = [(r.pop("rowid"), r) for r in rows]
+            self.rows_shipped += self.store.ship(
+                self.node_id, self.owner, self.lease_s, batch, self._mark
+            )
+            self.batches_shipped += 1
+            self.last_ship_at = time.time()
+            self._cursor = batch[-1][0]
+        last = ledger.last_rowid()
+        self.backlog_rows = max(0, last - self._cursor)
+        if self.backlog_rows:
+            head = next(ledger.requests(after_rowid=self._cursor, order="asc", limit=1), None)
+            self.oldest_unshipped_at = _epoch_of(head["ts"]) if head else None
+        else:
+            self.oldest_unshipped_at = None
+            if self.released_previous_life is None:
+                # Ship-then-release: every row that could settle them is in PostgreSQL now.
+                self.released_previous_life = self.store.release_previous_life(
+                    self.node_id, self.owner
+                )
+                if self.released_previous_life:
+                    self.log.warning(
+                        "spendtap central: released %d reservations left open by this node's "
+                        "previous process",
+                        self.released_previous_life,
+                    )
+        self._passes += 1
+        return self.backlog_rows > 0 and len(rows) == self.batch_size
+
+    def _failed(self, e: Exception) -> None:
+        self.ship_errors += 1
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            self.log.warning(
+                "spendtap central: cannot ship to %s (%s); rows wait in the local ledger",
+                self.store.where,
+                e,
+            )
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            self.log.warning(
+                "spendtap central: shipping to %s recovered after %.1f s",
+                self.store.where,
+                time.monotonic() - self._failing_since,
+            )
+            self._failing_since = None
+
+
+def _epoch_of(ts: str) -> float | None:
+    try:
+        return parse_datetime(ts).timestamp()
+    except ValueError:
+        return None
+
+
+def _central_errors() -> tuple[type[BaseException], ...]:
+    from spendtap.central import CentralError
+
+    return (CentralError,)
+
+
+_CENTRAL_ERRORS = _central_errors()
+
+
+class Fleet:
+    """A sidecar's part of the fleet: the central store, its shipper and its budget view."""
+
+    def __init__(
+        self,
+        dsn: str,
+        local_db: str,
+        *,
+        timeout_s: float = 2.0,
+        lease_s: int = 30,
+        reservation_max_age_s: float | None = None,
+        pool_size: int = 8,
+        logger: logging.Logger | None = None,
+    ):
+        self.log = logger or _default_logger
+        self.store = CentralStore(dsn, pool_size=pool_size, timeout_s=timeout_s, open_now=False)
+        self.node_id = node_identity(local_db)
+        self.owner = process_owner()
+        self.shipper = Shipper(
+            local_db,
+            self.store,
+            node_id=self.node_id,
+            owner=self.owner,
+            lease_s=lease_s,
+            reservation_max_age_s=reservation_max_age_s,
+            logger=self.log,
+        )
+        self._budgeted: frozenset[tuple[str, str]] | None = None
+        self.view_errors = 0
+        self._stop = threading.Event()
+        self._view = threading.Thread(
+            target=self._refresh_forever, name="spendtap-central-budgets", daemon=True
+        )
+
+    @property
+    def where(self) -> str:
+        return self.store.where
+
+    def budgeted(self) -> frozenset[tuple[str, str]] | None:
+        """The budgeted (scope, principal) pairs as last read; None if never read yet."""
+        return self._budgeted
+
+    def start(self) -> None:
+        self._refresh()
+        self._view.start()
+        self.shipper.start()
+
+    def _refresh(self) -> bool:
+        try:
+            self._budgeted = frozenset((b.scope, b.principal) for b in self.store.list())
+            return True
+        except Exception:
+            self.view_errors += 1
+            return False
+
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(BUDGET_VIEW_S):
+            self._refresh()
+
+    def reserve(self, reservation_id, account, key, tokens, owner) -> Any:
+        return self.store.reserve(reservation_id, account, key, tokens, owner, node_id=self.node_id)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Ship what is committed (bounded), stop the threads, close the pool."""
+        self._stop.set()
+        shipped = self.shipper.close(timeout)
+        self._view.join(self.store.timeout_s + 2)
+        self.store.close()
+        return shipped
