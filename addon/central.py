@@ -195,14 +195,51 @@ CREATE TABLE api_keys (
 );
 CREATE INDEX api_keys_key_id ON api_keys (key_id);
 
--- Spend of one budget now: the running total for a balance, the window's rows otherwise.
-CREATE FUNCTION spendtap_spent(b budgets, now_ts TEXT, window_start TEXT) RETURNS BIGINT
-LANGUAGE sql STABLE AS $$
-    SELECT CASE WHEN b.window_s IS NULL THEN b.spent_since ELSE (
-        SELECT coalesce(sum({_SPEND}), 0)::BIGINT FROM requests r
-        WHERE (CASE b.scope WHEN 'key' THEN r.key ELSE r.account END) = b.principal
-          AND r.ts > window_start AND r.ts >= b.since)
-    END
+-- The start of a budget's rolling window that ends at ``at`` (ledger time text).
+CREATE FUNCTION spendtap_window_start(at TEXT, window_s INTEGER) RETURNS TEXT
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT to_char((at::timestamptz - make_interval(secs => window_s)) AT TIME ZONE 'UTC',
+                   'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+$$;
+
+-- Spend of one budget at ``at``: the running total for a balance, the window's rows otherwise.
+CREATE FUNCTION spendtap_spent(b budgets, at TEXT) RETURNS BIGINT
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    total BIGINT;
+    start_ts TEXT;
+BEGIN
+    IF b.window_s IS NULL THEN
+        RETURN b.spent_since;
+    END IF;
+    start_ts := spendtap_window_start(at, b.window_s);
+    IF b.scope = 'key' THEN
+        SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
+        INTO total FROM requests r
+        WHERE r.key = b.principal AND r.ts > start_ts AND r.ts >= b.since;
+    ELSE
+        SELECT coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
+        INTO total FROM requests r
+        WHERE r.account = b.principal AND r.ts > start_ts AND r.ts >= b.since;
+    END IF;
+    RETURN total;
+END
+$$;
+
+-- Tokens held by one budget's open reservations.
+CREATE FUNCTION spendtap_reserved(b budgets) RETURNS BIGINT
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    total BIGINT;
+BEGIN
+    IF b.scope = 'key' THEN
+        SELECT coalesce(sum(tokens), 0) INTO total FROM reservations r WHERE r.key = b.principal;
+    ELSE
+        SELECT coalesce(sum(tokens), 0) INTO total FROM reservations r
+        WHERE r.account = b.principal;
+    END IF;
+    RETURN total;
+END
 $$;
 
 -- The database's own guarantee: no reservation may take a budget over its cap.
@@ -219,14 +256,8 @@ BEGIN
         ORDER BY scope, principal
         FOR UPDATE
     LOOP
-        spent := spendtap_spent(
-            b, NEW.created_at,
-            CASE WHEN b.window_s IS NULL THEN NULL ELSE to_char(
-                (NEW.created_at::timestamptz - make_interval(secs => b.window_s))
-                    AT TIME ZONE 'UTC',
-                'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') END);
-        SELECT coalesce(sum(tokens), 0) INTO reserved FROM reservations r
-        WHERE (CASE b.scope WHEN 'key' THEN r.key ELSE r.account END) = b.principal;
+        spent := spendtap_spent(b, NEW.created_at);
+        reserved := spendtap_reserved(b);
         IF spent + reserved + NEW.tokens > b.cap_tokens THEN
             RAISE EXCEPTION 'reservation % would take % budget % over its cap (% + % + % > %)',
                 NEW.id, b.scope, b.principal, spent, reserved, NEW.tokens, b.cap_tokens
@@ -238,6 +269,47 @@ END
 $$;
 CREATE TRIGGER reservations_fit_caps BEFORE INSERT ON reservations
     FOR EACH ROW EXECUTE FUNCTION spendtap_reservation_fits();
+
+-- Reserve in one round trip: lock the principal's budgets (always in the same order),
+-- check each, and record the reservation only if all fit. No rows: no budget applies.
+-- Otherwise one row per refusing budget, or one row with allowed = true.
+CREATE FUNCTION spendtap_reserve(p_id TEXT, p_account TEXT, p_key TEXT, p_tokens BIGINT,
+                                 p_at TEXT, p_owner TEXT, p_node TEXT)
+RETURNS TABLE (allowed BOOLEAN, b_scope TEXT, b_principal TEXT, b_cap BIGINT,
+               b_window_s INTEGER, b_since TEXT, b_created_at TEXT, b_updated_at TEXT,
+               b_spent BIGINT, b_reserved BIGINT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    b budgets;
+    s BIGINT;
+    r BIGINT;
+    found_any BOOLEAN := false;
+    refused BOOLEAN := false;
+BEGIN
+    FOR b IN
+        SELECT * FROM budgets bb
+        WHERE (bb.scope = 'key' AND bb.principal = p_key)
+           OR (bb.scope = 'account' AND bb.principal = p_account)
+        ORDER BY bb.scope, bb.principal
+        FOR UPDATE
+    LOOP
+        found_any := true;
+        s := spendtap_spent(b, p_at);
+        r := spendtap_reserved(b);
+        IF s + r + p_tokens > b.cap_tokens THEN
+            refused := true;
+            RETURN QUERY SELECT false, b.scope, b.principal, b.cap_tokens, b.window_s,
+                                b.since, b.created_at, b.updated_at, s, r;
+        END IF;
+    END LOOP;
+    IF found_any AND NOT refused THEN
+        INSERT INTO reservations (id, account, key, tokens, created_at, owner, node_id)
+        VALUES (p_id, p_account, p_key, p_tokens, p_at, p_owner, p_node);
+        RETURN QUERY SELECT true, NULL::TEXT, NULL::TEXT, NULL::BIGINT, NULL::INTEGER,
+                            NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::BIGINT, NULL::BIGINT;
+    END IF;
+END
+$$;
 
 -- A balance's running total moves with the rows, in the row's own transaction.
 CREATE FUNCTION spendtap_row_spend() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -547,29 +619,18 @@ class CentralStore:
         # Whole milliseconds, as stored: the database's trigger sees the same window.
         t = _ts_epoch(ts_from_epoch(_epoch(now)))
         try:
-            with self._connection() as conn, conn.transaction():
+            with self._connection() as conn:
                 rows = conn.execute(
-                    f"SELECT {_BUDGET_COLUMNS} FROM budgets "
-                    "WHERE (scope = 'key' AND principal = %s) "
-                    "OR (scope = 'account' AND principal = %s) "
-                    "ORDER BY scope, principal FOR UPDATE",
-                    (key, account),
+                    "SELECT * FROM spendtap_reserve(%s, %s, %s, %s, %s, %s, %s)",
+                    (reservation_id, account, key, tokens, ts_from_epoch(t), owner, node_id),
                 ).fetchall()
                 if not rows:
                     return UNBUDGETED
-                refusals = []
-                for row in rows:
-                    budget = Budget(*row)
-                    spent = _spent(conn, budget, t)
-                    reserved = _reserved(conn, budget)
-                    if spent + reserved + tokens > budget.cap:
-                        refusals.append(_refusal(conn, budget, spent, reserved, tokens, t))
-                if refusals:
-                    return _binding(refusals)
-                conn.execute(
-                    "INSERT INTO reservations (id, account, key, tokens, created_at, owner, "
-                    "node_id) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (reservation_id, account, key, tokens, ts_from_epoch(t), owner, node_id),
+                if rows[0][0]:
+                    return Decision(allowed=True, reservation_id=reservation_id, tokens=tokens)
+                # Refused (rare): work out Retry-After outside the reserving transaction.
+                return _binding(
+                    [_refusal(conn, Budget(*r[1:8]), int(r[8]), int(r[9]), tokens, t) for r in rows]
                 )
         except psycopg.errors.UniqueViolation:
             raise ValueError(f"reservation {reservation_id!r} is already open") from None
@@ -578,7 +639,6 @@ class CentralStore:
             raise BudgetUnavailable(f"central store refused the reservation: {e}") from e
         except CentralError as e:
             raise BudgetUnavailable(str(e)) from e
-        return Decision(allowed=True, reservation_id=reservation_id, tokens=tokens)
 
     def release(self, reservation_id: str) -> bool:
         """Drop a reservation without usage; False if it was not open."""

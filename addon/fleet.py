@@ -75,7 +75,8 @@ class Shipper:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cursor: int | None = None
+        self._cursor: int | None = None  # None: read it from PostgreSQL before shipping
+        self._known_cursor = 0  # the last cursor seen, for measuring while PostgreSQL is away
         self._mark: str | None = None
         self.backlog_rows = 0
         self.oldest_unshipped_at: float | None = None
@@ -148,6 +149,7 @@ class Shipper:
                 try:
                     if ledger is None:
                         ledger = Ledger.open_existing(self.local_db)
+                    self.measure(ledger)  # local only: the backlog shows while PostgreSQL is away
                     now = time.monotonic()
                     if now >= next_beat:
                         self.store.heartbeat(self.node_id, self.owner, self.lease_s)
@@ -163,6 +165,9 @@ class Shipper:
                     wait = self.interval_s
                 except Exception as e:
                     self._failed(e)
+                    # Re-read the cursor from PostgreSQL, where it commits with the rows: a
+                    # server that crashed may have lost a commit this process saw succeed.
+                    self._cursor = None
                     if ledger is not None and not isinstance(e, _CENTRAL_ERRORS):
                         with contextlib.suppress(Exception):
                             ledger.close()
@@ -176,14 +181,26 @@ class Shipper:
                 with contextlib.suppress(Exception):
                     ledger.close()
 
-    def ship_once(self, ledger: Ledger) -> bool:
-        """Ship one batch; True when more rows are waiting."""
+    def measure(self, ledger: Ledger) -> None:
+        """Backlog and lag from the local ledger alone (against the last known cursor)."""
         if self._mark is None:
             first = next(ledger.requests(after_rowid=0, order="asc", limit=1), None)
             self._mark = first["id"] if first else None
             self._cursor = None  # (re)read where this ledger's shipping stopped
+        base = self._cursor if self._cursor is not None else self._known_cursor
+        self.backlog_rows = max(0, ledger.last_rowid() - base)
+        if self.backlog_rows:
+            head = next(ledger.requests(after_rowid=base, order="asc", limit=1), None)
+            self.oldest_unshipped_at = _epoch_of(head["ts"]) if head else None
+        else:
+            self.oldest_unshipped_at = None
+
+    def ship_once(self, ledger: Ledger) -> bool:
+        """Ship one batch; True when more rows are waiting."""
+        self.measure(ledger)
         if self._cursor is None:
             self._cursor = self.store.shipped_rowid(self.node_id, self._mark)
+            self._known_cursor = self._cursor
         rows = list(
             ledger.requests(
                 after_rowid=self._cursor, order="asc", limit=self.batch_size, include_rowid=True
@@ -196,25 +213,17 @@ class Shipper:
             )
             self.batches_shipped += 1
             self.last_ship_at = time.time()
-            self._cursor = batch[-1][0]
-        last = ledger.last_rowid()
-        self.backlog_rows = max(0, last - self._cursor)
-        if self.backlog_rows:
-            head = next(ledger.requests(after_rowid=self._cursor, order="asc", limit=1), None)
-            self.oldest_unshipped_at = _epoch_of(head["ts"]) if head else None
-        else:
-            self.oldest_unshipped_at = None
-            if self.released_previous_life is None:
-                # Ship-then-release: every row that could settle them is in PostgreSQL now.
-                self.released_previous_life = self.store.release_previous_life(
-                    self.node_id, self.owner
+            self._cursor = self._known_cursor = batch[-1][0]
+        self.measure(ledger)
+        if not self.backlog_rows and self.released_previous_life is None:
+            # Ship-then-release: every row that could settle them is in PostgreSQL now.
+            self.released_previous_life = self.store.release_previous_life(self.node_id, self.owner)
+            if self.released_previous_life:
+                self.log.warning(
+                    "spendtap central: released %d reservations left open by this node's "
+                    "previous process",
+                    self.released_previous_life,
                 )
-                if self.released_previous_life:
-                    self.log.warning(
-                        "spendtap central: released %d reservations left open by this node's "
-                        "previous process",
-                        self.released_previous_life,
-                    )
         self._passes += 1
         return self.backlog_rows > 0 and len(rows) == self.batch_size
 

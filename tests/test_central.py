@@ -1,0 +1,170 @@
+"""The central store against a real PostgreSQL server: budgets, the database's own cap
+check, idempotent shipping that settles, leases, migrations and errors."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from spendtap.budgets import BudgetUnavailable
+from spendtap.central import CentralError, CentralStore, NotCentral, is_central_url, redact_dsn
+from spendtap.fleet import Shipper
+from spendtap.ledger import Ledger
+from spendtap.options import BY_NAME, OptionError, redact
+from spendtap.timeparse import ts_from_epoch
+from tests.pg import PASSWORD
+
+
+@pytest.fixture
+def store(pg_dsn):
+    s = CentralStore(pg_dsn)
+    yield s
+    s.close()
+
+
+def row(rid: str, key: str = "k", tokens: int = 10, ts: float | None = None, **extra) -> dict:
+    return {
+        "id": rid,
+        "ts": ts_from_epoch(ts if ts is not None else time.time()),
+        "account": "acct",
+        "key": key,
+        "prompt_tokens": tokens // 2,
+        "completion_tokens": tokens - tokens // 2,
+        "outcome": "completed",
+        "usage_source": "reported",
+        **extra,
+    }
+
+
+def test_reserve_refuses_over_a_balance_and_settles_on_ship(store):
+    """Reservations count against the cap until the row ships; then its usage counts."""
+    store.set("key", "k", 100, None)
+    assert store.reserve("r1", "acct", "k", 60, "o", node_id="n").allowed
+    refused = store.reserve("r2", "acct", "k", 60, "o", node_id="n")
+    assert not refused.allowed and refused.reason == "balance"
+    assert (refused.spent, refused.reserved, refused.cap) == (0, 60, 100)
+    assert store.ship("n", "o", 30, [(1, row("r1", tokens=20))], "mark") == 1
+    status = store.status("key", "k")
+    assert (status.spent, status.reserved) == (20, 0)
+    assert store.reserve("r2", "acct", "k", 60, "o", node_id="n").allowed
+
+
+def test_unbudgeted_principal_reserves_nothing(store):
+    """A principal with no budget is admitted with no reservation row."""
+    d = store.reserve("r1", "acct", "nobody", 10**9, "o")
+    assert d.allowed and d.reservation_id is None
+    assert store.open_reservation_count() == 0
+
+
+def test_window_refusal_has_retry_after(store):
+    """A rolling window refuses with the time until enough spend ages out."""
+    now = time.time()
+    store.set("key", "w", 100, 60, now=now - 100)
+    store.ship("n", "o", 30, [(1, row("old", key="w", tokens=90, ts=now - 30))], "m")
+    d = store.reserve("r", "acct", "w", 20, "o", now=now)
+    assert not d.allowed and d.reason == "window"
+    assert 29 <= d.retry_after_s <= 31
+
+
+def test_the_database_refuses_an_overshooting_reservation(store, pg_dsn):
+    """Written straight into PostgreSQL, a reservation over the cap fails a check."""
+    store.set("account", "acct", 50, None)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO reservations (id, account, key, tokens, created_at, owner) "
+            "VALUES ('a', 'acct', 'x', 40, %s, 'me')",
+            (ts_from_epoch(time.time()),),
+        )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO reservations (id, account, key, tokens, created_at, owner) "
+                "VALUES ('b', 'acct', 'y', 11, %s, 'me')",
+                (ts_from_epoch(time.time()),),
+            )
+
+
+def test_ship_is_idempotent_and_counts_spend_once(store):
+    """The same rows shipped twice are stored once, and spend is counted once."""
+    store.set("key", "k", 10_000, None)
+    batch = [(i, row(f"r{i}", tokens=10)) for i in range(1, 6)]
+    assert store.ship("n", "o", 30, batch, "m") == 5
+    assert store.ship("n", "o", 30, batch, "m") == 0
+    assert store.count_rows() == 5
+    assert store.status("key", "k").spent == 50
+    assert store.shipped_rowid("n", "m") == 5
+    assert store.shipped_rowid("n", "another ledger") == 0
+
+
+def test_expired_lease_reservations_are_swept(store):
+    """Any node's sweep releases the reservations of a node whose lease expired."""
+    store.set("key", "k", 1000, None)
+    store.heartbeat("dead", "dead-owner", 1)
+    store.heartbeat("live", "live-owner", 30)
+    store.reserve("d1", "acct", "k", 10, "dead-owner", node_id="dead")
+    store.reserve("l1", "acct", "k", 10, "live-owner", node_id="live")
+    time.sleep(1.3)
+    assert store.sweep() == 1
+    assert [r["id"] for r in store.reservations()] == ["l1"]
+
+
+def test_restart_ships_then_releases_its_previous_life(store, tmp_path):
+    """A restarted node ships its backlog first, then releases what its last process left."""
+    store.set("key", "k", 1000, None)
+    db = tmp_path / "local.db"
+    with Ledger(db) as ledger:
+        ledger.insert_rows([row("done", tokens=30)])  # committed, never shipped
+    store.reserve("done", "acct", "k", 100, "old-pid", node_id="node")
+    store.reserve("lost", "acct", "k", 100, "old-pid", node_id="node")  # no row will come
+    shipper = Shipper(str(db), store, node_id="node", owner="new-pid", interval_s=0.05)
+    shipper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while shipper.released_previous_life is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        shipper.close(5)
+    assert shipper.released_previous_life == 1  # "done" was settled by its row
+    assert store.open_reservation_count() == 0
+    assert store.status("key", "k").spent == 30
+
+
+def test_a_foreign_database_is_refused(pg_dsn):
+    """A database with other tables and no spendtap migrations is not adopted."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    with pytest.raises(NotCentral, match="not a spendtap ledger"):
+        CentralStore(pg_dsn)
+
+
+def test_wrong_password_is_one_line_without_the_password(pg_server, pg_dsn):
+    """A failed login says so in one line that names no password."""
+    bad = pg_dsn.replace(PASSWORD, "wrong-password-123")
+    with pytest.raises(CentralError) as e:
+        CentralStore(bad, timeout_s=2)
+    message = str(e.value)
+    assert "\n" not in message and "password authentication failed" in message
+    assert "wrong-password-123" not in message and PASSWORD not in message
+
+
+def test_unreachable_server_makes_reserve_unavailable(pg_dsn):
+    """With PostgreSQL away, reserve raises BudgetUnavailable within the timeout."""
+    store = CentralStore("postgresql://spendtap:x@127.0.0.1:1/none", timeout_s=1, open_now=False)
+    started = time.monotonic()
+    with pytest.raises(BudgetUnavailable):
+        store.reserve("r", "a", "k", 1, "o")
+    assert time.monotonic() - started < 5
+    store.close()
+
+
+def test_dsn_redaction_and_option():
+    """The central URL's password never shows; a bad URL is refused without echoing it."""
+    dsn = "postgresql://u:s3cret@db:5432/spendtap?sslmode=require&password=also"
+    assert "s3cret" not in redact_dsn(dsn) and "also" not in redact_dsn(dsn)
+    assert redact_dsn(dsn).startswith("postgresql://u:***@db:5432/spendtap")
+    assert redact([f"spendtap_central={dsn}"]) == [f"spendtap_central={redact_dsn(dsn)}"]
+    assert is_central_url(dsn) and not is_central_url("/var/lib/ledger.db")
+    with pytest.raises(OptionError) as e:
+        BY_NAME["spendtap_central"].validate("mysql://u:pw@h/db")
+    assert "pw" not in str(e.value)
