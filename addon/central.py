@@ -67,9 +67,9 @@ from spendtap.budgets import (
     _epoch,
     _ts_epoch,
 )
-from spendtap.ledger import COLUMNS, LedgerError, normalize_row
+from spendtap.ledger import COLUMNS, OUTCOMES, REPORT_BY, LedgerError, normalize_row
 from spendtap.options import redact_url
-from spendtap.timeparse import ts_from_epoch
+from spendtap.timeparse import normalize_ts, ts_from_epoch
 
 __all__ = [
     "CentralError",
@@ -768,7 +768,17 @@ class CentralStore:
             "ON CONFLICT (id) DO NOTHING"
         )
         params = [(*_pg_values(r), node_id) for r in prepared]
+        keys = sorted({r["key"] for r in prepared if r["key"] is not None})
+        accounts = sorted({r["account"] for r in prepared if r["account"] is not None})
         with self._connection() as conn, conn.transaction():
+            # Lock the budgets these rows will charge in the order reserve locks them
+            # (scope, principal), before the triggers do: shipping and reserving never deadlock.
+            conn.execute(
+                "SELECT 1 FROM budgets WHERE (scope = 'key' AND principal = ANY(%s)) "
+                "OR (scope = 'account' AND principal = ANY(%s)) "
+                "ORDER BY scope, principal FOR UPDATE",
+                (keys, accounts),
+            )
             before = conn.execute("SELECT count(*) FROM requests WHERE id = ANY(%s)", (ids,))
             existing = before.fetchone()[0]
             with conn.cursor() as cur:
@@ -804,7 +814,191 @@ class CentralStore:
             names = [d.name for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur]
 
-    # -- the fleet ledger ---------------------------------------------------------------
+    # -- the fleet ledger (the reading half of ``spendtap.ledger.Ledger``) ----------------
+
+    @staticmethod
+    def _where(
+        *,
+        since: str | datetime | None,
+        until: str | datetime | None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+    ) -> tuple[list[str], dict[str, Any]]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {}
+        if since is not None:
+            clauses.append("ts >= %(since)s")
+            params["since"] = normalize_ts(since)
+        if until is not None:
+            clauses.append("ts < %(until)s")
+            params["until"] = normalize_ts(until)
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
+        for name, value in (
+            ("account", account),
+            ("key", key),
+            ("model", model),
+            ("node", node),
+            ("outcome", outcome),
+        ):
+            if value is not None:
+                clauses.append(f"{name} = %({name})s")
+                params[name] = value
+        return clauses, params
+
+    def requests(
+        self,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+        limit: int | None = None,
+        after_rowid: int | None = None,
+        order: str = "desc",
+        include_rowid: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Fleet rows, as ``Ledger.requests`` gives them; the "rowid" is the arrival sequence."""
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be zero or more, not {limit}")
+        clauses, params = self._where(
+            since=since, until=until, account=account, key=key, model=model, node=node,
+            outcome=outcome,
+        )  # fmt: skip
+        if after_rowid is not None:
+            clauses.append("seq > %(after)s")
+            params["after"] = after_rowid
+            order_by = f"seq {order}"
+        else:
+            order_by = f"ts {order}, seq {order}"
+        columns = ", ".join(("seq AS rowid", *COLUMNS) if include_rowid else COLUMNS)
+        sql = f"SELECT {columns} FROM requests"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += f" ORDER BY {order_by}"
+        if limit is not None:
+            sql += " LIMIT %(limit)s"
+            params["limit"] = limit
+        return iter(self.query(sql, params))
+
+    def last_rowid(self) -> int:
+        with self._connection() as conn:
+            return conn.execute("SELECT coalesce(max(seq), 0) FROM requests").fetchone()[0]
+
+    def count(self, **filters: Any) -> int:
+        clauses, params = self._where(
+            since=filters.pop("since", None), until=filters.pop("until", None), **filters
+        )
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._connection() as conn:
+            return conn.execute(f"SELECT count(*) FROM requests{where}", params).fetchone()[0]
+
+    def time_span(self, **filters: Any) -> tuple[str, str] | None:
+        clauses, params = self._where(
+            since=filters.pop("since", None), until=filters.pop("until", None), **filters
+        )
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._connection() as conn:
+            first, last = conn.execute(
+                f"SELECT min(ts), max(ts) FROM requests{where}", params
+            ).fetchone()
+        return None if first is None else (first, last)
+
+    def spend_series(
+        self,
+        by: str,
+        bucket_s: int,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        **filters: Any,
+    ) -> list[dict[str, Any]]:
+        if by not in ("account", "key", "model", "node"):
+            raise ValueError(f"by must be account, key, model or node, not {by!r}")
+        if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
+            raise ValueError(f"bucket_s must be a positive whole number, not {bucket_s!r}")
+        clauses, params = self._where(since=since, until=until, **filters)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        params["bucket"] = bucket_s
+        sql = f"""
+            SELECT {by} AS grp,
+                   (extract(epoch FROM substr(ts, 1, 19)::timestamp)::bigint
+                       / %(bucket)s) * %(bucket)s AS bucket,
+                   coalesce(sum({_SPEND}), 0)::bigint AS tokens
+            FROM requests{where}
+            GROUP BY grp, bucket
+            ORDER BY grp COLLATE "C", bucket
+        """
+        return [
+            {by: r["grp"], "bucket": int(r["bucket"]), "tokens": int(r["tokens"])}
+            for r in self.query(sql, params)
+        ]
+
+    def report(
+        self,
+        by: str,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Usage totals over the fleet, exactly as ``Ledger.report`` computes them."""
+        if by not in REPORT_BY:
+            raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
+        if by == "day":
+            group = "substr(ts, 1, 10)"
+        elif by == "hour":
+            group = "substr(ts, 1, 13) || ':00:00Z'"
+        else:
+            group = by
+        clauses, params = self._where(
+            since=since, until=until, account=account, key=key, model=model, node=node,
+            outcome=outcome,
+        )  # fmt: skip
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        if by in ("day", "hour"):
+            order_by = 'grp COLLATE "C"'
+        else:
+            order_by = (
+                "total_tokens IS NULL, total_tokens DESC, requests DESC, grp IS NULL, "
+                'grp COLLATE "C"'
+            )
+        sql = f"""
+            SELECT
+                {group} AS grp,
+                count(*) AS requests,
+                sum(prompt_tokens)::bigint AS prompt_tokens,
+                sum(completion_tokens)::bigint AS completion_tokens,
+                sum(cached_tokens)::bigint AS cached_tokens,
+                sum(cache_creation_tokens)::bigint AS cache_creation_tokens,
+                sum(reasoning_tokens)::bigint AS reasoning_tokens,
+                CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
+                     ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
+                END::bigint AS total_tokens,
+                count(*) FILTER (WHERE outcome IS DISTINCT FROM 'completed') AS errors,
+                count(*) FILTER (WHERE usage_source IS NULL OR usage_source = 'none')
+                    AS usage_missing,
+                round(avg(ttft_s)::numeric, 4)::float AS avg_ttft_s,
+                round(avg(tokens_per_s)::numeric, 2)::float AS avg_tokens_per_s
+            FROM requests{where}
+            GROUP BY grp
+        """
+        # PostgreSQL orders by expressions of output names only from an outer query.
+        sql = f"SELECT * FROM ({sql}) AS totals ORDER BY {order_by}"
+        out = []
+        for r in self.query(sql, params):
+            r[by] = r.pop("grp")
+            out.append({by: r[by], **{k: v for k, v in r.items() if k != by}})
+        return out
 
     def count_rows(self) -> int:
         with self._connection() as conn:
@@ -915,6 +1109,97 @@ def _refusal(conn: Any, budget: Budget, spent: int, reserved: int, tokens: int, 
         retry_after_s=retry,
         too_large=too_large,
     )
+
+
+class CentralKeys:
+    """Bearer keys registered in the central store: they resolve on every node.
+
+    The same interface as ``spendtap.keys.Keys`` (add, resolve, list, revoke).
+    """
+
+    def __init__(self, dsn: str, *, create: bool = True, timeout_s: float = 2.0, **_: Any):
+        self.store = CentralStore(dsn, create=create, timeout_s=timeout_s)
+        self.where = self.store.where
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> CentralKeys:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> Any:
+        from spendtap.keys import DuplicateKey, new_record
+
+        record = new_record(account, key_id, secret, now=now)
+        try:
+            with self.store._connection() as conn:
+                conn.execute(
+                    "INSERT INTO api_keys (fingerprint, prefix, account, key_id, created_at, "
+                    "revoked_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                    (record.fingerprint, record.prefix, record.account, record.key_id,
+                     record.created_at, record.revoked_at),
+                )  # fmt: skip
+        except self.store._psycopg.errors.UniqueViolation:
+            raise DuplicateKey("that secret is already registered") from None
+        return record
+
+    def resolve(self, secret: str | None) -> tuple[str, str] | None:
+        from spendtap.keys import fingerprint
+
+        if not secret:
+            return None
+        with self.store._connection() as conn:
+            row = conn.execute(
+                "SELECT account, key_id FROM api_keys "
+                "WHERE fingerprint = %s AND revoked_at IS NULL",
+                (fingerprint(secret),),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def list(self, *, include_revoked: bool = False) -> list[Any]:
+        from spendtap.keys import ApiKey
+
+        sql = "SELECT fingerprint, prefix, account, key_id, created_at, revoked_at FROM api_keys"
+        if not include_revoked:
+            sql += " WHERE revoked_at IS NULL"
+        sql += ' ORDER BY account COLLATE "C", key_id COLLATE "C", created_at'
+        with self.store._connection() as conn:
+            return [ApiKey(*r) for r in conn.execute(sql)]
+
+    def revoke(
+        self,
+        *,
+        key_id: str | None = None,
+        fingerprint_prefix: str | None = None,
+        now: float | None = None,
+    ) -> int:
+        if (key_id is None) == (fingerprint_prefix is None):
+            raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+        stamp = ts_from_epoch(time.time() if now is None else now)
+        with self.store._connection() as conn, conn.transaction():
+            if key_id is not None:
+                return conn.execute(
+                    "UPDATE api_keys SET revoked_at = %s WHERE key_id = %s AND revoked_at IS NULL",
+                    (stamp, key_id),
+                ).rowcount
+            fp = (fingerprint_prefix or "").lower()
+            if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
+                raise ValueError("a fingerprint prefix is at least 8 hex digits")
+            matches = conn.execute(
+                "SELECT fingerprint FROM api_keys WHERE starts_with(fingerprint, %s) "
+                "AND revoked_at IS NULL FOR UPDATE",
+                (fp,),
+            ).fetchall()
+            if len(matches) > 1:
+                raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+            for (full,) in matches:
+                conn.execute(
+                    "UPDATE api_keys SET revoked_at = %s WHERE fingerprint = %s", (stamp, full)
+                )
+            return len(matches)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:

@@ -133,6 +133,28 @@ class ApiKey:
 _COLUMNS = "fingerprint, prefix, account, key_id, created_at, revoked_at"
 
 
+def new_record(account: str, key_id: str, secret: str, *, now: float | None = None) -> ApiKey:
+    """The record a new key is stored as (checks the secret; never keeps it).
+
+    Raises ``WeakSecret`` for a secret under ``MIN_SECRET_LEN`` characters or
+    with whitespace, ``ValueError`` for an empty account or key id.
+    """
+    if not account or not key_id:
+        raise ValueError("a key needs an account and a key id")
+    if len(secret) < MIN_SECRET_LEN or any(c.isspace() for c in secret):
+        raise WeakSecret(
+            f"a secret must be at least {MIN_SECRET_LEN} characters without whitespace"
+        )
+    return ApiKey(
+        fingerprint=fingerprint(secret),
+        prefix=secret_prefix(secret),
+        account=account,
+        key_id=key_id,
+        created_at=ts_from_epoch(time.time() if now is None else now),
+        revoked_at=None,
+    )
+
+
 class Keys:
     """The ``api_keys`` table of the ledger at ``path``.
 
@@ -168,20 +190,7 @@ class Keys:
         or with whitespace, ``DuplicateKey`` if it is already registered,
         ``ValueError`` for an empty account or key id.
         """
-        if not account or not key_id:
-            raise ValueError("a key needs an account and a key id")
-        if len(secret) < MIN_SECRET_LEN or any(c.isspace() for c in secret):
-            raise WeakSecret(
-                f"a secret must be at least {MIN_SECRET_LEN} characters without whitespace"
-            )
-        record = ApiKey(
-            fingerprint=fingerprint(secret),
-            prefix=secret_prefix(secret),
-            account=account,
-            key_id=key_id,
-            created_at=ts_from_epoch(time.time() if now is None else now),
-            revoked_at=None,
-        )
+        record = new_record(account, key_id, secret, now=now)
         with self._lock:
             try:
                 self._conn.execute(

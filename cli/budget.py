@@ -8,9 +8,10 @@ from pathlib import Path
 
 import click
 
-from spendtap.budgets import EPOCH_TS, Budgets, owner_alive, parse_window
+from spendtap.budgets import EPOCH_TS, owner_alive, parse_window
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
+from spendtap.store import open_budget_store
 from spendtap.timeparse import parse_datetime, parse_duration
 
 STATUS_COLUMNS = (
@@ -40,7 +41,7 @@ RESERVATION_COLUMNS = ("id", "account", "key", "tokens", "created_at", "age_s", 
 
 def open_budgets(path: Path, *, create: bool = False):
     """Budgets over the ledger at ``path``; any ledger error is one line and exit 1."""
-    return open_store(Budgets, path, create=create)
+    return open_store(open_budget_store, path, create=create)
 
 
 def principal_options[F: Callable](fn: F) -> F:

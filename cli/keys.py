@@ -9,7 +9,8 @@ import click
 
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
-from spendtap.keys import ApiKeyError, Keys, generate_secret
+from spendtap.keys import ApiKeyError, generate_secret
+from spendtap.store import open_key_store
 
 KEY_COLUMNS = ("account", "key_id", "prefix", "fingerprint", "created_at", "revoked_at")
 KEY_TABLE = (
@@ -24,7 +25,7 @@ KEY_TABLE = (
 
 def open_keys(path: Path, *, create: bool = False):
     """Keys over the ledger at ``path``; any ledger error is one line and exit 1."""
-    return open_store(Keys, path, create=create, user_errors=(ApiKeyError, ValueError))
+    return open_store(open_key_store, path, create=create, user_errors=(ApiKeyError, ValueError))
 
 
 @click.group(name="keys")

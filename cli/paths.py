@@ -15,28 +15,53 @@ from typing import Any
 
 import click
 
-from spendtap.ledger import Ledger, LedgerError, LedgerNotFound
+from spendtap.central import is_central_url, redact_dsn
+from spendtap.ledger import LedgerError, LedgerNotFound
 from spendtap.paths import ENV_DB, default_db_path
+from spendtap.store import open_ledger_reader
+
+
+class LedgerLocation(click.ParamType):
+    """A ledger file path (a ``Path``), or a ``postgresql://`` URL (kept as a string)."""
+
+    name = "path|postgresql://..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Path | str:
+        if isinstance(value, Path):
+            return value
+        text = str(value)
+        if is_central_url(text):
+            return text
+        return Path(text)
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:
+        return "PATH|URL"
 
 
 def db_option[F: Callable](fn: F) -> F:
-    """The ``--db PATH`` option (env ``SPENDTAP_DB``), passed to the command as ``db_path``."""
+    """The ``--db PATH|URL`` option (env ``SPENDTAP_DB``), passed to the command as ``db_path``."""
     return click.option(
         "--db",
         "db_path",
-        type=click.Path(path_type=Path),
+        type=LedgerLocation(),
         envvar=ENV_DB,
         show_envvar=True,
         default=lambda: str(default_db_path()),
         show_default="$XDG_DATA_HOME/spendtap/ledger.db",
-        help="The ledger file.",
+        help="The ledger file, or a postgresql://USER@HOST:PORT/DB URL for the fleet's "
+        "central store (the password is never shown).",
     )(fn)
 
 
-def open_ledger(path: Path) -> Ledger:
+def describe(path: Path | str) -> str:
+    """A ledger location as it may be printed (a URL's password hidden)."""
+    return redact_dsn(path) if is_central_url(path) else str(path)
+
+
+def open_ledger(path: Path | str) -> Any:
     """Open an existing ledger for reading, or fail with one clear line (exit 1)."""
     try:
-        return Ledger.open_existing(path)
+        return open_ledger_reader(path)
     except LedgerNotFound:
         raise click.ClickException(
             f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
@@ -60,6 +85,8 @@ def open_store(
     """
     try:
         store = factory(path, create=create)
+    except ImportError as e:
+        raise click.ClickException(f"{describe(path)}: {e}") from None
     except LedgerNotFound:
         raise click.ClickException(
             f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"

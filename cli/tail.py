@@ -93,19 +93,24 @@ def follow(
         return max_rows is None or emitted < max_rows
 
     try:
-        conn = ledger.db.conn
-        conn.execute("BEGIN")  # the last rows and the start point from one snapshot
+        conn = getattr(ledger, "db", None)  # SQLite: one snapshot for both reads
+        if conn is not None:
+            conn.conn.execute("BEGIN")
         try:
             cursor = ledger.last_rowid()
             initial = []
             if lines > 0:
-                initial = list(
-                    ledger.requests(
+                initial = [
+                    row
+                    for row in ledger.requests(
                         after_rowid=0, order="desc", limit=lines, include_rowid=True, **filters
                     )
-                )
+                    # Without a snapshot (the central store) a row may land in between.
+                    if row["rowid"] <= cursor
+                ]
         finally:
-            conn.execute("COMMIT")
+            if conn is not None:
+                conn.conn.execute("COMMIT")
         for row in reversed(initial):
             if not budget_left():
                 return

@@ -1,0 +1,124 @@
+"""The CLI against the central store: every ledger command gives the same output with
+``--db postgresql://...`` as with the SQLite ledger holding the same rows, and every
+failure (unreachable, wrong password, someone else's database) is one line, exit 1,
+with no password shown."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from spendtap.central import CentralStore, redact_dsn
+from spendtap.cli.main import cli
+from spendtap.ledger import Ledger
+from tests.pg import PASSWORD
+from tests.test_cli_query import ROWS
+
+
+@pytest.fixture
+def both(tmp_path, pg_dsn):
+    """An SQLite ledger and a central store holding the same rows: (path, dsn)."""
+    db = tmp_path / "ledger.db"
+    with Ledger(db) as ledger:
+        ledger.insert_rows(ROWS)
+        rows = list(ledger.requests(after_rowid=0, order="asc", include_rowid=True))
+    with CentralStore(pg_dsn) as store:
+        store.ship("node-a", "cli-test", 30, [(r.pop("rowid"), r) for r in rows], "m")
+    return str(db), pg_dsn
+
+
+def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), input=stdin, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+QUERIES = [
+    ("requests",),
+    ("requests", "-f", "json"),
+    ("requests", "-f", "jsonl", "--key", "k-acme-1"),
+    ("requests", "-f", "csv", "--limit", "2"),
+    ("requests", "--since", "2025-01-31", "--until", "2025-02-01", "-f", "json"),
+    ("report", "--by", "account"),
+    ("report", "--by", "key", "-f", "json"),
+    ("report", "--by", "model", "-f", "csv"),
+    ("report", "--by", "node"),
+    ("report", "--by", "day", "-f", "json"),
+    ("report", "--by", "hour"),
+    ("export", "-f", "jsonl"),
+    ("export", "-f", "csv", "--account", "acme"),
+    ("tail", "--once", "-n", "5", "-f", "jsonl"),
+]
+
+
+@pytest.mark.parametrize("args", QUERIES, ids=[" ".join(q) for q in QUERIES])
+def test_query_commands_match_sqlite(both, args):
+    """Reading commands print exactly what they print for the SQLite ledger."""
+    db, dsn = both
+    code_sqlite, out_sqlite, err_sqlite = run(*args, "--db", db)
+    code_pg, out_pg, err_pg = run(*args, "--db", dsn)
+    assert (code_pg, err_pg) == (code_sqlite, err_sqlite) == (0, "")
+    assert out_pg == out_sqlite
+    assert out_pg.strip()
+
+
+def test_budget_commands_on_the_fleet(both):
+    """budget set/show/list/rm, reservations and sweep work on the central store."""
+    _, dsn = both
+    code, out, err = run("budget", "set", "--key", "k-acme-1", "--cap", "5000",
+                         "--window", "30d", "--db", dsn)  # fmt: skip
+    assert code == 0, err
+    code, out, _ = run("budget", "show", "--key", "k-acme-1", "-f", "json", "--db", dsn)
+    assert code == 0 and '"cap": 5000' in out and '"window": "30d"' in out
+    code, out, _ = run("budget", "list", "--db", dsn)
+    assert code == 0 and "k-acme-1" in out
+    with CentralStore(dsn) as store:
+        store.reserve("r-open", "acme", "k-acme-1", 100, "elsewhere:1:1", node_id="n")
+    code, out, _ = run("reservations", "-f", "jsonl", "--db", dsn)
+    assert code == 0 and '"id": "r-open"' in out
+    code, out, _ = run("sweep", "--older-than", "0s", "--db", dsn)
+    assert code == 0 and "released 1 stale reservation" in out
+    code, out, _ = run("budget", "rm", "--key", "k-acme-1", "--db", dsn)
+    assert code == 0
+    code, out, _ = run("budget", "list", "-f", "json", "--db", dsn)
+    assert out.strip() == "[]"
+
+
+def test_keys_registered_centrally(pg_dsn):
+    """keys add/list/rm against the central store; a key resolves from the store."""
+    from spendtap.central import CentralKeys
+
+    secret = "sk-fleet-" + "x" * 32
+    code, out, err = run(
+        "keys", "add", "--account", "acme", "--key-id", "k1", "--db", pg_dsn, stdin=secret + "\n"
+    )
+    assert code == 0, err
+    with CentralKeys(pg_dsn) as keys:
+        assert keys.resolve(secret) == ("acme", "k1")
+    code, out, _ = run("keys", "list", "-f", "json", "--db", pg_dsn)
+    assert code == 0 and '"key_id": "k1"' in out and secret not in out
+    code, out, _ = run("keys", "rm", "--key-id", "k1", "--db", pg_dsn)
+    assert code == 0 and "revoked 1 key" in out
+
+
+@pytest.mark.parametrize("command", [("requests",), ("report", "--by", "key"),
+                                     ("budget", "list"), ("reservations",)])  # fmt: skip
+def test_failures_are_one_line_without_the_password(pg_server, pg_dsn, command):
+    """Unreachable server, wrong password, someone else's or an empty database: exit 1,
+    one line naming the problem, and never the password."""
+    foreign = pg_server.create_database()
+    with psycopg.connect(foreign, autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    cases = {
+        "postgresql://spendtap:hunter2-secret@127.0.0.1:1/db": "Connection refused",
+        pg_dsn.replace(PASSWORD, "hunter2-secret"): "password authentication failed",
+        foreign: "not a spendtap ledger (tables but no spendtap migrations)",
+        pg_server.create_database(): "not a spendtap ledger (an empty database)",
+    }
+    for dsn, expected in cases.items():
+        code, out, err = run(*command, "--db", dsn)
+        assert code == 1, (dsn, out, err)
+        assert expected in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert "hunter2-secret" not in err + out and PASSWORD not in err + out
+        assert redact_dsn(dsn) in err
