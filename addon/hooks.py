@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 
@@ -50,7 +51,7 @@ from spendtap.meter import (
 )
 from spendtap.metrics import CallbackGauges, Metrics
 from spendtap.metrics_server import MetricsServer
-from spendtap.options import BY_NAME, OPTIONS, OptionError, take_deferred
+from spendtap.options import BY_NAME, ENV_CENTRAL, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
 from spendtap.refusals import misconfigured, service_unavailable
 from spendtap.request import detect_api, parse_request
@@ -315,11 +316,13 @@ class SpendTap:
         if self.fleet is not None:
             self.fleet.close(timeout=10)
             self.fleet = None
-        if not opts.spendtap_central:
+        dsn = opts.spendtap_central or os.environ.get(ENV_CENTRAL, "")
+        if not dsn:
             return None
         try:
+            BY_NAME["spendtap_central"].validate(dsn)
             fleet = Fleet(
-                opts.spendtap_central,
+                dsn,
                 self._db_path,
                 timeout_s=opts.spendtap_central_timeout_ms / 1000,
                 lease_s=opts.spendtap_central_lease_s,

@@ -31,6 +31,7 @@ from spendtap.address import parse_listen
 from spendtap.trust import parse_trusted_peers
 
 PREFIX = "spendtap_"
+ENV_CENTRAL = "SPENDTAP_CENTRAL"
 PRINCIPAL_SOURCES = ("headers", "bearer", "both")
 _METRIC_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -282,8 +283,8 @@ OPTIONS: tuple[Option, ...] = (
         "PostgreSQL URL (postgresql://USER@HOST:PORT/DB) of the fleet's central store: "
         "budgets are decided there for every sidecar, and each committed row is shipped "
         "there from the local ledger. libpq's PG* variables and password file apply; "
-        "the password is never shown. Empty: budgets and ledger stay in the local SQLite "
-        "file.",
+        "the password is never shown. Empty means $SPENDTAP_CENTRAL if set, else budgets "
+        "and ledger stay in the local SQLite file.",
         check=_check_central,
     ),
     Option(

@@ -17,6 +17,7 @@ Keys (TOML key / environment variable / ``spendtap run`` option)::
     metrics_prefix  SPENDTAP_METRICS_PREFIX   --metrics-prefix  metric name prefix
     access_log      SPENDTAP_ACCESS_LOG       --access-log      JSONL access log path
     trusted_peers   SPENDTAP_TRUSTED_PEERS    --trusted-peers   who may send principal headers
+    central         SPENDTAP_CENTRAL          --central         postgresql://USER@HOST:PORT/DB
     [set]           SPENDTAP_SET              --set             free-form mitmproxy/spendtap options
 
 ``[set]`` is a TOML table (``tcp_timeout = 3600``); ``SPENDTAP_SET`` holds
@@ -67,6 +68,7 @@ DEFAULTS: dict[str, str | None] = {
     "metrics_prefix": None,
     "access_log": None,
     "trusted_peers": None,  # None: loopback (or any peer, with a gateway secret)
+    "central": None,  # None: budgets and ledger in the local SQLite file only
 }
 KEYS = (*DEFAULTS, "set")
 _OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -90,6 +92,7 @@ class Settings:
     metrics_prefix: str | None = None
     access_log: str | None = None
     trusted_peers: str | None = None
+    central: str | None = None
     set: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -205,7 +208,15 @@ def _describe(settings: Settings, key: str) -> str:
 
 def _validate(s: Settings) -> None:
     # Empty strings from an env file (SPENDTAP_NODE=) mean "not set".
-    for key in ("upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers"):
+    for key in (
+        "upstream",
+        "db",
+        "node",
+        "metrics_prefix",
+        "access_log",
+        "trusted_peers",
+        "central",
+    ):
         if getattr(s, key) == "":
             setattr(s, key, None)
     if s.mode not in MODES:
@@ -234,6 +245,16 @@ def _validate(s: Settings) -> None:
             f"got {s.metrics_prefix!r}"
         )
     options = _check_spendtap_options(s)
+    if s.central is not None:
+        if "spendtap_central" in s.set:
+            raise ConfigError(
+                f"{_describe(s, 'central')}: the central store given twice "
+                "(also as set.spendtap_central); give one"
+            )
+        try:
+            check_settings({"spendtap_central": s.central})
+        except OptionError as e:
+            raise ConfigError(f"{_describe(s, 'central')}: {e}") from None
     if s.trusted_peers is not None and "spendtap_trusted_peers" in s.set:
         raise ConfigError(
             f"{_describe(s, 'trusted_peers')}: trusted peers given twice "

@@ -16,7 +16,7 @@ from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option
 from spendtap.ledger import Ledger, LedgerError
-from spendtap.options import redact
+from spendtap.options import ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.trust import read_secret_file
 
@@ -176,6 +176,14 @@ def build_mitmdump_args(
     help="Any other mitmproxy or spendtap option (repeatable). "
     "[env: SPENDTAP_SET, whitespace-separated]",
 )
+@click.option(
+    "--central",
+    metavar="URL",
+    help="PostgreSQL URL (postgresql://USER@HOST:PORT/DB) of the fleet's central store: "
+    "budgets shared by every sidecar, rows shipped from the local ledger. Prefer PGPASSWORD "
+    "or a password file to a password in the URL; it is passed to mitmdump in its "
+    "environment, never on its command line, and never shown. [env: SPENDTAP_CENTRAL]",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Let mitmdump print every flow.")
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
 @click.pass_context
@@ -191,6 +199,7 @@ def run(
     metrics_prefix,
     access_log,
     trusted_peers,
+    central,
     extra_set,
     verbose,
     dry_run,
@@ -225,6 +234,7 @@ def run(
         "metrics_prefix": metrics_prefix,
         "access_log": access_log,
         "trusted_peers": trusted_peers,
+        "central": central,
     }
     cli_values = {k: v for k, v in given.items() if v is not None}
     if ctx.get_parameter_source("db_path") == ParameterSource.COMMANDLINE:
@@ -271,11 +281,35 @@ def run(
         verbose=verbose,
     )
     if dry_run:
-        click.echo(" ".join(_quote(a) for a in redact(args)))
+        env_prefix = ""
+        if settings.central:
+            env_prefix = f"{ENV_CENTRAL}={_quote(redact_url(settings.central))} "
+        click.echo(env_prefix + " ".join(_quote(a) for a in redact(args)))
         return
+    if settings.central:
+        _check_central(settings.central)
+        # In mitmdump's environment, not its arguments: other users can read argv.
+        os.environ[ENV_CENTRAL] = settings.central
+    else:
+        os.environ.pop(ENV_CENTRAL, None)  # the addon would otherwise read it
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(args[0], args)
+
+
+def _check_central(dsn: str) -> None:
+    """Someone else's database or a refused login fails here; unreachable only warns
+    (rows wait in the local ledger, budgeted requests get 503 until it is back)."""
+    from spendtap.central import CentralError, CentralStore, NotCentral
+
+    try:
+        CentralStore(dsn, timeout_s=3).close()
+    except NotCentral as e:
+        raise click.ClickException(str(e)) from None
+    except CentralError as e:
+        if "authentication failed" in str(e) or "does not exist" in str(e):
+            raise click.ClickException(str(e)) from None
+        click.echo(f"warning: {e}; starting anyway", err=True)
 
 
 def _quote(arg: str) -> str:

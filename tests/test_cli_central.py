@@ -122,3 +122,24 @@ def test_failures_are_one_line_without_the_password(pg_server, pg_dsn, command):
         assert len(err.strip().splitlines()) == 1, err
         assert "hunter2-secret" not in err + out and PASSWORD not in err + out
         assert redact_dsn(dsn) in err
+
+
+def test_run_dry_run_never_shows_the_password(tmp_path, monkeypatch):
+    """--central, SPENDTAP_CENTRAL and the TOML key reach mitmdump through its environment,
+    and --dry-run shows the URL with its password hidden."""
+    dsn = "postgresql://fleet:pa55-w0rd-xyz@db.internal:5432/spendtap"
+    base = ["run", "--upstream", "http://127.0.0.1:8000", "--db", str(tmp_path / "l.db")]
+    code, out, err = run(*base, "--central", dsn, "--dry-run")
+    assert code == 0, err
+    assert out.startswith("SPENDTAP_CENTRAL='postgresql://fleet:***@db.internal:5432/spendtap' ")
+    assert "pa55-w0rd-xyz" not in out + err and "spendtap_central" not in out
+    monkeypatch.setenv("SPENDTAP_CENTRAL", dsn)
+    code, out, err = run(*base, "--dry-run")
+    assert code == 0 and "SPENDTAP_CENTRAL='postgresql://fleet:***@" in out
+    monkeypatch.delenv("SPENDTAP_CENTRAL")
+    config = tmp_path / "spendtap.toml"
+    config.write_text(f'upstream = "http://127.0.0.1:8000"\ncentral = "{dsn}"\n')
+    code, out, err = run("run", "--config", str(config), "--dry-run")
+    assert code == 0 and "SPENDTAP_CENTRAL='postgresql://fleet:***@" in out
+    code, out, err = run(*base, "--central", "mysql://u:pa55-w0rd-xyz@h/db", "--dry-run")
+    assert code == 1 and "expected a postgresql://" in err and "pa55-w0rd-xyz" not in err
