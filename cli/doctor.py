@@ -8,7 +8,12 @@ Checks, in order:
 - reservations: how many budget reservations are open, and the oldest
   (informational; only when the ledger has a ``reservations`` table);
 - metrics: ``/metrics`` answers 200 with Prometheus text, ``/healthz`` answers 200;
-- upstream: the inference server answers HTTP at all (any status counts).
+- upstream: the inference server answers HTTP at all (any status counts);
+- central (with ``--central``, ``SPENDTAP_CENTRAL`` or the config's ``central``, or
+  ``--db postgresql://...``): PostgreSQL is reachable and is spendtap's, every
+  migration is applied; this node's lease is fresh; its backlog (rows committed
+  locally, not yet shipped) is empty or young; the fleet's nodes and open
+  reservations (informational). The URL is shown with its password hidden.
 
 The ledger is only read: doctor never creates or migrates one. Exit status is 0
 when every check passed, 1 when any failed.
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import click
 
+from spendtap.central import is_central_url
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.paths import db_option
 from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
@@ -172,6 +178,80 @@ def check_upstream(report: Report, url: str, timeout: float) -> None:
     report.line(OK, "upstream", f"{url}: HTTP {status} in {ms:.0f} ms")
 
 
+def check_central(report: Report, dsn: str, local_db: Path | None, timeout: float) -> None:
+    """The fleet's central store, and this node's lease and backlog in it."""
+    from spendtap.central import MIGRATIONS as CENTRAL_MIGRATIONS
+    from spendtap.central import CentralError, CentralStore, node_identity
+    from spendtap.ledger import Ledger, LedgerError
+
+    try:
+        store = CentralStore(dsn, create=False, timeout_s=timeout)
+    except CentralError as e:
+        report.line(FAIL, "central", str(e))
+        return
+    try:
+        applied = set(store.migrations())
+        pending = [name for name, _ in CENTRAL_MIGRATIONS if name not in applied]
+        if pending:
+            report.line(FAIL, "central", f"{store.where}: migrations pending: {', '.join(pending)}")
+        else:
+            report.line(
+                OK, "central", f"{store.where}: reachable, migrated ({len(applied)} migrations)"
+            )
+        nodes = store.nodes()
+        expired = sum(1 for n in nodes if n["expired"])
+        report.line(
+            INFO,
+            "fleet",
+            f"{len(nodes)} nodes ({expired} with an expired lease), "
+            f"{store.open_reservation_count()} open reservations, {store.count_rows()} rows",
+        )
+        if local_db is None:
+            return
+        node_id = node_identity(local_db)
+        mine = next((n for n in nodes if n["node_id"] == node_id), None)
+        if mine is None:
+            report.line(FAIL, "lease", f"no lease for node {node_id} (is its sidecar running?)")
+        elif mine["expired"]:
+            report.line(
+                FAIL,
+                "lease",
+                f"node {node_id}: last heartbeat {mine['heartbeat_age_s']:.0f}s ago "
+                f"(lease {mine['lease_s']}s): expired",
+            )
+        else:
+            report.line(
+                OK,
+                "lease",
+                f"node {node_id}: heartbeat {mine['heartbeat_age_s']:.1f}s ago "
+                f"(lease {mine['lease_s']}s)",
+            )
+        if local_db.exists():
+            try:
+                with Ledger.open_existing(local_db) as ledger:
+                    first = next(ledger.requests(after_rowid=0, order="asc", limit=1), None)
+                    shipped = store.shipped_rowid(node_id, first["id"] if first else None)
+                    waiting = max(0, ledger.last_rowid() - shipped)
+                    head = next(ledger.requests(after_rowid=shipped, order="asc", limit=1), None)
+            except LedgerError as e:
+                report.line(FAIL, "backlog", f"{local_db}: {e}")
+                return
+            if not waiting:
+                report.line(OK, "backlog", "every local row is in the central store")
+            else:
+                oldest, age = "?", 0.0
+                if head:
+                    oldest = _ago(head["ts"])
+                    then = datetime.fromisoformat(head["ts"].replace("Z", "+00:00"))
+                    age = time.time() - then.timestamp()
+                status = FAIL if age > 60 else OK
+                report.line(status, "backlog", f"{waiting} rows not shipped yet, oldest {oldest}")
+    except CentralError as e:
+        report.line(FAIL, "central", str(e))
+    finally:
+        store.close()
+
+
 def metrics_url(address: str) -> str:
     """``HOST:PORT`` of the metrics server to a URL a client on this host can reach."""
     if address.startswith(("http://", "https://")):
@@ -208,9 +288,15 @@ def metrics_url(address: str) -> str:
     help="The TOML file spendtap run uses, to find the metrics and upstream addresses.",
 )
 @click.option(
+    "--central",
+    metavar="URL",
+    help="The fleet's central store, postgresql://USER@HOST:PORT/DB [default: from "
+    "SPENDTAP_CENTRAL or the config file; skipped when unknown]. Never shown with its password.",
+)
+@click.option(
     "--timeout", default=5.0, show_default=True, help="Seconds to wait for each HTTP check."
 )
-def doctor(db_path, metrics, upstream, config_path, timeout):
+def doctor(db_path, metrics, upstream, config_path, central, timeout):
     """Check a running setup: ledger, metrics, health, upstream, reservations.
 
     Prints one line per check (ok, FAIL, skip or info) and exits 1 if any
@@ -234,7 +320,13 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
         "db_path"
     ).name == "DEFAULT" and configured.get("db"):
         db = Path(configured["db"])
-    check_ledger(report, Path(db))
+    central = central or configured.get("central") or None
+    local_db: Path | None = None
+    if is_central_url(db):
+        central = central or str(db)
+    else:
+        local_db = Path(db)
+        check_ledger(report, local_db)
 
     if metrics is None:
         address = configured.get("metrics", DEFAULTS["metrics"])
@@ -249,6 +341,9 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
         check_upstream(report, upstream, timeout)
     else:
         report.line(SKIP, "upstream", "unknown (pass --upstream or set SPENDTAP_UPSTREAM)")
+
+    if central:
+        check_central(report, central, local_db, timeout)
 
     if report.failed:
         raise SystemExit(1)

@@ -143,3 +143,28 @@ def test_run_dry_run_never_shows_the_password(tmp_path, monkeypatch):
     assert code == 0 and "SPENDTAP_CENTRAL='postgresql://fleet:***@" in out
     code, out, err = run(*base, "--central", "mysql://u:pa55-w0rd-xyz@h/db", "--dry-run")
     assert code == 1 and "expected a postgresql://" in err and "pa55-w0rd-xyz" not in err
+
+
+def test_doctor_checks_the_central_store(tmp_path, pg_server, pg_dsn):
+    """doctor reports the central store, this node's lease and backlog; the password never
+    shows; a foreign database fails."""
+    from spendtap.central import node_identity
+
+    db = tmp_path / "ledger.db"
+    with Ledger(db) as ledger:
+        ledger.insert_rows(ROWS)
+    with CentralStore(pg_dsn) as store:
+        store.heartbeat(node_identity(db), "me", 30)
+    code, out, err = run("doctor", "--db", str(db), "--metrics", "none", "--central", pg_dsn)
+    assert PASSWORD not in out + err
+    assert f"ok    central       {redact_dsn(pg_dsn)}: reachable, migrated" in out
+    assert "ok    lease" in out
+    assert f"FAIL  backlog       {len(ROWS)} rows not shipped yet" in out  # rows from 2025
+    assert code == 1
+    code, out, err = run("doctor", "--db", pg_dsn, "--metrics", "none")
+    assert code == 0 and "ok    central" in out and "lease" not in out
+    foreign = pg_server.create_database()
+    with psycopg.connect(foreign, autocommit=True) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    code, out, err = run("doctor", "--db", foreign, "--metrics", "none")
+    assert code == 1 and "FAIL  central" in out and "not a spendtap ledger" in out
