@@ -1121,6 +1121,15 @@ class CentralKeys:
         self.store = CentralStore(dsn, create=create, timeout_s=timeout_s)
         self.where = self.store.where
 
+    @classmethod
+    def over(cls, store: CentralStore) -> CentralKeys:
+        """Keys through an already open store (its pool); closing them leaves it open."""
+        keys = cls.__new__(cls)
+        keys.store = store
+        keys.where = store.where
+        keys.close = lambda: None  # type: ignore[method-assign]
+        return keys
+
     def close(self) -> None:
         self.store.close()
 

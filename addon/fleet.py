@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from spendtap.budgets import process_owner
-from spendtap.central import CentralStore, node_identity
+from spendtap.central import CentralKeys, CentralStore, node_identity
 from spendtap.ledger import Ledger
 from spendtap.timeparse import parse_datetime
 
@@ -279,6 +279,7 @@ class Fleet:
     ):
         self.log = logger or _default_logger
         self.store = CentralStore(dsn, pool_size=pool_size, timeout_s=timeout_s, open_now=False)
+        self._keys = CentralKeys.over(self.store)
         self.node_id = node_identity(local_db)
         self.owner = process_owner()
         self.shipper = Shipper(
@@ -321,6 +322,10 @@ class Fleet:
     def _refresh_forever(self) -> None:
         while not self._stop.wait(BUDGET_VIEW_S):
             self._refresh()
+
+    def resolve_key(self, secret: str) -> tuple[str, str] | None:
+        """(account, key id) of a bearer key registered in the central store, or None."""
+        return self._keys.resolve(secret)
 
     def reserve(self, reservation_id, account, key, tokens, owner) -> Any:
         return self.store.reserve(reservation_id, account, key, tokens, owner, node_id=self.node_id)

@@ -165,6 +165,16 @@ class Gate:
         if hit is not None and hit[0] > now:
             return hit[1]
         resolved = await self._run(self._keys.resolve, secret)
+        if resolved is None and self.fleet is not None:
+            # Keys registered centrally resolve on every node.
+            try:
+                resolved = await asyncio.get_running_loop().run_in_executor(
+                    self._central, self.fleet.resolve_key, secret
+                )
+            except Exception:
+                if hit is not None:
+                    return hit[1]  # PostgreSQL is away: the last answer stands
+                raise
         if len(self._key_cache) > 10_000:
             self._key_cache.clear()
         self._key_cache[fp] = (now + KEY_CACHE_S, resolved)

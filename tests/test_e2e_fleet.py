@@ -309,3 +309,38 @@ def _metric(proxy, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no metric {name}")
+
+
+def test_keys_registered_centrally_resolve_on_every_node(sim, tmp_path, pg_dsn):
+    """A bearer key registered in PostgreSQL names its principal on any sidecar, and that
+    key's fleet budget binds on all of them."""
+    from spendtap.central import CentralKeys
+
+    secret = "sk-fleet-" + "k" * 32
+    with CentralKeys(pg_dsn) as keys:
+        keys.add("acme", "central-key", secret)
+    with CentralStore(pg_dsn) as store:
+        store.set("key", "central-key", 10**6, None)
+    sets = [f"spendtap_central={pg_dsn}", "spendtap_principal_source=bearer"]
+    proxies = [Sidecar(tmp_path, sim.url, *sets) for _ in range(2)]
+    try:
+        time.sleep(1.2)
+        for i, p in enumerate(proxies):
+            r = httpx.post(
+                p.url + "/v1/chat/completions",
+                json={
+                    "model": "m",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+                headers={"authorization": f"Bearer {secret}", "x-sim-tokens": "5"},
+                timeout=10,
+            )
+            assert r.status_code == 200, r.text
+            assert p.rows(expect=1)[0]["key"] == "central-key", i
+        assert wait_for(lambda: all_shipped(pg_dsn, proxies), 15)
+        with CentralStore(pg_dsn) as store:
+            assert store.status("key", "central-key").spent > 0
+    finally:
+        for p in proxies:
+            p.stop()
