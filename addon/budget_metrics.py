@@ -12,6 +12,10 @@ yet yields zero open reservations and no budget series; a ledger that cannot
 be read is counted in ``{prefix}_budget_scrape_errors`` (a gauge of failures
 since start) and never fails the whole scrape.
 
+With a fleet (``central``: a callable returning the ``CentralStore``, or None),
+the figures are the fleet's, read from PostgreSQL at scrape time; a scrape
+while PostgreSQL is away counts a scrape error and exports no budget series.
+
 This module imports neither click nor mitmproxy.
 """
 
@@ -22,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -44,12 +49,14 @@ class BudgetCollector(Collector):
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 1.0,
+        central: Callable[[], Any] | None = None,
     ):
         self.path = os.fspath(path)
         self._p = prefix + "_" if prefix else ""
         self._clock = clock
         self.busy_timeout_s = busy_timeout_s
         self.scrape_errors = 0
+        self._central = central
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         p = self._p
@@ -77,6 +84,16 @@ class BudgetCollector(Collector):
         open_family = GaugeMetricFamily(
             p + "open_reservations", "Budget reservations not yet settled or released."
         )
+        store = self._central() if self._central is not None else None
+        if store is not None:
+            try:
+                statuses = store.statuses(self._clock())
+                count = store.open_reservation_count()
+            except Exception:
+                yield from self._failed()
+                return
+            yield from self._emit(families, open_family, statuses, count)
+            return
         try:
             conn = open_readonly(self.path, self.busy_timeout_s)
         except LedgerNotFound:
@@ -96,6 +113,9 @@ class BudgetCollector(Collector):
         finally:
             with contextlib.suppress(Exception):
                 conn.close()
+        yield from self._emit(families, open_family, statuses, count)
+
+    def _emit(self, families, open_family, statuses, count) -> Iterator[GaugeMetricFamily]:
         for s in statuses:
             values = [s.budget.scope, s.budget.principal]
             families["cap"].add_metric(values, s.budget.cap)

@@ -22,7 +22,7 @@ How the guarantees carry over from one node to a fleet:
   shipping cursor, all in one transaction. Until a row ships its reservation
   stays open, so the fleet never counts a request's tokens as neither reserved
   nor spent.
-- **Leases**: each sidecar heartbeats a row in ``nodes``. Any live sidecar's
+- **Leases**: each sidecar heartbeats a row in ``nodes`` from its own thread. Any live sidecar's
   sweep releases the reservations of nodes whose lease expired; a restarted
   node ships its backlog first and only then releases what its previous life
   left open (ship-then-release: the rows that settle reservations are never
@@ -160,6 +160,7 @@ CREATE TABLE budgets (
     PRIMARY KEY (scope, principal)
 );
 
+-- Each sidecar's lease, renewed by its own thread (never held up by shipping).
 CREATE TABLE nodes (
     node_id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -167,9 +168,15 @@ CREATE TABLE nodes (
     owner TEXT NOT NULL,
     started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    lease_s INTEGER NOT NULL CHECK (lease_s > 0),
+    lease_s INTEGER NOT NULL CHECK (lease_s > 0)
+);
+
+-- Where each node's shipping stands in its local ledger; moves with the shipped rows.
+CREATE TABLE ship_cursors (
+    node_id TEXT PRIMARY KEY,
     ledger_mark TEXT,
-    shipped_rowid BIGINT NOT NULL DEFAULT 0
+    shipped_rowid BIGINT NOT NULL DEFAULT 0 CHECK (shipped_rowid >= 0),
+    shipped_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
 CREATE TABLE reservations (
@@ -737,7 +744,8 @@ class CentralStore:
         """Where this node's shipping resumes: 0 for a new node or a replaced local ledger."""
         with self._connection() as conn:
             row = conn.execute(
-                "SELECT shipped_rowid, ledger_mark FROM nodes WHERE node_id = %s", (node_id,)
+                "SELECT shipped_rowid, ledger_mark FROM ship_cursors WHERE node_id = %s",
+                (node_id,),
             ).fetchone()
         if row is None or row[1] != ledger_mark:
             return 0  # re-shipping is harmless: rows are keyed by id
@@ -746,8 +754,6 @@ class CentralStore:
     def ship(
         self,
         node_id: str,
-        owner: str,
-        lease_s: int,
         rows: Sequence[tuple[int, dict[str, Any]]],
         ledger_mark: str | None,
     ) -> int:
@@ -771,6 +777,18 @@ class CentralStore:
         keys = sorted({r["key"] for r in prepared if r["key"] is not None})
         accounts = sorted({r["account"] for r in prepared if r["account"] is not None})
         with self._connection() as conn, conn.transaction():
+            # The cursor first: a node's batches serialize here, before any budget is locked.
+            conn.execute(
+                """
+                INSERT INTO ship_cursors (node_id, ledger_mark, shipped_rowid)
+                VALUES (%s, %s, %s)
+                ON CONFLICT (node_id) DO UPDATE SET
+                    ledger_mark = excluded.ledger_mark,
+                    shipped_rowid = excluded.shipped_rowid,
+                    shipped_at = now()
+                """,
+                (node_id, ledger_mark, last),
+            )
             # Lock the budgets these rows will charge in the order reserve locks them
             # (scope, principal), before the triggers do: shipping and reserving never deadlock.
             conn.execute(
@@ -784,18 +802,6 @@ class CentralStore:
             with conn.cursor() as cur:
                 cur.executemany(sql, params)
             conn.execute("DELETE FROM reservations WHERE id = ANY(%s)", (ids,))
-            conn.execute(
-                """
-                INSERT INTO nodes (node_id, host, pid, owner, lease_s, ledger_mark, shipped_rowid)
-                VALUES (%s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (node_id) DO UPDATE SET
-                    ledger_mark = excluded.ledger_mark,
-                    shipped_rowid = excluded.shipped_rowid,
-                    heartbeat_at = CASE WHEN nodes.owner = excluded.owner THEN now()
-                                        ELSE nodes.heartbeat_at END
-                """,
-                (node_id, socket.gethostname(), os.getpid(), owner, lease_s, ledger_mark, last),
-            )
         return len(ids) - existing
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -803,12 +809,13 @@ class CentralStore:
         with self._connection() as conn:
             cur = conn.execute(
                 """
-                SELECT node_id, host, pid, owner,
+                SELECT n.node_id, host, pid, owner,
                        extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age_s,
                        lease_s,
                        heartbeat_at < now() - make_interval(secs => lease_s) AS expired,
-                       shipped_rowid
-                FROM nodes ORDER BY node_id
+                       coalesce(c.shipped_rowid, 0) AS shipped_rowid
+                FROM nodes n LEFT JOIN ship_cursors c USING (node_id)
+                ORDER BY n.node_id
                 """
             )
             names = [d.name for d in cur.description]

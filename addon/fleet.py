@@ -2,15 +2,16 @@
 
 With ``--central`` each sidecar keeps writing its rows to its local SQLite
 ledger first (the durable-before-delivery guarantee stays local and fast), and
-``Fleet`` runs two background threads beside the proxy:
+``Fleet`` runs three background threads beside the proxy:
 
 - the **shipper** copies committed local rows to PostgreSQL in batches, in
   insertion (rowid) order, with ``CentralStore.ship`` (idempotent by row id;
   settles each row's central reservation in the same transaction, and moves
-  the node's cursor). It also renews this node's lease, and sweeps the
-  reservations of nodes whose lease expired. After a restart it ships the whole
-  backlog first and only then releases the reservations its previous life left
-  open (ship-then-release).
+  the node's cursor). After a restart it ships the whole backlog first and only
+  then releases the reservations its previous life left open (ship-then-release).
+- the **lease** renews this node's lease, and sweeps the reservations of nodes
+  whose lease expired (any live node does; a cut-off node's rows still ship
+  when it is back, so nothing it served is lost).
 - the **budget view** re-reads the set of budgeted principals every second,
   so the request path knows without asking PostgreSQL that a principal has no
   budget; a budget set anywhere takes effect fleet-wide within about a second.
@@ -53,11 +54,8 @@ class Shipper:
         *,
         node_id: str,
         owner: str,
-        lease_s: int = 30,
-        reservation_max_age_s: float | None = None,
         batch_size: int = 500,
         interval_s: float = 0.2,
-        sweep_every_s: float = 5.0,
         stuck_after_s: float = 60.0,
         logger: logging.Logger | None = None,
     ):
@@ -65,11 +63,8 @@ class Shipper:
         self.store = store
         self.node_id = node_id
         self.owner = owner
-        self.lease_s = lease_s
-        self.reservation_max_age_s = reservation_max_age_s
         self.batch_size = batch_size
         self.interval_s = interval_s
-        self.sweep_every_s = sweep_every_s
         self.stuck_after_s = stuck_after_s
         self.log = logger or _default_logger
         self._stop = threading.Event()
@@ -83,7 +78,6 @@ class Shipper:
         self.rows_shipped = 0  # rows new to the central store (duplicates excluded)
         self.batches_shipped = 0
         self.ship_errors = 0
-        self.swept = 0
         self.released_previous_life: int | None = None
         self.last_ship_at: float | None = None
         self._failing_since: float | None = None
@@ -141,8 +135,6 @@ class Shipper:
 
     def _run(self) -> None:
         ledger: Ledger | None = None
-        next_beat = 0.0
-        next_sweep = time.monotonic() + self.sweep_every_s
         backoff = 0.0
         try:
             while not self._stop.is_set():
@@ -150,14 +142,7 @@ class Shipper:
                     if ledger is None:
                         ledger = Ledger.open_existing(self.local_db)
                     self.measure(ledger)  # local only: the backlog shows while PostgreSQL is away
-                    now = time.monotonic()
-                    if now >= next_beat:
-                        self.store.heartbeat(self.node_id, self.owner, self.lease_s)
-                        next_beat = now + max(0.5, self.lease_s / 3)
                     more = self.ship_once(ledger)
-                    if now >= next_sweep:
-                        next_sweep = now + self.sweep_every_s
-                        self.swept += self.store.sweep(None, self.reservation_max_age_s)
                     self._recovered()
                     backoff = 0.0
                     if more:
@@ -208,9 +193,7 @@ class Shipper:
         )
         if rows:
             batch = [(r.pop("rowid"), r) for r in rows]
-            self.rows_shipped += self.store.ship(
-                self.node_id, self.owner, self.lease_s, batch, self._mark
-            )
+            self.rows_shipped += self.store.ship(self.node_id, batch, self._mark)
             self.batches_shipped += 1
             self.last_ship_at = time.time()
             self._cursor = self._known_cursor = batch[-1][0]
@@ -264,7 +247,14 @@ _CENTRAL_ERRORS = _central_errors()
 
 
 class Fleet:
-    """A sidecar's part of the fleet: the central store, its shipper and its budget view."""
+    """A sidecar's part of the fleet: the central store, its shipper, lease and budget view.
+
+    Threads: the shipper; the lease (renews this node's lease every third of it,
+    and every ``sweep_every_s`` releases reservations of expired leases and,
+    with ``reservation_max_age_s``, too old ones); the budget view (re-reads the
+    budgeted principals every ``BUDGET_VIEW_S``). None of them waits on another,
+    so a stuck shipment never lets the lease expire.
+    """
 
     def __init__(
         self,
@@ -274,6 +264,7 @@ class Fleet:
         timeout_s: float = 2.0,
         lease_s: int = 30,
         reservation_max_age_s: float | None = None,
+        sweep_every_s: float = 5.0,
         pool_size: int = 8,
         logger: logging.Logger | None = None,
     ):
@@ -282,21 +273,24 @@ class Fleet:
         self._keys = CentralKeys.over(self.store)
         self.node_id = node_identity(local_db)
         self.owner = process_owner()
+        self.lease_s = lease_s
+        self.reservation_max_age_s = reservation_max_age_s
+        self.sweep_every_s = sweep_every_s
         self.shipper = Shipper(
-            local_db,
-            self.store,
-            node_id=self.node_id,
-            owner=self.owner,
-            lease_s=lease_s,
-            reservation_max_age_s=reservation_max_age_s,
-            logger=self.log,
+            local_db, self.store, node_id=self.node_id, owner=self.owner, logger=self.log
         )
         self._budgeted: frozenset[tuple[str, str]] | None = None
         self.view_errors = 0
+        self.lease_errors = 0
+        self.swept = 0
+        self.last_heartbeat_at: float | None = None
         self._stop = threading.Event()
-        self._view = threading.Thread(
-            target=self._refresh_forever, name="spendtap-central-budgets", daemon=True
-        )
+        self._threads = [
+            threading.Thread(target=self._view_forever, name="spendtap-central-budgets",
+                             daemon=True),
+            threading.Thread(target=self._lease_forever, name="spendtap-central-lease",
+                             daemon=True),
+        ]  # fmt: skip
 
     @property
     def where(self) -> str:
@@ -308,7 +302,9 @@ class Fleet:
 
     def start(self) -> None:
         self._refresh()
-        self._view.start()
+        self._heartbeat()
+        for thread in self._threads:
+            thread.start()
         self.shipper.start()
 
     def _refresh(self) -> bool:
@@ -319,9 +315,33 @@ class Fleet:
             self.view_errors += 1
             return False
 
-    def _refresh_forever(self) -> None:
+    def _view_forever(self) -> None:
         while not self._stop.wait(BUDGET_VIEW_S):
             self._refresh()
+
+    def _heartbeat(self) -> None:
+        try:
+            self.store.heartbeat(self.node_id, self.owner, self.lease_s)
+            self.last_heartbeat_at = time.time()
+        except Exception:
+            self.lease_errors += 1
+
+    def _lease_forever(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_every_s
+        while not self._stop.wait(max(0.5, self.lease_s / 3)):
+            self._heartbeat()
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + self.sweep_every_s
+                try:
+                    swept = self.store.sweep(None, self.reservation_max_age_s)
+                except Exception:
+                    self.lease_errors += 1
+                    continue
+                if swept:
+                    self.swept += swept
+                    self.log.warning(
+                        "spendtap central: released %d reservations of expired leases", swept
+                    )
 
     def resolve_key(self, secret: str) -> tuple[str, str] | None:
         """(account, key id) of a bearer key registered in the central store, or None."""
@@ -332,8 +352,10 @@ class Fleet:
 
     def close(self, timeout: float = 10.0) -> bool:
         """Ship what is committed (bounded), stop the threads, close the pool."""
-        self._stop.set()
         shipped = self.shipper.close(timeout)
-        self._view.join(self.store.timeout_s + 2)
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(self.store.timeout_s + 2)
         self.store.close()
         return shipped

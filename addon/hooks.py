@@ -272,7 +272,12 @@ class SpendTap:
                     (
                         "central_reservations_swept",
                         "Reservations of expired node leases or too old, released by this node.",
-                        lambda: self.fleet.shipper.swept,
+                        lambda: self.fleet.swept,
+                    ),
+                    (
+                        "central_lease_errors",
+                        "Failed lease renewals or sweeps (central store unreachable or failing).",
+                        lambda: self.fleet.lease_errors,
                     ),
                     (
                         "central_budget_view_errors",
@@ -283,7 +288,13 @@ class SpendTap:
             )
         )
         # Budget figures live in the ledger: read at scrape time, never stale.
-        self.metrics.add_collector(BudgetCollector(self._db_path, opts.spendtap_metrics_prefix))
+        self.metrics.add_collector(
+            BudgetCollector(
+                self._db_path,
+                opts.spendtap_metrics_prefix,
+                central=lambda: self.fleet.store if self.fleet is not None else None,
+            )
+        )
         if listen is not None:
             try:
                 self.metrics_server = MetricsServer(*listen, self.metrics.registry, self._health)

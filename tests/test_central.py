@@ -45,7 +45,7 @@ def test_reserve_refuses_over_a_balance_and_settles_on_ship(store):
     refused = store.reserve("r2", "acct", "k", 60, "o", node_id="n")
     assert not refused.allowed and refused.reason == "balance"
     assert (refused.spent, refused.reserved, refused.cap) == (0, 60, 100)
-    assert store.ship("n", "o", 30, [(1, row("r1", tokens=20))], "mark") == 1
+    assert store.ship("n", [(1, row("r1", tokens=20))], "mark") == 1
     status = store.status("key", "k")
     assert (status.spent, status.reserved) == (20, 0)
     assert store.reserve("r2", "acct", "k", 60, "o", node_id="n").allowed
@@ -62,7 +62,7 @@ def test_window_refusal_has_retry_after(store):
     """A rolling window refuses with the time until enough spend ages out."""
     now = time.time()
     store.set("key", "w", 100, 60, now=now - 100)
-    store.ship("n", "o", 30, [(1, row("old", key="w", tokens=90, ts=now - 30))], "m")
+    store.ship("n", [(1, row("old", key="w", tokens=90, ts=now - 30))], "m")
     d = store.reserve("r", "acct", "w", 20, "o", now=now)
     assert not d.allowed and d.reason == "window"
     assert 29 <= d.retry_after_s <= 31
@@ -89,8 +89,8 @@ def test_ship_is_idempotent_and_counts_spend_once(store):
     """The same rows shipped twice are stored once, and spend is counted once."""
     store.set("key", "k", 10_000, None)
     batch = [(i, row(f"r{i}", tokens=10)) for i in range(1, 6)]
-    assert store.ship("n", "o", 30, batch, "m") == 5
-    assert store.ship("n", "o", 30, batch, "m") == 0
+    assert store.ship("n", batch, "m") == 5
+    assert store.ship("n", batch, "m") == 0
     assert store.count_rows() == 5
     assert store.status("key", "k").spent == 50
     assert store.shipped_rowid("n", "m") == 5

@@ -56,7 +56,7 @@ def test_any_interleaving_keeps_the_caps(prop_store, ops, caps):
     batches and expired leases, in any order, never take a budget over its cap."""
     store = prop_store
     with psycopg.connect(store.dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE requests, reservations, budgets, nodes")
+        conn.execute("TRUNCATE requests, reservations, budgets, nodes, ship_cursors")
     store.set("key", "k1", caps[0], None)
     store.set("key", "k2", caps[1], 3600)
     store.set("account", "acct", caps[2], None)
@@ -87,14 +87,14 @@ def test_any_interleaving_keeps_the_caps(prop_store, ops, caps):
                 "usage_source": "reported",
             }
             shipped[node].append((len(shipped[node]) + 1, row))
-            store.ship(node, f"owner-{node}", 30, shipped[node][-1:], "mark")
+            store.ship(node, shipped[node][-1:], "mark")
         elif kind == "release" and made:
             rid, *_ = made.pop(step[1] % len(made))
             store.release(rid)
         elif kind == "reship":
             node = NODES[step[1] % len(NODES)]
             if shipped[node]:
-                store.ship(node, f"owner-{node}", 30, shipped[node], "mark")
+                store.ship(node, shipped[node], "mark")
         elif kind == "expire":
             with psycopg.connect(store.dsn, autocommit=True) as conn:
                 conn.execute(
@@ -141,7 +141,7 @@ def test_racing_nodes_never_overshoot(pg_dsn):
                     "usage_source": "reported",
                 }
                 if i % 3:
-                    store.ship(f"n{n}", f"o{n}", 30, [(i + 1, row)], "m")
+                    store.ship(f"n{n}", [(i + 1, row)], "m")
                 else:
                     store.release(rid)
         return admitted

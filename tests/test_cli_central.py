@@ -24,7 +24,7 @@ def both(tmp_path, pg_dsn):
         ledger.insert_rows(ROWS)
         rows = list(ledger.requests(after_rowid=0, order="asc", include_rowid=True))
     with CentralStore(pg_dsn) as store:
-        store.ship("node-a", "cli-test", 30, [(r.pop("rowid"), r) for r in rows], "m")
+        store.ship("node-a", [(r.pop("rowid"), r) for r in rows], "m")
     return str(db), pg_dsn
 
 

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from spendtap.central import CentralStore
+from spendtap.central import CentralStore, node_identity
 from tests.pg import PostgresServer
 from tests.proc import Sidecar, read_rows
 
@@ -131,7 +131,12 @@ def test_three_sidecars_share_one_budget(sim, tmp_path, pg_dsn):
         assert status.reserved == 0
         assert in_pg == local == n
         for p in proxies:
-            assert "cortex_central_backlog_rows 0.0" in p.metrics()
+            metrics = p.metrics()
+            assert "cortex_central_backlog_rows 0.0" in metrics
+            # Budget gauges are the fleet's, read from PostgreSQL at scrape time.
+            assert f'cortex_budget_cap_tokens{{principal="{key}",scope="key"}} {cap}.0' in metrics
+            assert f'cortex_budget_spent_tokens{{principal="{key}",scope="key"}} ' in metrics
+            assert "cortex_open_reservations 0.0" in metrics
     finally:
         for p in proxies:
             p.stop()
@@ -219,11 +224,14 @@ def test_kill9_sidecar_under_load(sim, tmp_path, pg_dsn, released_by):
     victim_db = victim.db
     try:
         time.sleep(1.2)
+        assert chat(victim.url, key, -1).status_code == 200  # its shipping cursor now exists
+        node_id = node_identity(victim_db)
+        assert wait_for(lambda: _has_cursor(pg_dsn, node_id), 10)
         with psycopg.connect(pg_dsn) as blocker:
-            # Hold off every insert into the central ledger (shipping waits and retries, leases
-            # and reservations go on), so the victim dies with committed rows not yet shipped.
-            node_id = _node_of(pg_dsn, victim_db)
-            blocker.execute("LOCK TABLE requests IN SHARE MODE")
+            # Hold the victim's shipping cursor: its shipping waits and retries (its lease,
+            # its reservations and the other node go on), so it dies with committed rows that
+            # are not yet in PostgreSQL.
+            blocker.execute("SELECT 1 FROM ship_cursors WHERE node_id = %s FOR UPDATE", (node_id,))
             with ThreadPoolExecutor(32) as pool:
                 # Every fourth request is fast (answered before the kill), the rest take 3 s
                 # to their first token (in flight at the kill).
@@ -284,17 +292,10 @@ def _quiet_chat(url: str, key: str, i: int, ttft_ms: str) -> int:
         return 0
 
 
-def _node_of(dsn: str, db) -> str:
-    from spendtap.central import node_identity
-
-    node_id = node_identity(db)
-    assert wait_for(lambda: _has_node(dsn, node_id), 10)
-    return node_id
-
-
-def _has_node(dsn: str, node_id: str) -> bool:
+def _has_cursor(dsn: str, node_id: str) -> bool:
     with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT 1 FROM nodes WHERE node_id = %s", (node_id,)).fetchone()
+        row = conn.execute("SELECT 1 FROM ship_cursors WHERE node_id = %s", (node_id,))
+        return row.fetchone() is not None
 
 
 def _open_of(dsn: str, node_id: str) -> int:
