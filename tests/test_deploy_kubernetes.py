@@ -64,6 +64,7 @@ def test_pod_has_inference_and_spendtap():
 def test_spendtap_settings_are_valid_and_point_at_the_inference_container():
     """The SPENDTAP_* env resolves (as `spendtap run` would) to reverse mode to 127.0.0.1:8000."""
     env = {e["name"]: e.get("value", "from-field") for e in container("spendtap")["env"]}
+    env["SPENDTAP_CENTRAL"] = "postgresql://spendtap:pw@pg.internal:5432/spendtap"  # the Secret
     settings = resolve({}, env, None)
     assert settings.mode == "reverse"
     assert settings.upstream == "http://127.0.0.1:8000"
@@ -81,6 +82,14 @@ def test_spendtap_settings_are_valid_and_point_at_the_inference_container():
     assert volume["secret"]["secretName"]
     node = next(e for e in container("spendtap")["env"] if e["name"] == "SPENDTAP_NODE")
     assert node["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+def test_central_store_url_comes_from_a_secret():
+    """The fleet's PostgreSQL URL (it holds a password) comes from a Secret, never a literal."""
+    (central,) = [e for e in container("spendtap")["env"] if e["name"] == "SPENDTAP_CENTRAL"]
+    assert "value" not in central
+    ref = central["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "spendtap-central" and ref["key"] == "url"
 
 
 def test_ledger_on_a_volume():
