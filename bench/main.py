@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,14 @@ from bench.targets import (
     MODEL_UNPACED,
     Target,
     budget_support,
+    central_figures,
     metering_only_sets,
     start_litellm,
     start_mitmdump,
     start_sim,
     start_spendtap,
     start_spendtap_budget,
+    start_spendtap_central,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,6 +187,46 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         "lg_cpu_frac": result["lg_cpu_frac"],
         "window_s": w,
     }
+
+
+def measure_central(target: Target, upstream: Target, sc: Scenario, args) -> dict:
+    """``measure``, plus the shipping figures: the worst lag and backlog seen during the
+    load (sampled every 0.1 s), the time to drain once it ends, and rows shipped per second
+    over load and drain."""
+    samples: list[dict[str, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            with contextlib.suppress(Exception):
+                samples.append(central_figures(target))
+
+    before = central_figures(target)
+    started = time.monotonic()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = measure(target, upstream, sc, args)
+    finally:
+        stop.set()
+        sampler.join()
+    ended = time.monotonic()
+    after = central_figures(target)
+    while after.get("backlog_rows", 0) > 0 and time.monotonic() - ended < 30:
+        time.sleep(0.05)
+        after = central_figures(target)
+    drained = time.monotonic()
+    shipped = after.get("rows_shipped", 0) - before.get("rows_shipped", 0)
+    r["central"] = {
+        "rows_shipped": int(shipped),
+        "ship_rows_per_s": round(shipped / max(1e-9, drained - started), 1),
+        "lag_max_s": round(max((x.get("lag_seconds", 0) for x in samples), default=0), 3),
+        "backlog_max_rows": int(max((x.get("backlog_rows", 0) for x in samples), default=0)),
+        "drain_s": round(drained - ended, 3),
+        "backlog_after": int(after.get("backlog_rows", 0)),
+        "ship_errors": int(after.get("ship_errors", 0) - before.get("ship_errors", 0)),
+    }
+    return r
 
 
 def _ms(x: float | None) -> float | None:
@@ -335,6 +378,18 @@ def main(argv: list[str] | None = None) -> int:
                     results["notes"].append(f"spendtap-budget skipped: {e}")
             else:
                 results["notes"].append(f"spendtap-budget skipped: {note}")
+        if want("spendtap-central"):
+            ok, note, extra = budget_support(log_dir)
+            try:
+                if not ok:
+                    raise RuntimeError(note)
+                targets.append(start_spendtap_central(sim.url, log_dir, extra))
+                results["notes"].append(
+                    "spendtap-central: budgets enforced through PostgreSQL on loopback "
+                    "(proxy CPU excludes PostgreSQL's)"
+                )
+            except Exception as e:
+                results["notes"].append(f"spendtap-central skipped: {e}")
         if "litellm" in peers or (wanted and "litellm" in wanted):
             try:
                 from bench.peers import ensure_litellm
@@ -380,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                         if not all(x.alive() for x in t.procs):
                             continue
                         try:
-                            r = measure(t, sim, sc, args)
+                            if t.name == "spendtap-central":
+                                r = measure_central(t, sim, sc, args)
+                            else:
+                                r = measure(t, sim, sc, args)
                         except Exception as e:
                             log(f"  {sc.name} {t.name}: FAILED {e}")
                             results["notes"].append(f"{sc.name} {t.name} round {rnd}: {e}")
@@ -395,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
                         )
             results["runs"] = runs
             results["summary"] = summarize(runs)
+            shipping: dict[str, list] = {}
+            for r in runs:
+                if "central" in r:
+                    shipping.setdefault(r["scenario"], []).append(r["central"])
+            if shipping:
+                results["central_shipping"] = shipping
         if args.hold:
             log(
                 "holding the targets up; press Enter to continue: "

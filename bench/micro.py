@@ -201,7 +201,7 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
     with taddons.context(addon) as tctx:
         tctx.configure(
             addon, spendtap_db=str(tmp / "micro-ledger.db"), spendtap_metrics="",
-            spendtap_commit_wait_ms=0,
+            spendtap_commit_wait_ms=0, listen_host="127.0.0.1",
         )  # fmt: skip
 
         def new_flow():
@@ -432,6 +432,72 @@ def bench_budget(quick: bool, tmp: Path) -> dict:
     }
 
 
+def bench_central(quick: bool, tmp: Path) -> dict:
+    """The fleet's store on loopback: reserve and settle latency, and shipping throughput.
+
+    Reserve is ``CentralStore.reserve`` through the sidecar's connection pool (one
+    PL/pgSQL round trip); settle is shipping the request's row (``CentralStore.ship``,
+    one transaction). Shipping throughput is the shipper thread copying a local ledger of
+    committed rows to PostgreSQL in batches, as a sidecar catching up after an outage.
+    Needs Debian's PostgreSQL (``scripts/ci-deps.sh``); skipped without it.
+    """
+    from spendtap.budgets import process_owner
+    from spendtap.central import CentralStore
+    from spendtap.fleet import Shipper
+    from spendtap.ledger import Ledger
+    from tests.pg import PostgresServer, pg_bindir
+
+    if pg_bindir() is None:
+        return {"skipped": "PostgreSQL is not installed (scripts/ci-deps.sh installs it)"}
+    server = PostgresServer()
+    try:
+        store = CentralStore(server.create_database(), pool_size=8)
+        store.set("key", "bench-key", 10**15, None)
+        owner = process_owner()
+        n = 300 if quick else 3000
+        reserve, settle = [], []
+        for i in range(n):
+            row = {**_row(i), "key": "bench-key", "account": "bench"}
+            t = clock()
+            d = store.reserve(row["id"], "bench", "bench-key", 500, owner, node_id="bench")
+            t1 = clock()
+            store.ship("bench", [(i + 1, row)], "bench")
+            t2 = clock()
+            assert d.allowed and d.reservation_id == row["id"]
+            reserve.append(t1 - t)
+            settle.append(t2 - t1)
+        reserve.sort()
+        settle.sort()
+        rows = 2000 if quick else 20000
+        db = tmp / "ship-bench.db"
+        with Ledger(db) as ledger:
+            ledger.insert_rows([{**_row(10**6 + i), "key": "k", "account": "a"}
+                                for i in range(rows)])  # fmt: skip
+        shipper = Shipper(str(db), store, node_id="ship-bench", owner=owner, interval_s=0.01)
+        t = clock()
+        shipper.start()
+        while shipper.rows_shipped < rows and clock() - t < 120:
+            time.sleep(0.005)
+        elapsed = clock() - t
+        shipper.close(5)
+        store.close()
+    finally:
+        server.destroy()
+
+    def ms(xs, q):
+        return round(xs[min(len(xs) - 1, int(len(xs) * q))] * 1e3, 3)
+
+    return {
+        "ops": n,
+        "reserve_ms_p50": ms(reserve, 0.5),
+        "reserve_ms_p99": ms(reserve, 0.99),
+        "settle_ms_p50": ms(settle, 0.5),
+        "settle_ms_p99": ms(settle, 0.99),
+        "ship_rows": rows,
+        "ship_rows_per_s": round(rows / elapsed, 1),
+    }
+
+
 def run_all(quick: bool, log=print) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="spendtap-bench-micro-") as d:
@@ -441,6 +507,7 @@ def run_all(quick: bool, log=print) -> dict:
             ("on_chunk", lambda: bench_on_chunk(quick, tmp)),
             ("writer", lambda: bench_writer(quick, tmp)),
             ("budget", lambda: bench_budget(quick, tmp)),
+            ("central", lambda: bench_central(quick, tmp)),
         ):
             t0 = clock()
             try:

@@ -26,6 +26,7 @@ ORDER = [
     "spendtap",
     "spendtap-nowait",
     "spendtap-budget",
+    "spendtap-central",
     "litellm",
 ]
 
@@ -140,6 +141,29 @@ def verdicts(res: dict) -> list[dict]:
         bg = _get(res, sc, "spendtap-budget", "ttfc_p50_ms")
         if s is not None and bg is not None:
             add(f"budget enforcement adds to TTFC p50 ({sc})", round(bg - s, 3), "(info)", None)
+    # The fleet: budgets through PostgreSQL (issue 9's goals).
+    ce = res.get("micro", {}).get("central", {})
+    if ce.get("reserve_ms_p50") is not None:
+        v = ce["reserve_ms_p50"]
+        add("central reserve p50 (PostgreSQL on loopback)", v, "< 2 ms", v < 2.0,
+            f"p99 {ce['reserve_ms_p99']} ms; settle (ship one row) p50 "
+            f"{ce['settle_ms_p50']} ms; catch-up {ce['ship_rows_per_s']} rows/s")  # fmt: skip
+    for sc in ("stream-unpaced-c64", "stream-paced-c64", "stream-unpaced-c16", "json-c16"):
+        local = _get(res, sc, "spendtap-budget", "rps")
+        central = _get(res, sc, "spendtap-central", "rps")
+        if local and central is not None:
+            ratio = round(central / local, 3)
+            ttfc = _get(res, sc, "spendtap-central", "ttfc_p50_ms")
+            ttfc_local = _get(res, sc, "spendtap-budget", "ttfc_p50_ms")
+            add(f"req/s spendtap-central / spendtap-budget ({sc})", ratio, ">= 0.8",
+                ratio >= 0.8, f"TTFC p50 {ttfc} vs {ttfc_local} ms")  # fmt: skip
+    for sc, runs in res.get("central_shipping", {}).items():
+        if sc.endswith("-c64") and runs:
+            worst = max(x["lag_max_s"] for x in runs)
+            rate = max(x["ship_rows_per_s"] for x in runs)
+            add(f"central shipping at c=64 ({sc}): worst lag s", worst, "(info)", None,
+                f"{rate} rows/s shipped over load and drain; drained "
+                f"{max(x['drain_s'] for x in runs)} s after the load")  # fmt: skip
     # Scanner.
     # Durable commit: what the end of a response waits for its row (the writer as the
     # sidecar runs it, c=16 concurrent responses), measured directly rather than as
@@ -249,6 +273,19 @@ def render(res: dict) -> str:
         bu = mic.get("budget", {})
         if bu:
             lines.append(f"budget reserve+settle: {bu}")
+        ce = mic.get("central", {})
+        if ce:
+            lines.append(f"central (PostgreSQL) reserve+settle and shipping: {ce}")
+    shipping = res.get("central_shipping", {})
+    if shipping:
+        lines.append("\n## central shipping (spendtap-central)")
+        for sc, runs in shipping.items():
+            for x in runs:
+                lines.append(
+                    f"{sc}: {x['rows_shipped']} rows at {x['ship_rows_per_s']} rows/s, "
+                    f"lag max {x['lag_max_s']} s, backlog max {x['backlog_max_rows']}, "
+                    f"drained {x['drain_s']} s after the load, errors {x['ship_errors']}"
+                )
     mem = res.get("memory", {})
     if mem:
         lines.append("\n## memory")

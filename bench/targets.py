@@ -9,6 +9,9 @@
   ledger in a temp dir, metrics on a free port.
 - ``spendtap-budget``: the same with a (never reached) token budget on the benchmark's key,
   enforced on every request -- only when the installed spendtap has budgets.
+- ``spendtap-central``: the same budget enforced through PostgreSQL on loopback (the
+  fleet's central store: ``spendtap_central``), a real server started for the run from
+  Debian's ``postgresql`` package (skipped when it is not installed).
 - ``litellm``: LiteLLM's proxy (see :mod:`bench.peers`), offline, fronting the simulator.
 """
 
@@ -55,6 +58,8 @@ class Target:
     port: int
     procs: list[Proc] = field(default_factory=list)
     note: str = ""
+    metrics_port: int | None = None
+    cleanups: list = field(default_factory=list)
     # Per-scenario sim controls go in x-sim-* headers; LiteLLM drops client headers,
     # so for it they ride on the model entry (extra_headers) instead.
     forwards_headers: bool = True
@@ -73,6 +78,8 @@ class Target:
     def stop(self) -> None:
         for p in self.procs:
             p.stop()
+        for fn in self.cleanups:
+            fn()
 
 
 def start_sim(log_dir: Path) -> Target:
@@ -143,16 +150,53 @@ def start_spendtap(
     extra: list[str] | None = None,
     name: str = "spendtap",
     db: Path | None = None,
+    env: dict | None = None,
 ) -> Target:
     port, mport = free_port(), free_port()
     db = db or log_dir / f"{name}-ledger.db"
     args = spendtap_args(upstream, port, db, mport)
     for s in extra or ():
         args += ["--set", s]
-    p = Proc(name, args, log_dir)
+    p = Proc(name, args, log_dir, env=env)
     wait_for_port(port, p.proc)
     wait_for_port(mport, p.proc)
-    return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]))
+    return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]), metrics_port=mport)
+
+
+def start_spendtap_central(upstream: str, log_dir: Path, extra: list[str]) -> Target:
+    """spendtap with the benchmark's (never reached) budgets in a PostgreSQL of its own."""
+    from spendtap.central import CentralStore
+    from tests.pg import PostgresServer, pg_bindir
+
+    if pg_bindir() is None:
+        raise RuntimeError("PostgreSQL is not installed (scripts/ci-deps.sh installs it)")
+    server = PostgresServer()
+    try:
+        dsn = server.create_database()
+        with CentralStore(dsn) as store:
+            store.set("key", KEY, 10**15, None)
+            store.set("account", ACCOUNT, 10**15, None)
+        # As `spendtap run --central` does: the URL in the environment, never in argv.
+        target = start_spendtap(
+            upstream, log_dir, extra, name="spendtap-central", env={"SPENDTAP_CENTRAL": dsn}
+        )
+    except BaseException:
+        server.destroy()
+        raise
+    target.cleanups.append(server.destroy)
+    target.note = f"SPENDTAP_CENTRAL=postgresql://...:{server.port} " + target.note
+    return target
+
+
+def central_figures(target: Target) -> dict[str, float]:
+    """The sidecar's cortex_central_* gauges (backlog, lag, rows shipped), from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{target.metrics_port}/metrics", timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("cortex_central_"):
+            name, _, value = line.partition(" ")
+            out[name.removeprefix("cortex_central_")] = float(value)
+    return out
 
 
 # -- budgets (being built in parallel: detect, never assume) ---------------------------------
