@@ -112,6 +112,11 @@ class SpendTap:
         """
         self.misconfiguration = problem
         logger.error(f"spendtap: {problem}")
+        if not self._running and getattr(ctx.options, "server", False):
+            # Not even listen: mitmdump may load scripts while its servers come up, and
+            # a client that connects before errorcheck exits would see a reset and a
+            # traceback in the log. With no server there is nothing to connect to.
+            ctx.options.update(server=False)
 
     def _configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -335,6 +340,12 @@ class SpendTap:
         return True, "ok"
 
     # -- flow hooks ----------------------------------------------------------
+
+    def client_connected(self, client) -> None:
+        if self.misconfiguration is not None and not self._running:
+            # Start-up failed and mitmdump is about to exit: close the connection now,
+            # before it is half-way through a request when the process goes.
+            client.error = "spendtap is misconfigured"
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:

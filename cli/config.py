@@ -92,6 +92,8 @@ class Settings:
     trusted_peers: str | None = None
     set: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    # key -> where it was given, for a key given as a spendtap_* option in ``set``
+    lifted: dict[str, str] = field(default_factory=dict)
 
     def set_items(self) -> tuple[str, ...]:
         return tuple(f"{k}={v}" for k, v in self.set.items())
@@ -193,6 +195,8 @@ def resolve(
 
 
 def _describe(settings: Settings, key: str) -> str:
+    if key in settings.lifted:
+        return settings.lifted[key]
     source = settings.sources.get(key, "default")
     if source == "environment":
         return env_name(key)
@@ -203,7 +207,35 @@ def _describe(settings: Settings, key: str) -> str:
     return f"{source}: {key}"
 
 
+# Settings with a key of their own that are also addon options: ``set.spendtap_db``
+# is the same setting as ``db``, so it is lifted into ``db`` (giving both is an error).
+DEDICATED_OPTIONS = {
+    "db": "spendtap_db",
+    "metrics": "spendtap_metrics",
+    "node": "spendtap_node",
+    "metrics_prefix": "spendtap_metrics_prefix",
+    "access_log": "spendtap_access_log",
+    "trusted_peers": "spendtap_trusted_peers",
+}
+
+
+def _lift_dedicated(s: Settings) -> None:
+    for key, option in DEDICATED_OPTIONS.items():
+        if option not in s.set:
+            continue
+        if s.sources.get(key, "default") != "default":
+            raise ConfigError(
+                f"{_describe(s, key)}: {key} given twice (also as {_describe_set(s, option)} "
+                f"{option}); give one"
+            )
+        s.lifted[key] = f"{_describe_set(s, option)} {option}"
+        value = s.set.pop(option)
+        s.sources[key] = s.sources.pop(f"set.{option}", "default")
+        setattr(s, key, "" if value is None else str(value))
+
+
 def _validate(s: Settings) -> None:
+    _lift_dedicated(s)
     # Empty strings from an env file (SPENDTAP_NODE=) mean "not set".
     for key in ("upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers"):
         if getattr(s, key) == "":
@@ -234,11 +266,6 @@ def _validate(s: Settings) -> None:
             f"got {s.metrics_prefix!r}"
         )
     options = _check_spendtap_options(s)
-    if s.trusted_peers is not None and "spendtap_trusted_peers" in s.set:
-        raise ConfigError(
-            f"{_describe(s, 'trusted_peers')}: trusted peers given twice "
-            f"(also as set.spendtap_trusted_peers); give one"
-        )
     peers = s.trusted_peers or options.get("spendtap_trusted_peers", "")
     try:
         policy = TrustPolicy.from_settings(

@@ -241,7 +241,9 @@ def run(
         try:
             os.makedirs(db_dir, exist_ok=True)
         except OSError as e:
-            raise click.ClickException(f"cannot create {db_dir}: {e.strerror}") from None
+            raise click.ClickException(
+                f"spendtap_db {db}: cannot create {db_dir}: {e.strerror}"
+            ) from None
         # Open (create, migrate) the ledger here, so a corrupt or foreign file is one
         # clear line rather than a traceback from inside mitmdump.
         try:
