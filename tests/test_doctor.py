@@ -223,9 +223,9 @@ def test_reports_the_trust_choice(ledger, tmp_path):
     (tmp_path / "secret").write_text(secret + "\n")
     key = tmp_path / "upstream-key"
     key.write_text("sk-operator-key-0123456789\n")
-    env = {**base, "SPENDTAP_LISTEN": "0.0.0.0:8080",
-           "SPENDTAP_SET": f"spendtap_gateway_secret_file={tmp_path / 'secret'} "
-                           f"spendtap_principal_source=both spendtap_upstream_key_file={key}"}  # fmt: skip
+    sets = [f"spendtap_gateway_secret_file={tmp_path / 'secret'}",
+            "spendtap_principal_source=both", f"spendtap_upstream_key_file={key}"]  # fmt: skip
+    env = {**base, "SPENDTAP_LISTEN": "0.0.0.0:8080", "SPENDTAP_SET": " ".join(sets)}
     code, lines, output = doctor("--metrics", "none", env=env)
     assert lines["trust"][0] == "ok"
     assert "any peer with the gateway secret" in lines["trust"][1]
