@@ -204,6 +204,14 @@ OPTIONS: tuple[Option, ...] = (
         "refused. Read at start and on SIGHUP.",
     ),
     Option(
+        "spendtap_prices",
+        str,
+        "",
+        "TOML price file: per-model (or glob) dollars per million tokens for input, "
+        "cached_input, cache_write and output, and an optional per-request fee. It "
+        "overrides the genai-prices catalogue. Empty: the catalogue only.",
+    ),
+    Option(
         "spendtap_access_log",
         str,
         "",

@@ -16,6 +16,7 @@ Keys (TOML key / environment variable / ``spendtap run`` option)::
     node            SPENDTAP_NODE             --node            node label
     metrics_prefix  SPENDTAP_METRICS_PREFIX   --metrics-prefix  metric name prefix
     access_log      SPENDTAP_ACCESS_LOG       --access-log      JSONL access log path
+    prices          SPENDTAP_PRICES           --prices          TOML price file
     trusted_peers   SPENDTAP_TRUSTED_PEERS    --trusted-peers   who may send principal headers
     [set]           SPENDTAP_SET              --set             free-form mitmproxy/spendtap options
 
@@ -66,6 +67,7 @@ DEFAULTS: dict[str, str | None] = {
     "node": None,
     "metrics_prefix": None,
     "access_log": None,
+    "prices": None,
     "trusted_peers": None,  # None: loopback (or any peer, with a gateway secret)
 }
 KEYS = (*DEFAULTS, "set")
@@ -89,6 +91,7 @@ class Settings:
     node: str | None = None
     metrics_prefix: str | None = None
     access_log: str | None = None
+    prices: str | None = None
     trusted_peers: str | None = None
     set: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
@@ -215,6 +218,7 @@ DEDICATED_OPTIONS = {
     "node": "spendtap_node",
     "metrics_prefix": "spendtap_metrics_prefix",
     "access_log": "spendtap_access_log",
+    "prices": "spendtap_prices",
     "trusted_peers": "spendtap_trusted_peers",
 }
 
@@ -237,7 +241,9 @@ def _lift_dedicated(s: Settings) -> None:
 def _validate(s: Settings) -> None:
     _lift_dedicated(s)
     # Empty strings from an env file (SPENDTAP_NODE=) mean "not set".
-    for key in ("upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers"):
+    for key in (
+        "upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers", "prices",
+    ):  # fmt: skip
         if getattr(s, key) == "":
             setattr(s, key, None)
     if s.mode not in MODES:

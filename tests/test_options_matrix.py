@@ -52,6 +52,7 @@ BAD: dict[str, tuple[str, str]] = {
     "spendtap_gateway_secret_file": ("/proc/no-such-dir/secret", "start"),
     "spendtap_upstream_key_file": ("/proc/no-such-dir/key", "start"),
     "spendtap_access_log": ("/proc/no-such-dir/access.log", "start"),
+    "spendtap_prices": ("/proc/no-such-dir/prices.toml", "start"),
     "spendtap_commit_wait_ms": ("abc", "parse"),
     "spendtap_inject_usage": ("maybe", "parse"),
     "spendtap_buffer_bytes": ("-1", "parse"),
