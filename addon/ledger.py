@@ -694,6 +694,26 @@ class Ledger:
         names = [d[0] for d in cursor.description]
         return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
 
+    def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
+        """Store ``(id, cost_nusd, price_source)`` for existing rows, in one transaction;
+        returns how many rows changed (a row already holding those values is untouched)."""
+        if not updates:
+            return 0
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            changed = conn.executemany(
+                "UPDATE requests SET cost_nusd = ?, price_source = ? WHERE id = ? "
+                "AND (cost_nusd IS NOT ? OR price_source IS NOT ?)",
+                [(c, src, rid, c, src) for rid, c, src in updates],
+            ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return changed
+
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
         return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0]
