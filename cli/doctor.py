@@ -11,7 +11,9 @@ Checks, in order:
 - upstream: the inference server answers HTTP at all (any status counts);
 - trust: whose principal headers the configured sidecar honours (trusted peers,
   gateway secret file), and FAIL when that configuration would be refused at start
-  or a credential file cannot be read. Secrets are never printed, only file paths.
+  or a credential file cannot be read. Secrets are never printed, only file paths;
+- prices: the price file the sidecar loads (FAIL when it is invalid) and the
+  catalogue version.
 
 The ledger is only read: doctor never creates or migrates one. Exit status is 0
 when every check passed, 1 when any failed.
@@ -34,6 +36,7 @@ from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, loa
 from spendtap.cli.paths import db_option
 from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
 from spendtap.options import OptionError, check_settings
+from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
 from spendtap.trust import TrustPolicy, read_secret_file, unguarded_start
 
 OK, FAIL, SKIP, INFO = "ok", "FAIL", "skip", "info"
@@ -226,6 +229,22 @@ def check_trust(report: Report, configured: dict) -> None:
     report.line(OK, "trust", detail)
 
 
+def check_prices(report: Report, configured: dict) -> None:
+    """The price file the sidecar will load (if any), and the catalogue's version."""
+    path = configured.get("prices") or (configured.get("set") or {}).get("spendtap_prices")
+    catalogue = f"genai-prices {catalogue_version()} catalogue"
+    if not path:
+        report.line(INFO, "prices", f"{catalogue} only (no price file)")
+        return
+    try:
+        prices = PriceFile.load(path)
+    except PriceFileError as e:
+        report.line(FAIL, "prices", str(e))
+        return
+    entries = len(prices.exact) + len(prices.globs)
+    report.line(OK, "prices", f"{path}: {entries} entries, then the {catalogue}")
+
+
 def metrics_url(address: str) -> str:
     """``HOST:PORT`` of the metrics server to a URL a client on this host can reach."""
     if address.startswith(("http://", "https://")):
@@ -308,6 +327,7 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
         report.line(SKIP, "upstream", "unknown (pass --upstream or set SPENDTAP_UPSTREAM)")
 
     check_trust(report, configured)
+    check_prices(report, configured)
 
     if report.failed:
         raise SystemExit(1)

@@ -241,3 +241,18 @@ def test_reports_the_trust_choice(ledger, tmp_path):
     env = {**base, "SPENDTAP_SET": "spendtap_principal_source=bearer"}
     code, lines, _ = doctor("--metrics", "none", env=env)
     assert lines["trust"] == ("ok", "principal source bearer: principal headers are never honoured")
+
+
+def test_reports_the_price_file(ledger, tmp_path):
+    """doctor names the price file and the catalogue, and fails on an invalid file."""
+    code, lines, _ = doctor("--metrics", "none", env={"SPENDTAP_DB": str(ledger)})
+    assert lines["prices"][0] == "info" and "catalogue only" in lines["prices"][1]
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."qwen3-*"]\ninput = 0.1\noutput = 0.4\n')
+    env = {"SPENDTAP_DB": str(ledger), "SPENDTAP_PRICES": str(prices)}
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert lines["prices"][0] == "ok" and f"{prices}: 1 entries" in lines["prices"][1]
+    prices.write_text('[models."m"]\ninput = 1\n')
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert code == 1 and lines["prices"][0] == "FAIL"
+    assert "output is required" in lines["prices"][1]
