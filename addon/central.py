@@ -52,6 +52,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from spendtap.budgets import (
@@ -67,7 +68,16 @@ from spendtap.budgets import (
     _epoch,
     _ts_epoch,
 )
-from spendtap.ledger import COLUMNS, OUTCOMES, REPORT_BY, LedgerError, normalize_row
+from spendtap.ledger import (
+    COLUMNS,
+    OUTCOMES,
+    REPORT_BY,
+    REPORT_SORT,
+    LedgerError,
+    _row_out,
+    normalize_row,
+    usd,
+)
 from spendtap.options import redact_url
 from spendtap.timeparse import normalize_ts, ts_from_epoch
 
@@ -135,6 +145,8 @@ _REQUESTS_COLUMNS_SQL = """
     tokens_per_s DOUBLE PRECISION,
     error TEXT,
     response_bytes BIGINT,
+    cost_nusd BIGINT CHECK (cost_nusd IS NULL OR cost_nusd >= 0),
+    price_source TEXT,
     shipped_from TEXT,
     shipped_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     seq BIGSERIAL
@@ -893,7 +905,22 @@ class CentralStore:
         if limit is not None:
             sql += " LIMIT %(limit)s"
             params["limit"] = limit
-        return iter(self.query(sql, params))
+        return iter([_row_out(r) for r in self.query(sql, params)])
+
+    def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
+        """Store ``(id, cost_nusd, price_source)`` for existing rows (``spendtap reprice``)."""
+        if not updates:
+            return 0
+        with self._connection() as conn, conn.transaction(), conn.cursor() as cur:
+            changed = 0
+            for rid, cost, source in updates:
+                cur.execute(
+                    "UPDATE requests SET cost_nusd = %s, price_source = %s WHERE id = %s "
+                    "AND (cost_nusd IS DISTINCT FROM %s OR price_source IS DISTINCT FROM %s)",
+                    (cost, source, rid, cost, source),
+                )
+                changed += cur.rowcount
+        return changed
 
     def last_rowid(self) -> int:
         with self._connection() as conn:
@@ -924,8 +951,12 @@ class CentralStore:
         bucket_s: int,
         since: str | datetime | None = None,
         until: str | datetime | None = None,
+        metric: str = "tokens",
         **filters: Any,
     ) -> list[dict[str, Any]]:
+        """As ``Ledger.spend_series``: tokens or nano-dollars per group and time bucket."""
+        if metric not in ("tokens", "cost"):
+            raise ValueError(f"metric must be tokens or cost, not {metric!r}")
         if by not in ("account", "key", "model", "node"):
             raise ValueError(f"by must be account, key, model or node, not {by!r}")
         if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
@@ -933,17 +964,19 @@ class CentralStore:
         clauses, params = self._where(since=since, until=until, **filters)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         params["bucket"] = bucket_s
+        value = "coalesce(sum(cost_nusd), 0)" if metric == "cost" else f"coalesce(sum({_SPEND}), 0)"
         sql = f"""
             SELECT {by} AS grp,
                    (extract(epoch FROM substr(ts, 1, 19)::timestamp)::bigint
                        / %(bucket)s) * %(bucket)s AS bucket,
-                   coalesce(sum({_SPEND}), 0)::bigint AS tokens
+                   {value}::bigint AS value
             FROM requests{where}
             GROUP BY grp, bucket
-            ORDER BY grp COLLATE "C", bucket
         """
+        sql = f'SELECT * FROM ({sql}) AS series ORDER BY grp COLLATE "C" NULLS FIRST, bucket'
+
         return [
-            {by: r["grp"], "bucket": int(r["bucket"]), "tokens": int(r["tokens"])}
+            {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"])}
             for r in self.query(sql, params)
         ]
 
@@ -957,10 +990,13 @@ class CentralStore:
         model: str | None = None,
         node: str | None = None,
         outcome: str | None = None,
+        sort: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Usage totals over the fleet, exactly as ``Ledger.report`` computes them."""
+        """Usage and cost totals over the fleet, exactly as ``Ledger.report`` computes them."""
         if by not in REPORT_BY:
             raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
+        if sort is not None and sort not in REPORT_SORT:
+            raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
         if by == "day":
             group = "substr(ts, 1, 10)"
         elif by == "hour":
@@ -972,13 +1008,17 @@ class CentralStore:
             outcome=outcome,
         )  # fmt: skip
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        if by in ("day", "hour"):
-            order_by = 'grp COLLATE "C"'
+        # SQLite orders NULLs first ascending and last descending; say so, and compare text
+        # bytewise ("C") as SQLite does.
+        tie = 'requests DESC, grp IS NULL, grp COLLATE "C"'
+        if sort == "cost":
+            order_by = f"cost_nusd IS NULL, cost_nusd DESC, total_tokens DESC NULLS LAST, {tie}"
+        elif sort == "requests":
+            order_by = 'requests DESC, total_tokens DESC NULLS LAST, grp IS NULL, grp COLLATE "C"'
+        elif sort == "tokens" or by not in ("day", "hour"):
+            order_by = f"total_tokens IS NULL, total_tokens DESC, {tie}"
         else:
-            order_by = (
-                "total_tokens IS NULL, total_tokens DESC, requests DESC, grp IS NULL, "
-                'grp COLLATE "C"'
-            )
+            order_by = 'grp COLLATE "C" NULLS FIRST'
         sql = f"""
             SELECT
                 {group} AS grp,
@@ -995,7 +1035,10 @@ class CentralStore:
                 count(*) FILTER (WHERE usage_source IS NULL OR usage_source = 'none')
                     AS usage_missing,
                 round(avg(ttft_s)::numeric, 4)::float AS avg_ttft_s,
-                round(avg(tokens_per_s)::numeric, 2)::float AS avg_tokens_per_s
+                round(avg(tokens_per_s)::numeric, 2)::float AS avg_tokens_per_s,
+                sum(cost_nusd) AS cost_nusd,
+                count(cost_nusd) AS priced,
+                count(*) FILTER (WHERE price_source = 'none') AS unpriced
             FROM requests{where}
             GROUP BY grp
         """
@@ -1003,8 +1046,11 @@ class CentralStore:
         sql = f"SELECT * FROM ({sql}) AS totals ORDER BY {order_by}"
         out = []
         for r in self.query(sql, params):
-            r[by] = r.pop("grp")
-            out.append({by: r[by], **{k: v for k, v in r.items() if k != by}})
+            row = {by: r.pop("grp"), **r}
+            nusd, priced = row.pop("cost_nusd"), row.pop("priced")
+            row["cost_usd"] = usd(None if nusd is None else int(nusd))
+            row["avg_cost_usd"] = usd(Decimal(int(nusd)) / priced) if priced else None
+            out.append(row)
         return out
 
     def count_rows(self) -> int:
