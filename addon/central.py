@@ -399,7 +399,7 @@ class CentralStore:
                 kwargs={"autocommit": True, **_dsn_kwargs(timeout_s)},
                 timeout=timeout_s,
                 reconnect_timeout=0,  # keep retrying for as long as the sidecar runs
-                check=ConnectionPool.check_connection,
+                check=_check_idle_connection,
                 open=False,
                 name="spendtap-central",
             )
@@ -458,8 +458,8 @@ class CentralStore:
                     raise
         except CentralError:
             raise
-        except psycopg.errors.CheckViolation:
-            raise
+        except psycopg.IntegrityError:
+            raise  # a duplicate id or a cap the database enforces: the caller's to answer
         except (psycopg.Error, OSError) as e:
             raise self._error(e) from e
         except Exception as e:  # psycopg_pool.PoolTimeout and friends
@@ -638,19 +638,39 @@ class CentralStore:
         # Whole milliseconds, as stored: the database's trigger sees the same window.
         t = _ts_epoch(ts_from_epoch(_epoch(now)))
         try:
-            with self._connection() as conn:
-                rows = conn.execute(
-                    "SELECT * FROM spendtap_reserve(%s, %s, %s, %s, %s, %s, %s)",
-                    (reservation_id, account, key, tokens, ts_from_epoch(t), owner, node_id),
-                ).fetchall()
-                if not rows:
-                    return UNBUDGETED
-                if rows[0][0]:
-                    return Decision(allowed=True, reservation_id=reservation_id, tokens=tokens)
-                # Refused (rare): work out Retry-After outside the reserving transaction.
-                return _binding(
-                    [_refusal(conn, Budget(*r[1:8]), int(r[8]), int(r[9]), tokens, t) for r in rows]
-                )
+            for attempt in (1, 2):
+                used = None
+                try:
+                    with self._connection() as conn:
+                        used = conn
+                        rows = conn.execute(
+                            "SELECT * FROM spendtap_reserve(%s, %s, %s, %s, %s, %s, %s)",
+                            (reservation_id, account, key, tokens, ts_from_epoch(t), owner,
+                             node_id),
+                        ).fetchall()  # fmt: skip
+                        if not rows:
+                            return UNBUDGETED
+                        if rows[0][0]:
+                            return Decision(
+                                allowed=True, reservation_id=reservation_id, tokens=tokens
+                            )
+                        # Refused (rare): Retry-After is worked out after the reservation's
+                        # transaction, which has ended.
+                        return _binding(
+                            [
+                                _refusal(conn, Budget(*r[1:8]), int(r[8]), int(r[9]), tokens, t)
+                                for r in rows
+                            ]
+                        )
+                except CentralError:
+                    # A pooled connection the server dropped (it restarted): once more, on
+                    # another one. A timeout or a refusal is never retried.
+                    if attempt == 1 and used is not None and (used.broken or used.closed):
+                        if self._pool is not None:
+                            self._pool.check()  # drop every other connection it dropped
+                        continue
+                    raise
+            raise AssertionError("unreachable")
         except psycopg.errors.UniqueViolation:
             raise ValueError(f"reservation {reservation_id!r} is already open") from None
         except psycopg.errors.CheckViolation as e:
@@ -1067,6 +1087,20 @@ class CentralStore:
             cur = conn.execute(sql, params)
             names = [d.name for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur]
+
+
+# A pooled connection used within this many seconds is taken as alive without a round
+# trip; an older one is checked first (the server may have restarted meanwhile).
+CHECK_IDLE_S = 1.0
+
+
+def _check_idle_connection(conn: Any) -> None:
+    now = time.monotonic()
+    if now - getattr(conn, "_spendtap_used", 0.0) > CHECK_IDLE_S:
+        from psycopg_pool import ConnectionPool
+
+        ConnectionPool.check_connection(conn)
+    conn._spendtap_used = now
 
 
 def _pg_values(row: dict[str, Any]) -> tuple[Any, ...]:

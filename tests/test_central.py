@@ -168,3 +168,32 @@ def test_dsn_redaction_and_option():
     with pytest.raises(OptionError) as e:
         BY_NAME["spendtap_central"].validate("mysql://u:pw@h/db")
     assert "pw" not in str(e.value)
+
+
+def test_a_duplicate_reservation_or_key_is_the_callers_error(store, pg_dsn):
+    """The same reservation id twice is a ValueError; the same secret twice a DuplicateKey."""
+    from spendtap.central import CentralKeys
+    from spendtap.keys import DuplicateKey
+
+    store.set("key", "k", 1000, None)
+    store.reserve("dup", "acct", "k", 10, "o")
+    with pytest.raises(ValueError, match="already open"):
+        store.reserve("dup", "acct", "k", 10, "o")
+    with CentralKeys(pg_dsn) as keys:
+        keys.add("acct", "k", "s" * 40)
+        with pytest.raises(DuplicateKey):
+            keys.add("acct", "k", "s" * 40)
+
+
+def test_reserve_survives_a_server_restart(pg_server, pg_dsn):
+    """Pooled connections the server dropped are replaced: the first reserve after a
+    restart succeeds."""
+    store = CentralStore(pg_dsn, pool_size=2)
+    try:
+        store.set("key", "k", 10**6, None)
+        assert store.reserve("before", "acct", "k", 10, "o").allowed
+        pg_server.stop("fast")
+        pg_server.start()
+        assert store.reserve("after", "acct", "k", 10, "o").allowed
+    finally:
+        store.close()
