@@ -197,3 +197,25 @@ def test_reserve_survives_a_server_restart(pg_server, pg_dsn):
         assert store.reserve("after", "acct", "k", 10, "o").allowed
     finally:
         store.close()
+
+
+def test_shipping_stuck_while_the_store_is_away(tmp_path):
+    """With PostgreSQL unreachable, the backlog and lag are measured from the local ledger
+    alone, errors are counted, and the shipper reports itself stuck past its limit."""
+    db = tmp_path / "local.db"
+    with Ledger(db) as ledger:
+        ledger.insert_rows([row("a", ts=time.time() - 5), row("b")])
+    store = CentralStore("postgresql://spendtap:x@127.0.0.1:1/none", timeout_s=1, open_now=False)
+    shipper = Shipper(str(db), store, node_id="n", owner="o", interval_s=0.05, stuck_after_s=2)
+    shipper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while shipper.ship_errors < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert shipper.backlog_rows == 2
+        assert shipper.lag_seconds >= 4
+        assert shipper.ship_errors >= 2 and shipper.failing
+        assert shipper.stuck
+    finally:
+        shipper.close(0.5)
+        store.close()

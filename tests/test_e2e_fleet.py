@@ -345,3 +345,25 @@ def test_keys_registered_centrally_resolve_on_every_node(sim, tmp_path, pg_dsn):
     finally:
         for p in proxies:
             p.stop()
+
+
+def test_a_new_budget_binds_fleet_wide_within_seconds(sim, tmp_path, pg_dsn):
+    """A budget set in PostgreSQL while sidecars serve takes effect on all of them within
+    about a second (each re-reads the budgeted principals every second)."""
+    sets = [f"spendtap_central={pg_dsn}"]
+    proxies = [Sidecar(tmp_path, sim.url, *sets) for _ in range(2)]
+    try:
+        assert all(chat(p.url, "late", 0).status_code == 200 for p in proxies)
+        with CentralStore(pg_dsn) as store:
+            store.set("key", "late", 0, None)
+        set_at = time.monotonic()
+
+        def refused_everywhere() -> bool:
+            return all(chat(p.url, "late", 1).status_code == 429 for p in proxies)
+
+        assert wait_for(refused_everywhere, 5, step=0.1)
+        print(f"\nnew budget binding on every node after {time.monotonic() - set_at:.2f} s")
+        assert time.monotonic() - set_at < 2.5
+    finally:
+        for p in proxies:
+            p.stop()
