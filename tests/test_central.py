@@ -219,3 +219,10 @@ def test_shipping_stuck_while_the_store_is_away(tmp_path):
     finally:
         shipper.close(0.5)
         store.close()
+
+
+def test_libpq_password_variables_work(pg_dsn, monkeypatch):
+    """A URL without a password works with PGPASSWORD (libpq's usual ways apply)."""
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    with CentralStore(pg_dsn.replace(f":{PASSWORD}@", "@")) as store:
+        assert store.migrations() == ["m001_initial"]

@@ -100,6 +100,7 @@ def test_every_alert_has_a_firing_test():
         "SpendtapLedgerWriteErrors",
         "SpendtapUsageMissing",
         "SpendtapTimeToFirstTokenHigh",
+        "SpendtapCentralShippingLag",
     }
 
 
@@ -134,6 +135,7 @@ def test_metric_names_use_the_exported_families():
         "cortex_metering_errors_total",
         "cortex_usage_source_total",
         "cortex_time_to_first_token_seconds_bucket",
+        "cortex_central_lag_seconds",
     }
 
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 from spendtap.central import CentralStore, node_identity
-from tests.pg import PostgresServer
+from tests.pg import PASSWORD, PostgresServer
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
@@ -157,7 +157,8 @@ def test_postgres_stopped_mid_traffic(sim, tmp_path, fail_open):
             "spendtap_central_timeout_ms=500",
             f"spendtap_fail_open={str(fail_open).lower()}",
         ]
-        proxies = [Sidecar(tmp_path, sim.url, *sets) for _ in range(2)]
+        # Not quiet: the log must name the outage, never the password.
+        proxies = [Sidecar(tmp_path, sim.url, *sets, quiet=False) for _ in range(2)]
         time.sleep(1.2)
         for i in range(10):
             assert chat(proxies[i % 2].url, "capped", i).status_code == 200
@@ -203,6 +204,11 @@ def test_postgres_stopped_mid_traffic(sim, tmp_path, fail_open):
         assert all(b > 0 for b in backlog) and all(e > 0 for e in errors)
         assert after.status_code == 200
         assert wait_for(lambda: all_shipped(dsn, proxies), 30)
+        for p in proxies:
+            log, metrics = p.output(), p.metrics()
+            assert "cannot ship to postgresql://spendtap:***@127.0.0.1" in log
+            assert "recovered" in log
+            assert PASSWORD not in log + metrics
     finally:
         for p in proxies:
             p.stop()
