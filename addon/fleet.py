@@ -87,7 +87,8 @@ class Shipper:
 
     @property
     def lag_seconds(self) -> float:
-        """Age of the oldest committed row not yet in PostgreSQL (0 when none waits)."""
+        """Age of the oldest committed row not yet in PostgreSQL (0 when none waits), from
+        the end of its request (when it was written)."""
         if not self.backlog_rows or self.oldest_unshipped_at is None:
             return 0.0
         return max(0.0, time.time() - self.oldest_unshipped_at)
@@ -176,7 +177,11 @@ class Shipper:
         self.backlog_rows = max(0, ledger.last_rowid() - base)
         if self.backlog_rows:
             head = next(ledger.requests(after_rowid=base, order="asc", limit=1), None)
-            self.oldest_unshipped_at = _epoch_of(head["ts"]) if head else None
+            # When the row was written: its request's start plus its duration.
+            start = _epoch_of(head["ts"]) if head else None
+            self.oldest_unshipped_at = (
+                None if start is None else start + (head.get("duration_s") or 0.0)
+            )
         else:
             self.oldest_unshipped_at = None
 
