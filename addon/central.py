@@ -925,7 +925,7 @@ class CentralStore:
         if limit is not None:
             sql += " LIMIT %(limit)s"
             params["limit"] = limit
-        return iter([_row_out(r) for r in self.query(sql, params)])
+        return iter([_row_out(r) for r in self._query(sql, params)])
 
     def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
         """Store ``(id, cost_nusd, price_source)`` for existing rows (``spendtap reprice``)."""
@@ -997,7 +997,7 @@ class CentralStore:
 
         return [
             {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"])}
-            for r in self.query(sql, params)
+            for r in self._query(sql, params)
         ]
 
     def report(
@@ -1065,7 +1065,7 @@ class CentralStore:
         # PostgreSQL orders by expressions of output names only from an outer query.
         sql = f"SELECT * FROM ({sql}) AS totals ORDER BY {order_by}"
         out = []
-        for r in self.query(sql, params):
+        for r in self._query(sql, params):
             row = {by: r.pop("grp"), **r}
             nusd, priced = row.pop("cost_nusd"), row.pop("priced")
             row["cost_usd"] = usd(None if nusd is None else int(nusd))
@@ -1077,12 +1077,8 @@ class CentralStore:
         with self._connection() as conn:
             return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
 
-    def row_ids(self) -> list[str]:
-        with self._connection() as conn:
-            return [r[0] for r in conn.execute("SELECT id FROM requests")]
-
-    def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        """Rows of a read-only query (for the fleet ledger's readers in this package)."""
+    def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        """Rows of a read-only query, as dicts."""
         with self._connection() as conn:
             cur = conn.execute(sql, params)
             names = [d.name for d in cur.description]
@@ -1296,13 +1292,3 @@ class CentralKeys:
                     "UPDATE api_keys SET revoked_at = %s WHERE fingerprint = %s", (stamp, full)
                 )
             return len(matches)
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
-    """Poll ``predicate`` until true or ``timeout_s`` passes (for shutdown and tests)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return predicate()

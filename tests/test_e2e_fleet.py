@@ -253,11 +253,12 @@ def test_kill9_sidecar_under_load(sim, tmp_path, pg_dsn, released_by):
                 ]
                 time.sleep(2.0)
                 victim.stop(signal.SIGKILL)
+                # Right away: the survivor may sweep once the victim's lease has expired.
+                local_at_kill = len(read_rows(victim_db))
+                in_pg_at_kill = sum(1 for r in central_rows(pg_dsn) if r["shipped_from"] == node_id)
+                open_at_kill = _open_of(pg_dsn, node_id)
                 codes = [f.result() for f in futures]
             blocker.rollback()
-        local_at_kill = len(read_rows(victim_db))
-        in_pg_at_kill = sum(1 for r in central_rows(pg_dsn) if r["shipped_from"] == node_id)
-        open_at_kill = _open_of(pg_dsn, node_id)
 
         if released_by == "sweep":
             # The survivor sweeps every 5 s; the victim's lease is 2 s.
