@@ -26,7 +26,13 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from spendtap.budgets import open_readonly, open_reservation_count, read_statuses
+from spendtap.budgets import (
+    NANOS_PER_USD,
+    USD,
+    open_readonly,
+    open_reservation_count,
+    read_statuses,
+)
 from spendtap.ledger import LedgerNotFound
 
 __all__ = ["BudgetCollector"]
@@ -74,6 +80,31 @@ class BudgetCollector(Collector):
                 labels=labels,
             ),
         }
+        money = {
+            "cap": GaugeMetricFamily(
+                p + "budget_cap_usd", "A money budget's cap, in dollars.", labels=labels
+            ),
+            "spent": GaugeMetricFamily(
+                p + "budget_spent_usd",
+                "Dollars spent in a money budget's window (or since a balance was set).",
+                labels=labels,
+            ),
+            "reserved": GaugeMetricFamily(
+                p + "budget_reserved_usd",
+                "Dollars held by open reservations of requests in flight.",
+                labels=labels,
+            ),
+            "remaining": GaugeMetricFamily(
+                p + "budget_remaining_usd",
+                "Dollars left to reserve under a money cap: cap - spent - reserved, at least 0.",
+                labels=labels,
+            ),
+            "window": GaugeMetricFamily(
+                p + "budget_usd_window_seconds",
+                "A money budget's rolling window in seconds (absent for a balance).",
+                labels=labels,
+            ),
+        }
         open_family = GaugeMetricFamily(
             p + "open_reservations", "Budget reservations not yet settled or released."
         )
@@ -81,7 +112,7 @@ class BudgetCollector(Collector):
             conn = open_readonly(self.path, self.busy_timeout_s)
         except LedgerNotFound:
             open_family.add_metric([], 0)
-            yield from (*families.values(), open_family, self._errors())
+            yield from (*families.values(), *money.values(), open_family, self._errors())
             return
         except Exception:
             yield from self._failed()
@@ -98,12 +129,20 @@ class BudgetCollector(Collector):
                 conn.close()
         for s in statuses:
             values = [s.budget.scope, s.budget.principal]
+            if s.budget.unit == USD:  # nano-dollars to dollars
+                money["cap"].add_metric(values, s.budget.cap / NANOS_PER_USD)
+                money["spent"].add_metric(values, s.spent / NANOS_PER_USD)
+                money["reserved"].add_metric(values, s.reserved / NANOS_PER_USD)
+                money["remaining"].add_metric(values, s.remaining / NANOS_PER_USD)
+                if s.budget.window_s is not None:
+                    money["window"].add_metric(values, s.budget.window_s)
+                continue
             families["cap"].add_metric(values, s.budget.cap)
             families["spent"].add_metric(values, s.spent)
             families["reserved"].add_metric(values, s.reserved)
             families["remaining"].add_metric(values, s.remaining)
         open_family.add_metric([], count)
-        yield from (*families.values(), open_family, self._errors())
+        yield from (*families.values(), *money.values(), open_family, self._errors())
 
     def _errors(self) -> CounterMetricFamily:
         family = CounterMetricFamily(
