@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from spendtap.ledger import Ledger, LedgerError, LedgerNotFound
+from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 from spendtap.usage import EMBEDDINGS, OTHER
 
@@ -444,7 +445,7 @@ def reservation_split(
     api: str | None,
     max_output_tokens: int | None,
     *,
-    fallback_max_output: int = 4096,
+    fallback_max_output: int = DEFAULT_FALLBACK_MAX_OUTPUT,
     bytes_per_token: float = BYTES_PER_TOKEN,
 ) -> tuple[int, int]:
     """What a request reserves, as (prompt estimate, output limit) in tokens.
@@ -469,7 +470,7 @@ def reservation_tokens(
     api: str | None,
     max_output_tokens: int | None,
     *,
-    fallback_max_output: int = 4096,
+    fallback_max_output: int = DEFAULT_FALLBACK_MAX_OUTPUT,
     bytes_per_token: float = BYTES_PER_TOKEN,
 ) -> int:
     """What a request reserves in tokens: the prompt estimate plus its output limit
