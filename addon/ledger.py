@@ -60,7 +60,11 @@ __all__ = [
 
 MIGRATIONS_TABLE = "_spendtap_migrations"
 
-OUTCOMES = ("completed", "client_disconnected", "upstream_error", "rejected")
+COMPLETED = "completed"
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_ERROR = "upstream_error"
+REJECTED = "rejected"
+OUTCOMES = (COMPLETED, CLIENT_DISCONNECTED, UPSTREAM_ERROR, REJECTED)
 USAGE_SOURCES = ("reported", "estimated", "none")
 REPORT_BY = (
     "account", "key", "model", "node", "api", "path", "outcome", "price_source", "day", "hour",
