@@ -59,6 +59,7 @@ from spendtap.budgets import (
     EPOCH_TS,
     RESERVED_RETRY_S,
     SCOPES,
+    TOKENS,
     UNBUDGETED,
     Budget,
     BudgetStatus,
@@ -507,7 +508,12 @@ class CentralStore:
     # -- budgets: configuration ----------------------------------------------------
 
     @staticmethod
-    def _check(scope: str, principal: str) -> None:
+    def _check(scope: str, principal: str, unit: str = TOKENS) -> None:
+        if unit != TOKENS:
+            raise ValueError(
+                "money caps (--cap-usd) are not enforced by the central store yet; "
+                "set a token cap for the fleet"
+            )
         if scope not in SCOPES:
             raise ValueError(f"scope must be key or account, not {scope!r}")
         if not isinstance(principal, str) or not principal:
@@ -522,9 +528,10 @@ class CentralStore:
         *,
         reset: bool = False,
         now: float | datetime | None = None,
+        unit: str = TOKENS,
     ) -> Budget:
-        """Create or change a fleet budget (same semantics as ``Budgets.set``)."""
-        self._check(scope, principal)
+        """Create or change a fleet budget (same semantics as ``Budgets.set``; tokens only)."""
+        self._check(scope, principal, unit)
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
             raise ValueError(f"cap must be a whole number of tokens >= 0, not {cap!r}")
         if window_s is not None and (
@@ -563,7 +570,9 @@ class CentralStore:
         assert budget is not None
         return budget
 
-    def remove(self, scope: str, principal: str) -> bool:
+    def remove(self, scope: str, principal: str, unit: str = TOKENS) -> bool:
+        if unit != TOKENS:
+            return False  # the central store holds no money caps
         self._check(scope, principal)
         with self._connection() as conn:
             cur = conn.execute(
@@ -580,7 +589,9 @@ class CentralStore:
         ).fetchone()
         return Budget(*row) if row else None
 
-    def get(self, scope: str, principal: str) -> Budget | None:
+    def get(self, scope: str, principal: str, unit: str = TOKENS) -> Budget | None:
+        if unit != TOKENS:
+            return None
         with self._connection() as conn:
             return self._get(conn, scope, principal)
 
@@ -593,8 +604,14 @@ class CentralStore:
         return [Budget(*r) for r in rows]
 
     def status(
-        self, scope: str, principal: str, now: float | datetime | None = None
+        self,
+        scope: str,
+        principal: str,
+        now: float | datetime | None = None,
+        unit: str = TOKENS,
     ) -> BudgetStatus | None:
+        if unit != TOKENS:
+            return None
         t = _epoch(now)
         with self._connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
@@ -622,8 +639,12 @@ class CentralStore:
         now: float | datetime | None = None,
         *,
         node_id: str | None = None,
+        nusd: int | None = None,
+        model: str | None = None,
     ) -> Decision:
-        """Reserve ``tokens`` fleet-wide, or refuse; same answers as ``Budgets.reserve``.
+        """Reserve ``tokens`` fleet-wide, or refuse; same answers as ``Budgets.reserve``
+        for token caps (``nusd`` and ``model`` are accepted for the same call shape; the
+        central store holds no money caps yet).
 
         Raises ``ValueError`` for a bad argument or an id already reserved, and
         ``BudgetUnavailable`` when PostgreSQL cannot answer within the timeout.
@@ -692,8 +713,9 @@ class CentralStore:
         """Open reservations, oldest first: id, account, key, tokens, created_at, owner."""
         with self._connection() as conn:
             cur = conn.execute(
-                "SELECT id, account, key, tokens, created_at, owner FROM reservations "
-                "ORDER BY created_at, id"
+                # No dollars are reserved centrally (money caps stay single-node for now).
+                "SELECT id, account, key, tokens, NULL::bigint AS nusd, created_at, owner "
+                "FROM reservations ORDER BY created_at, id"
             )
             names = [d.name for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur]

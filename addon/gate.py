@@ -35,15 +35,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from spendtap.budgets import (
+    USD,
     Budgets,
     BudgetUnavailable,
     owner_alive,
     process_owner,
-    reservation_tokens,
+    reservation_split,
 )
 from spendtap.fleet import Fleet
 from spendtap.keys import Keys, extract_secret, fingerprint
-from spendtap.options import PRINCIPAL_SOURCES
+from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT, PRINCIPAL_SOURCES
+from spendtap.pricing import Pricer, TokenSplit
 from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
 from spendtap.request import RequestInfo, clean_principal
 from spendtap.trust import TrustPolicy
@@ -88,11 +90,12 @@ class Gate:
         account_header: str = "x-helexa-account-id",
         key_header: str = "x-helexa-key-id",
         require_auth: bool = False,
-        fallback_max_output: int = 4096,
+        fallback_max_output: int = DEFAULT_FALLBACK_MAX_OUTPUT,
         fail_open: bool = False,
         trust: TrustPolicy | None = None,
         key_swap: bool = False,
         fleet: Fleet | None = None,
+        pricer: Pricer | None = None,
     ):
         if principal_source not in PRINCIPAL_SOURCES:
             raise ValueError(
@@ -108,6 +111,8 @@ class Gate:
         self.fail_open = fail_open
         self.trust = trust if trust is not None else TrustPolicy.from_settings("", None)
         self.key_swap = key_swap
+        # Prices a reservation for money caps (the same over-estimate as in tokens).
+        self.pricer = pricer if pricer is not None else Pricer()
         self.owner = process_owner()
         # One thread owns the connections: reserve, release and key look-ups are
         # serialized here and never run on the event loop.
@@ -116,6 +121,7 @@ class Gate:
         self._keys = self._executor.submit(Keys, path).result()
         self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._budgeted: frozenset[tuple[str, str]] = frozenset()
+        self._money: frozenset[tuple[str, str]] = frozenset()  # principals with a money cap
         self._budgeted_until = 0.0
         self.fleet = fleet
         self._central = (
@@ -189,26 +195,33 @@ class Gate:
         info: RequestInfo,
         account: str | None,
         key: str | None,
+        node: str | None = None,
     ) -> Admission:
-        """Reserve the request's tokens, or say why it must be refused."""
+        """Reserve the request's tokens (and dollars, under a money cap), or say why it
+        must be refused. ``node`` is the upstream's host:port (a provider's API host
+        selects that provider's prices)."""
         if not self.enforce or (account is None and key is None):
             return ADMITTED  # anonymous requests are never budgeted
         try:
             if self.fleet is not None:
+                # The fleet's view of who has a budget, read in the background.
                 budgeted = self.fleet.budgeted()
                 if budgeted is not None and not _names(budgeted, account, key):
                     return ADMITTED
                 decision = await asyncio.get_running_loop().run_in_executor(
-                    self._central, self._reserve, flow_id, body, info, account, key
+                    self._central, self._reserve, flow_id, body, info, account, key, node, False
                 )
             else:
                 # The cached budgeted set first: an unbudgeted request (most traffic) costs
                 # no body walk at all, and the walk of a budgeted one runs on the worker
                 # thread with the reservation, never on the event loop.
                 budgeted = await self._budgeted_principals()
-                if not _names(budgeted, account, key):
+                if ("key", key) not in budgeted and ("account", account) not in budgeted:
                     return ADMITTED
-                decision = await self._run(self._reserve, flow_id, body, info, account, key)
+                money = ("key", key) in self._money or ("account", account) in self._money
+                decision = await self._run(
+                    self._reserve, flow_id, body, info, account, key, node, money
+                )
         except BudgetUnavailable:
             if self.fail_open:
                 return Admission(reason="fail_open")
@@ -219,21 +232,29 @@ class Gate:
             return Admission(budget_refusal(info.api, decision), decision.reason)
         return Admission(reservation_id=decision.reservation_id)
 
-    def _reserve(self, flow_id, body, info: RequestInfo, account, key):
-        tokens = reservation_tokens(
+    def _reserve(self, flow_id, body, info: RequestInfo, account, key, node, money: bool):
+        prompt, output = reservation_split(
             body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
         )
+        tokens = prompt + output
         if tokens <= 0:
             return None
         if self.fleet is not None:
             return self.fleet.reserve(flow_id, account, key, tokens, self.owner)
-        return self._budgets.reserve(flow_id, account, key, tokens, self.owner)
+        nusd = None
+        if money and info.model:
+            price = self.pricer.price(info.model, TokenSplit(prompt, output), node=node)
+            nusd = price.cost_nusd if price is not None else None
+        return self._budgets.reserve(
+            flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model
+        )
 
     async def _budgeted_principals(self) -> frozenset[tuple[str, str]]:
         now = time.monotonic()
         if now >= self._budgeted_until:
             budgets = await self._run(self._budgets.list)
             self._budgeted = frozenset((b.scope, b.principal) for b in budgets)
+            self._money = frozenset((b.scope, b.principal) for b in budgets if b.unit == USD)
             self._budgeted_until = now + BUDGETED_CACHE_S
         return self._budgeted
 

@@ -40,16 +40,16 @@ from spendtap.fleet import Fleet
 from spendtap.gate import Admission, Gate, Principal
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.keyswap import UpstreamCredential
-from spendtap.ledger import Ledger, LedgerError
-from spendtap.meter import (
+from spendtap.ledger import (
     CLIENT_DISCONNECTED,
     COMPLETED,
     REJECTED,
     UPSTREAM_ERROR,
-    FlowMeter,
-    outcome_for_error,
+    Ledger,
+    LedgerError,
 )
-from spendtap.metrics import CallbackGauges, Metrics
+from spendtap.meter import FlowMeter, outcome_for_error
+from spendtap.metrics import CallbackMetrics, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.options import BY_NAME, ENV_CENTRAL, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
@@ -234,14 +234,27 @@ class SpendTap:
             max_principal_series=opts.spendtap_max_principal_series,
         )
         self.metrics.add_collector(
-            CallbackGauges(
+            CallbackMetrics(
                 opts.spendtap_metrics_prefix,
-                [
+                gauges=[
                     (
                         "ledger_queue_depth",
                         "Rows waiting for the ledger writer.",
                         lambda: self.writer.queue_depth if self.writer else 0,
                     ),
+                    # The fleet's figures exist only with spendtap_central (else not exported).
+                    (
+                        "central_backlog_rows",
+                        "Rows committed locally and not yet shipped to the central store.",
+                        lambda: self.fleet.shipper.backlog_rows,
+                    ),
+                    (
+                        "central_lag_seconds",
+                        "Age of the oldest row not yet shipped to the central store (0: none).",
+                        lambda: self.fleet.shipper.lag_seconds,
+                    ),
+                ],
+                counters=[
                     (
                         "ledger_rows_written",
                         "Rows committed to the ledger since start.",
@@ -258,16 +271,6 @@ class SpendTap:
                         lambda: self.writer.dropped_rows if self.writer else 0,
                     ),
                     # The fleet's figures exist only with spendtap_central (else not exported).
-                    (
-                        "central_backlog_rows",
-                        "Rows committed locally and not yet shipped to the central store.",
-                        lambda: self.fleet.shipper.backlog_rows,
-                    ),
-                    (
-                        "central_lag_seconds",
-                        "Age of the oldest row not yet shipped to the central store (0: none).",
-                        lambda: self.fleet.shipper.lag_seconds,
-                    ),
                     (
                         "central_rows_shipped",
                         "Rows this sidecar shipped to the central store since start.",
@@ -400,6 +403,7 @@ class SpendTap:
             trust=self.trust,
             key_swap=self.credential is not None,
             fleet=fleet,
+            pricer=self.pricer,
         )
         logger.info(
             f"spendtap: principal source {opts.spendtap_principal_source}; headers honoured "
@@ -511,7 +515,7 @@ class SpendTap:
             self._refuse(flow, meter, refusal, reason)
             return
         try:
-            admission = await self.gate.admit(flow.id, body, info, account, key)
+            admission = await self.gate.admit(flow.id, body, info, account, key, node=meter.node)
         except Exception:
             self._count_error("budget", "could not check the budget")
             if opts.spendtap_fail_open:

@@ -176,3 +176,13 @@ def test_doctor_checks_the_central_store(tmp_path, pg_server, pg_dsn):
         conn.execute("CREATE TABLE invoices (id int)")
     code, out, err = run("doctor", "--db", foreign, "--metrics", "none")
     assert code == 1 and "FAIL  central" in out and "not a spendtap ledger" in out
+
+
+def test_money_caps_are_refused_by_the_central_store(pg_dsn):
+    """A money cap cannot be set on the fleet yet: one line saying so, exit 1."""
+    code, _out, err = run(
+        "budget", "set", "--key", "k", "--cap-usd", "10", "--window", "30d", "--db", pg_dsn
+    )
+    assert code == 1
+    assert "money caps (--cap-usd) are not enforced by the central store yet" in err
+    assert len(err.strip().splitlines()) == 1

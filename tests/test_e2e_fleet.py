@@ -176,7 +176,7 @@ def test_postgres_stopped_mid_traffic(sim, tmp_path, fail_open):
             free.append(r.status_code)
         dispatched = sim_total(sim) - before
         backlog = [_metric(p, "cortex_central_backlog_rows") for p in proxies]
-        errors = [_metric(p, "cortex_central_ship_errors") for p in proxies]
+        errors = [_metric(p, "cortex_central_ship_errors_total") for p in proxies]
 
         server.start()
         assert wait_for(lambda: all_shipped(dsn, proxies), 30)
