@@ -70,7 +70,7 @@ from typing import Any
 
 from spendtap.ledger import Ledger, LedgerError, LedgerNotFound
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
-from spendtap.usage import EMBEDDINGS, OTHER
+from spendtap.usage import INPUT_ONLY_APIS, OTHER
 
 __all__ = [
     "BALANCE",
@@ -404,7 +404,7 @@ def reservation_tokens(
     if api == OTHER:
         return 0
     prompt = estimate_prompt_tokens(body, api, bytes_per_token=bytes_per_token)
-    if api == EMBEDDINGS:
+    if api in INPUT_ONLY_APIS:
         return prompt
     output = max_output_tokens if max_output_tokens is not None else fallback_max_output
     return prompt + max(0, output)

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spendtap.decoding import DecodeError, Decoder, is_identity, make_decoder
+from spendtap.dialect_llamacpp import timings_of
+from spendtap.dialects import ServerTiming
 from spendtap.sse import SSEParser
 from spendtap.usage import ANTHROPIC_MESSAGES, NONE, OPENAI_RESPONSES, REPORTED, Usage
 
@@ -104,6 +106,10 @@ class ScanResult:
     # Approximate characters of generated text, for estimating usage a server did
     # not report (see ``spendtap.estimate``); None when there is nothing to go on.
     output_chars: int | None = None
+    # Durations the server itself reported (Ollama, llama.cpp ``timings``), if any.
+    server_timing: ServerTiming | None = None
+    # How the body was framed: "sse", "json", "ndjson", "json-array" (None: no body).
+    framing: str | None = None
 
 
 def _int(v: Any) -> int | None:
@@ -228,6 +234,7 @@ class ResponseScanner:
         "_pre",
         "_result",
         "_stopped",
+        "_timings",
     )
 
     def __init__(
@@ -292,6 +299,7 @@ class ResponseScanner:
         self._j_tail: list[bytes] = []
         self._j_tail_len = 0
         self._result: ScanResult | None = None
+        self._timings: dict | None = None  # llama.cpp's ``timings`` sibling of usage
 
     # -- feeding ------------------------------------------------------------------
 
@@ -492,6 +500,9 @@ class ResponseScanner:
             if type(m) is str and m:
                 self._model = m[:256]
         self._object_usage(obj, t)
+        tm = obj.get("timings")
+        if type(tm) is dict:
+            self._timings = tm
         if self._error is None:
             self._object_error(obj, t, ev_type)
         return self._object_content(obj, t)
@@ -695,6 +706,9 @@ class ResponseScanner:
         if type(m) is str and m:
             self._model = m[:256]
         self._object_usage(obj, t)
+        tm = obj.get("timings")
+        if type(tm) is dict:
+            self._timings = tm
         if self._fam == 0:
             self._json_text_chars = generated_text_chars(obj)
         e = obj.get("error")
@@ -767,4 +781,6 @@ class ResponseScanner:
             streamed_sse=self._mode == _SSE,
             internal_errors=self._internal,
             output_chars=output_chars,
+            server_timing=timings_of(self._timings) if self._timings else None,
+            framing=("sse" if self._mode == _SSE else "json") if self._mode else None,
         )

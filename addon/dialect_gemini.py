@@ -1,0 +1,99 @@
+"""Gemini / Vertex AI ``generateContent`` and ``streamGenerateContent``.
+
+Request: ``…/models/{model}:generateContent`` (one JSON document) or
+``:streamGenerateContent`` (server-sent events with ``alt=sse``, otherwise a
+JSON array of response objects). The model is in the path; the output limit is
+``generationConfig.maxOutputTokens``.
+
+Response: ``usageMetadata`` on each streamed object is cumulative (the last value
+of each figure wins):
+
+- ``promptTokenCount`` includes ``cachedContentTokenCount``;
+- ``toolUsePromptTokenCount`` (tool results fed back) is input billed on top;
+- ``candidatesTokenCount`` excludes ``thoughtsTokenCount`` (both are output).
+
+Normalized: ``prompt = promptTokenCount + toolUsePromptTokenCount``,
+``completion = candidatesTokenCount + thoughtsTokenCount``,
+``cached = cachedContentTokenCount``, ``reasoning = thoughtsTokenCount``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from spendtap.dialects import Extractor, count_pattern, error_summary
+from spendtap.usage import GEMINI, Usage
+
+__all__ = ["GeminiExtractor", "gemini_model_from_path", "is_gemini_path"]
+
+_FIELDS = (
+    "promptTokenCount",
+    "candidatesTokenCount",
+    "thoughtsTokenCount",
+    "cachedContentTokenCount",
+    "toolUsePromptTokenCount",
+)
+_PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent)$", re.IGNORECASE)
+
+
+def is_gemini_path(path_lower: str) -> bool:
+    """``path_lower``: the request path, query removed, lower-cased, no trailing slash."""
+    return path_lower.endswith((":generatecontent", ":streamgeneratecontent")) and (
+        "/models/" in path_lower
+    )
+
+
+def gemini_model_from_path(path: str) -> tuple[str | None, bool]:
+    """(model, streaming) from a ``…/models/{model}:(stream)generateContent`` path."""
+    m = _PATH.search(path.split("?", 1)[0].rstrip("/"))
+    if m is None:
+        return None, False
+    return m.group(1)[:256] or None, m.group(2).lower().startswith("stream")
+
+
+class GeminiExtractor(Extractor):
+    __slots__ = ()
+    api = GEMINI
+    FIELDS = _FIELDS
+    TAIL_PATTERNS = {k: count_pattern(k) for k in _FIELDS}
+
+    def read(self, obj: dict, ev_type: str | None) -> bool:
+        u = obj.get("usageMetadata")
+        if type(u) is dict:
+            self._take(u, _FIELDS)
+        if self.model is None:
+            self._model(obj.get("modelVersion") or obj.get("model"))
+        e = obj.get("error")
+        if e and self.error is None:
+            self.error = error_summary(e)
+        cands = obj.get("candidates")
+        if type(cands) is list:
+            for c in cands:
+                if type(c) is not dict:
+                    continue
+                content = c.get("content")
+                parts = content.get("parts") if type(content) is dict else None
+                if type(parts) is list:
+                    for p in parts:
+                        if type(p) is dict and (
+                            p.get("text") or p.get("functionCall") or p.get("inlineData")
+                            or p.get("executableCode")
+                        ):  # fmt: skip
+                            return True
+        return False
+
+    def usage(self) -> Usage:
+        f = self.figs
+        prompt = f.get("promptTokenCount")
+        tool = f.get("toolUsePromptTokenCount")
+        if prompt is not None and tool is not None:
+            prompt += tool
+        cand = f.get("candidatesTokenCount")
+        thoughts = f.get("thoughtsTokenCount")
+        completion = None if cand is None and thoughts is None else (cand or 0) + (thoughts or 0)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=f.get("cachedContentTokenCount"),
+            reasoning_tokens=thoughts,
+        )
