@@ -78,7 +78,7 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
         headers = _headers(account, key)
         prompt = rng.choice(PROMPTS)
         tokens = str(rng.randint(8, 48))
-        kind = i % 7
+        kind = i % 9
         if kind in (0, 1, 2, 3):
             client = openai.OpenAI(
                 base_url=base + "/v1", api_key="sk-demo", max_retries=0, default_headers=headers
@@ -135,6 +135,24 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
                     extra_headers={"x-sim-tokens": tokens},
                 )
                 return "anthropic messages (json)"
+        if kind == 7:
+            # Gemini's native API (the model is in the path), streamed as SSE.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                    headers={**headers, "x-sim-tokens": tokens, "x-sim-reasoning-tokens": "12"},
+                    json={"contents": [{"role": "user", "parts": [{"text": prompt}]}]},
+                ).raise_for_status()
+            return "gemini native (stream)"
+        if kind == 8:
+            # Ollama's native API: NDJSON, streamed unless the request says otherwise.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/api/chat",
+                    headers={**headers, "x-sim-tokens": tokens},
+                    json={"model": "llama3.2", "messages": [{"role": "user", "content": prompt}]},
+                ).raise_for_status()
+            return "ollama native chat (stream)"
         # A client that hangs up mid-stream: spendtap records what it can.
         with (
             httpx.Client(timeout=30) as http,

@@ -1,0 +1,122 @@
+"""End to end: native Gemini and Ollama calls through a real mitmdump to the simulator.
+
+The client must get the simulator's bytes unchanged, and the ledger row must carry
+exactly the figures the simulated server reported (read back from the body the
+client received), with the model, API, streaming flag and timing.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _principal() -> tuple[str, dict]:
+    account = "acct-" + uuid.uuid4().hex[:8]
+    return account, {"x-helexa-account-id": account, "x-helexa-key-id": "key-n"}
+
+
+def _post(sidecar, path: str, body: dict, headers: dict) -> tuple[httpx.Response, bytes]:
+    with (
+        httpx.Client(timeout=20) as client,
+        client.stream("POST", sidecar.url + path, json=body, headers=headers) as resp,
+    ):
+        raw = b"".join(resp.iter_bytes())
+    return resp, raw
+
+
+def _last_gemini_usage(raw: bytes) -> dict:
+    text = raw.decode()
+    if text.startswith("["):
+        objs = json.loads(text)
+    elif text.startswith("data:"):
+        objs = [json.loads(e[5:]) for e in text.split("\r\n\r\n") if e.startswith("data:")]
+    else:
+        objs = [json.loads(text)]
+    return [o["usageMetadata"] for o in objs if "usageMetadata" in o][-1]
+
+
+GEMINI_BODY = {
+    "contents": [{"role": "user", "parts": [{"text": "Tell the proxy a short story."}]}],
+    "generationConfig": {"maxOutputTokens": 50},
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "streamed"),
+    [
+        ("/v1beta/models/gemini-sim:streamGenerateContent?alt=sse", True),
+        ("/v1beta/models/gemini-sim:streamGenerateContent", True),
+        ("/v1beta/models/gemini-sim:generateContent", False),
+    ],
+)
+@pytest.mark.parametrize("encoding", [None, "gzip"])
+def test_gemini_native(sidecar, path, streamed, encoding):
+    """Gemini SSE, JSON-array stream and JSON: figures equal the server's, thoughts included."""
+    account, headers = _principal()
+    headers |= {"x-sim-tokens": "9", "x-sim-reasoning-tokens": "4", "x-sim-cached-tokens": "3"}
+    if encoding:
+        headers["x-sim-encoding"] = encoding
+    resp, raw = _post(sidecar, path, GEMINI_BODY, headers)
+    assert resp.status_code == 200
+    u = _last_gemini_usage(raw)
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "gemini" and row["model"] == "gemini-sim"
+    assert row["streamed"] == int(streamed) and row["outcome"] == "completed"
+    assert row["usage_source"] == "reported"
+    assert row["prompt_tokens"] == u["promptTokenCount"]
+    assert row["completion_tokens"] == u["candidatesTokenCount"] + u["thoughtsTokenCount"] == 13
+    assert row["reasoning_tokens"] == 4 and row["cached_tokens"] == 3
+    assert row["ttft_s"] is not None and row["tokens_per_s"] is not None
+    assert row["response_bytes"] > 0
+
+
+@pytest.mark.parametrize("api", ["chat", "generate"])
+@pytest.mark.parametrize("stream", [True, False])
+def test_ollama_native(sidecar, api, stream):
+    """Ollama NDJSON and JSON: counts equal the final object's, decode rate from its durations."""
+    account, headers = _principal()
+    headers |= {"x-sim-tokens": "7"}
+    body: dict = {"model": "llama-sim", "options": {"num_predict": 40}}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": "Why is the sky blue?"}]
+    else:
+        body["prompt"] = "Why is the sky blue?"
+    if not stream:
+        body["stream"] = False  # Ollama streams unless told not to
+    resp, raw = _post(sidecar, f"/api/{api}", body, headers)
+    assert resp.status_code == 200
+    lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    assert (len(lines) > 1) == stream
+    final = lines[-1]
+    assert final["done"] is True
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == f"ollama-{api}" and row["model"] == "llama-sim"
+    assert row["streamed"] == int(stream)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        final["prompt_eval_count"],
+        final["eval_count"],
+    )
+    assert row["completion_tokens"] == 7
+    assert row["usage_source"] == "reported"
+    rate = round(final["eval_count"] / (final["eval_duration"] / 1e9), 3)
+    assert row["tokens_per_s"] == rate
+
+
+def test_ollama_embed_has_no_completion(sidecar):
+    """/api/embed reports prompt_eval_count only: the row's completion is NULL, never 0."""
+    account, headers = _principal()
+    resp, raw = _post(
+        sidecar, "/api/embed", {"model": "emb-sim", "input": ["alpha", "beta gamma"]}, headers
+    )
+    assert resp.status_code == 200
+    doc = json.loads(raw)
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "ollama-embed"
+    assert row["prompt_tokens"] == doc["prompt_eval_count"]
+    assert row["completion_tokens"] is None and row["usage_source"] == "reported"
