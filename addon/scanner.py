@@ -125,6 +125,35 @@ def _sub(d: Any, key: str) -> int | None:
     return _int(d.get(key)) if isinstance(d, dict) else None
 
 
+# Vendor names of the OpenAI shapes' cache figures (all parts of the prompt figure):
+# cache reads at the top level of usage (Moonshot ``cached_tokens``, DeepSeek
+# ``prompt_cache_hit_tokens``, LiteLLM ``cache_read_input_tokens``) and cache writes in
+# the details object (OpenRouter ``cache_write_tokens``, LiteLLM ``cache_creation_tokens``)
+# or at the top level (LiteLLM ``cache_creation_input_tokens``).
+_VENDOR_CACHED = ("cached_tokens", "prompt_cache_hit_tokens", "cache_read_input_tokens")
+_CACHE_WRITE_DETAIL = ("cache_write_tokens", "cache_creation_tokens", "cache_creation_input_tokens")
+
+
+def _vendor_cached(u: dict) -> int | None:
+    for k in _VENDOR_CACHED:
+        v = u.get(k)
+        if v is not None:
+            n = _int(v)
+            if n is not None:
+                return n
+    return None
+
+
+def _cache_write(details: Any, u: dict) -> int | None:
+    if type(details) is dict:
+        for k in _CACHE_WRITE_DETAIL:
+            v = details.get(k)
+            if v is not None:
+                return _int(v)
+    v = u.get("cache_creation_input_tokens")
+    return None if v is None else _int(v)
+
+
 def _error_summary(e: Any) -> str | None:
     if isinstance(e, dict):
         kind = e.get("type") or e.get("code")
@@ -268,9 +297,9 @@ class ResponseScanner:
             self._decode_error = f"{type(e).__name__}: {e}"[:MAX_ERROR_LEN]
             self._stopped = True
         # Raw usage figures, per family, last value of each wins.
-        # _oa: prompt, completion, cached, reasoning (OpenAI chat/completions/Responses)
+        # _oa: prompt, completion, cached, reasoning, cache creation (OpenAI shapes)
         # _an: input, output, cache read, cache creation, reasoning (Anthropic)
-        self._oa: list[int | None] = [None] * 4
+        self._oa: list[int | None] = [None] * 5
         self._an: list[int | None] = [None] * 5
         self._fam = 0  # family of the last usage object seen
         self._first: float | None = None
@@ -524,6 +553,13 @@ class ResponseScanner:
         u = obj.get("usage")
         if isinstance(u, dict):
             self._usage(u, hint)
+        elif type(obj.get("choices")) is list:
+            # Moonshot: usage inside the finish chunk's choice, not beside it.
+            for c in obj["choices"]:
+                if type(c) is dict:
+                    cu = c.get("usage")
+                    if type(cu) is dict:
+                        self._usage(cu, hint)
 
     def _object_error(self, obj: dict, t: str | None, ev_type: str | None) -> None:
         e = obj.get("error")
@@ -580,12 +616,16 @@ class ResponseScanner:
     def _usage(self, u: dict, hint: int) -> None:
         """Record one usage object; each reported figure replaces the previous one."""
         if "prompt_tokens" in u or "completion_tokens" in u:
+            pdet = u.get("prompt_tokens_details")
             vals = (
                 _int(u.get("prompt_tokens")),
                 _int(u.get("completion_tokens")),
-                _sub(u.get("prompt_tokens_details"), "cached_tokens"),
+                _sub(pdet, "cached_tokens"),
                 _sub(u.get("completion_tokens_details"), "reasoning_tokens"),
+                _cache_write(pdet, u) if len(u) > 3 or pdet else None,
             )
+            if vals[2] is None and len(u) > 3:
+                vals = (vals[0], vals[1], _vendor_cached(u), vals[3], vals[4])
             self._record(self._oa, vals, _OA)
             return
         if not (
@@ -609,11 +649,13 @@ class ResponseScanner:
             # Without cache figures both shapes normalize alike: prompt = input_tokens.
             fam = hint or _OA
         if fam == _OA:
+            idet = u.get("input_tokens_details")
             vals = (
                 _int(u.get("input_tokens")),
                 _int(u.get("output_tokens")),
-                _sub(u.get("input_tokens_details"), "cached_tokens"),
+                _sub(idet, "cached_tokens"),
                 _sub(u.get("output_tokens_details"), "reasoning_tokens"),
+                _cache_write(idet, u),
             )
             self._record(self._oa, vals, _OA)
             return
@@ -755,10 +797,11 @@ class ResponseScanner:
             usage.cache_creation_tokens = c_create
             usage.reasoning_tokens = reasoning
         elif self._fam == _OA:
-            p, c, cached, reasoning = self._oa
+            p, c, cached, reasoning, created = self._oa
             usage.prompt_tokens = p
             usage.completion_tokens = c
             usage.cached_tokens = cached
+            usage.cache_creation_tokens = created
             usage.reasoning_tokens = reasoning
         if self._mode == _JSON:
             first, last = self._first_bytes_at, self._last_bytes_at
