@@ -11,8 +11,9 @@ Streamed (``data:`` events without names) or one JSON document. The final object
 
 ``tokens_cached`` is the slot's whole KV position (prompt and generated tokens
 that stay cached for the next request), not a cache read of this prompt: it is
-not taken as ``cached_tokens``; ``timings.cache_n`` is. The output limit of a
-request is ``n_predict``.
+not taken as ``cached_tokens``. The cache read is ``timings.cache_n`` where the
+server reports it, else ``tokens_evaluated - timings.prompt_n`` (the prompt tokens
+it did not have to compute). The output limit of a request is ``n_predict``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class LlamaCppExtractor(Extractor):
             t = obj.get("timings")
             if type(t) is dict:
                 self._timings = t
-                self._take(t, ("cache_n",))
+                self._take(t, ("cache_n", "prompt_n"))
         if self.model is None:
             self._model(obj.get("model"))
         e = obj.get("error")
@@ -80,10 +81,17 @@ class LlamaCppExtractor(Extractor):
 
     def usage(self) -> Usage:
         f = self.figs
+        prompt = f.get("tokens_evaluated")
+        cached = None
+        if prompt is not None:
+            cached = f.get("cache_n")
+            computed = f.get("prompt_n")
+            if cached is None and computed is not None and computed <= prompt:
+                cached = prompt - computed
         return Usage(
-            prompt_tokens=f.get("tokens_evaluated"),
+            prompt_tokens=prompt,
             completion_tokens=f.get("tokens_predicted"),
-            cached_tokens=f.get("cache_n") if "tokens_evaluated" in f else None,
+            cached_tokens=cached,
         )
 
     def server_timing(self) -> ServerTiming | None:

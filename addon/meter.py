@@ -16,7 +16,7 @@ from spendtap.estimate import estimate_completion_tokens
 from spendtap.inject import InjectedUsageFilter
 from spendtap.request import RequestInfo
 from spendtap.scanner import ResponseScanner
-from spendtap.usage import ESTIMATED, INPUT_ONLY_APIS, NONE, REPORTED
+from spendtap.usage import ESTIMATED, INPUT_ONLY_APIS, NONE, OTHER, REPORTED
 
 COMPLETED = "completed"
 CLIENT_DISCONNECTED = "client_disconnected"
@@ -212,6 +212,8 @@ class FlowMeter:
         """
         if self.status is None or self.status >= 400:
             return  # an error answer generated nothing billable
+        if self.info.api == OTHER:
+            return  # an API spendtap does not recognise: no guess (counted by path family)
         if result.error and not result.content_events:
             return  # failed before generating anything (e.g. overloaded): not billed
         completion_seen = estimate_completion_tokens(result.output_chars, result.content_events)

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from spendtap.request import path_family
+
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 COMMIT_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -161,6 +163,13 @@ class Metrics:
             "(spendtap_trusted_peers, gateway secret): ignored and removed.",
             registry=r,
         )
+        self.unrecognized = Counter(
+            p + "unrecognized_api_requests",
+            "Requests to a path of no API spendtap recognises (no usage read, none guessed), "
+            "by path family (first segments, ids replaced by :id).",
+            ("path_family",),
+            registry=r,
+        )
         self.in_flight = Gauge(
             p + "in_flight_requests",
             "Requests currently being proxied.",
@@ -168,6 +177,7 @@ class Metrics:
         )
         self._children: dict[tuple, object] = {}
         self._models = LabelCap(max_model_series)
+        self._path_families = LabelCap(100)
         self._principals = LabelCap(max_principal_series)
 
     def model_node(self, model: str | None, node: str | None) -> tuple[str, str]:
@@ -200,6 +210,11 @@ class Metrics:
         if row.get("cached_tokens"):
             child(self.cached_prompt_tokens, mn).inc(row["cached_tokens"])
         child(self.usage_source, (model, node, row.get("usage_source") or "none")).inc()
+        if row.get("api") == "other":
+            family = path_family(row.get("path") or "/")
+            if self._path_families.admit(family) is None:
+                family = OTHER_LABEL
+            child(self.unrecognized, (family,)).inc()
         # Anonymous requests are metered per model but never charged.
         if row.get("account") or row.get("key"):
             ak = self.principal(row.get("account"), row.get("key"))

@@ -193,6 +193,27 @@ def _from_head(info: RequestInfo, head: bytes) -> None:
             break
 
 
+_ID_SEGMENT = re.compile(r"^(?=.*\d)[A-Za-z0-9._~:-]{8,}$|^\d+$")
+_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._~:-]")
+
+
+def path_family(path: str, depth: int = 3) -> str:
+    """A bounded label for a request path: its first segments, ids replaced by ``:id``.
+
+    ``/v1/models`` stays itself; ``/v1/threads/thread_abc123XYZ/runs`` becomes
+    ``/v1/threads/:id``; the query string is dropped. For metrics on requests of an
+    API spendtap does not recognise (never a raw path: it may carry ids or secrets).
+    """
+    segments = [s for s in path.split("?", 1)[0].split("/") if s][:depth]
+    out = []
+    for seg in segments:
+        if _ID_SEGMENT.match(seg):
+            out.append(":id")
+        else:
+            out.append(_SAFE_SEGMENT.sub("_", seg)[:40])
+    return "/" + "/".join(out)
+
+
 _UNSAFE_LABEL = re.compile(r"[^\x21-\x7e]")
 MAX_PRINCIPAL_LEN = 128
 

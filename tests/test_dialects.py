@@ -284,3 +284,45 @@ def test_meter_embed_without_usage_has_no_completion():
     row = m.finish("completed", 101.0)
     assert row["usage_source"] == "estimated"
     assert row["prompt_tokens"] > 0 and row["completion_tokens"] is None
+
+
+# -- what spendtap does not recognise is counted, never guessed ------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "family"),
+    [
+        ("/v1/models", "/v1/models"),
+        ("/v1/threads/thread_abc123XYZ/runs?key=secret", "/v1/threads/:id"),
+        ("/v1/files/12345/content", "/v1/files/:id"),
+        ("/", "/"),
+    ],
+)
+def test_path_family(path, family):
+    """Path families are bounded: first segments only, ids folded, no query string."""
+    from spendtap.request import path_family
+
+    assert path_family(path) == family
+
+
+def test_unrecognized_api_row_and_metric():
+    """An unrecognised API: usage_source none, no estimate, and its path family counted."""
+    from prometheus_client import CollectorRegistry
+
+    from spendtap.metrics import Metrics
+
+    info = parse_request("/v1/assistants/asst_9f8e7d6c5b/files", {}, b'{"purpose": "x"}')
+    assert info.api == OTHER
+    m = FlowMeter("f3", 100.0, "POST", "/v1/assistants/asst_9f8e7d6c5b/files", info, "a", "k", None)
+    m.start_response(200, "application/json", None)
+    m.on_chunk(b'{"id": "file-1", "object": "assistant.file", "content": "some text"}')
+    row = m.finish("completed", 101.0)
+    assert row["usage_source"] == "none"
+    assert row["prompt_tokens"] is None and row["completion_tokens"] is None
+    reg = CollectorRegistry()
+    metrics = Metrics(registry=reg)
+    metrics.observe(row)
+    got = reg.get_sample_value(
+        "cortex_unrecognized_api_requests_total", {"path_family": "/v1/assistants/:id"}
+    )
+    assert got == 1.0
