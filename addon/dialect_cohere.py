@@ -23,16 +23,15 @@ or a Jina-style ``usage.total_tokens``) is taken at its word.
 from __future__ import annotations
 
 from spendtap.dialects import Extractor, count_pattern, error_summary
-from spendtap.usage import COHERE_CHAT, Usage
+from spendtap.usage import COHERE_CHAT, COHERE_EMBED, RERANK, Usage
 
-__all__ = ["CohereExtractor"]
+__all__ = ["CohereChat", "CohereEmbed", "CohereExtractor", "Rerank"]
 
 _PAIR = ("input_tokens", "output_tokens")
 
 
 class CohereExtractor(Extractor):
     __slots__ = ()
-    api = COHERE_CHAT
     FIELDS = ("t.input_tokens", "t.output_tokens", "b.input_tokens", "b.output_tokens")
     TAIL_PATTERNS = {"b.search_units": count_pattern("search_units")}
 
@@ -105,3 +104,21 @@ class CohereExtractor(Extractor):
     @property
     def search_units(self) -> int | None:
         return self.figs.get("b.search_units")
+
+
+class CohereChat(CohereExtractor):
+    __slots__ = ()
+    api = COHERE_CHAT
+    PATH_SUFFIXES = ("/v2/chat", "/v1/chat")
+
+
+class CohereEmbed(CohereExtractor):
+    __slots__ = ()
+    api = COHERE_EMBED
+    PATH_SUFFIXES = ("/v1/embed", "/v2/embed")
+
+
+class Rerank(CohereExtractor):
+    __slots__ = ()
+    api = RERANK
+    PATH_SUFFIXES = ("/rerank",)

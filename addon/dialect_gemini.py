@@ -24,7 +24,7 @@ import re
 from spendtap.dialects import Extractor, count_pattern, error_summary
 from spendtap.usage import GEMINI, Usage
 
-__all__ = ["GeminiExtractor", "gemini_model_from_path", "is_gemini_path"]
+__all__ = ["GeminiExtractor"]
 
 _FIELDS = (
     "promptTokenCount",
@@ -36,25 +36,28 @@ _FIELDS = (
 _PATH = re.compile(r"/models/([^/:]+):(generateContent|streamGenerateContent)$", re.IGNORECASE)
 
 
-def is_gemini_path(path_lower: str) -> bool:
-    """``path_lower``: the request path, query removed, lower-cased, no trailing slash."""
-    return path_lower.endswith((":generatecontent", ":streamgeneratecontent")) and (
-        "/models/" in path_lower
-    )
-
-
-def gemini_model_from_path(path: str) -> tuple[str | None, bool]:
-    """(model, streaming) from a ``…/models/{model}:(stream)generateContent`` path."""
-    m = _PATH.search(path.split("?", 1)[0].rstrip("/"))
-    if m is None:
-        return None, False
-    return m.group(1)[:256] or None, m.group(2).lower().startswith("stream")
-
-
 class GeminiExtractor(Extractor):
     __slots__ = ()
     api = GEMINI
+    PATH_SUFFIXES = (":generatecontent", ":streamgeneratecontent")
+    LIMIT_PATHS = (
+        ("generationConfig", "maxOutputTokens"),
+        ("generation_config", "max_output_tokens"),
+    )
     FIELDS = _FIELDS
+
+    @classmethod
+    def matches(cls, path_lower: str) -> bool:
+        return path_lower.endswith(cls.PATH_SUFFIXES) and "/models/" in path_lower
+
+    @classmethod
+    def facts_from_path(cls, path: str) -> tuple[str | None, bool | None]:
+        """The model and the streaming from ``…/models/{model}:(stream)generateContent``."""
+        m = _PATH.search(path.split("?", 1)[0].rstrip("/"))
+        if m is None:
+            return None, None
+        return m.group(1)[:256] or None, m.group(2).lower().startswith("stream")
+
     TAIL_PATTERNS = {k: count_pattern(k) for k in _FIELDS}
 
     def read(self, obj: dict, ev_type: str | None) -> bool:

@@ -53,6 +53,8 @@ def timings_of(t: dict) -> ServerTiming | None:
 class LlamaCppExtractor(Extractor):
     __slots__ = ("_timings",)
     api = LLAMACPP_COMPLETION
+    PATH_SUFFIXES = ("/completion",)
+    LIMIT_PATHS = (("n_predict",), ("max_tokens",))
     FIELDS = _FIELDS
     TAIL_PATTERNS = {k: count_pattern(k) for k in (*_FIELDS, "cache_n")}
 

@@ -18,9 +18,9 @@ reports nothing (the row is then estimated). The output limit of a request is
 from __future__ import annotations
 
 from spendtap.dialects import Extractor, ServerTiming, count_pattern, error_summary
-from spendtap.usage import OLLAMA_CHAT, Usage
+from spendtap.usage import OLLAMA_CHAT, OLLAMA_EMBED, OLLAMA_GENERATE, Usage
 
-__all__ = ["OllamaExtractor"]
+__all__ = ["OllamaChat", "OllamaEmbed", "OllamaExtractor", "OllamaGenerate"]
 
 _COUNTS = ("prompt_eval_count", "eval_count")
 _DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
@@ -30,7 +30,8 @@ _NS = 1e-9
 
 class OllamaExtractor(Extractor):
     __slots__ = ()
-    api = OLLAMA_CHAT
+    STREAMS_BY_DEFAULT = True
+    LIMIT_PATHS = (("options", "num_predict"),)
     FIELDS = _FIELDS
     TAIL_PATTERNS = {k: count_pattern(k) for k in _FIELDS}
 
@@ -81,3 +82,23 @@ class OllamaExtractor(Extractor):
 
 def _s(ns: int | None) -> float | None:
     return None if ns is None else round(ns * _NS, 9)
+
+
+class OllamaChat(OllamaExtractor):
+    __slots__ = ()
+    api = OLLAMA_CHAT
+    PATH_SUFFIXES = ("/api/chat",)
+
+
+class OllamaGenerate(OllamaExtractor):
+    __slots__ = ()
+    api = OLLAMA_GENERATE
+    PATH_SUFFIXES = ("/api/generate",)
+
+
+class OllamaEmbed(OllamaExtractor):
+    __slots__ = ()
+    api = OLLAMA_EMBED
+    PATH_SUFFIXES = ("/api/embed", "/api/embeddings")
+    STREAMS_BY_DEFAULT = False
+    LIMIT_PATHS = ()

@@ -3,7 +3,8 @@
 ``make_scanner(api, content_type, content_encoding)`` returns the scanner for a
 request's API family: :class:`spendtap.scanner.ResponseScanner` for the OpenAI and
 Anthropic shapes (its tuned hot path), :class:`DialectScanner` with the family's
-:class:`spendtap.dialects.Extractor` for a native API (:data:`EXTRACTORS`).
+:class:`spendtap.dialects.Extractor` for a native API
+(:data:`spendtap.dialect_registry.EXTRACTORS`).
 
 ``DialectScanner`` keeps the base scanner's contract (``feed`` never raises,
 ``finish`` is idempotent, memory bounded, cost linear) and its decoding; it frames
@@ -24,10 +25,7 @@ from __future__ import annotations
 from json import loads as _loads
 
 from spendtap.decoding import DecodeError
-from spendtap.dialect_cohere import CohereExtractor
-from spendtap.dialect_gemini import GeminiExtractor
-from spendtap.dialect_llamacpp import LlamaCppExtractor
-from spendtap.dialect_ollama import OllamaExtractor
+from spendtap.dialect_registry import EXTRACTORS
 from spendtap.dialects import Extractor, text_chars
 from spendtap.framing import JSONSequence, Oversized
 from spendtap.scanner import (
@@ -40,33 +38,9 @@ from spendtap.scanner import (
     ResponseScanner,
     ScanResult,
 )
-from spendtap.usage import (
-    COHERE_CHAT,
-    COHERE_EMBED,
-    GEMINI,
-    LLAMACPP_COMPLETION,
-    NONE,
-    OLLAMA_CHAT,
-    OLLAMA_EMBED,
-    OLLAMA_GENERATE,
-    REPORTED,
-    RERANK,
-    Usage,
-)
+from spendtap.usage import NONE, REPORTED, Usage
 
 __all__ = ["EXTRACTORS", "DialectScanner", "make_scanner"]
-
-# API family -> extractor class. A new dialect adds one line here.
-EXTRACTORS: dict[str, type[Extractor]] = {
-    GEMINI: GeminiExtractor,
-    OLLAMA_CHAT: OllamaExtractor,
-    OLLAMA_GENERATE: OllamaExtractor,
-    OLLAMA_EMBED: OllamaExtractor,
-    LLAMACPP_COMPLETION: LlamaCppExtractor,
-    COHERE_CHAT: CohereExtractor,
-    COHERE_EMBED: CohereExtractor,
-    RERANK: CohereExtractor,
-}
 
 _SEQ = 3  # JSON sequence framing (NDJSON, JSON array, one document)
 

@@ -1,10 +1,20 @@
-"""Usage extractors for the native APIs, one per family, and their registry.
+"""Usage extractors for the native APIs: the base class every dialect module fills in.
 
-Pure (no mitmproxy, no click). An extractor reads one API family's events or
-documents; the framing (server-sent events, NDJSON, JSON-array stream, one
-document), decoding and timing live in :mod:`spendtap.dialect_scanner`, so a new
-dialect is one new module with an :class:`Extractor` subclass plus its request
-facts (:class:`RequestSide`) and corpus cases, registered in :data:`EXTRACTORS`.
+Pure (no mitmproxy, no click). One subclass per API family says everything
+spendtap needs to know about that family:
+
+- which request paths name it (``PATH_SUFFIXES`` or ``matches``), whether it
+  streams by default (``STREAMS_BY_DEFAULT``), where a request keeps its output
+  limit (``LIMIT_PATHS``) and what the path itself says (``facts_from_path``);
+- how to read its answers: ``read`` takes one parsed object (an SSE event's data, an
+  NDJSON line, an element of a JSON-array stream, or a whole document),
+  ``read_oversized`` an object too large to parse, ``usage`` / ``server_timing``
+  give the normalized result.
+
+The framing (server-sent events, NDJSON, JSON-array stream, one document),
+decoding and timing live in :mod:`spendtap.dialect_scanner`; the families are
+listed once in :mod:`spendtap.dialect_registry`. A new dialect is one module with a
+subclass, one line in the registry, and its corpus cases.
 
 An extractor, for each parsed object (an SSE event's data, an NDJSON line, an
 element of a JSON-array stream, or a whole document):
@@ -114,7 +124,15 @@ class Extractor:
     __slots__ = ("error", "figs", "model")
 
     api: str = ""
-    # Figure names this family reports, in the order of ``figs``.
+    # -- the request side (class-level; read by spendtap.request) --
+    # Request paths (lower-case, query removed, no trailing slash) ending so name the family.
+    PATH_SUFFIXES: tuple[str, ...] = ()
+    # Where a request body keeps its output limit: key paths, the first present wins.
+    LIMIT_PATHS: tuple[tuple[str, ...], ...] = ()
+    # The family streams unless the request says ``"stream": false`` (Ollama).
+    STREAMS_BY_DEFAULT = False
+    # -- the response side --
+    # Figure names this family reports (documentation; ``figs`` holds the values).
     FIELDS: tuple[str, ...] = ()
     # Byte patterns for an object too large to parse: name -> regex with one int group.
     TAIL_PATTERNS: dict[str, re.Pattern[bytes]] = {}
@@ -123,6 +141,29 @@ class Extractor:
         self.figs: dict[str, int] = {}
         self.model: str | None = None
         self.error: str | None = None
+
+    # -- the request side -------------------------------------------------------------
+
+    @classmethod
+    def matches(cls, path_lower: str) -> bool:
+        """True if a request path (lower-case, query removed) names this family."""
+        return path_lower.endswith(cls.PATH_SUFFIXES) if cls.PATH_SUFFIXES else False
+
+    @classmethod
+    def facts_from_path(cls, path: str) -> tuple[str | None, bool | None]:
+        """(model, streaming) that the request path itself states; None: it does not say."""
+        return None, None
+
+    @classmethod
+    def output_limit(cls, doc: dict) -> int | None:
+        """The request's output limit, from the first of ``LIMIT_PATHS`` present."""
+        for keys in cls.LIMIT_PATHS:
+            value: Any = doc
+            for k in keys:
+                value = value.get(k) if isinstance(value, dict) else None
+            if type(value) is int and value >= 0:
+                return value
+        return None
 
     # -- reading --------------------------------------------------------------------
 

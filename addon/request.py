@@ -13,24 +13,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from spendtap.dialect_gemini import gemini_model_from_path, is_gemini_path
+from spendtap.dialect_registry import EXTRACTORS, detect_native
 from spendtap.estimate import estimate_prompt_tokens, request_text
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
-    COHERE_CHAT,
-    COHERE_EMBED,
     EMBEDDINGS,
-    GEMINI,
-    LLAMACPP_COMPLETION,
     NATIVE_APIS,
-    OLLAMA_CHAT,
-    OLLAMA_EMBED,
-    OLLAMA_GENERATE,
     OPENAI_CHAT,
     OPENAI_COMPLETIONS,
     OPENAI_RESPONSES,
     OTHER,
-    RERANK,
 )
 
 # Bodies above this size are not parsed whole on the event loop (a request with
@@ -47,26 +39,7 @@ _ESTIMATED_APIS = (
     EMBEDDINGS,
     *NATIVE_APIS,
 )
-# Native APIs named by the end of their path (after the OpenAI/Anthropic ones).
-_NATIVE_SUFFIXES = (
-    ("/api/chat", OLLAMA_CHAT),
-    ("/api/generate", OLLAMA_GENERATE),
-    ("/api/embed", OLLAMA_EMBED),
-    ("/api/embeddings", OLLAMA_EMBED),
-    ("/completion", LLAMACPP_COMPLETION),
-    ("/v2/chat", COHERE_CHAT),
-    ("/v1/chat", COHERE_CHAT),
-    ("/v1/embed", COHERE_EMBED),
-    ("/v2/embed", COHERE_EMBED),
-    ("/rerank", RERANK),
-)
-# Output limits by API family: the first field present wins.
-_LIMIT_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {
-    GEMINI: (("generationConfig", "maxOutputTokens"), ("generation_config", "max_output_tokens")),
-    OLLAMA_CHAT: (("options", "num_predict"),),
-    OLLAMA_GENERATE: (("options", "num_predict"),),
-    LLAMACPP_COMPLETION: (("n_predict",), ("max_tokens",)),
-}
+
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _HEAD_FIELDS = {
     "model": re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"'),
@@ -101,16 +74,10 @@ def detect_api(path: str) -> str:
         return OPENAI_RESPONSES
     if p.endswith("/messages"):
         return ANTHROPIC_MESSAGES
-    if p.endswith("/api/embeddings"):
-        return OLLAMA_EMBED
-    if p.endswith("/embeddings"):
+    if p.endswith("/embeddings") and not p.endswith("/api/embeddings"):
         return EMBEDDINGS
-    if is_gemini_path(p):
-        return GEMINI
-    for suffix, api in _NATIVE_SUFFIXES:
-        if p.endswith(suffix):
-            return api
-    return OTHER
+    native = detect_native(p)  # Gemini, Ollama, llama.cpp, Cohere (spendtap.dialect_registry)
+    return native.api if native is not None else OTHER
 
 
 def _positive_int(value: object) -> int | None:
@@ -135,11 +102,13 @@ def parse_request(path: str, headers: Mapping[str, str] | None, body: bytes | No
         _from_head(info, body[:_HEAD_BYTES])
         # Too large to parse on the event loop: most of such a body is images.
         info.prompt_estimate = estimate_prompt_tokens(len(body) // 8, 1, 0)
-    if info.api == GEMINI:
+    native = EXTRACTORS.get(info.api)
+    if native is not None:
         # Gemini names the model and the streaming in the path, not the body.
-        model, streaming = gemini_model_from_path(path)
+        model, streaming = native.facts_from_path(path)
         info.model = model or info.model
-        info.stream = streaming
+        if streaming is not None:
+            info.stream = streaming
     if info.model is None:
         # Azure OpenAI names the deployment in the path, not the body.
         m = _AZURE_DEPLOYMENT.search(path)
@@ -152,8 +121,9 @@ def _from_document(info: RequestInfo, doc: dict) -> None:
     model = doc.get("model")
     if isinstance(model, str) and model:
         info.model = model[:256]
+    native = EXTRACTORS.get(info.api)
     stream = doc.get("stream")
-    if info.api in (OLLAMA_CHAT, OLLAMA_GENERATE):
+    if native is not None and native.STREAMS_BY_DEFAULT:
         info.stream = stream is not False  # Ollama streams unless told not to
     else:
         info.stream = stream is True
@@ -162,14 +132,10 @@ def _from_document(info: RequestInfo, doc: dict) -> None:
         if limit is not None:
             info.max_output_tokens = limit
             break
-    for keys in _LIMIT_PATHS.get(info.api, ()):
-        value: object = doc
-        for k in keys:
-            value = value.get(k) if isinstance(value, dict) else None
-        limit = _positive_int(value)
+    if native is not None:
+        limit = native.output_limit(doc)
         if limit is not None:
             info.max_output_tokens = limit
-            break
     if info.api in _ESTIMATED_APIS:
         info.prompt_estimate = estimate_prompt_tokens(*request_text(doc))
     options = doc.get("stream_options")

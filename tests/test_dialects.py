@@ -326,3 +326,15 @@ def test_unrecognized_api_row_and_metric():
         "cortex_unrecognized_api_requests_total", {"path_family": "/v1/assistants/:id"}
     )
     assert got == 1.0
+
+
+def test_registry_covers_every_native_family():
+    """Each native family has one extractor, and each of its path suffixes detects it."""
+    from spendtap.dialect_registry import DIALECTS, EXTRACTORS
+    from spendtap.usage import NATIVE_APIS
+
+    assert set(EXTRACTORS) == set(NATIVE_APIS) and len(DIALECTS) == len(NATIVE_APIS)
+    for cls in DIALECTS:
+        for suffix in cls.PATH_SUFFIXES:
+            path = "/v1beta/models/m" + suffix if suffix.startswith(":") else "/x" + suffix
+            assert detect_api(path) == cls.api, (cls, suffix)
