@@ -14,6 +14,15 @@ Endpoints (accepted under any path prefix: ``/v1/chat/completions``,
 - ``POST .../responses``         Responses API (``max_output_tokens`` -> ``response.incomplete``)
 - ``POST .../embeddings``        float or base64 (``encoding_format``), ``dimensions``
 - ``POST .../messages``          Anthropic Messages; ``.../messages/count_tokens`` too
+- ``POST .../models/{m}:generateContent``, ``:streamGenerateContent``  Gemini native (the
+  model from the path; SSE with ``?alt=sse``, else a streamed JSON array; cumulative
+  ``usageMetadata`` on every object; ``generationConfig.maxOutputTokens``; reasoning
+  tokens are counted as ``thoughtsTokenCount``, cached as ``cachedContentTokenCount``)
+- ``POST /api/chat``, ``/api/generate``  Ollama native (NDJSON unless ``"stream": false``;
+  the final object reports ``prompt_eval_count``, ``eval_count`` and nanosecond durations
+  derived from the pacing; reasoning streams as ``thinking``; ``options.num_predict``)
+- ``POST /api/embed``, ``/api/embeddings``  Ollama embeddings (``prompt_eval_count``; the
+  legacy endpoint reports none)
 - ``GET  .../models``            model list (Anthropic shape when ``anthropic-version`` is sent)
 - ``GET  /health``               ``{"status":"ok"}``
 - ``GET  /sim/stats``            request counters: ``total``, ``endpoints`` (keyed by the API
