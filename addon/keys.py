@@ -98,7 +98,8 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def extract_secret(headers: Mapping[str, str]) -> str | None:
-    """The secret a request presents: ``Authorization: Bearer X``, else ``x-api-key``.
+    """The secret a request presents: ``Authorization: Bearer X``, else ``x-api-key``,
+    else ``x-goog-api-key`` (Gemini's native API).
 
     ``headers`` is any mapping with case-insensitive ``get`` (mitmproxy's
     ``Headers``) or a plain dict with lower-case (or title-case) names. Returns
@@ -109,9 +110,10 @@ def extract_secret(headers: Mapping[str, str]) -> str | None:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    api_key = _header(headers, "x-api-key")
-    if api_key and api_key.strip():
-        return api_key.strip()
+    for name in ("x-api-key", "x-goog-api-key"):
+        api_key = _header(headers, name)
+        if api_key and api_key.strip():
+            return api_key.strip()
     return None
 
 

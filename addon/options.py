@@ -186,8 +186,8 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "File holding the operator's upstream API key. When set, a request authenticated "
         "by a spendtap key goes upstream with this credential instead of the client's "
-        "(Authorization: Bearer, or x-api-key for Anthropic), and an unknown key is "
-        "refused. Read at start and on SIGHUP.",
+        "(Authorization: Bearer, or x-api-key for Anthropic, x-goog-api-key for Gemini), "
+        "and an unknown key is refused. Read at start and on SIGHUP.",
     ),
     Option(
         "spendtap_access_log",

@@ -338,3 +338,15 @@ def test_registry_covers_every_native_family():
         for suffix in cls.PATH_SUFFIXES:
             path = "/v1beta/models/m" + suffix if suffix.startswith(":") else "/x" + suffix
             assert detect_api(path) == cls.api, (cls, suffix)
+
+
+def test_key_swap_for_gemini_uses_x_goog_api_key(tmp_path):
+    """Key swap on a Gemini request: the operator's key goes up as x-goog-api-key, alone."""
+    from spendtap.keyswap import UpstreamCredential
+
+    f = tmp_path / "upstream.key"
+    f.write_text("AIza-operator\n")
+    f.chmod(0o600)
+    headers = {"x-goog-api-key": "sk-spendtap-client", "authorization": "Bearer x"}
+    UpstreamCredential(str(f)).apply(headers, GEMINI)
+    assert headers == {"x-goog-api-key": "AIza-operator"}
