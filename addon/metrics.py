@@ -14,7 +14,8 @@ model names or keys cannot explode the series count.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -138,6 +139,24 @@ class Metrics:
             ak,
             registry=r,
         )
+        self.spend_usd = Counter(
+            p + "spend_usd",
+            "Dollars charged to a principal (priced requests only; see price_source).",
+            ak,
+            registry=r,
+        )
+        self.cost_usd = Counter(
+            p + "cost_usd",
+            "Dollars of priced requests per model and node.",
+            ("model", "node"),
+            registry=r,
+        )
+        self.unpriced = Counter(
+            p + "unpriced_requests",
+            "Requests with usage whose model has no known price (cost unknown, not 0).",
+            ("model", "node"),
+            registry=r,
+        )
         self.metering_errors = Counter(
             p + "metering_errors",
             "Failures to meter (the traffic itself kept flowing), by kind.",
@@ -224,6 +243,21 @@ class Metrics:
                 child(self.spend_prompt_tokens, ak).inc(prompt)
             if completion:
                 child(self.spend_completion_tokens, ak).inc(completion)
+
+    def observe_cost(self, row: Mapping[str, Any]) -> None:
+        """Record a committed row's cost (called from the ledger writer's thread)."""
+        source = row.get("price_source")
+        if source is None:
+            return
+        mn = self.model_node(row.get("model"), row.get("node"))
+        if source == "none":
+            self._child(self.unpriced, mn).inc()
+            return
+        dollars = (row.get("cost_nusd") or 0) / 1e9
+        self._child(self.cost_usd, mn).inc(dollars)
+        if row.get("account") or row.get("key"):
+            ak = self.principal(row.get("account"), row.get("key"))
+            self._child(self.spend_usd, ak).inc(dollars)
 
     def _child(self, metric, labels: tuple):
         """``metric.labels(*labels)``, remembered: label values are bounded by the caps,
