@@ -76,6 +76,9 @@ TOKEN_COLUMNS = (
     "reasoning_tokens",
 )
 REAL_COLUMNS = ("ttft_s", "duration_s", "tokens_per_s")
+# The server's own timing of the request, when it reports one (Ollama's nanosecond
+# durations, llama.cpp's ``timings``): prompt evaluation and decoding, in seconds.
+SERVER_TIMING_COLUMNS = ("server_prompt_s", "server_decode_s")
 
 # Every column of ``requests``, in table order: the keys of a row dict.
 COLUMNS = (
@@ -92,6 +95,7 @@ COLUMNS = (
     "response_bytes",
     "cost_nusd",
     "price_source",
+    *SERVER_TIMING_COLUMNS,
 )
 # What readers see of a row: the cost in dollars (a Decimal, exact) instead of the
 # stored integer nano-dollars.
@@ -263,11 +267,19 @@ def m004_costs(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN price_source TEXT")
 
 
+def m005_server_timing(db: sqlite_utils.Database) -> None:
+    """The server's own prompt-evaluation and decode durations (seconds), when it reports
+    them (Ollama, llama.cpp); NULL otherwise and on older rows."""
+    db.execute("ALTER TABLE requests ADD COLUMN server_prompt_s REAL")
+    db.execute("ALTER TABLE requests ADD COLUMN server_decode_s REAL")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_budgets,
     m003_api_keys,
     m004_costs,
+    m005_server_timing,
 ]
 
 
@@ -402,6 +414,8 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"cost_nusd must be zero or more, not {cost}")
     out["cost_nusd"] = cost
     out["price_source"] = _text("price_source", row.get("price_source"))
+    for name in SERVER_TIMING_COLUMNS:
+        out[name] = _real(name, row.get(name))
     return out
 
 

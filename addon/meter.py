@@ -181,6 +181,9 @@ class FlowMeter:
             row["ttft_s"] = round(max(0.0, first - self.started_at), 6)
         completion = row["completion_tokens"]
         timing = result.server_timing
+        if timing is not None:
+            row["server_prompt_s"] = timing.prompt_s
+            row["server_decode_s"] = timing.decode_s
         if timing is not None and timing.decode_tokens_per_s and row["usage_source"] == REPORTED:
             # The server timed its own decoding (Ollama eval_duration, llama.cpp
             # timings): more exact than the proxy's view of chunk arrivals.

@@ -138,7 +138,8 @@ F3_JSON = (
     '"outcome": "upstream_error", "prompt_tokens": null, "completion_tokens": null, '
     '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": null, '
     '"usage_source": "none", "ttft_s": null, "duration_s": 0.012, "tokens_per_s": null, '
-    '"error": "connection refused", "response_bytes": 0, "cost_usd": null, "price_source": null}'
+    '"error": "connection refused", "response_bytes": 0, "cost_usd": null, "price_source": null, '
+    '"server_prompt_s": null, "server_decode_s": null}'
 )
 F2_JSON = (
     '{"id": "f2", "ts": "2025-01-31T00:10:00.000Z", "account": "acme", "key": "k-acme-2", '
@@ -147,13 +148,15 @@ F2_JSON = (
     '"outcome": "completed", "prompt_tokens": 50, "completion_tokens": 20, '
     '"cached_tokens": null, "cache_creation_tokens": 10, "reasoning_tokens": null, '
     '"usage_source": "reported", "ttft_s": null, "duration_s": 0.8, "tokens_per_s": 25.0, '
-    '"error": null, "response_bytes": 512, "cost_usd": null, "price_source": null}'
+    '"error": null, "response_bytes": 512, "cost_usd": null, "price_source": null, '
+    '"server_prompt_s": null, "server_decode_s": null}'
 )
 
 CSV_HEADER = (
     "id,ts,account,key,model,node,api,method,path,streamed,status,outcome,prompt_tokens,"
     "completion_tokens,cached_tokens,cache_creation_tokens,reasoning_tokens,usage_source,"
-    "ttft_s,duration_s,tokens_per_s,error,response_bytes,cost_usd,price_source\n"
+    "ttft_s,duration_s,tokens_per_s,error,response_bytes,cost_usd,price_source,"
+    "server_prompt_s,server_decode_s\n"
 )
 
 
@@ -189,7 +192,7 @@ def test_requests_csv(runner, db):
     assert result.exit_code == 0
     assert result.output == CSV_HEADER + (
         "f3,2025-01-31T01:00:00.000Z,beta,k-beta-1,gpt-4o,neuron-a:8000,openai-chat,POST,"
-        "/v1/chat/completions,true,502,upstream_error,,,,,,none,,0.012,,connection refused,0,,\n"
+        "/v1/chat/completions,true,502,upstream_error,,,,,,none,,0.012,,connection refused,0,,,,\n"
     )
 
 

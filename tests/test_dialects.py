@@ -272,6 +272,7 @@ def test_meter_decode_rate_from_server_timing():
     assert row["usage_source"] == "reported"
     assert (row["prompt_tokens"], row["completion_tokens"]) == (26, 259)
     assert row["tokens_per_s"] == case.meta["expected"]["server_decode_tokens_per_s"]
+    assert (row["server_prompt_s"], row["server_decode_s"]) == (0.130079, 4.23271)
     assert row["streamed"] is True and row["api"] == OLLAMA_GENERATE
 
 

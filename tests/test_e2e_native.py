@@ -74,6 +74,7 @@ def test_gemini_native(sidecar, path, streamed, encoding):
     assert row["reasoning_tokens"] == 4 and row["cached_tokens"] == 3
     assert row["ttft_s"] is not None and row["tokens_per_s"] is not None
     assert row["response_bytes"] > 0
+    assert row["server_decode_s"] is None  # Gemini reports no durations
 
 
 @pytest.mark.parametrize("api", ["chat", "generate"])
@@ -106,6 +107,9 @@ def test_ollama_native(sidecar, api, stream):
     assert row["usage_source"] == "reported"
     rate = round(final["eval_count"] / (final["eval_duration"] / 1e9), 3)
     assert row["tokens_per_s"] == rate
+    # The server's own durations are recorded, in seconds.
+    assert row["server_decode_s"] == pytest.approx(final["eval_duration"] / 1e9)
+    assert row["server_prompt_s"] == pytest.approx(final["prompt_eval_duration"] / 1e9)
 
 
 def test_ollama_embed_has_no_completion(sidecar):
