@@ -7,6 +7,9 @@ error envelope the client's SDK already understands:
 - OpenAI-compatible APIs: ``{"error": {"message", "type", "param": null, "code"}}``
 - Anthropic Messages (``api == "anthropic-messages"``):
   ``{"type": "error", "error": {"type", "message"}}``
+- Gemini: ``{"error": {"code", "message", "status"}}`` (``RESOURCE_EXHAUSTED``,
+  ``UNAUTHENTICATED``, ``UNAVAILABLE``); Ollama: ``{"error": "message"}``;
+  Cohere: ``{"message": "..."}``
 
 Statuses:
 
@@ -31,7 +34,16 @@ import json
 import math
 
 from spendtap.budgets import Decision, format_window
-from spendtap.usage import ANTHROPIC_MESSAGES
+from spendtap.usage import (
+    ANTHROPIC_MESSAGES,
+    COHERE_CHAT,
+    COHERE_EMBED,
+    GEMINI,
+    OLLAMA_CHAT,
+    OLLAMA_EMBED,
+    OLLAMA_GENERATE,
+    RERANK,
+)
 
 __all__ = [
     "REFUSAL_HEADER",
@@ -43,6 +55,11 @@ __all__ = [
 ]
 
 REFUSAL_HEADER = "x-spendtap-refusal"
+
+# google.rpc.Code names of the statuses spendtap answers with, for Gemini's envelope.
+_GOOGLE_STATUS = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+_OLLAMA = (OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_EMBED)
+_COHERE = (COHERE_CHAT, COHERE_EMBED, RERANK)
 
 Refusal = tuple[int, dict[str, str], bytes]
 
@@ -64,6 +81,18 @@ def _build(
 ) -> Refusal:
     if api == ANTHROPIC_MESSAGES:
         doc: dict = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+    elif api == GEMINI:
+        doc = {
+            "error": {
+                "code": status,
+                "message": message,
+                "status": _GOOGLE_STATUS.get(status, "UNKNOWN"),
+            }
+        }
+    elif api in _OLLAMA:
+        doc = {"error": message}
+    elif api in _COHERE:
+        doc = {"message": message}
     else:
         doc = {
             "error": {"message": message, "type": openai_type, "param": None, "code": openai_code}

@@ -351,3 +351,29 @@ def test_key_swap_for_gemini_uses_x_goog_api_key(tmp_path):
     headers = {"x-goog-api-key": "sk-spendtap-client", "authorization": "Bearer x"}
     UpstreamCredential(str(f)).apply(headers, GEMINI)
     assert headers == {"x-goog-api-key": "AIza-operator"}
+
+
+@pytest.mark.parametrize(
+    ("api", "check"),
+    [
+        (
+            GEMINI,
+            lambda d: d["error"]["status"] == "RESOURCE_EXHAUSTED" and d["error"]["code"] == 429,
+        ),
+        (OLLAMA_CHAT, lambda d: isinstance(d["error"], str)),
+        (COHERE_CHAT, lambda d: isinstance(d["message"], str)),
+        (OPENAI_CHAT, lambda d: d["error"]["code"] == "rate_limit_exceeded"),
+    ],
+)
+def test_refusals_in_each_dialects_envelope(api, check):
+    """A budget refusal answers in the error envelope the family's clients parse."""
+    from spendtap.budgets import Decision
+    from spendtap.refusals import budget_refusal
+
+    decision = Decision(
+        allowed=False, reason="window", scope="key", principal="k", cap=10,
+        spent=10, reserved=0, tokens=5, window_s=3600, retry_after_s=30.0,
+    )  # fmt: skip
+    status, headers, body = budget_refusal(api, decision)
+    assert status == 429 and headers["retry-after"] == "30"
+    assert check(json.loads(body))
