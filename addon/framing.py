@@ -11,7 +11,10 @@ piece of a body and yields every top-level JSON object completed so far;
 
 Separators between objects (whitespace, ``,``, the array's ``[`` and ``]``) are
 skipped. A decode is attempted only when the buffer ends in ``}`` (after
-whitespace and separators), so the cost stays linear for streams of small objects.
+whitespace and separators); after an attempt that finds the object incomplete, the
+next waits until the buffer has doubled, so a large document whose chunks happen to
+end in a nested ``}`` still costs linear time (an object is then seen at most one
+buffer-doubling late; ``close()`` reads whatever is left).
 
 Memory is bounded: an object larger than ``max_object`` is not held whole; its
 head and a rolling tail are kept and handed out by ``close()`` as an
@@ -41,7 +44,17 @@ class Oversized:
 
 
 class JSONSequence:
-    __slots__ = ("_buf", "_head", "_head_bytes", "_max", "_over", "_tail", "_tail_bytes", "errors")
+    __slots__ = (
+        "_buf",
+        "_head",
+        "_head_bytes",
+        "_max",
+        "_next_try",
+        "_over",
+        "_tail",
+        "_tail_bytes",
+        "errors",
+    )
 
     def __init__(
         self,
@@ -54,6 +67,7 @@ class JSONSequence:
         self._head_bytes = head_bytes
         self._tail_bytes = tail_bytes
         self._over = False
+        self._next_try = 0  # buffer length before the next decode attempt
         self._head = b""
         self._tail = b""
         self.errors = 0  # pieces that could not be parsed as JSON
@@ -67,12 +81,14 @@ class JSONSequence:
             self._tail = t[-self._tail_bytes :] if len(t) > self._tail_bytes else t
             return
         buf = self._buf + data if self._buf else data
-        if data.find(b"}") < 0 or buf.rstrip(_SEP)[-1:] != b"}":
+        if data.find(b"}") < 0 or len(buf) < self._next_try or buf.rstrip(_SEP)[-1:] != b"}":
             self._buf = buf
             self._check_size()
             return
         self._buf = b""
         yield from self._drain(buf, final=False)
+        # Something incomplete stayed behind: back off until the buffer doubles.
+        self._next_try = 2 * len(self._buf) if self._buf else 0
         self._check_size()
 
     def close(self) -> Iterator[dict | Oversized]:

@@ -377,3 +377,29 @@ def test_refusals_in_each_dialects_envelope(api, check):
     status, headers, body = budget_refusal(api, decision)
     assert status == 429 and headers["retry-after"] == "30"
     assert check(json.loads(body))
+
+
+def test_json_sequence_cost_stays_linear(monkeypatch):
+    """A big pretty document whose every chunk ends in a nested '}' is not re-parsed per chunk."""
+    import spendtap.framing as framing
+
+    calls = []
+    real = framing._raw_decode
+
+    def counting(text, i=0):
+        calls.append(len(text) - i)
+        return real(text, i)
+
+    monkeypatch.setattr(framing, "_raw_decode", counting)
+    doc = {"items": [{"k": i, "v": "x" * 40} for i in range(5000)], "prompt_eval_count": 3}
+    body = json.dumps(doc, indent=1).encode()
+    cuts = [i + 1 for i in range(len(body)) if body[i : i + 1] == b"}"]
+    seq = JSONSequence(max_object=1 << 24)
+    got = []
+    prev = 0
+    for c in cuts:
+        got += list(seq.feed(body[prev:c]))
+        prev = c
+    got += list(seq.feed(body[prev:])) + list(seq.close())
+    assert got == [doc]
+    assert sum(calls) < 4 * len(body)  # geometric back-off: linear, not quadratic
