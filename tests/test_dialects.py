@@ -403,3 +403,19 @@ def test_json_sequence_cost_stays_linear(monkeypatch):
     got += list(seq.feed(body[prev:])) + list(seq.close())
     assert got == [doc]
     assert sum(calls) < 4 * len(body)  # geometric back-off: linear, not quadratic
+
+
+def test_gemini_stream_without_usage_is_estimated():
+    """A recognised API whose answer carries no usage: estimated from request and content."""
+    body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "Say hi " * 20}]}]})
+    path = "/v1beta/models/gemini-x:streamGenerateContent?alt=sse"
+    info = parse_request(path, {}, body.encode())
+    m = FlowMeter("f4", 100.0, "POST", path, info, "a", "k", None)
+    m.start_response(200, "text/event-stream", None)
+    for word in ("Hello", " there", " friend"):
+        obj = {"candidates": [{"content": {"parts": [{"text": word}], "role": "model"}}]}
+        m.on_chunk(b"data: " + json.dumps(obj).encode() + b"\r\n\r\n")
+    row = m.finish("completed", 101.0)
+    assert row["usage_source"] == "estimated" and row["model"] == "gemini-x"
+    assert row["prompt_tokens"] > 20 and row["completion_tokens"] == 5  # ceil(17 chars / 4)
+    assert row["ttft_s"] is not None and row["streamed"] is True
