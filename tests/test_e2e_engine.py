@@ -111,14 +111,18 @@ def _report(name: str, row: dict, perf: tuple, engine_usage: dict | None) -> Non
 
 
 def _check_timing(row: dict, perf: tuple) -> None:
-    prompt_ms, _, eval_ms, runs = perf
+    """The proxy's timing against the engine's own (llama_perf_context_print).
+
+    Lower bounds only: the proxy cannot see the first token before the engine
+    evaluated the prompt, nor the end before the engine decoded every token. (An upper
+    bound on the wire decode rate does not hold under load: events the proxy reads
+    late arrive together and shrink its first-to-last window.)
+    """
+    prompt_ms, _, eval_ms, _ = perf
     assert row["ttft_s"] is not None and row["duration_s"] >= row["ttft_s"]
-    # The proxy cannot see the first token before the engine evaluated the prompt.
     assert row["ttft_s"] >= prompt_ms / 1000 * 0.9
     assert row["duration_s"] >= (prompt_ms + eval_ms) / 1000 * 0.9
-    if row["tokens_per_s"] is not None and eval_ms > 0 and runs > 1:
-        # Nor can it see tokens arrive faster than the engine decoded them.
-        assert row["tokens_per_s"] <= 2 * runs / (eval_ms / 1000)
+    assert row["tokens_per_s"] is not None and row["tokens_per_s"] > 0
 
 
 def test_engine_chat_json_sdk(engine, proxy):
