@@ -7,6 +7,7 @@ or click:
 - ``spendtap.sse``         incremental WHATWG event-stream framing
 - ``spendtap.decoding``    incremental Content-Encoding decoders
 - ``spendtap.scanner``     per-response usage and timing scanner (OpenAI and Anthropic shapes)
+- ``spendtap.usage_shapes`` the OpenAI and Anthropic usage objects, one reader per family
 - ``spendtap.dialects``    the usage extractor base class for native API families
 - ``spendtap.dialect_*``   one native family each: ``gemini``, ``ollama``, ``llamacpp``,
   ``cohere``; ``dialect_registry`` lists them, ``dialect_scanner`` scans with them

@@ -20,6 +20,11 @@ DESIGN.md "Usage semantics"):
 - Responses API: ``response.usage`` in ``response.completed`` / ``incomplete`` /
   ``failed``.
 
+The usage objects themselves are read by :mod:`spendtap.usage_shapes` (one reader per
+family, vendor variants included); this module frames the body and finds them. The
+native API families (Gemini, Ollama, llama.cpp, Cohere) are scanned by
+:mod:`spendtap.dialect_scanner`, a subclass that reuses this framing and decoding.
+
 Bodies are framed as server-sent events when the content type says so or the body
 looks like an event stream, otherwise read as one JSON document (whole when small,
 by head and tail when large). Memory per response is bounded and cost is linear.
@@ -41,7 +46,18 @@ from spendtap.decoding import DecodeError, Decoder, is_identity, make_decoder
 from spendtap.dialect_llamacpp import timings_of
 from spendtap.dialects import ServerTiming
 from spendtap.sse import SSEParser
-from spendtap.usage import ANTHROPIC_MESSAGES, NONE, OPENAI_RESPONSES, REPORTED, Usage
+from spendtap.usage import NONE, REPORTED, Usage
+from spendtap.usage_shapes import (
+    ANTHROPIC_SHAPE,
+    N_FIGURES,
+    OPENAI_SHAPE,
+    anthropic_figures,
+    anthropic_usage,
+    chat_figures,
+    input_output_shape,
+    openai_usage,
+    responses_figures,
+)
 
 __all__ = ["ResponseScanner", "ScanResult", "last_usage_object"]
 
@@ -84,9 +100,9 @@ _CHAT_DELTA_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "too
 _loads = json.loads
 _raw_decoder = json.JSONDecoder()
 
-# Usage families.
-_OA = 1  # prompt_tokens/completion_tokens or Responses input_tokens (cache included)
-_AN = 2  # Anthropic input_tokens (cache reads and writes excluded)
+# Usage families (spendtap.usage_shapes).
+_OA = OPENAI_SHAPE
+_AN = ANTHROPIC_SHAPE
 
 
 @dataclass(slots=True)
@@ -110,48 +126,6 @@ class ScanResult:
     server_timing: ServerTiming | None = None
     # How the body was framed: "sse", "json", "ndjson", "json-array" (None: no body).
     framing: str | None = None
-
-
-def _int(v: Any) -> int | None:
-    """A token count, or None when ``v`` is not a non-negative integer."""
-    if type(v) is int:
-        return v if v >= 0 else None
-    if type(v) is float and v >= 0 and v.is_integer():
-        return int(v)
-    return None
-
-
-def _sub(d: Any, key: str) -> int | None:
-    return _int(d.get(key)) if isinstance(d, dict) else None
-
-
-# Vendor names of the OpenAI shapes' cache figures (all parts of the prompt figure):
-# cache reads at the top level of usage (Moonshot ``cached_tokens``, DeepSeek
-# ``prompt_cache_hit_tokens``, LiteLLM ``cache_read_input_tokens``) and cache writes in
-# the details object (OpenRouter ``cache_write_tokens``, LiteLLM ``cache_creation_tokens``)
-# or at the top level (LiteLLM ``cache_creation_input_tokens``).
-_VENDOR_CACHED = ("cached_tokens", "prompt_cache_hit_tokens", "cache_read_input_tokens")
-_CACHE_WRITE_DETAIL = ("cache_write_tokens", "cache_creation_tokens", "cache_creation_input_tokens")
-
-
-def _vendor_cached(u: dict) -> int | None:
-    for k in _VENDOR_CACHED:
-        v = u.get(k)
-        if v is not None:
-            n = _int(v)
-            if n is not None:
-                return n
-    return None
-
-
-def _cache_write(details: Any, u: dict) -> int | None:
-    if type(details) is dict:
-        for k in _CACHE_WRITE_DETAIL:
-            v = details.get(k)
-            if v is not None:
-                return _int(v)
-    v = u.get("cache_creation_input_tokens")
-    return None if v is None else _int(v)
 
 
 def _error_summary(e: Any) -> str | None:
@@ -299,8 +273,8 @@ class ResponseScanner:
         # Raw usage figures, per family, last value of each wins.
         # _oa: prompt, completion, cached, reasoning, cache creation (OpenAI shapes)
         # _an: input, output, cache read, cache creation, reasoning (Anthropic)
-        self._oa: list[int | None] = [None] * 5
-        self._an: list[int | None] = [None] * 5
+        self._oa: list[int | None] = [None] * N_FIGURES
+        self._an: list[int | None] = [None] * N_FIGURES
         self._fam = 0  # family of the last usage object seen
         self._first: float | None = None
         self._last: float | None = None
@@ -616,74 +590,13 @@ class ResponseScanner:
     def _usage(self, u: dict, hint: int) -> None:
         """Record one usage object; each reported figure replaces the previous one."""
         if "prompt_tokens" in u or "completion_tokens" in u:
-            pdet = u.get("prompt_tokens_details")
-            vals = (
-                _int(u.get("prompt_tokens")),
-                _int(u.get("completion_tokens")),
-                _sub(pdet, "cached_tokens"),
-                _sub(u.get("completion_tokens_details"), "reasoning_tokens"),
-                _cache_write(pdet, u) if len(u) > 3 or pdet else None,
-            )
-            if vals[2] is None and len(u) > 3:
-                vals = (vals[0], vals[1], _vendor_cached(u), vals[3], vals[4])
-            self._record(self._oa, vals, _OA)
+            self._record(self._oa, chat_figures(u), _OA)
             return
-        if not (
-            "input_tokens" in u
-            or "output_tokens" in u
-            or "iterations" in u
-            or "cache_read_input_tokens" in u
-            or "cache_creation_input_tokens" in u
-        ):
-            return
-        api = self._api
-        if api == ANTHROPIC_MESSAGES:
-            fam = _AN
-        elif api == OPENAI_RESPONSES:
-            fam = _OA
-        elif "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u:
-            fam = _AN
-        elif "input_tokens_details" in u or "output_tokens_details" in u:
-            fam = _OA
-        else:
-            # Without cache figures both shapes normalize alike: prompt = input_tokens.
-            fam = hint or _OA
+        fam = input_output_shape(u, self._api, hint)
         if fam == _OA:
-            idet = u.get("input_tokens_details")
-            vals = (
-                _int(u.get("input_tokens")),
-                _int(u.get("output_tokens")),
-                _sub(idet, "cached_tokens"),
-                _sub(u.get("output_tokens_details"), "reasoning_tokens"),
-                _cache_write(idet, u),
-            )
-            self._record(self._oa, vals, _OA)
-            return
-        odet = u.get("output_tokens_details")
-        reasoning = _sub(odet, "reasoning_tokens")
-        if reasoning is None:
-            reasoning = _sub(odet, "thinking_tokens")
-        figs = [
-            _int(u.get("input_tokens")),
-            _int(u.get("output_tokens")),
-            _int(u.get("cache_read_input_tokens")),
-            _int(u.get("cache_creation_input_tokens")),
-            reasoning,
-        ]
-        its = u.get("iterations")
-        if type(its) is list and its:
-            # Server-side compaction: every sampling iteration is billed.
-            keys = ("input_tokens", "output_tokens", "cache_read_input_tokens",
-                    "cache_creation_input_tokens")  # fmt: skip
-            for i, k in enumerate(keys):
-                total = None
-                for it in its:
-                    v = _sub(it, k)
-                    if v is not None:
-                        total = v if total is None else total + v
-                if total is not None:
-                    figs[i] = total
-        self._record(self._an, figs, _AN)
+            self._record(self._oa, responses_figures(u), _OA)
+        elif fam == _AN:
+            self._record(self._an, anthropic_figures(u), _AN)
 
     def _record(self, store: list, vals: Any, fam: int) -> None:
         seen = False
@@ -787,22 +700,12 @@ class ResponseScanner:
         return r
 
     def _build(self) -> ScanResult:
-        usage = Usage()
         if self._fam == _AN:
-            inp, out, c_read, c_create, reasoning = self._an
-            if inp is not None:
-                usage.prompt_tokens = inp + (c_read or 0) + (c_create or 0)
-            usage.completion_tokens = out
-            usage.cached_tokens = c_read
-            usage.cache_creation_tokens = c_create
-            usage.reasoning_tokens = reasoning
+            usage = anthropic_usage(self._an)
         elif self._fam == _OA:
-            p, c, cached, reasoning, created = self._oa
-            usage.prompt_tokens = p
-            usage.completion_tokens = c
-            usage.cached_tokens = cached
-            usage.cache_creation_tokens = created
-            usage.reasoning_tokens = reasoning
+            usage = openai_usage(self._oa)
+        else:
+            usage = Usage()
         if self._mode == _JSON:
             first, last = self._first_bytes_at, self._last_bytes_at
             n = 1 if self._bytes else 0
