@@ -1,9 +1,10 @@
 """spendtap's built-in simulated inference server.
 
 An asyncio HTTP/1.1 server (keep-alive; chunked transfer-encoding for streams,
-``Content-Length`` for JSON) that answers like OpenAI and Anthropic do, byte for byte in
-shape (see ``tests/corpus/wire``), with deterministic token figures, optional realistic
-pacing and injectable faults. It is the upstream for spendtap's tests, demo and benchmark.
+``Content-Length`` for JSON) that answers like OpenAI, Anthropic, Gemini and Ollama do,
+byte for byte in shape (see ``tests/corpus/wire``), with deterministic token figures,
+optional realistic pacing and injectable faults. It is the upstream for spendtap's tests,
+demo and benchmark.
 
 Endpoints (accepted under any path prefix: ``/v1/chat/completions``,
 ``/openai/v1/chat/completions`` and ``/chat/completions`` are the same):
