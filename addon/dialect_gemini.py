@@ -5,8 +5,10 @@ Request: ``…/models/{model}:generateContent`` (one JSON document) or
 JSON array of response objects). The model is in the path; the output limit is
 ``generationConfig.maxOutputTokens``.
 
-Response: ``usageMetadata`` on each streamed object is cumulative (the last value
-of each figure wins):
+Response: ``usageMetadata`` on each streamed object is a cumulative snapshot of the
+whole call so far, so the last snapshot replaces the previous one whole (a figure it
+omits is not reported, rather than left over from an earlier snapshot: with a
+server-side tool, the counts restart mid-stream and the final snapshot covers all):
 
 - ``promptTokenCount`` includes ``cachedContentTokenCount``;
 - ``toolUsePromptTokenCount`` (tool results fed back) is input billed on top;
@@ -63,6 +65,7 @@ class GeminiExtractor(Extractor):
     def read(self, obj: dict, ev_type: str | None) -> bool:
         u = obj.get("usageMetadata")
         if type(u) is dict:
+            self.figs = {}
             self._take(u, _FIELDS)
         if self.model is None:
             self._model(obj.get("modelVersion") or obj.get("model"))

@@ -419,3 +419,16 @@ def test_gemini_stream_without_usage_is_estimated():
     assert row["usage_source"] == "estimated" and row["model"] == "gemini-x"
     assert row["prompt_tokens"] > 20 and row["completion_tokens"] == 5  # ceil(17 chars / 4)
     assert row["ttft_s"] is not None and row["streamed"] is True
+
+
+def test_gemini_usage_snapshot_replaces_the_previous_one():
+    """Each usageMetadata is a whole snapshot: a figure it omits is not left over."""
+
+    def ev(u):
+        obj = {"candidates": [{"content": {"parts": [{"text": "x"}]}}], "usageMetadata": u}
+        return b"data: " + json.dumps(obj).encode() + b"\r\n\r\n"
+
+    body = ev({"promptTokenCount": 8, "candidatesTokenCount": 20, "thoughtsTokenCount": 400})
+    body += ev({"promptTokenCount": 9, "thoughtsTokenCount": 30})  # MAX_TOKENS while thinking
+    r = scan(GEMINI, "text/event-stream", [body])
+    assert r.usage == Usage(prompt_tokens=9, completion_tokens=30, reasoning_tokens=30)
