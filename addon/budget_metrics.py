@@ -9,8 +9,8 @@ figures agree with ``spendtap budget show`` whichever process changed them.
 Series are labelled ``scope`` (key or account) and ``principal``; they are as
 many as the budgets an operator set, so bounded. A ledger that does not exist
 yet yields zero open reservations and no budget series; a ledger that cannot
-be read is counted in ``{prefix}_budget_scrape_errors`` (a gauge of failures
-since start) and never fails the whole scrape.
+be read is counted in ``{prefix}_budget_scrape_errors_total`` (a counter of
+failures since start) and never fails the whole scrape.
 
 This module imports neither click nor mitmproxy.
 """
@@ -23,10 +23,16 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from spendtap.budgets import open_readonly, open_reservation_count, read_statuses
+from spendtap.budgets import (
+    NANOS_PER_USD,
+    USD,
+    open_readonly,
+    open_reservation_count,
+    read_statuses,
+)
 from spendtap.ledger import LedgerNotFound
 
 __all__ = ["BudgetCollector"]
@@ -74,6 +80,31 @@ class BudgetCollector(Collector):
                 labels=labels,
             ),
         }
+        money = {
+            "cap": GaugeMetricFamily(
+                p + "budget_cap_usd", "A money budget's cap, in dollars.", labels=labels
+            ),
+            "spent": GaugeMetricFamily(
+                p + "budget_spent_usd",
+                "Dollars spent in a money budget's window (or since a balance was set).",
+                labels=labels,
+            ),
+            "reserved": GaugeMetricFamily(
+                p + "budget_reserved_usd",
+                "Dollars held by open reservations of requests in flight.",
+                labels=labels,
+            ),
+            "remaining": GaugeMetricFamily(
+                p + "budget_remaining_usd",
+                "Dollars left to reserve under a money cap: cap - spent - reserved, at least 0.",
+                labels=labels,
+            ),
+            "window": GaugeMetricFamily(
+                p + "budget_usd_window_seconds",
+                "A money budget's rolling window in seconds (absent for a balance).",
+                labels=labels,
+            ),
+        }
         open_family = GaugeMetricFamily(
             p + "open_reservations", "Budget reservations not yet settled or released."
         )
@@ -81,7 +112,7 @@ class BudgetCollector(Collector):
             conn = open_readonly(self.path, self.busy_timeout_s)
         except LedgerNotFound:
             open_family.add_metric([], 0)
-            yield from (*families.values(), open_family, self._errors())
+            yield from (*families.values(), *money.values(), open_family, self._errors())
             return
         except Exception:
             yield from self._failed()
@@ -98,22 +129,30 @@ class BudgetCollector(Collector):
                 conn.close()
         for s in statuses:
             values = [s.budget.scope, s.budget.principal]
+            if s.budget.unit == USD:  # nano-dollars to dollars
+                money["cap"].add_metric(values, s.budget.cap / NANOS_PER_USD)
+                money["spent"].add_metric(values, s.spent / NANOS_PER_USD)
+                money["reserved"].add_metric(values, s.reserved / NANOS_PER_USD)
+                money["remaining"].add_metric(values, s.remaining / NANOS_PER_USD)
+                if s.budget.window_s is not None:
+                    money["window"].add_metric(values, s.budget.window_s)
+                continue
             families["cap"].add_metric(values, s.budget.cap)
             families["spent"].add_metric(values, s.spent)
             families["reserved"].add_metric(values, s.reserved)
             families["remaining"].add_metric(values, s.remaining)
         open_family.add_metric([], count)
-        yield from (*families.values(), open_family, self._errors())
+        yield from (*families.values(), *money.values(), open_family, self._errors())
 
-    def _errors(self) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(
+    def _errors(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
             self._p + "budget_scrape_errors",
             "Scrapes whose budget figures could not be read from the ledger, since start.",
         )
         family.add_metric([], self.scrape_errors)
         return family
 
-    def _failed(self) -> Iterator[GaugeMetricFamily]:
+    def _failed(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         self.scrape_errors += 1
         logger.warning("spendtap: could not read budgets from %s", self.path, exc_info=True)
         yield self._errors()

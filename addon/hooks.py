@@ -47,7 +47,7 @@ from spendtap.meter import (
     FlowMeter,
     outcome_for_error,
 )
-from spendtap.metrics import CallbackGauges, Metrics
+from spendtap.metrics import CallbackMetrics, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.options import BY_NAME, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
@@ -228,14 +228,16 @@ class SpendTap:
             max_principal_series=opts.spendtap_max_principal_series,
         )
         self.metrics.add_collector(
-            CallbackGauges(
+            CallbackMetrics(
                 opts.spendtap_metrics_prefix,
-                [
+                gauges=[
                     (
                         "ledger_queue_depth",
                         "Rows waiting for the ledger writer.",
                         lambda: self.writer.queue_depth if self.writer else 0,
                     ),
+                ],
+                counters=[
                     (
                         "ledger_rows_written",
                         "Rows committed to the ledger since start.",
@@ -319,6 +321,7 @@ class SpendTap:
             fail_open=opts.spendtap_fail_open,
             trust=self.trust,
             key_swap=self.credential is not None,
+            pricer=self.pricer,
         )
         logger.info(
             f"spendtap: principal source {opts.spendtap_principal_source}; headers honoured "
@@ -424,7 +427,7 @@ class SpendTap:
             self._refuse(flow, meter, refusal, reason)
             return
         try:
-            admission = await self.gate.admit(flow.id, body, info, account, key)
+            admission = await self.gate.admit(flow.id, body, info, account, key, node=meter.node)
         except Exception:
             self._count_error("budget", "could not check the budget")
             if opts.spendtap_fail_open:

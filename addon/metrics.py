@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spendtap.request import path_family
@@ -272,22 +272,32 @@ class Metrics:
         self.registry.register(collector)
 
 
-class CallbackGauges(Collector):
-    """Gauges whose values are read at scrape time from callables.
+class CallbackMetrics(Collector):
+    """Gauges and counters whose values are read at scrape time from callables.
 
-    Used for figures that live elsewhere (the ledger writer's queue depth and
-    counters), so they are never stale and never updated by hand.
+    Used for figures that live elsewhere (the ledger writer's queue depth and its
+    running totals), so they are never stale and never updated by hand. A figure
+    that only goes up is a counter (exported as ``NAME_total``), so ``rate()`` and
+    ``increase()`` handle restarts; one that goes up and down is a gauge.
     """
 
-    def __init__(self, prefix: str, gauges: Iterable[tuple[str, str, Callable[[], float]]]):
+    def __init__(
+        self,
+        prefix: str,
+        gauges: Iterable[tuple[str, str, Callable[[], float]]] = (),
+        counters: Iterable[tuple[str, str, Callable[[], float]]] = (),
+    ):
         self._prefix = prefix + "_" if prefix else ""
-        self._gauges = list(gauges)
+        self._figures = [(GaugeMetricFamily, *g) for g in gauges] + [
+            (CounterMetricFamily, *c) for c in counters
+        ]
 
     def collect(self):
-        for name, doc, read in self._gauges:
-            family = GaugeMetricFamily(self._prefix + name, doc)
+        for kind, name, doc, read in self._figures:
             try:
-                family.add_metric([], float(read()))
+                value = float(read())
             except Exception:  # a broken reader must not break the scrape
                 continue
+            family = kind(self._prefix + name, doc)
+            family.add_metric([], value)
             yield family

@@ -369,8 +369,9 @@ def test_text_file_is_not_a_ledger(runner, tmp_path):
 def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
     """An SQLite file that is not spendtap's is named in one line, exit 1."""
     path = tmp_path / "other.db"
-    with sqlite_utils.Database(path) as foreign:
-        foreign["dogs"].insert({"name": "Cleo"})
+    foreign = sqlite_utils.Database(path)  # sqlite-utils 3 has no context manager
+    foreign["dogs"].insert({"name": "Cleo"})
+    foreign.close()
     result = run(runner, "report", "--db", str(path))
     assert error_of(result) == (
         f"Error: {path} is not a spendtap ledger "
