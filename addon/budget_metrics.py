@@ -34,10 +34,34 @@ from spendtap.budgets import (
     read_statuses,
 )
 from spendtap.ledger import LedgerNotFound
+from spendtap.options import DEFAULT_METRICS_PREFIX
 
 __all__ = ["BudgetCollector"]
 
 logger = logging.getLogger("spendtap")
+
+
+# figure -> help text; {Unit} is Tokens or Dollars.
+_FIGURES = {
+    "cap": "The budget's cap, in {unit}.",
+    "spent": "{Unit} spent in the budget's window (or since a balance was set).",
+    "reserved": "{Unit} held by open reservations of requests in flight.",
+    "remaining": "{Unit} left to reserve: cap - spent - reserved, at least 0.",
+}
+
+
+def _figure_families(
+    p: str, suffix: str, unit: str, labels: tuple[str, ...]
+) -> dict[str, GaugeMetricFamily]:
+    """cap/spent/reserved/remaining gauges of token (``_tokens``) or money (``_usd``) caps."""
+    return {
+        name: GaugeMetricFamily(
+            f"{p}budget_{name}_{suffix}",
+            doc.format(Unit=unit, unit=unit.lower()),
+            labels=labels,
+        )
+        for name, doc in _FIGURES.items()
+    }
 
 
 class BudgetCollector(Collector):
@@ -46,7 +70,7 @@ class BudgetCollector(Collector):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        prefix: str = "cortex",
+        prefix: str = DEFAULT_METRICS_PREFIX,
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 1.0,
@@ -60,45 +84,9 @@ class BudgetCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         p = self._p
         labels = ("scope", "principal")
-        families = {
-            "cap": GaugeMetricFamily(
-                p + "budget_cap_tokens", "The budget's cap, in tokens.", labels=labels
-            ),
-            "spent": GaugeMetricFamily(
-                p + "budget_spent_tokens",
-                "Tokens spent in the budget's window (or since a balance was set).",
-                labels=labels,
-            ),
-            "reserved": GaugeMetricFamily(
-                p + "budget_reserved_tokens",
-                "Tokens held by open reservations of requests in flight.",
-                labels=labels,
-            ),
-            "remaining": GaugeMetricFamily(
-                p + "budget_remaining_tokens",
-                "Tokens left to reserve: cap - spent - reserved, at least 0.",
-                labels=labels,
-            ),
-        }
+        families = _figure_families(p, "tokens", "Tokens", labels)
         money = {
-            "cap": GaugeMetricFamily(
-                p + "budget_cap_usd", "A money budget's cap, in dollars.", labels=labels
-            ),
-            "spent": GaugeMetricFamily(
-                p + "budget_spent_usd",
-                "Dollars spent in a money budget's window (or since a balance was set).",
-                labels=labels,
-            ),
-            "reserved": GaugeMetricFamily(
-                p + "budget_reserved_usd",
-                "Dollars held by open reservations of requests in flight.",
-                labels=labels,
-            ),
-            "remaining": GaugeMetricFamily(
-                p + "budget_remaining_usd",
-                "Dollars left to reserve under a money cap: cap - spent - reserved, at least 0.",
-                labels=labels,
-            ),
+            **_figure_families(p, "usd", "Dollars", labels),
             "window": GaugeMetricFamily(
                 p + "budget_usd_window_seconds",
                 "A money budget's rolling window in seconds (absent for a balance).",

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from spendtap.options import DEFAULT_METRICS_PREFIX
 from spendtap.request import path_family
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -60,7 +61,7 @@ class Metrics:
     def __init__(
         self,
         registry: CollectorRegistry | None = None,
-        prefix: str = "cortex",
+        prefix: str = DEFAULT_METRICS_PREFIX,
         max_model_series: int = 200,
         max_principal_series: int = 1000,
     ):

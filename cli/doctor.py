@@ -35,7 +35,7 @@ import click
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.paths import db_option
 from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
-from spendtap.options import OptionError, check_settings
+from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
 from spendtap.trust import TrustPolicy, read_secret_file, unguarded_start
 
@@ -264,7 +264,7 @@ def metrics_url(address: str) -> str:
     "metrics",
     metavar="URL",
     help="Base URL of the metrics port [default: from SPENDTAP_METRICS or the config "
-    "file, else http://127.0.0.1:9464]. 'none' skips the check.",
+    f"file, else http://{DEFAULT_METRICS}]. 'none' skips the check.",
 )
 @click.option(
     "--upstream",

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -224,3 +225,29 @@ def test_money_cap_refuses_at_the_right_request_and_serves_again(tmp_path):
     assert sum(r["cost_nusd"] for r in first_window) <= 100_000_000  # never past $0.10
     refused = [r for r in rows if r["status"] in (429, 403)]
     assert sorted(r["status"] for r in refused) == [403, 429]
+
+
+def test_a_stream_cut_short_is_priced_on_what_was_observed(priced):
+    """A client that hangs up mid-stream: the row has the usage spendtap observed
+    (estimated from what streamed), and its cost is that usage at the file's rates."""
+    sidecar, prices = priced
+    account = "acct-" + uuid.uuid4().hex[:8]
+    headers = {"x-helexa-account-id": account, "x-sim-tokens": "400", "x-sim-tps": "50"}
+    body = {"model": "sim-chat", "messages": [{"role": "user", "content": "a long one"}],
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", sidecar.url + "/v1/chat/completions", json=body,
+                      headers=headers) as resp,  # fmt: skip
+    ):
+        assert resp.status_code == 200
+        got = 0
+        for chunk in resp.iter_raw():
+            got += len(chunk)
+            if got > 600:
+                break
+    row = sidecar.row_for(account)
+    assert row["outcome"] == "client_disconnected"
+    assert 0 < row["completion_tokens"] < 400
+    assert row["price_source"] == f"file:{prices}"
+    assert row["cost_nusd"] == _cost(row["prompt_tokens"], row["completion_tokens"])
