@@ -124,3 +124,75 @@ def test_ollama_embed_has_no_completion(sidecar):
     assert row["api"] == "ollama-embed"
     assert row["prompt_tokens"] == doc["prompt_eval_count"]
     assert row["completion_tokens"] is None and row["usage_source"] == "reported"
+
+
+# -- the official SDKs, as users run them -------------------------------------------------
+
+
+def test_google_genai_sdk_stream_and_json(sidecar):
+    """google-genai's client (SSE stream and JSON) through the sidecar: rows equal its usage."""
+    genai = pytest.importorskip("google.genai")
+    from google.genai import types
+
+    account, headers = _principal()
+    headers |= {"x-sim-tokens": "11", "x-sim-reasoning-tokens": "5"}
+    client = genai.Client(
+        api_key="AIza-test", http_options=types.HttpOptions(base_url=sidecar.url, headers=headers)
+    )
+    config = types.GenerateContentConfig(max_output_tokens=64)
+    chunks = list(
+        client.models.generate_content_stream(
+            model="gemini-sim", contents="Tell me a story", config=config
+        )
+    )
+    text = "".join(c.text or "" for c in chunks)
+    u = chunks[-1].usage_metadata
+    assert text and u.candidates_token_count == 11 and u.thoughts_token_count == 5
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "gemini" and row["model"] == "gemini-sim" and row["streamed"] == 1
+    assert row["prompt_tokens"] == u.prompt_token_count
+    assert row["completion_tokens"] == 16 and row["reasoning_tokens"] == 5
+
+    account, headers = _principal()
+    client = genai.Client(
+        api_key="AIza-test",
+        http_options=types.HttpOptions(
+            base_url=sidecar.url, headers=headers | {"x-sim-tokens": "7"}
+        ),
+    )
+    resp = client.models.generate_content(model="gemini-sim", contents="Hi", config=config)
+    row = sidecar.row_for(account, settle=0)
+    assert row["streamed"] == 0 and row["usage_source"] == "reported"
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        resp.usage_metadata.prompt_token_count,
+        resp.usage_metadata.candidates_token_count,
+    )
+
+
+def test_ollama_sdk_chat_generate_embed(sidecar):
+    """The ollama client (streamed chat, JSON generate, embed) through the sidecar."""
+    ollama = pytest.importorskip("ollama")
+
+    account, headers = _principal()
+    client = ollama.Client(host=sidecar.url, headers=headers | {"x-sim-tokens": "9"})
+    parts = list(
+        client.chat(model="llama-sim", messages=[{"role": "user", "content": "Hi"}], stream=True)
+    )
+    final = parts[-1]
+    assert final.done and final.eval_count == 9
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "ollama-chat" and row["streamed"] == 1
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (final.prompt_eval_count, 9)
+
+    account, headers = _principal()
+    client = ollama.Client(host=sidecar.url, headers=headers | {"x-sim-tokens": "4"})
+    out = client.generate(model="llama-sim", prompt="Why?", stream=False)
+    row = sidecar.row_for(account, settle=0)
+    assert row["streamed"] == 0 and row["completion_tokens"] == out.eval_count == 4
+
+    account, headers = _principal()
+    client = ollama.Client(host=sidecar.url, headers=headers)
+    emb = client.embed(model="emb-sim", input=["one", "two three"])
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "ollama-embed" and row["prompt_tokens"] == emb.prompt_eval_count
+    assert row["completion_tokens"] is None
