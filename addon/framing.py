@@ -139,14 +139,19 @@ class JSONSequence:
 
 
 def _complete_line_is_bad(rest: str, nl: int) -> bool:
-    """True when the first line of ``rest`` is a whole line that is not JSON by itself.
+    """True when the first line of ``rest`` is a whole line that is not JSON by itself
+    and cannot be the start of a multi-line (pretty-printed) object.
 
-    A pretty-printed object spans lines, so only a line that starts like an
-    NDJSON record (``{``) and fails alone while the remainder also parses is
-    skipped; otherwise the rest is kept and completed by later data.
+    A pretty-printed object's first line never parses alone, but neither does its next
+    line start with ``{`` (an object's members start with a key). So a line that fails
+    alone is skipped when it looks like a whole record (``{...}``) or when the next line
+    starts a new record; otherwise the rest is kept and completed by later data.
     """
     line = rest[:nl].strip()
-    if not line.startswith("{") or not line.endswith("}"):
+    if not line:
+        return False
+    whole = line.startswith("{") and line.endswith("}")
+    if not whole and not rest[nl + 1 :].lstrip().startswith("{"):
         return False
     try:
         _raw_decode(line)

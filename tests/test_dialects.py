@@ -432,3 +432,18 @@ def test_gemini_usage_snapshot_replaces_the_previous_one():
     body += ev({"promptTokenCount": 9, "thoughtsTokenCount": 30})  # MAX_TOKENS while thinking
     r = scan(GEMINI, "text/event-stream", [body])
     assert r.usage == Usage(prompt_tokens=9, completion_tokens=30, reasoning_tokens=30)
+
+
+def test_ndjson_garbage_line_is_skipped_in_time():
+    """A line that is not JSON in an NDJSON stream is counted and skipped; later lines
+    are still read (and timed) as they arrive, not only at the end."""
+    lines = [
+        b'{"model":"m","message":{"role":"assistant","content":"a"},"done":false}\n',
+        b"this is not json\n",
+        b'{"model":"m","message":{"role":"assistant","content":"b"},"done":false}\n',
+        b'{"model":"m","done":true,"prompt_eval_count":2,"eval_count":2}\n',
+    ]
+    r = scan(OLLAMA_CHAT, "application/x-ndjson", lines)
+    assert r.usage == Usage(prompt_tokens=2, completion_tokens=2)
+    assert r.parse_errors == 1 and r.content_events == 2
+    assert (r.first_content_at, r.last_content_at) == (0.0, 2.0)
