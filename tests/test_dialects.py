@@ -31,6 +31,10 @@ from spendtap.usage import (
 from tests.corpus_cases import chunked, load_cases, scan
 
 CASES = {c.name: c for c in load_cases()}
+EXTRACTOR_APIS = frozenset(
+    (GEMINI, OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_EMBED, LLAMACPP_COMPLETION, COHERE_CHAT,
+     COHERE_EMBED, RERANK)
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -447,3 +451,22 @@ def test_ndjson_garbage_line_is_skipped_in_time():
     assert r.usage == Usage(prompt_tokens=2, completion_tokens=2)
     assert r.parse_errors == 1 and r.content_events == 2
     assert (r.first_content_at, r.last_content_at) == (0.0, 2.0)
+
+
+NATIVE_CASES = [c for c in CASES.values() if c.api in EXTRACTOR_APIS]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    i=st.integers(0, len(NATIVE_CASES) - 1),
+    points=st.lists(st.integers(0, 30_000), max_size=60),
+)
+def test_native_corpus_cases_any_chunking(i, points):
+    """Every recorded native-API body, cut anywhere, scans to the same usage and events."""
+    c = NATIVE_CASES[i]
+    whole = scan(c.api, c.content_type, [c.body])
+    r = scan(c.api, c.content_type, _cuts(c.body, points))
+    assert r.usage == whole.usage == c.expected_usage()
+    assert r.content_events == whole.content_events
+    assert r.parse_errors == r.internal_errors == 0
+    assert r.response_model == whole.response_model
