@@ -58,8 +58,9 @@ def simulate(listen: tuple[str, int], ttft_ms: float, tps: float, tokens: int, m
 
     It answers the OpenAI (chat completions, completions, responses, embeddings,
     models) and Anthropic (messages) APIs, and the native Gemini
-    (models/M:generateContent, :streamGenerateContent) and Ollama (/api/chat,
-    /api/generate, /api/embed) APIs, under any path prefix, with the real wire
+    (models/M:generateContent, :streamGenerateContent), Ollama (/api/chat,
+    /api/generate, /api/embed), llama.cpp (/completion) and Cohere (/v2/chat) APIs,
+    under any path prefix, with the real wire
     formats, deterministic token usage, optional pacing, and faults injected per
     request through x-sim-* headers (x-sim-tokens, x-sim-ttft-ms, x-sim-tps,
     x-sim-fault: cut|reset|error-event|malformed|stall|huge|status-NNN,

@@ -1,4 +1,4 @@
-"""Wire renderers of the simulated native APIs: Gemini and Ollama.
+"""Wire renderers of the simulated native APIs: Gemini, Ollama, llama.cpp and Cohere.
 
 Shapes copied from the recorded cases in ``tests/corpus/wire`` (``gemini-*``,
 ``ollama-*``):
@@ -12,6 +12,14 @@ Shapes copied from the recorded cases in ``tests/corpus/wire`` (``gemini-*``,
   (``thinking`` for reasoning tokens), the final ``done`` object with
   ``prompt_eval_count``, ``eval_count`` and nanosecond durations derived from the
   simulated pacing; ``/api/embed`` and the legacy ``/api/embeddings``.
+- llama.cpp ``/completion``: data-only events, one per token with the cumulative
+  ``tokens_predicted``, and a final ``"stop": true`` object with ``tokens_evaluated``,
+  ``tokens_predicted``, ``tokens_cached`` and ``timings`` (``cache_n``, ``prompt_n``,
+  ``prompt_ms``, ``predicted_n``, ``predicted_ms``, ``predicted_per_second``) derived
+  from the pacing; the same object, with the content, when not streamed.
+- Cohere v2 ``/v2/chat``: named events (``message-start``, ``content-delta`` per token,
+  ``message-end`` with ``usage``), then ``data: [DONE]``; the JSON answer with ``usage``
+  (``tokens``, ``billed_units``, ``cached_tokens``).
 
 Prompt tokens follow the package rule (one per started group of 4 characters, plus
 4 per message and 3 per request).
@@ -23,13 +31,15 @@ import json
 import time
 from typing import Any
 
-from spendtap.usage import GEMINI, OLLAMA_CHAT, OLLAMA_GENERATE
+from spendtap.usage import COHERE_CHAT, GEMINI, LLAMACPP_COMPLETION, OLLAMA_CHAT, OLLAMA_GENERATE
 
 from .apis import Plan, Renderer, _j, completion_text, content_tokens, embedding_vector, token_text
 
 __all__ = [
     "NATIVE_RENDERERS",
+    "CohereRenderer",
     "GeminiRenderer",
+    "LlamaCppRenderer",
     "OllamaRenderer",
     "native_prompt_tokens",
     "ollama_embed_document",
@@ -66,6 +76,15 @@ def native_prompt_tokens(api: str, body: dict) -> int:
         return total
     if api == OLLAMA_GENERATE:
         return 3 + content_tokens(body.get("system")) + content_tokens(body.get("prompt"))
+    if api == LLAMACPP_COMPLETION:
+        return 1 + content_tokens(body.get("prompt"))  # the BOS token
+    if api == COHERE_CHAT:
+        total = 3
+        msgs = body.get("messages") or []
+        for m in msgs if isinstance(msgs, list) else []:
+            if isinstance(m, dict):
+                total += 4 + content_tokens(m.get("content"))
+        return total
     # embed: one group per input
     x = body.get("input", body.get("prompt", ""))
     items = x if isinstance(x, list) else [x]
@@ -240,8 +259,134 @@ def ollama_embed_document(plan: Plan, legacy: bool) -> dict:
     }
 
 
+# -- llama.cpp ------------------------------------------------------------------------------
+
+
+class LlamaCppRenderer(Renderer):
+    """llama.cpp server ``/completion``: data-only events, or one JSON object."""
+
+    pretty_json = False
+    stream_content_type = "text/event-stream"
+    tail_keys = ("tokens_predicted", "tokens_evaluated", "tokens_cached", "timings")
+
+    def token(self, i: int) -> bytes:
+        p = self.plan
+        return b'data: {"index":0,"content":%s,"tokens":[%d],"stop":false,"id_slot":-1,' % (
+            _j(token_text(i)),
+            (i & 31) + 3,
+        ) + b'"tokens_predicted":%d,"tokens_evaluated":%d}\n\n' % (i + 1, p.prompt_tokens)
+
+    def final(self, content: str) -> dict:
+        p = self.plan
+        n = p.visible
+        prompt_ms = round(max(p.ttft_s, 0.0001) * 1000, 3)
+        predicted_ms = round(max(max(0, n - 1) * p.interval_s, 0.0001) * 1000, 3)
+        computed = max(1, p.prompt_tokens - p.cached_tokens)
+        return {
+            "index": 0,
+            "content": content,
+            "tokens": [],
+            "id_slot": 0,
+            "stop": True,
+            "model": p.model,
+            "tokens_predicted": n,
+            "tokens_evaluated": p.prompt_tokens,
+            "stop_type": "limit" if p.truncated else "eos",
+            "stopping_word": "",
+            "tokens_cached": p.prompt_tokens + max(0, n - 1),
+            "timings": {
+                "cache_n": p.prompt_tokens - computed,
+                "prompt_n": computed,
+                "prompt_ms": prompt_ms,
+                "prompt_per_token_ms": round(prompt_ms / computed, 6),
+                "prompt_per_second": round(computed / prompt_ms * 1000, 6),
+                "predicted_n": n,
+                "predicted_ms": predicted_ms,
+                "predicted_per_token_ms": round(predicted_ms / n, 6) if n else 0,
+                "predicted_per_second": round(n / predicted_ms * 1000, 6) if n else 0,
+            },
+        }
+
+    def tail(self) -> bytes:
+        return b"data: " + _j(self.final("")) + b"\n\n"
+
+    def error_event(self, generated: int) -> bytes:
+        return (
+            b'data: {"error":{"code":500,"message":"simulated failure","type":"server_error"}}\n\n'
+        )
+
+    def document(self) -> dict:
+        return self.final(completion_text(self.plan.visible))
+
+
+# -- Cohere ---------------------------------------------------------------------------------
+
+
+class CohereRenderer(Renderer):
+    """Cohere v2 ``/v2/chat``: named events ending in ``message-end``, or one JSON answer."""
+
+    pretty_json = False
+    stream_content_type = "text/event-stream"
+    tail_keys = ("finish_reason", "usage")
+
+    def _event(self, kind: str, data: dict) -> bytes:
+        return b"event: %s\ndata: %s\n\n" % (kind.encode(), _j({"type": kind, **data}))
+
+    def usage(self) -> dict:
+        p = self.plan
+        u: dict[str, Any] = {
+            "billed_units": {"input_tokens": p.prompt_tokens, "output_tokens": p.visible},
+            "tokens": {"input_tokens": p.prompt_tokens, "output_tokens": p.visible},
+        }
+        if p.cached_tokens:
+            u["cached_tokens"] = p.cached_tokens
+        return u
+
+    def finish_reason(self) -> str:
+        return "MAX_TOKENS" if self.plan.truncated else "COMPLETE"
+
+    def preamble(self) -> bytes:
+        msg = {
+            "role": "assistant",
+            "content": [],
+            "tool_plan": "",
+            "tool_calls": [],
+            "citations": [],
+        }
+        start = self._event("message-start", {"id": self.plan.rid, "delta": {"message": msg}})
+        content = {"message": {"content": {"type": "text", "text": ""}}}
+        return start + self._event("content-start", {"index": 0, "delta": content})
+
+    def token(self, i: int) -> bytes:
+        delta = {"message": {"content": {"text": token_text(i)}}}
+        return self._event("content-delta", {"index": 0, "delta": delta})
+
+    def tail(self) -> bytes:
+        end = {"delta": {"finish_reason": self.finish_reason(), "usage": self.usage()}}
+        return (
+            self._event("content-end", {"index": 0})
+            + self._event("message-end", end)
+            + b"data: [DONE]\n\n"
+        )
+
+    def error_event(self, generated: int) -> bytes:
+        return self._event("message-end", {"delta": {"finish_reason": "ERROR", "error": "failed"}})
+
+    def document(self) -> dict:
+        p = self.plan
+        text = completion_text(p.visible)
+        return {
+            "id": p.rid,
+            "message": {"role": "assistant", "content": [{"type": "text", "text": text}]},
+            "finish_reason": self.finish_reason(),
+            "usage": self.usage(),
+        }
+
+
 NATIVE_RENDERERS: dict[str, type[Renderer]] = {
     GEMINI: GeminiRenderer,
     OLLAMA_CHAT: OllamaRenderer,
     OLLAMA_GENERATE: OllamaRenderer,
+    LLAMACPP_COMPLETION: LlamaCppRenderer,
+    COHERE_CHAT: CohereRenderer,
 }

@@ -20,8 +20,10 @@ from typing import Any
 from spendtap.request import detect_api
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
+    COHERE_CHAT,
     EMBEDDINGS,
     GEMINI,
+    LLAMACPP_COMPLETION,
     OLLAMA_CHAT,
     OLLAMA_EMBED,
     OLLAMA_GENERATE,
@@ -62,8 +64,8 @@ UNKNOWN = "unknown"
 SIM_STATS = "sim-stats"
 SIM_RESET = "sim-reset"
 GENERATING = (OPENAI_CHAT, OPENAI_COMPLETIONS, OPENAI_RESPONSES, ANTHROPIC_MESSAGES)
-NATIVE = (GEMINI, OLLAMA_CHAT, OLLAMA_GENERATE)
-# Every API family the simulator answers (the addon meters more: llama.cpp, Cohere).
+NATIVE = (GEMINI, OLLAMA_CHAT, OLLAMA_GENERATE, LLAMACPP_COMPLETION, COHERE_CHAT)
+# Every API family the simulator answers (the addon meters more: Cohere embed and rerank).
 SIMULATED = frozenset((*GENERATING, *NATIVE, EMBEDDINGS, OLLAMA_EMBED))
 ALL_RENDERERS = {**RENDERERS, **NATIVE_RENDERERS}
 FAULTS = ("cut", "reset", "error-event", "malformed", "stall", "huge")
@@ -537,6 +539,8 @@ class SimServer:
             GEMINI: ("maxOutputTokens",),
             OLLAMA_CHAT: ("num_predict",),
             OLLAMA_GENERATE: ("num_predict",),
+            LLAMACPP_COMPLETION: ("n_predict", "max_tokens"),
+            COHERE_CHAT: ("max_tokens",),
         }[api]
         # Gemini and Ollama keep their limits in a nested object.
         limits = body
@@ -549,15 +553,16 @@ class SimServer:
         cap = None
         for key in cap_key:
             value = limits.get(key)
-            if api in (OLLAMA_CHAT, OLLAMA_GENERATE) and value == -1:
-                value = None  # Ollama: -1 means no limit
+            if api in (OLLAMA_CHAT, OLLAMA_GENERATE, LLAMACPP_COMPLETION) and value == -1:
+                value = None  # Ollama, llama.cpp: -1 means no limit
             if value is not None:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ControlError(f"{key} must be a non-negative integer")
                 cap = value
                 break
         want = ctl.tokens if ctl.tokens is not None else self.default_tokens
-        reasoning = ctl.reasoning
+        # llama.cpp's /completion and Cohere's chat report no reasoning figure.
+        reasoning = 0 if api in (LLAMACPP_COMPLETION, COHERE_CHAT) else ctl.reasoning
         if cap is not None and reasoning + want > cap:
             plan.reasoning = min(reasoning, cap)
             plan.visible = cap - plan.reasoning

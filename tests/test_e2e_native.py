@@ -196,3 +196,81 @@ def test_ollama_sdk_chat_generate_embed(sidecar):
     row = sidecar.row_for(account, settle=0)
     assert row["api"] == "ollama-embed" and row["prompt_tokens"] == emb.prompt_eval_count
     assert row["completion_tokens"] is None
+
+
+# -- llama.cpp's /completion and Cohere's v2 chat ---------------------------------------
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_llamacpp_native(sidecar, stream):
+    """llama.cpp /completion: tokens_evaluated / tokens_predicted, cache and decode timing."""
+    account, headers = _principal()
+    headers |= {"x-sim-tokens": "6", "x-sim-cached-tokens": "3"}
+    body = {"prompt": "Once upon a time, there was", "n_predict": 32, "stream": stream}
+    resp, raw = _post(sidecar, "/completion", body, headers)
+    assert resp.status_code == 200
+    if stream:
+        final = json.loads(raw.strip().split(b"\n\n")[-1][len(b"data: ") :])
+    else:
+        final = json.loads(raw)
+    assert final["stop"] is True
+    t = final["timings"]
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "llamacpp-completion" and row["streamed"] == int(stream)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (
+        final["tokens_evaluated"],
+        final["tokens_predicted"],
+        3,
+    )
+    assert row["completion_tokens"] == 6
+    assert row["tokens_per_s"] == round(t["predicted_per_second"], 3)
+    assert row["server_decode_s"] == pytest.approx(t["predicted_ms"] / 1000)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_cohere_v2_chat(sidecar, stream):
+    """Cohere v2 chat: usage.tokens from message-end (stream) or the answer (JSON)."""
+    account, headers = _principal()
+    headers |= {"x-sim-tokens": "5", "x-sim-cached-tokens": "4"}
+    body = {"model": "command-sim", "messages": [{"role": "user", "content": "Hello there"}],
+            "stream": stream, "max_tokens": 20}  # fmt: skip
+    resp, raw = _post(sidecar, "/v2/chat", body, headers)
+    assert resp.status_code == 200
+    if stream:
+        ends = [json.loads(e.split(b"data: ", 1)[1]) for e in raw.split(b"\n\n")
+                if e.startswith(b"event: message-end")]  # fmt: skip
+        usage = ends[-1]["delta"]["usage"]
+    else:
+        usage = json.loads(raw)["usage"]
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "cohere-chat" and row["model"] == "command-sim"
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (
+        usage["tokens"]["input_tokens"],
+        usage["tokens"]["output_tokens"],
+        usage["cached_tokens"],
+    )
+    assert row["completion_tokens"] == 5 and row["usage_source"] == "reported"
+
+
+def test_cohere_sdk_stream(sidecar):
+    """The cohere client's v2 chat stream through the sidecar: the row equals its usage."""
+    cohere = pytest.importorskip("cohere")
+
+    account, headers = _principal()
+    co = cohere.ClientV2(api_key="co-test", base_url=sidecar.url)
+    events = list(
+        co.chat_stream(
+            model="command-sim",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=7,
+            request_options={"additional_headers": headers},
+        )
+    )
+    usage = next(e for e in events if e.type == "message-end").delta.usage
+    row = sidecar.row_for(account, settle=0)
+    assert row["api"] == "cohere-chat" and row["streamed"] == 1
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (
+        usage.tokens.input_tokens,
+        usage.tokens.output_tokens,
+    )
+    assert row["completion_tokens"] == 7
