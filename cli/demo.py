@@ -78,7 +78,7 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
         headers = _headers(account, key)
         prompt = rng.choice(PROMPTS)
         tokens = str(rng.randint(8, 48))
-        kind = i % 9
+        kind = i % 11
         if kind in (0, 1, 2, 3):
             client = openai.OpenAI(
                 base_url=base + "/v1", api_key="sk-demo", max_retries=0, default_headers=headers
@@ -153,6 +153,24 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
                     json={"model": "llama3.2", "messages": [{"role": "user", "content": prompt}]},
                 ).raise_for_status()
             return "ollama native chat (stream)"
+        if kind == 9:
+            # llama.cpp server's own /completion endpoint, streamed.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/completion",
+                    headers={**headers, "x-sim-tokens": tokens, "x-sim-cached-tokens": "4"},
+                    json={"prompt": prompt, "n_predict": 64, "stream": True},
+                ).raise_for_status()
+            return "llama.cpp native completion (stream)"
+        if kind == 10:
+            # Cohere's v2 chat API.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/v2/chat",
+                    headers={**headers, "x-sim-tokens": tokens},
+                    json={"model": "command-r", "messages": [{"role": "user", "content": prompt}]},
+                ).raise_for_status()
+            return "cohere v2 chat (json)"
         # A client that hangs up mid-stream: spendtap records what it can.
         with (
             httpx.Client(timeout=30) as http,
