@@ -151,8 +151,11 @@ def _from_head(info: RequestInfo, head: bytes) -> None:
             info.model = json.loads(b'"' + found["model"].group(1) + b'"')[:256]
         except ValueError:
             info.model = None
+    native = EXTRACTORS.get(info.api)
     if found["stream"]:
         info.stream = found["stream"].group(1) == b"true"
+    elif native is not None and native.STREAMS_BY_DEFAULT:
+        info.stream = True
     for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         if found[field]:
             info.max_output_tokens = int(found[field].group(1))

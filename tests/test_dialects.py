@@ -470,3 +470,12 @@ def test_native_corpus_cases_any_chunking(i, points):
     assert r.content_events == whole.content_events
     assert r.parse_errors == r.internal_errors == 0
     assert r.response_model == whole.response_model
+
+
+def test_large_ollama_request_still_streams_by_default():
+    """A request too large to parse whole (images) keeps Ollama's default streaming."""
+    from spendtap.request import MAX_PARSE_BYTES
+
+    body = b'{"model": "llava", "prompt": "what is this?", "images": ["' + b"A" * MAX_PARSE_BYTES
+    info = parse_request("/api/generate", {}, body + b'"]}')
+    assert (info.model, info.stream, info.body_parsed) == ("llava", True, False)
