@@ -185,8 +185,9 @@ class Metrics:
         )
         self.unrecognized = Counter(
             p + "unrecognized_api_requests",
-            "Requests to a path of no API spendtap recognises (no usage read, none guessed), "
-            "by path family (first segments, ids replaced by :id).",
+            "Requests to a path of no API spendtap recognises (usage only if the answer "
+            "carries a known usage object; never estimated), by path family (first "
+            "segments, ids replaced by :id).",
             ("path_family",),
             registry=r,
         )
