@@ -159,7 +159,12 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
                 http.post(
                     base + "/completion",
                     headers={**headers, "x-sim-tokens": tokens, "x-sim-cached-tokens": "4"},
-                    json={"prompt": prompt, "n_predict": 64, "stream": True},
+                    json={
+                        "model": "llama-3.1-8b",
+                        "prompt": prompt,
+                        "n_predict": 64,
+                        "stream": True,
+                    },
                 ).raise_for_status()
             return "llama.cpp native completion (stream)"
         if kind == 10:
@@ -213,6 +218,10 @@ output = 0.30
 [models."bge-m3"]
 input = 0.01
 output = 0
+
+[models."llama3.2"]
+input = 0.03
+output = 0.05
 """
 
 
