@@ -35,6 +35,7 @@ from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
 from spendtap.budget_metrics import BudgetCollector
 from spendtap.commits import CommitWaiters
+from spendtap.errorpage import install as install_error_answers
 from spendtap.gate import Admission, Gate, Principal
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.keyswap import UpstreamCredential
@@ -51,7 +52,7 @@ from spendtap.metrics import CallbackGauges, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.options import BY_NAME, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
-from spendtap.refusals import misconfigured, service_unavailable
+from spendtap.refusals import misconfigured, service_unavailable, upstream_failure
 from spendtap.request import detect_api, parse_request
 from spendtap.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
 from spendtap.writer import LedgerWriter
@@ -82,6 +83,11 @@ class SpendTap:
     # -- options -----------------------------------------------------------
 
     def load(self, loader) -> None:
+        if not install_error_answers():
+            logger.warning(
+                "spendtap: this mitmproxy version cannot answer upstream failures with the "
+                "API's error envelope; clients get mitmproxy's HTML 502 page"
+            )
         # Check the --set values mitmproxy deferred for us before registering the
         # options: a value mitmproxy fails to parse would make it drop this script
         # and keep proxying unmetered (see spendtap.options).
@@ -475,8 +481,8 @@ class SpendTap:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
-        if meter is None:
-            return
+        if meter is None or meter.finished:
+            return  # finished: the error hook's answer to a failed upstream
         resp = flow.response
         if resp is not None and not resp.stream:
             # A body mitmproxy held whole (small, or set by another addon): scan it now.
@@ -505,9 +511,17 @@ class SpendTap:
 
     def error(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
+        msg = flow.error.msg if flow.error else "unknown error"
+        if flow.response is None and outcome_for_error(msg) == UPSTREAM_ERROR:
+            # Nothing reached the client yet: answer in the API's own envelope (see
+            # spendtap.errorpage), never mitmproxy's HTML page with the upstream address.
+            api = meter.info.api if meter is not None else detect_api(flow.request.path)
+            status, headers, body = upstream_failure(api, msg)
+            flow.response = http.Response.make(status, body, headers)
+            if meter is not None:
+                meter.status = status
         if meter is None:
             return
-        msg = flow.error.msg if flow.error else "unknown error"
         outcome = outcome_for_error(msg)
         idle = time.time() - meter.last_activity
         if outcome == CLIENT_DISCONNECTED and idle >= ctx.options.tcp_timeout * 0.9:
@@ -515,9 +529,8 @@ class SpendTap:
             # leave, the upstream went silent.
             outcome = UPSTREAM_ERROR
             msg = f"upstream sent nothing for {idle:.0f}s (tcp_timeout)"
-        if flow.response is None and meter.status is None:
-            # mitmproxy answers an unreachable upstream with 502 itself.
-            meter.status = 502 if outcome == UPSTREAM_ERROR else None
+        if flow.response is None and meter.status is None and outcome == UPSTREAM_ERROR:
+            meter.status = 502  # the client saw the connection close: a gateway failure
         row = self._finish(flow, meter, outcome, msg)
         if row is not None:
             self._submit(row)

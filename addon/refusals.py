@@ -20,6 +20,10 @@ Statuses:
   reserve (Anthropic ``api_error``).
 - 503 ``spendtap_misconfigured`` when spendtap was started with a setting it
   cannot honour: it refuses every request rather than proxy unmetered.
+- 502 ``upstream_unavailable`` (504 ``upstream_timeout``) when the inference
+  server cannot be reached, fails TLS, times out or closes the connection
+  before its response head (Anthropic ``api_error``). These replace
+  mitmproxy's HTML error page; the message never names the upstream's address.
 
 Messages name the scope, principal and cap; never a secret or a header value.
 Every refusal carries ``x-spendtap-refusal`` with a short machine-readable reason.
@@ -40,6 +44,7 @@ __all__ = [
     "misconfigured",
     "retry_after_header",
     "service_unavailable",
+    "upstream_failure",
 ]
 
 REFUSAL_HEADER = "x-spendtap-refusal"
@@ -168,4 +173,41 @@ def misconfigured(api: str | None, problem: str) -> Refusal:
         "spendtap_misconfigured",
         "api_error",
         "misconfigured",
+    )
+
+
+def _upstream_problem(error: str) -> tuple[int, str, str]:
+    """Classify mitmproxy's error message: status, code, and what went wrong in plain words.
+
+    The words never include the message itself: it names the upstream's address.
+    """
+    text = error.lower()
+    if "timed out" in text or "timeout" in text or "errno 110]" in text:
+        return 504, "upstream_timeout", "did not answer in time"
+    if "tls" in text or "ssl" in text or "certificate" in text or "handshake" in text:
+        return 502, "upstream_unavailable", "failed the TLS handshake"
+    if "refused" in text or "errno 111]" in text:
+        return 502, "upstream_unavailable", "refused the connection"
+    if "name or service" in text or "getaddrinfo" in text or "resolve" in text:
+        return 502, "upstream_unavailable", "could not be resolved"
+    if "connect" in text and "disconnect" not in text:
+        return 502, "upstream_unavailable", "could not be reached"
+    return 502, "upstream_unavailable", "closed the connection before answering"
+
+
+def upstream_failure(api: str | None, error: str) -> Refusal:
+    """The 502/504 for a request whose upstream failed before its response head.
+
+    ``error`` is mitmproxy's flow error (it stays in the ledger row, never in the answer).
+    """
+    status, code, what = _upstream_problem(error)
+    return _build(
+        api,
+        status,
+        f"The inference server is unavailable: it {what}. The request was not "
+        "processed; please retry later.",
+        "server_error",
+        code,
+        "api_error",
+        code,
     )
