@@ -25,6 +25,11 @@ Statuses:
   before its response head (Anthropic ``api_error``). These replace
   mitmproxy's HTML error page; the message never names the upstream's address.
 
+Refusals no wait can cure (a spent balance, a request larger than the whole
+cap, an unknown key) carry ``x-should-retry: false``, which the official
+openai and anthropic SDKs obey: one attempt, not three. Window refusals carry
+``Retry-After`` instead, which they wait for.
+
 Messages name the scope, principal and cap; never a secret or a header value.
 Every refusal carries ``x-spendtap-refusal`` with a short machine-readable reason.
 """
@@ -39,6 +44,7 @@ from spendtap.usage import ANTHROPIC_MESSAGES
 
 __all__ = [
     "REFUSAL_HEADER",
+    "SHOULD_RETRY_HEADER",
     "budget_refusal",
     "invalid_api_key",
     "misconfigured",
@@ -48,6 +54,7 @@ __all__ = [
 ]
 
 REFUSAL_HEADER = "x-spendtap-refusal"
+SHOULD_RETRY_HEADER = "x-should-retry"  # the openai and anthropic SDKs' retry override
 
 Refusal = tuple[int, dict[str, str], bytes]
 
@@ -66,6 +73,7 @@ def _build(
     anthropic_type: str,
     reason: str,
     retry_after_s: float | None = None,
+    final: bool = False,
 ) -> Refusal:
     if api == ANTHROPIC_MESSAGES:
         doc: dict = {"type": "error", "error": {"type": anthropic_type, "message": message}}
@@ -76,6 +84,9 @@ def _build(
     headers = {"content-type": "application/json", REFUSAL_HEADER: reason}
     if retry_after_s is not None:
         headers["retry-after"] = retry_after_header(retry_after_s)
+    if final:
+        # No wait cures it: the official SDKs obey this header and do not retry.
+        headers[SHOULD_RETRY_HEADER] = "false"
     return status, headers, json.dumps(doc).encode()
 
 
@@ -102,7 +113,8 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
             "insufficient_quota",
             "insufficient_quota",
             "rate_limit_error",
-            "balance",
+            "balance_too_large" if decision.too_large else "balance",
+            final=True,
         )
     window = format_window(decision.window_s)
     if decision.too_large:
@@ -128,6 +140,7 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
         "rate_limit_error",
         "window_too_large" if decision.too_large else "window",
         retry,
+        final=decision.too_large,
     )
 
 
@@ -141,6 +154,7 @@ def invalid_api_key(api: str | None) -> Refusal:
         "invalid_api_key",
         "authentication_error",
         "invalid_api_key",
+        final=True,
     )
 
 
