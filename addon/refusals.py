@@ -102,9 +102,12 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
                 f"balance of {decision.cap} tokens of {who}."
             )
         else:
+            used, reserved = decision.spent or 0, decision.reserved or 0
+            left = max(0, (decision.cap or 0) - used - reserved)
             message = (
-                f"You exceeded your current quota: {who} has used its balance of "
-                f"{decision.cap} tokens."
+                f"You exceeded your current quota: {who} has a balance of {decision.cap} "
+                f"tokens: used {used}, reserved {reserved} by requests in flight, "
+                f"{left} left; this request needs up to {decision.tokens}."
             )
         return _build(
             api,

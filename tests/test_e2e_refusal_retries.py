@@ -116,3 +116,30 @@ def test_window_refusal_is_waited_out_and_retried(proxy):
     assert outcomes[0] == "completed" and outcomes[-1] == "completed"
     assert "rejected" in outcomes
     assert waited >= 1.0, "the SDK waited for Retry-After"
+
+
+def test_balance_refusal_message_when_some_is_left(proxy):
+    """Part of a balance spent, the next request needs more than is left: the SDK's message
+    gives the cap, what is used and reserved, and what this request needs."""
+    key = "part-" + uuid.uuid4().hex[:6]
+    _budget(proxy.db, key, 100, "balance")
+    with _openai(proxy, key, max_retries=0) as client:
+
+        def call():
+            return client.chat.completions.create(
+                model="sim-chat",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=30,
+                extra_headers={"x-sim-tokens": "30"},
+            )
+
+        call()
+        with pytest.raises(openai.RateLimitError) as refused:
+            call()
+    used = sum(r["prompt_tokens"] + r["completion_tokens"] for r in _attempts(proxy.db, key)
+               if r["outcome"] == "completed")  # fmt: skip
+    message = refused.value.body["message"]
+    assert 0 < used < 100
+    assert f"balance of 100 tokens: used {used}, reserved 0" in message, message
+    assert f"{100 - used} left; this request needs up to" in message, message
+    assert "has used its balance" not in message

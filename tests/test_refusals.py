@@ -35,13 +35,26 @@ def test_balance_openai():
     }
     assert json.loads(body) == {
         "error": {
-            "message": "You exceeded your current quota: key 'k1' has used its balance of "
-            "1000 tokens.",
+            "message": "You exceeded your current quota: key 'k1' has a balance of 1000 "
+            "tokens: used 990, reserved 0 by requests in flight, 10 left; this request "
+            "needs up to 50.",
             "type": "insufficient_quota",
             "param": None,
             "code": "insufficient_quota",
         }
     }
+
+
+def test_balance_with_some_left_says_what_is_left():
+    """204 of 300 spent, about 100 needed: the message gives cap, used, reserved, need."""
+    d = Decision(
+        allowed=False, reason="balance", scope="key", principal="k", cap=300, spent=204,
+        reserved=20, tokens=100,
+    )  # fmt: skip
+    message = json.loads(budget_refusal("openai-chat", d)[2])["error"]["message"]
+    assert "has used its balance" not in message
+    for part in ("balance of 300 tokens", "used 204", "reserved 20", "76 left", "needs up to 100"):
+        assert part in message, message
 
 
 def test_window_openai():
