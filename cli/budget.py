@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from spendtap.budgets import EPOCH_TS, Budgets, owner_alive, parse_window
+from spendtap.cli.numbers import count
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
 from spendtap.timeparse import parse_datetime, parse_duration
@@ -84,7 +85,7 @@ def budget_group() -> None:
 
 @budget_group.command(name="set")
 @principal_options
-@click.option("--cap", type=int, required=True, metavar="TOKENS", help="The cap, in tokens.")
+@click.option("--cap", type=count(), required=True, metavar="TOKENS", help="The cap, in tokens.")
 @click.option(
     "--window",
     required=True,
@@ -113,8 +114,6 @@ def budget_set(
         spendtap budget set --account acme --cap 5000000 --window balance --reset
     """
     scope, principal = which(key, account)
-    if cap < 0:
-        raise click.ClickException(f"Invalid value for '--cap': {cap} is below 0")
     try:
         window_s = parse_window(window)
     except ValueError as e:

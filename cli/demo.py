@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from spendtap.address import free_port, wait_for_port
+from spendtap.cli.numbers import count
 from spendtap.cli.query import report_command
 from spendtap.cli.run import build_mitmdump_args
 
@@ -163,10 +164,35 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
     type=click.Path(dir_okay=False),
     help="Ledger to write (default: a new file in a temporary directory, kept).",
 )
-@click.option("--requests", "n", default=42, show_default=True, help="How many requests to send.")
-@click.option("--ttft-ms", default=120, show_default=True, help="Simulated time to first token.")
-@click.option("--tps", default=150, show_default=True, help="Simulated decode rate (tokens/s).")
-@click.option("--seed", default=7, show_default=True, help="Seed for the traffic mix.")
+@click.option(
+    "--requests",
+    "n",
+    type=count(1, 100_000),
+    default=42,
+    show_default=True,
+    help="How many requests to send.",
+)
+@click.option(
+    "--ttft-ms",
+    type=count(0, 600_000),
+    default=120,
+    show_default=True,
+    help="Simulated time to first token.",
+)
+@click.option(
+    "--tps",
+    type=count(0, 1_000_000),
+    default=150,
+    show_default=True,
+    help="Simulated decode rate (tokens/s).",
+)
+@click.option(
+    "--seed",
+    type=count(0, 2**63 - 1),
+    default=7,
+    show_default=True,
+    help="Seed for the traffic mix.",
+)
 def demo(db, n, ttft_ms, tps, seed):
     """Run the sidecar in front of the built-in simulator, send traffic, print the report.
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import click
 
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
+from spendtap.cli.numbers import seconds
 from spendtap.cli.paths import db_option
 from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
 
@@ -208,7 +209,11 @@ def metrics_url(address: str) -> str:
     help="The TOML file spendtap run uses, to find the metrics and upstream addresses.",
 )
 @click.option(
-    "--timeout", default=5.0, show_default=True, help="Seconds to wait for each HTTP check."
+    "--timeout",
+    type=seconds(0, 3600, lo_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for each HTTP check.",
 )
 def doctor(db_path, metrics, upstream, config_path, timeout):
     """Check a running setup: ledger, metrics, health, upstream, reservations.

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from spendtap.cli.chart import draw_report_chart
+from spendtap.cli.numbers import count
 from spendtap.cli.output import Choice, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.ledger import COLUMNS, OUTCOMES, REPORT_BY, LedgerError
@@ -122,7 +123,7 @@ def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
 @filter_options(outcome=True)
 @click.option(
     "--limit",
-    type=int,
+    type=count(),
     default=100,
     show_default=True,
     help="At most this many rows, newest first; 0 for all.",
@@ -151,8 +152,6 @@ def requests_command(
         spendtap requests --account acme --outcome upstream_error
         spendtap requests --since 2025-01-01 --until 2025-02-01 --limit 0 -f csv > jan.csv
     """
-    if limit < 0:
-        raise click.ClickException(f"Invalid value for '--limit': {limit} is below 0")
     start, end = time_range(since, until)
     ledger = open_ledger(db_path)
     try:

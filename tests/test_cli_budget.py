@@ -87,7 +87,7 @@ def test_budget_reset(db):
             ["budget", "set", "--key", "k", "--account", "a", "--cap", "1", "--window", "1h"],
             "give exactly one of --key and --account",
         ),
-        (["budget", "set", "--key", "k", "--cap", "-5", "--window", "1h"], "-5 is below 0"),
+        (["budget", "set", "--key", "k", "--cap", "-5", "--window", "1h"], "-5 is not in"),
         (
             ["budget", "set", "--key", "k", "--cap", "5", "--window", "soon"],
             "invalid window 'soon'",

@@ -420,7 +420,7 @@ def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
         ),
         (
             ["requests", "--limit", "-1"],
-            "Error: Invalid value for '--limit': -1 is below 0\n",
+            "Error: Invalid value for '--limit': -1 is not in the range 0<=x<=9007199254740991.\n",
         ),
     ],
 )
