@@ -675,8 +675,9 @@ class Ledger:
 
         ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
         group under ``by`` (None for rows without one), ``bucket`` (the Unix time
-        at which its ``bucket_s``-second bucket starts, aligned to the epoch) and
-        ``tokens``; ordered by group, then bucket. Filters as in ``requests()``.
+        at which its ``bucket_s``-second bucket starts, aligned to the epoch),
+        ``tokens`` and ``refused`` (requests spendtap refused, which spend
+        nothing); ordered by group, then bucket. Filters as in ``requests()``.
         """
         if by not in ("account", "key", "model", "node"):
             raise ValueError(f"by must be account, key, model or node, not {by!r}")
@@ -690,14 +691,15 @@ class Ledger:
                    CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) / :bucket * :bucket
                        AS bucket,
                    coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
-                       AS tokens
+                       AS tokens,
+                   sum(outcome = 'rejected') AS refused
             FROM requests{where}
             GROUP BY grp, bucket
             ORDER BY grp, bucket
         """
         return [
-            {by: grp, "bucket": bucket, "tokens": tokens}
-            for grp, bucket, tokens in self.db.conn.execute(sql, params)
+            {by: grp, "bucket": bucket, "tokens": tokens, "refused": refused}
+            for grp, bucket, tokens, refused in self.db.conn.execute(sql, params)
         ]
 
     def time_span(self, **filters: Any) -> tuple[str, str] | None:
@@ -736,8 +738,11 @@ class Ledger:
         Each dict has the group value under the name of ``by`` (``None`` for
         anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
         both UTC), then ``requests``, the token sums (NULL when no row of the
-        group reported the figure), ``total_tokens``, ``errors`` (outcome other
-        than completed), ``usage_missing`` (no usage reported or estimated),
+        group reported the figure), ``total_tokens``, ``errors`` (upstream errors
+        and client disconnects), ``refused`` (requests spendtap answered itself:
+        budget, auth and ledger refusals, and an SDK's retries of them),
+        ``usage_missing`` (served requests with no usage reported or estimated;
+        refusals are never in it, nor in ``errors``),
         ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them).
         Time groups are in time order; the others by total tokens, most first.
         """
@@ -775,8 +780,10 @@ class Ledger:
                 CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
                      ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
                 END AS total_tokens,
-                sum(outcome IS NOT 'completed') AS errors,
-                sum(usage_source IS NULL OR usage_source = 'none') AS usage_missing,
+                sum(outcome NOT IN ('completed', 'rejected')) AS errors,
+                sum(outcome = 'rejected') AS refused,
+                sum((usage_source IS NULL OR usage_source = 'none') AND outcome != 'rejected')
+                    AS usage_missing,
                 round(avg(ttft_s), 4) AS avg_ttft_s,
                 round(avg(tokens_per_s), 2) AS avg_tokens_per_s
             FROM requests{where}

@@ -199,7 +199,10 @@ class Metrics:
             child(self.completion_tokens, mn).inc(completion)
         if row.get("cached_tokens"):
             child(self.cached_prompt_tokens, mn).inc(row["cached_tokens"])
-        child(self.usage_source, (model, node, row.get("usage_source") or "none")).inc()
+        if row["outcome"] != "rejected":
+            # A refusal carries no usage by design (it is in rejections_total): counting it
+            # as source="none" would hide a real metering gap among deliberate refusals.
+            child(self.usage_source, (model, node, row.get("usage_source") or "none")).inc()
         # Anonymous requests are metered per model but never charged.
         if row.get("account") or row.get("key"):
             ak = self.principal(row.get("account"), row.get("key"))

@@ -76,24 +76,30 @@ def render_chart(
     """Text lines of a spend chart.
 
     ``series`` rows have the group under ``by``, ``bucket`` (Unix start of the
-    bucket) and ``tokens``. The chart spans buckets from ``start`` to ``end``.
+    bucket), ``tokens`` and optionally ``refused`` (requests spendtap refused:
+    they spend nothing, so they are counted beside the line, never drawn as
+    spend). The chart spans buckets from ``start`` to ``end``.
     """
     levels = ASCII_LEVELS if ascii_only else BLOCKS
     first = int(start) // bucket_s * bucket_s
     count = max(1, math.ceil((end - first) / bucket_s))
     groups: dict[str, list[int]] = {}
+    refused: dict[str, int] = {}
     for row in series:
         label = row[by] if row[by] is not None else null_label
         index = (int(row["bucket"]) - first) // bucket_s
         if 0 <= index < count:
             groups.setdefault(label, [0] * count)[index] += int(row["tokens"])
+            refused[label] = refused.get(label, 0) + int(row.get("refused") or 0)
     totals = sorted(groups.items(), key=lambda item: (-sum(item[1]), item[0]))
     shown = totals[:top]
     if len(totals) > top:
         other = [0] * count
         for _label, values in totals[top:]:
             other = [a + b for a, b in zip(other, values, strict=True)]
-        shown.append((f"(other {len(totals) - top})", other))
+        other_label = f"(other {len(totals) - top})"
+        refused[other_label] = sum(refused.get(label, 0) for label, _v in totals[top:])
+        shown.append((other_label, other))
     title = (
         f"tokens per {by}, one mark per {format_window(bucket_s)}, "
         f"{ts_from_epoch(first)[:16]}Z to {ts_from_epoch(first + count * bucket_s)[:16]}Z"
@@ -106,7 +112,10 @@ def render_chart(
     for label, values in shown:
         name = label if len(label) <= width else label[: width - 1] + "~"
         spark = "".join(_mark(v, peak, levels) for v in values)
-        lines.append(f"{name.ljust(width)}  |{spark}|  {_fmt_tokens(sum(values))}")
+        line = f"{name.ljust(width)}  |{spark}|  {_fmt_tokens(sum(values))}"
+        if refused.get(label):
+            line += f"  ({refused[label]:,} refused)"
+        lines.append(line)
     lines.append(f"{'':{width}}   scale: full mark = {_fmt_tokens(peak)} tokens")
     return lines
 

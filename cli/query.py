@@ -25,6 +25,7 @@ REPORT_FIGURES = (
     "reasoning_tokens",
     "total_tokens",
     "errors",
+    "refused",
     "usage_missing",
     "avg_ttft_s",
     "avg_tokens_per_s",
@@ -76,6 +77,13 @@ def time_options(fn):
     return fn
 
 
+REFUSED = "refused"  # report's column name for the ledger's outcome "rejected"
+
+
+def _outcome(_ctx, _param, value: str | None) -> str | None:
+    return "rejected" if value == REFUSED else value
+
+
 def filter_options(outcome: bool):
     """The row filters every ledger command shares: --account, --key, --model, --node
     (and --outcome where it makes sense)."""
@@ -83,7 +91,11 @@ def filter_options(outcome: bool):
     def decorate(fn):
         if outcome:
             fn = click.option(
-                "--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome."
+                "--outcome",
+                type=Choice((*OUTCOMES, REFUSED)),
+                callback=_outcome,
+                help="Only requests with this outcome; refused is the same as rejected "
+                "(answered by spendtap itself: budget, auth or ledger refusals).",
             )(fn)
         fn = click.option("--node", help="Only this node (upstream).")(fn)
         fn = click.option("--model", help="Only this model.")(fn)
@@ -150,6 +162,7 @@ def requests_command(
     Examples:
         spendtap requests --since 15m
         spendtap requests --account acme --outcome upstream_error
+        spendtap requests --since 1h --outcome refused
         spendtap requests --since 2025-01-01 --until 2025-02-01 --limit 0 -f csv > jan.csv
     """
     start, end = time_range(since, until)
@@ -205,7 +218,10 @@ def report_command(
 ) -> None:
     """Show usage totals per account, key, model, node, day or hour.
 
-    Each group has its requests, token sums, errors and average latency.
+    Each group has its requests, token sums, errors (upstream errors and
+    client disconnects), refused (requests spendtap answered itself: budget,
+    auth and ledger refusals, and an SDK's retries of them), no_usage (served
+    requests that carry no usage: a metering gap) and average latency.
     A token total is empty (null) when no request in the group reported that
     figure; total = prompt + completion. Requests without an account or key
     show as (anonymous). Groups are ordered by total tokens, days and hours

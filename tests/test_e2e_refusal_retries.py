@@ -7,6 +7,8 @@ waited out (``Retry-After``) and retried.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 import uuid
 
@@ -143,3 +145,45 @@ def test_balance_refusal_message_when_some_is_left(proxy):
     assert f"balance of 100 tokens: used {used}, reserved 0" in message, message
     assert f"{100 - used} left; this request needs up to" in message, message
     assert "has used its balance" not in message
+
+
+def _metric_sum(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def test_reports_keep_refusals_apart(proxy):
+    """One served request and one refused: report says refused 1, errors 0, no_usage 0;
+    requests --outcome refused finds it; the chart counts it; the metrics keep it out of
+    usage_source (the SpendtapUsageMissing alert) and in rejections_total."""
+    key = "rep-" + uuid.uuid4().hex[:6]
+    _budget(proxy.db, key, 100, "balance")
+    with _openai(proxy, key) as client:  # default retries: the refusal is one attempt
+        for _ in range(2):
+            with contextlib.suppress(openai.RateLimitError):
+                client.chat.completions.create(
+                    model="sim-chat",
+                    messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=30,
+                    extra_headers={"x-sim-tokens": "30"},
+                )
+    assert [r["outcome"] for r in _attempts(proxy.db, key)] == ["completed", "rejected"]
+    (report,) = json.loads(spendtap("report", "--by", "key", "--key", key, "-f", "json",
+                                    db=proxy.db))  # fmt: skip
+    assert (report["requests"], report["errors"], report["refused"]) == (2, 0, 1)
+    assert report["usage_missing"] == 0
+    table = spendtap("report", "--by", "key", "--key", key, db=proxy.db)
+    assert "refused" in table.splitlines()[0]
+    refused = json.loads(spendtap("requests", "--key", key, "--outcome", "refused", "-f", "json",
+                                  db=proxy.db))  # fmt: skip
+    assert [r["status"] for r in refused] == [429]
+    chart = spendtap("report", "--chart", "--ascii", "--by", "key", "--key", key, db=proxy.db)
+    assert "(1 refused)" in chart
+    rows = read_rows(proxy.db)
+    metrics = proxy.metrics()
+    served = sum(r["outcome"] != "rejected" for r in rows)
+    assert _metric_sum(metrics, "cortex_usage_source_total") == served
+    assert _metric_sum(metrics, "cortex_rejections_total") == len(rows) - served
