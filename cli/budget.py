@@ -39,9 +39,12 @@ STATUS_TABLE = (
 RESERVATION_COLUMNS = ("id", "account", "key", "tokens", "created_at", "age_s", "owner")
 
 
-def open_budgets(path: Path, *, create: bool = False):
-    """Budgets over the ledger at ``path``; any ledger error is one line and exit 1."""
-    return open_store(Budgets, path, create=create)
+def open_budgets(path: Path, *, create: bool = False, readonly: bool = False):
+    """Budgets over the ledger at ``path``; any ledger error is one line and exit 1.
+
+    ``readonly`` for commands that only read (they work on a read-only ledger).
+    """
+    return open_store(Budgets, path, create=create, readonly=readonly)
 
 
 def principal_options[F: Callable](fn: F) -> F:
@@ -144,7 +147,7 @@ def budget_show(key: str | None, account: str | None, db_path: Path, fmt: str) -
         spendtap budget show --account acme -f json
     """
     scope, principal = which(key, account)
-    with open_budgets(db_path) as budgets:
+    with open_budgets(db_path, readonly=True) as budgets:
         status = budgets.status(scope, principal)
     if status is None:
         raise click.ClickException(f"no budget for {scope} {principal}")
@@ -162,7 +165,7 @@ def budget_list(db_path: Path, fmt: str) -> None:
         spendtap budget list
         spendtap budget list -f csv
     """
-    with open_budgets(db_path) as budgets:
+    with open_budgets(db_path, readonly=True) as budgets:
         rows = [s.as_dict() for s in budgets.statuses()]
     write_rows(rows, fmt, STATUS_COLUMNS, table_columns=STATUS_TABLE, null={"resets_at": "-"})
 
@@ -200,7 +203,7 @@ def reservations_command(db_path: Path, fmt: str) -> None:
         spendtap reservations
         spendtap reservations -f jsonl
     """
-    with open_budgets(db_path) as budgets:
+    with open_budgets(db_path, readonly=True) as budgets:
         rows = budgets.reservations()
     now = time.time()
     for row in rows:

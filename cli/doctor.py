@@ -30,7 +30,14 @@ import click
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.numbers import seconds
 from spendtap.cli.paths import db_option
-from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
+from spendtap.ledger import (
+    MIGRATIONS,
+    MIGRATIONS_TABLE,
+    LedgerError,
+    NotALedger,
+    connect_readonly,
+    readonly_reason,
+)
 
 OK, FAIL, SKIP, INFO = "ok", "FAIL", "skip", "info"
 
@@ -68,15 +75,25 @@ def check_ledger(report: Report, path: Path) -> None:
         report.line(FAIL, "ledger", f"{path}: is a directory")
         return
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error as e:
+        # Read-only, with the WAL where the directory can hold its -shm, else a snapshot:
+        # doctor reads a ledger on a read-only mount as well as a live one.
+        con, note = connect_readonly(path, busy_timeout_s=5)
+    except NotALedger as e:
+        report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
+        return
+    except (LedgerError, sqlite3.Error) as e:
         report.line(FAIL, "ledger", f"{path}: cannot open: {e}")
         return
+    if note:
+        report.line(INFO, "ledger", note)
     try:
         try:
             tables = {
                 r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             }
+        except sqlite3.OperationalError as e:
+            report.line(FAIL, "ledger", f"{path}: cannot read: {e}")
+            return
         except sqlite3.DatabaseError as e:
             report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
             return
@@ -91,9 +108,11 @@ def check_ledger(report: Report, path: Path) -> None:
                 f"{len(pending)} migration(s) pending: {', '.join(pending)} "
                 "(spendtap run applies them at start)"
             )
-        if not os.access(path, os.W_OK):
-            problems.append("file not writable by this user")
-        if not os.access(path.parent, os.W_OK | os.X_OK):
+        readonly = readonly_reason(path)
+        if readonly is not None:
+            problems.append(f"not writable: {readonly} (spendtap run needs to write it; "
+                            "the reading commands work)")  # fmt: skip
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
             problems.append(f"directory {path.parent} not writable (needed for the journal)")
         if problems:
             report.line(FAIL, "ledger", f"{path}: " + "; ".join(problems))

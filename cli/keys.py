@@ -22,9 +22,14 @@ KEY_TABLE = (
 )
 
 
-def open_keys(path: Path, *, create: bool = False):
-    """Keys over the ledger at ``path``; any ledger error is one line and exit 1."""
-    return open_store(Keys, path, create=create, user_errors=(ApiKeyError, ValueError))
+def open_keys(path: Path, *, create: bool = False, readonly: bool = False):
+    """Keys over the ledger at ``path``; any ledger error is one line and exit 1.
+
+    ``readonly`` for commands that only read (they work on a read-only ledger).
+    """
+    return open_store(
+        Keys, path, create=create, readonly=readonly, user_errors=(ApiKeyError, ValueError)
+    )
 
 
 @click.group(name="keys")
@@ -104,7 +109,7 @@ def keys_list(include_revoked: bool, db_path: Path, fmt: str) -> None:
         spendtap keys list
         spendtap keys list --all -f json
     """
-    with open_keys(db_path) as keys:
+    with open_keys(db_path, readonly=True) as keys:
         records = keys.list(include_revoked=include_revoked)
     rows = []
     for r in records:

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
-from spendtap.cli.paths import db_option
+from spendtap.cli.paths import db_option, refuse_readonly
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.options import redact
 from spendtap.paths import default_db_path
@@ -237,6 +237,7 @@ def run(
         raise click.ClickException(f"invalid setting: {e}") from None
     db = settings.db or str(default_db_path())
     if not dry_run:
+        refuse_readonly(Path(db))  # the sidecar writes every request to it
         db_dir = os.path.dirname(os.path.abspath(db))
         try:
             os.makedirs(db_dir, exist_ok=True)
