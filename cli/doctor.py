@@ -24,9 +24,11 @@ import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+from spendtap.address import parse_listen
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.numbers import seconds
 from spendtap.cli.paths import db_option
@@ -174,11 +176,28 @@ def check_metrics(report: Report, base: str, timeout: float) -> None:
     except Exception as e:
         report.line(FAIL, "healthz", f"{base}/healthz: {_reason(e)}")
         return
+    if not _is_health_answer(body):
+        # Anything else answering 200 (the metrics page, a proxy's index) is no health check.
+        report.line(
+            FAIL, "healthz", f"{base}/healthz: HTTP {status}, not a health answer (one line)"
+        )
+        return
     detail = body.strip().splitlines()[0] if body.strip() else ""
     if status == 200:
         report.line(OK, "healthz", f"{base}/healthz: {detail or 'ok'}")
     else:
         report.line(FAIL, "healthz", f"{base}/healthz: HTTP {status} {detail}".rstrip())
+
+
+def _is_health_answer(body: str) -> bool:
+    """spendtap's /healthz answers one short line ("ok", or what is wrong)."""
+    text = body.strip()
+    return (
+        0 < len(text) <= 500
+        and len(text.splitlines()) == 1
+        and not text.startswith("#")
+        and "<" not in text[:1]
+    )
 
 
 def check_upstream(report: Report, url: str, timeout: float) -> None:
@@ -193,15 +212,34 @@ def check_upstream(report: Report, url: str, timeout: float) -> None:
 
 
 def metrics_url(address: str) -> str:
-    """``HOST:PORT`` of the metrics server to a URL a client on this host can reach."""
-    if address.startswith(("http://", "https://")):
-        return address
-    host, _, port = address.rpartition(":")
+    """The base URL of a metrics server, from anything ``spendtap run --metrics`` takes
+    (``HOST:PORT``, ``[V6]:PORT``, ``:PORT``, ``PORT``) or a URL.
+
+    A URL may name a page (``http://host:9464/metrics`` or ``/healthz``): the base is
+    what is left, so ``/metrics`` and ``/healthz`` are checked beside each other. A
+    wildcard listen address becomes loopback. ``ValueError`` on anything else.
+    """
+    address = address.strip()
+    if "://" in address:
+        parts = urlsplit(address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected HOST:PORT or an http(s) URL, got {address!r}")
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise ValueError(f"bad port in {address!r}") from None
+        path = parts.path.rstrip("/")
+        for page in ("/metrics", "/healthz", "/health"):
+            if path.endswith(page):
+                path = path[: -len(page)]
+                break
+        return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    host, port = parse_listen(address)
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
-    elif host in ("::", "[::]"):
-        host = "[::1]"
-    return f"http://{host}:{port}"
+    elif host == "::":
+        host = "::1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 @click.command()
@@ -209,9 +247,10 @@ def metrics_url(address: str) -> str:
 @click.option(
     "--metrics",
     "metrics",
-    metavar="URL",
-    help="Base URL of the metrics port [default: from SPENDTAP_METRICS or the config "
-    "file, else http://127.0.0.1:9464]. 'none' skips the check.",
+    metavar="ADDRESS",
+    help="The metrics port: HOST:PORT as spendtap run --metrics takes it, or a URL "
+    "(http://host:9464, or .../metrics) [default: from SPENDTAP_METRICS or the config "
+    "file, else 127.0.0.1:9464]. 'none' skips the check.",
 )
 @click.option(
     "--upstream",
@@ -245,13 +284,25 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
     Examples:
         spendtap doctor
         spendtap doctor --db /var/lib/spendtap/ledger.db \\
-            --metrics http://127.0.0.1:9464 --upstream http://127.0.0.1:8000
+            --metrics 127.0.0.1:9464 --upstream http://127.0.0.1:8000
+        spendtap doctor --metrics http://10.0.0.5:9464/metrics
     """
     try:
         configured = load_file(config_path) if config_path else {}
         configured.update(load_env(os.environ))
     except ConfigError as e:
         raise click.ClickException(f"invalid setting: {e}") from None
+    # Check the addresses before anything runs: a bad one is one line, not a half report.
+    from_option = metrics is not None
+    if metrics is None:
+        metrics = configured.get("metrics", DEFAULTS["metrics"]) or "none"
+    base = None
+    if metrics != "none":
+        try:
+            base = metrics_url(metrics)
+        except ValueError as e:
+            where = "'--metrics'" if from_option else "the configured metrics address"
+            raise click.ClickException(f"Invalid value for {where}: {e}") from None
     report = Report(click.echo)
     db = db_path
     if click.get_current_context().get_parameter_source(
@@ -260,13 +311,10 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
         db = Path(configured["db"])
     check_ledger(report, Path(db))
 
-    if metrics is None:
-        address = configured.get("metrics", DEFAULTS["metrics"])
-        metrics = metrics_url(address) if address else "none"
-    if metrics == "none":
+    if base is None:
         report.line(SKIP, "metrics", "disabled")
     else:
-        check_metrics(report, metrics, timeout)
+        check_metrics(report, base, timeout)
 
     upstream = upstream or configured.get("upstream")
     if upstream:
