@@ -192,7 +192,7 @@ def test_keys_add_generates_and_prints_once(db):
 @pytest.mark.parametrize(
     ("args", "stdin", "message"),
     [
-        (["keys", "add", "--account", "a", "--key-id", "k"], "", "no secret on stdin"),
+        (["keys", "add", "--account", "a", "--key-id", "k"], "", "no secret on stdin and it"),
         (["keys", "add", "--account", "a", "--key-id", "k"], "short", "at least 16 characters"),
         (["keys", "rm"], None, "give exactly one of --key-id and --fingerprint"),
         (["keys", "rm", "--key-id", "ghost"], None, "no active key with key id ghost"),
