@@ -60,6 +60,8 @@ from spendtap.writer import LedgerWriter
 logger = logging.getLogger("spendtap")
 
 META_KEY = "spendtap"
+CONNECTION_LOGGER = "mitmproxy.proxy.server"
+UPSTREAM_WARN_EVERY_S = 60.0
 
 
 class SpendTap:
@@ -79,6 +81,8 @@ class SpendTap:
         self.trust = TrustPolicy.from_settings("", None)
         self.credential: UpstreamCredential | None = None
         self._warned_peers: set[str | None] = set()
+        # node -> (when its failures were last logged, failures since)
+        self._upstream_warned: dict[str, tuple[float, int]] = {}
 
     # -- options -----------------------------------------------------------
 
@@ -98,6 +102,12 @@ class SpendTap:
             self._refuse_to_meter("; ".join(problems))
 
     def configure(self, updated: set[str]) -> None:
+        if "spendtap_connection_log" in updated:
+            # mitmproxy logs every connection ("client connect", "server connect",
+            # "Streaming response from ...") at info on this logger; a sidecar's log is
+            # start-up, warnings and errors unless asked.
+            on = bool(getattr(ctx.options, "spendtap_connection_log", False))
+            logging.getLogger(CONNECTION_LOGGER).setLevel(logging.NOTSET if on else logging.WARNING)
         try:
             for name in updated:
                 if name in BY_NAME:
@@ -520,6 +530,7 @@ class SpendTap:
             flow.response = http.Response.make(status, body, headers)
             if meter is not None:
                 meter.status = status
+            self._warn_upstream(meter.node if meter is not None else flow.request.host, msg)
         if meter is None:
             return
         outcome = outcome_for_error(msg)
@@ -534,6 +545,23 @@ class SpendTap:
         row = self._finish(flow, meter, outcome, msg)
         if row is not None:
             self._submit(row)
+
+    def _warn_upstream(self, node: str, msg: str) -> None:
+        """An upstream failure is a warning in the log, once a minute per node at most."""
+        now = time.monotonic()
+        last, since = self._upstream_warned.get(node, (float("-inf"), 0))
+        if now - last < UPSTREAM_WARN_EVERY_S:
+            self._upstream_warned[node] = (last, since + 1)
+            return
+        if len(self._upstream_warned) > 1000:
+            self._upstream_warned.clear()
+        self._upstream_warned[node] = (now, 0)
+        more = f" ({since} more since the last warning)" if since else ""
+        logger.warning(
+            f"spendtap: upstream {node} failed before answering: {msg}{more}; clients get "
+            f"a JSON 502/504 (further failures in the next {UPSTREAM_WARN_EVERY_S:.0f}s are "
+            "only counted)"
+        )
 
     def done(self) -> None:
         # On shutdown, done fires before in-flight flows' error hooks: finalize them

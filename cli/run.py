@@ -94,10 +94,13 @@ def build_mitmdump_args(
         # Generations can pause for minutes between bytes (long prefills, tool calls).
         "--set",
         "tcp_timeout=1800",
-        # Printing every flow costs CPU on the hot path; spendtap logs what matters.
+        # Printing every flow costs CPU on the hot path; spendtap logs what matters:
+        # start-up, warnings and errors. -v adds every flow and connection.
         "--set",
         "flow_detail=0" if not verbose else "flow_detail=1",
     ]
+    if verbose:
+        args += ["--set", "spendtap_connection_log=true"]
     if host not in LOOPBACK:
         # Listening beyond loopback is the point of a sidecar; mitmproxy would
         # otherwise refuse clients from public addresses.
@@ -176,7 +179,12 @@ def build_mitmdump_args(
     help="Any other mitmproxy or spendtap option (repeatable). "
     "[env: SPENDTAP_SET, whitespace-separated]",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Let mitmdump print every flow.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log every flow and connection (default: start-up, warnings and errors only).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
 @click.pass_context
 def run(
