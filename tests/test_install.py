@@ -72,3 +72,16 @@ def test_server_install_from_the_wheel(tmp_path):
     addon = subprocess.run([str(spendtap), "addon-path"], capture_output=True, text=True)
     assert Path(addon.stdout.strip()).is_file()
     assert str(site) in addon.stdout, "the addon comes from the installed package"
+
+
+def test_build_prints_no_setuptools_warnings(tmp_path):
+    """Building spendtap (what every `make` does) prints no setuptools deprecation
+    warnings: `project.license` is an SPDX string, not a table."""
+    wheel, output = _build_wheel(tmp_path)
+    assert "Warning" not in output, output
+    assert "project.license" not in output, output
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        assert "License-Expression: Apache-2.0" in z.read(meta).decode()
