@@ -9,8 +9,8 @@ figures agree with ``spendtap budget show`` whichever process changed them.
 Series are labelled ``scope`` (key or account) and ``principal``; they are as
 many as the budgets an operator set, so bounded. A ledger that does not exist
 yet yields zero open reservations and no budget series; a ledger that cannot
-be read is counted in ``{prefix}_budget_scrape_errors`` (a gauge of failures
-since start) and never fails the whole scrape.
+be read is counted in ``{prefix}_budget_scrape_errors_total`` (a counter of
+failures since start) and never fails the whole scrape.
 
 This module imports neither click nor mitmproxy.
 """
@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spendtap.budgets import open_readonly, open_reservation_count, read_statuses
@@ -105,15 +105,15 @@ class BudgetCollector(Collector):
         open_family.add_metric([], count)
         yield from (*families.values(), open_family, self._errors())
 
-    def _errors(self) -> GaugeMetricFamily:
-        family = GaugeMetricFamily(
+    def _errors(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(
             self._p + "budget_scrape_errors",
             "Scrapes whose budget figures could not be read from the ledger, since start.",
         )
         family.add_metric([], self.scrape_errors)
         return family
 
-    def _failed(self) -> Iterator[GaugeMetricFamily]:
+    def _failed(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         self.scrape_errors += 1
         logger.warning("spendtap: could not read budgets from %s", self.path, exc_info=True)
         yield self._errors()

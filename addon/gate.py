@@ -168,25 +168,31 @@ class Gate:
         """Reserve the request's tokens, or say why it must be refused."""
         if not self.enforce or (account is None and key is None):
             return ADMITTED  # anonymous requests are never budgeted
-        tokens = reservation_tokens(
-            body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
-        )
-        if tokens <= 0:
-            return ADMITTED
         try:
+            # The cached budgeted set first: an unbudgeted request (most traffic) costs
+            # no body walk at all, and the walk of a budgeted one runs on the worker
+            # thread with the reservation, never on the event loop.
             budgeted = await self._budgeted_principals()
             if ("key", key) not in budgeted and ("account", account) not in budgeted:
                 return ADMITTED
-            decision = await self._run(
-                self._budgets.reserve, flow_id, account, key, tokens, self.owner
-            )
+            decision = await self._run(self._reserve, flow_id, body, info, account, key)
         except BudgetUnavailable:
             if self.fail_open:
                 return Admission(reason="fail_open")
             return Admission(service_unavailable(info.api), "unavailable")
+        if decision is None:
+            return ADMITTED  # nothing to reserve (not an inference call)
         if not decision.allowed:
             return Admission(budget_refusal(info.api, decision), decision.reason)
         return Admission(reservation_id=decision.reservation_id)
+
+    def _reserve(self, flow_id, body, info: RequestInfo, account, key):
+        tokens = reservation_tokens(
+            body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
+        )
+        if tokens <= 0:
+            return None
+        return self._budgets.reserve(flow_id, account, key, tokens, self.owner)
 
     async def _budgeted_principals(self) -> frozenset[tuple[str, str]]:
         now = time.monotonic()

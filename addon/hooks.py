@@ -48,10 +48,11 @@ from spendtap.meter import (
     FlowMeter,
     outcome_for_error,
 )
-from spendtap.metrics import CallbackGauges, Metrics
+from spendtap.metrics import CallbackMetrics, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.options import BY_NAME, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
+from spendtap.pricing import PriceFileError, Pricer
 from spendtap.refusals import misconfigured, service_unavailable, upstream_failure
 from spendtap.request import detect_api, parse_request
 from spendtap.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
@@ -78,6 +79,7 @@ class SpendTap:
         self._running = False
         # A setting that could not be honoured: every request is refused (503).
         self.misconfiguration: str | None = None
+        self.pricer: Pricer | None = None
         self.trust = TrustPolicy.from_settings("", None)
         self.credential: UpstreamCredential | None = None
         self._warned_peers: set[str | None] = set()
@@ -128,6 +130,11 @@ class SpendTap:
         """
         self.misconfiguration = problem
         logger.error(f"spendtap: {problem}")
+        if not self._running and getattr(ctx.options, "server", False):
+            # Not even listen: mitmdump may load scripts while its servers come up, and
+            # a client that connects before errorcheck exits would see a reset and a
+            # traceback in the log. With no server there is nothing to connect to.
+            ctx.options.update(server=False)
 
     def _configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -135,6 +142,8 @@ class SpendTap:
             return
         self._configure_trust()
         # The ledger first: a bad ledger must stop the sidecar before it listens anywhere.
+        if "spendtap_prices" in updated or self.pricer is None:
+            self._configure_prices()
         if "spendtap_db" in updated or self.writer is None:
             self._configure_ledger()
         if (
@@ -235,14 +244,16 @@ class SpendTap:
             max_principal_series=opts.spendtap_max_principal_series,
         )
         self.metrics.add_collector(
-            CallbackGauges(
+            CallbackMetrics(
                 opts.spendtap_metrics_prefix,
-                [
+                gauges=[
                     (
                         "ledger_queue_depth",
                         "Rows waiting for the ledger writer.",
                         lambda: self.writer.queue_depth if self.writer else 0,
                     ),
+                ],
+                counters=[
                     (
                         "ledger_rows_written",
                         "Rows committed to the ledger since start.",
@@ -284,10 +295,32 @@ class SpendTap:
             raise exceptions.OptionsError(message) from e
         if self.writer is not None:
             self.writer.close(timeout=10)
-        self.writer = LedgerWriter(path, logger=logger)
+        self.writer = LedgerWriter(
+            path, logger=logger, price_row=self._price_row, after_commit=self._observe_costs
+        )
         self.writer.start()
         self._db_path = path
         logger.info(f"spendtap: metering to ledger {path}")
+
+    def _configure_prices(self) -> None:
+        path = ctx.options.spendtap_prices
+        try:
+            self.pricer = Pricer.from_path(path or None)
+        except PriceFileError as e:
+            raise exceptions.OptionsError(f"spendtap_prices: {e}") from e
+        if path:
+            models = len(self.pricer.price_file.exact) + len(self.pricer.price_file.globs)
+            logger.info(f"spendtap: prices from {path} ({models} entries), then the catalogue")
+
+    def _price_row(self, row: dict) -> None:
+        # The writer's thread: the pricer in use when the row is written.
+        self.pricer.apply(row)
+
+    def _observe_costs(self, rows: list[dict]) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            for row in rows:
+                metrics.observe_cost(row)
 
     def _configure_gate(self) -> None:
         opts = ctx.options
@@ -351,6 +384,12 @@ class SpendTap:
         return True, "ok"
 
     # -- flow hooks ----------------------------------------------------------
+
+    def client_connected(self, client) -> None:
+        if self.misconfiguration is not None and not self._running:
+            # Start-up failed and mitmdump is about to exit: close the connection now,
+            # before it is half-way through a request when the process goes.
+            client.error = "spendtap is misconfigured"
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:

@@ -37,6 +37,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,10 @@ MIGRATIONS_TABLE = "_spendtap_migrations"
 
 OUTCOMES = ("completed", "client_disconnected", "upstream_error", "rejected")
 USAGE_SOURCES = ("reported", "estimated", "none")
-REPORT_BY = ("account", "key", "model", "node", "day", "hour")
+REPORT_BY = (
+    "account", "key", "model", "node", "api", "path", "outcome", "price_source", "day", "hour",
+)  # fmt: skip
+REPORT_SORT = ("tokens", "cost", "requests")
 
 TEXT_COLUMNS = ("account", "key", "model", "node", "api", "method", "path")
 TOKEN_COLUMNS = (
@@ -87,7 +91,12 @@ COLUMNS = (
     *REAL_COLUMNS,
     "error",
     "response_bytes",
+    "cost_nusd",
+    "price_source",
 )
+# What readers see of a row: the cost in dollars (a Decimal, exact) instead of the
+# stored integer nano-dollars.
+ROW_FIELDS = tuple("cost_usd" if c == "cost_nusd" else c for c in COLUMNS)
 
 MAX_ERROR_LEN = 200
 MAX_TEXT_LEN = 512
@@ -247,10 +256,19 @@ def m003_api_keys(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_api_keys_key_id ON api_keys (key_id)")
 
 
+def m004_costs(db: sqlite_utils.Database) -> None:
+    """What each request cost: whole nano-dollars (exact sums) and where the price came
+    from (``file:<path>``, ``catalogue:<version>`` or ``none``). Old rows stay NULL until
+    ``spendtap reprice``."""
+    db.execute("ALTER TABLE requests ADD COLUMN cost_nusd INTEGER")
+    db.execute("ALTER TABLE requests ADD COLUMN price_source TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_budgets,
     m003_api_keys,
+    m004_costs,
 ]
 
 
@@ -346,7 +364,7 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
     cut to its first line and 200 characters. Raises ``ValueError`` or
     ``TypeError`` on an unknown column or a value of the wrong type.
     """
-    unknown = set(row) - set(COLUMNS)
+    unknown = set(row) - set(COLUMNS) - {"cost_usd"}  # cost_usd: derived, as read
     if unknown:
         raise ValueError(f"unknown ledger column(s): {', '.join(sorted(unknown))}")
     rid = row.get("id")
@@ -380,6 +398,11 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         error = lines[0][:MAX_ERROR_LEN] if lines else ""
     out["error"] = error
     out["response_bytes"] = _int("response_bytes", row.get("response_bytes"))
+    cost = _int("cost_nusd", row.get("cost_nusd"))
+    if cost is not None and cost < 0:
+        raise ValueError(f"cost_nusd must be zero or more, not {cost}")
+    out["cost_nusd"] = cost
+    out["price_source"] = _text("price_source", row.get("price_source"))
     return out
 
 
@@ -392,9 +415,21 @@ _INSERT_SQL = (
 _SETTLE_SQL = "DELETE FROM reservations WHERE id = ?"
 
 
+NANO = Decimal("1e-9")
+
+
+def usd(nusd: int | float | None) -> Decimal | None:
+    """Stored nano-dollars as exact dollars (9 decimal places; an average rounds half-even)."""
+    if nusd is None:
+        return None
+    return (Decimal(nusd) / 10**9).quantize(NANO, rounding=ROUND_HALF_EVEN)
+
+
 def _row_out(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("streamed") is not None:
         row["streamed"] = bool(row["streamed"])
+    if "cost_nusd" in row:
+        row["cost_usd"] = usd(row["cost_nusd"])
     return row
 
 
@@ -741,6 +776,26 @@ class Ledger:
         names = [d[0] for d in cursor.description]
         return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
 
+    def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
+        """Store ``(id, cost_nusd, price_source)`` for existing rows, in one transaction;
+        returns how many rows changed (a row already holding those values is untouched)."""
+        if not updates:
+            return 0
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            changed = conn.executemany(
+                "UPDATE requests SET cost_nusd = ?, price_source = ? WHERE id = ? "
+                "AND (cost_nusd IS NOT ? OR price_source IS NOT ?)",
+                [(c, src, rid, c, src) for rid, c, src in updates],
+            ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return changed
+
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
         return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0]
@@ -751,16 +806,20 @@ class Ledger:
         bucket_s: int,
         since: str | datetime | None = None,
         until: str | datetime | None = None,
+        metric: str = "tokens",
         **filters: Any,
     ) -> list[dict[str, Any]]:
-        """Tokens spent (prompt + completion) per ``by`` group and time bucket.
+        """Tokens spent (prompt + completion), or with ``metric="cost"`` nano-dollars,
+        per ``by`` group and time bucket.
 
         ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
         group under ``by`` (None for rows without one), ``bucket`` (the Unix time
         at which its ``bucket_s``-second bucket starts, aligned to the epoch),
-        ``tokens`` and ``refused`` (requests spendtap refused, which spend
+        ``value`` and ``refused`` (requests spendtap refused, which spend
         nothing); ordered by group, then bucket. Filters as in ``requests()``.
         """
+        if metric not in ("tokens", "cost"):
+            raise ValueError(f"metric must be tokens or cost, not {metric!r}")
         if by not in ("account", "key", "model", "node"):
             raise ValueError(f"by must be account, key, model or node, not {by!r}")
         if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
@@ -768,20 +827,24 @@ class Ledger:
         clauses, params = self._where(since=since, until=until, **filters)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
         params["bucket"] = bucket_s
+        value = (
+            "coalesce(sum(cost_nusd), 0)"
+            if metric == "cost"
+            else "coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)"
+        )
         sql = f"""
             SELECT {by} AS grp,
                    CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) / :bucket * :bucket
                        AS bucket,
-                   coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)
-                       AS tokens,
+                   {value} AS value,
                    sum(outcome = 'rejected') AS refused
             FROM requests{where}
             GROUP BY grp, bucket
             ORDER BY grp, bucket
         """
         return [
-            {by: grp, "bucket": bucket, "tokens": tokens, "refused": refused}
-            for grp, bucket, tokens, refused in self.db.conn.execute(sql, params)
+            {by: grp, "bucket": bucket, "value": value, "refused": refused}
+            for grp, bucket, value, refused in self.db.conn.execute(sql, params)
         ]
 
     def time_span(self, **filters: Any) -> tuple[str, str] | None:
@@ -814,8 +877,9 @@ class Ledger:
         model: str | None = None,
         node: str | None = None,
         outcome: str | None = None,
+        sort: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Usage totals grouped by ``account``, ``key``, ``model``, ``node``, ``day`` or ``hour``.
+        """Usage and cost totals grouped by a row field (``REPORT_BY``), ``day`` or ``hour``.
 
         Each dict has the group value under the name of ``by`` (``None`` for
         anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
@@ -825,11 +889,17 @@ class Ledger:
         budget, auth and ledger refusals, and an SDK's retries of them),
         ``usage_missing`` (served requests with no usage reported or estimated;
         refusals are never in it, nor in ``errors``),
-        ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them).
-        Time groups are in time order; the others by total tokens, most first.
+        ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them),
+        ``unpriced`` (rows with usage but no known price), ``cost_usd`` (the exact sum
+        of the priced rows' costs, a ``Decimal``; None when none is priced) and
+        ``avg_cost_usd`` (over the priced rows). Time groups are in time order unless
+        ``sort`` says ``tokens``, ``cost`` or ``requests`` (most first); the others
+        by total tokens unless ``sort`` says otherwise.
         """
         if by not in REPORT_BY:
             raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
+        if sort is not None and sort not in REPORT_SORT:
+            raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
         if by == "day":
             group = "substr(ts, 1, 10)"
         elif by == "hour":
@@ -846,10 +916,15 @@ class Ledger:
             outcome=outcome,
         )
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        if by in ("day", "hour"):
-            order_by = "grp"
+        tie = "requests DESC, grp IS NULL, grp"
+        if sort == "cost":
+            order_by = f"cost_nusd IS NULL, cost_nusd DESC, total_tokens DESC, {tie}"
+        elif sort == "requests":
+            order_by = "requests DESC, total_tokens DESC, grp IS NULL, grp"
+        elif sort == "tokens" or by not in ("day", "hour"):
+            order_by = f"total_tokens IS NULL, total_tokens DESC, {tie}"
         else:
-            order_by = "total_tokens IS NULL, total_tokens DESC, requests DESC, grp IS NULL, grp"
+            order_by = "grp"
         sql = f"""
             SELECT
                 {group} AS grp,
@@ -867,7 +942,10 @@ class Ledger:
                 sum((usage_source IS NULL OR usage_source = 'none') AND outcome != 'rejected')
                     AS usage_missing,
                 round(avg(ttft_s), 4) AS avg_ttft_s,
-                round(avg(tokens_per_s), 2) AS avg_tokens_per_s
+                round(avg(tokens_per_s), 2) AS avg_tokens_per_s,
+                sum(cost_nusd) AS cost_nusd,
+                count(cost_nusd) AS priced,
+                coalesce(sum(price_source = 'none'), 0) AS unpriced
             FROM requests{where}
             GROUP BY grp
             ORDER BY {order_by}
@@ -875,4 +953,12 @@ class Ledger:
         cursor = self.db.conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
         names[0] = by
-        return [dict(zip(names, r, strict=True)) for r in cursor]
+        out = []
+        for r in cursor:
+            row = dict(zip(names, r, strict=True))
+            nusd, priced = row.pop("cost_nusd"), row.pop("priced")
+            # Sums of whole nano-dollars: exact, whatever the number of rows.
+            row["cost_usd"] = usd(nusd)
+            row["avg_cost_usd"] = usd(Decimal(nusd) / priced) if priced else None
+            out.append(row)
+        return out

@@ -16,7 +16,8 @@ No ``*_created`` series are exported (``disable_created_metrics``).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,7 +26,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # No counter or histogram exports its `*_created` series: no dashboard or alert uses
@@ -149,6 +150,24 @@ class Metrics:
             ak,
             registry=r,
         )
+        self.spend_usd = Counter(
+            p + "spend_usd",
+            "Dollars charged to a principal (priced requests only; see price_source).",
+            ak,
+            registry=r,
+        )
+        self.cost_usd = Counter(
+            p + "cost_usd",
+            "Dollars of priced requests per model and node.",
+            ("model", "node"),
+            registry=r,
+        )
+        self.unpriced = Counter(
+            p + "unpriced_requests",
+            "Requests with usage whose model has no known price (cost unknown, not 0).",
+            ("model", "node"),
+            registry=r,
+        )
         self.metering_errors = Counter(
             p + "metering_errors",
             "Failures to meter (the traffic itself kept flowing), by kind.",
@@ -226,6 +245,21 @@ class Metrics:
             if completion:
                 child(self.spend_completion_tokens, ak).inc(completion)
 
+    def observe_cost(self, row: Mapping[str, Any]) -> None:
+        """Record a committed row's cost (called from the ledger writer's thread)."""
+        source = row.get("price_source")
+        if source is None:
+            return
+        mn = self.model_node(row.get("model"), row.get("node"))
+        if source == "none":
+            self._child(self.unpriced, mn).inc()
+            return
+        dollars = (row.get("cost_nusd") or 0) / 1e9
+        self._child(self.cost_usd, mn).inc(dollars)
+        if row.get("account") or row.get("key"):
+            ak = self.principal(row.get("account"), row.get("key"))
+            self._child(self.spend_usd, ak).inc(dollars)
+
     def _child(self, metric, labels: tuple):
         """``metric.labels(*labels)``, remembered: label values are bounded by the caps,
         and ``labels()`` takes a lock and builds a key on every call."""
@@ -239,22 +273,32 @@ class Metrics:
         self.registry.register(collector)
 
 
-class CallbackGauges(Collector):
-    """Gauges whose values are read at scrape time from callables.
+class CallbackMetrics(Collector):
+    """Gauges and counters whose values are read at scrape time from callables.
 
-    Used for figures that live elsewhere (the ledger writer's queue depth and
-    counters), so they are never stale and never updated by hand.
+    Used for figures that live elsewhere (the ledger writer's queue depth and its
+    running totals), so they are never stale and never updated by hand. A figure
+    that only goes up is a counter (exported as ``NAME_total``), so ``rate()`` and
+    ``increase()`` handle restarts; one that goes up and down is a gauge.
     """
 
-    def __init__(self, prefix: str, gauges: Iterable[tuple[str, str, Callable[[], float]]]):
+    def __init__(
+        self,
+        prefix: str,
+        gauges: Iterable[tuple[str, str, Callable[[], float]]] = (),
+        counters: Iterable[tuple[str, str, Callable[[], float]]] = (),
+    ):
         self._prefix = prefix + "_" if prefix else ""
-        self._gauges = list(gauges)
+        self._figures = [(GaugeMetricFamily, *g) for g in gauges] + [
+            (CounterMetricFamily, *c) for c in counters
+        ]
 
     def collect(self):
-        for name, doc, read in self._gauges:
-            family = GaugeMetricFamily(self._prefix + name, doc)
+        for kind, name, doc, read in self._figures:
             try:
-                family.add_metric([], float(read()))
+                value = float(read())
             except Exception:  # a broken reader must not break the scrape
                 continue
+            family = kind(self._prefix + name, doc)
+            family.add_metric([], value)
             yield family

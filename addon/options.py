@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spendtap.address import parse_listen
-from spendtap.trust import parse_trusted_peers
+from spendtap.trust import MIN_SECRET_LEN, parse_trusted_peers
 
 PREFIX = "spendtap_"
 PRINCIPAL_SOURCES = ("headers", "bearer", "both")
@@ -111,6 +111,18 @@ def _check_peers(value: str) -> None:
     parse_trusted_peers(value)
 
 
+def _check_label(value: str) -> None:
+    # A node label ends up in metric labels and ledger rows, one line each.
+    if len(value) > 200 or any(not c.isprintable() for c in value):
+        raise ValueError("expected a printable label of at most 200 characters")
+
+
+def _check_secret(value: str) -> None:
+    # Never echo the value: it is a secret even when it is a bad one.
+    if value and len(value) < MIN_SECRET_LEN:
+        raise ValueError(f"the gateway secret must be at least {MIN_SECRET_LEN} characters")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "spendtap_db",
@@ -139,6 +151,7 @@ OPTIONS: tuple[Option, ...] = (
         str,
         "",
         "Node label for metrics and ledger rows. Empty means the upstream's host:port.",
+        check=_check_label,
     ),
     Option(
         "spendtap_account_header",
@@ -173,6 +186,7 @@ OPTIONS: tuple[Option, ...] = (
         "Shared secret the gateway sends in x-spendtap-gateway-secret; principal headers "
         "are honoured only with it. Prefer spendtap_gateway_secret_file (process arguments "
         "are visible to other users).",
+        check=_check_secret,
     ),
     Option(
         "spendtap_gateway_secret_file",
@@ -188,6 +202,14 @@ OPTIONS: tuple[Option, ...] = (
         "by a spendtap key goes upstream with this credential instead of the client's "
         "(Authorization: Bearer, or x-api-key for Anthropic), and an unknown key is "
         "refused. Read at start and on SIGHUP.",
+    ),
+    Option(
+        "spendtap_prices",
+        str,
+        "",
+        "TOML price file: per-model (or glob) dollars per million tokens for input, "
+        "cached_input, cache_write and output, and an optional per-request fee. It "
+        "overrides the genai-prices catalogue. Empty: the catalogue only.",
     ),
     Option(
         "spendtap_access_log",

@@ -92,6 +92,8 @@ class LedgerWriter:
         stuck_after_s: float = 30.0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 2.0,
+        price_row: Callable[[dict], None] | None = None,
+        after_commit: Callable[[list[dict]], None] | None = None,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -106,6 +108,11 @@ class LedgerWriter:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.log = logger or _default_logger
+        # Pricing runs here, on the writer's thread, never on the event loop: it sets a
+        # row's cost_nusd and price_source before its first write attempt.
+        self.price_row = price_row
+        self.after_commit = after_commit
+        self._warned_pricing = False
 
         self._cond = threading.Condition()
         # (seq, row, on_commit, submitted_at): rows leave only once committed or dropped.
@@ -365,6 +372,8 @@ class LedgerWriter:
                 return
             if not batch:
                 continue
+            if self.price_row is not None:
+                self._price(batch)
             error = self._write(batch)
             if error is None:
                 if self._failing_since is not None:
@@ -402,6 +411,21 @@ class LedgerWriter:
                 if self._closing and not was_closing:
                     return
                 self._cond.wait(left)
+
+    def _price(self, batch: list) -> None:
+        for entry in batch:
+            row = entry[1]
+            if "_priced" in row:
+                continue
+            try:
+                self.price_row(row)
+            except Exception as e:  # a price must never cost a row
+                row["cost_nusd"] = None
+                row["price_source"] = "none"
+                if not self._warned_pricing:
+                    self._warned_pricing = True
+                    self.log.warning("spendtap ledger: cannot price row %s: %s", row.get("id"), e)
+            row["_priced"] = True
 
     def _write(self, batch: list) -> str | None:
         """Insert one batch; None on success, else a short reason."""
@@ -463,3 +487,10 @@ class LedgerWriter:
             with self._cond:
                 self._in_callbacks = False
                 self._cond.notify_all()
+        # After the responses waiting on these rows are released: cost metrics.
+        if self.after_commit is not None:
+            try:
+                self.after_commit([entry[1] for entry in batch])
+            except Exception:
+                self._callback_errors += 1
+                self.log.warning("spendtap ledger: after-commit callback failed", exc_info=True)

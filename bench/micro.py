@@ -201,7 +201,7 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
     with taddons.context(addon) as tctx:
         tctx.configure(
             addon, spendtap_db=str(tmp / "micro-ledger.db"), spendtap_metrics="",
-            spendtap_commit_wait_ms=0,
+            spendtap_commit_wait_ms=0, listen_host="127.0.0.1",
         )  # fmt: skip
 
         def new_flow():

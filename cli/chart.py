@@ -62,6 +62,12 @@ def _fmt_tokens(n: int) -> str:
     return f"{n:,}"
 
 
+def _fmt_usd(nusd: int) -> str:
+    # Whole nano-dollars, shown to the cent above a dollar, to six places below.
+    dollars = nusd / 10**9
+    return f"${dollars:,.2f}" if dollars >= 1 else f"${dollars:.6f}"
+
+
 def render_chart(
     series: Iterable[Mapping[str, Any]],
     by: str,
@@ -72,14 +78,17 @@ def render_chart(
     ascii_only: bool = False,
     top: int = 10,
     null_label: str = "(anonymous)",
+    metric: str = "tokens",
 ) -> list[str]:
     """Text lines of a spend chart.
 
     ``series`` rows have the group under ``by``, ``bucket`` (Unix start of the
-    bucket), ``tokens`` and optionally ``refused`` (requests spendtap refused:
-    they spend nothing, so they are counted beside the line, never drawn as
-    spend). The chart spans buckets from ``start`` to ``end``.
+    bucket), ``value`` (tokens, or nano-dollars with ``metric="cost"``) and
+    optionally ``refused`` (requests spendtap refused: they spend nothing, so
+    they are counted beside the line, never drawn as spend). The chart spans
+    buckets from ``start`` to ``end``.
     """
+    fmt_value = _fmt_usd if metric == "cost" else _fmt_tokens
     levels = ASCII_LEVELS if ascii_only else BLOCKS
     first = int(start) // bucket_s * bucket_s
     count = max(1, math.ceil((end - first) / bucket_s))
@@ -89,7 +98,7 @@ def render_chart(
         label = row[by] if row[by] is not None else null_label
         index = (int(row["bucket"]) - first) // bucket_s
         if 0 <= index < count:
-            groups.setdefault(label, [0] * count)[index] += int(row["tokens"])
+            groups.setdefault(label, [0] * count)[index] += int(row["value"])
             refused[label] = refused.get(label, 0) + int(row.get("refused") or 0)
     totals = sorted(groups.items(), key=lambda item: (-sum(item[1]), item[0]))
     shown = totals[:top]
@@ -101,7 +110,8 @@ def render_chart(
         refused[other_label] = sum(refused.get(label, 0) for label, _v in totals[top:])
         shown.append((other_label, other))
     title = (
-        f"tokens per {by}, one mark per {format_window(bucket_s)}, "
+        f"{'spend in dollars' if metric == 'cost' else 'tokens'} per {by}, "
+        f"one mark per {format_window(bucket_s)}, "
         f"{ts_from_epoch(first)[:16]}Z to {ts_from_epoch(first + count * bucket_s)[:16]}Z"
     )
     if not shown:
@@ -112,11 +122,12 @@ def render_chart(
     for label, values in shown:
         name = label if len(label) <= width else label[: width - 1] + "~"
         spark = "".join(_mark(v, peak, levels) for v in values)
-        line = f"{name.ljust(width)}  |{spark}|  {_fmt_tokens(sum(values))}"
+        line = f"{name.ljust(width)}  |{spark}|  {fmt_value(sum(values))}"
         if refused.get(label):
             line += f"  ({refused[label]:,} refused)"
         lines.append(line)
-    lines.append(f"{'':{width}}   scale: full mark = {_fmt_tokens(peak)} tokens")
+    unit = "" if metric == "cost" else " tokens"
+    lines.append(f"{'':{width}}   scale: full mark = {fmt_value(peak)}{unit}")
     return lines
 
 
@@ -129,6 +140,7 @@ def draw_report_chart(
     filters: Mapping[str, str | None],
     *,
     ascii_only: bool = False,
+    metric: str = "tokens",
 ) -> None:
     """Print the spend chart of ``report --chart``; ClickException on bad options."""
     if fmt != "table":
@@ -155,10 +167,13 @@ def draw_report_chart(
                 else parse_datetime(span[1]).timestamp() + 0.001
             )
         bucket_s = choose_bucket(end - start)
-        series = ledger.spend_series(by, bucket_s, since=since, until=until, **chosen)
+        series = ledger.spend_series(
+            by, bucket_s, since=since, until=until, metric=metric, **chosen
+        )
     except (LedgerError, sqlite3.Error) as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()
-    for line in render_chart(series, by, start, end, bucket_s, ascii_only=ascii_only):
+    lines = render_chart(series, by, start, end, bucket_s, ascii_only=ascii_only, metric=metric)
+    for line in lines:
         click.echo(line)

@@ -16,6 +16,7 @@ Keys (TOML key / environment variable / ``spendtap run`` option)::
     node            SPENDTAP_NODE             --node            node label
     metrics_prefix  SPENDTAP_METRICS_PREFIX   --metrics-prefix  metric name prefix
     access_log      SPENDTAP_ACCESS_LOG       --access-log      JSONL access log path
+    prices          SPENDTAP_PRICES           --prices          TOML price file
     trusted_peers   SPENDTAP_TRUSTED_PEERS    --trusted-peers   who may send principal headers
     [set]           SPENDTAP_SET              --set             free-form mitmproxy/spendtap options
 
@@ -66,6 +67,7 @@ DEFAULTS: dict[str, str | None] = {
     "node": None,
     "metrics_prefix": None,
     "access_log": None,
+    "prices": None,
     "trusted_peers": None,  # None: loopback (or any peer, with a gateway secret)
 }
 KEYS = (*DEFAULTS, "set")
@@ -89,9 +91,12 @@ class Settings:
     node: str | None = None
     metrics_prefix: str | None = None
     access_log: str | None = None
+    prices: str | None = None
     trusted_peers: str | None = None
     set: dict[str, str] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    # key -> where it was given, for a key given as a spendtap_* option in ``set``
+    lifted: dict[str, str] = field(default_factory=dict)
 
     def set_items(self) -> tuple[str, ...]:
         return tuple(f"{k}={v}" for k, v in self.set.items())
@@ -193,6 +198,8 @@ def resolve(
 
 
 def _describe(settings: Settings, key: str) -> str:
+    if key in settings.lifted:
+        return settings.lifted[key]
     source = settings.sources.get(key, "default")
     if source == "environment":
         return env_name(key)
@@ -203,9 +210,40 @@ def _describe(settings: Settings, key: str) -> str:
     return f"{source}: {key}"
 
 
+# Settings with a key of their own that are also addon options: ``set.spendtap_db``
+# is the same setting as ``db``, so it is lifted into ``db`` (giving both is an error).
+DEDICATED_OPTIONS = {
+    "db": "spendtap_db",
+    "metrics": "spendtap_metrics",
+    "node": "spendtap_node",
+    "metrics_prefix": "spendtap_metrics_prefix",
+    "access_log": "spendtap_access_log",
+    "prices": "spendtap_prices",
+    "trusted_peers": "spendtap_trusted_peers",
+}
+
+
+def _lift_dedicated(s: Settings) -> None:
+    for key, option in DEDICATED_OPTIONS.items():
+        if option not in s.set:
+            continue
+        if s.sources.get(key, "default") != "default":
+            raise ConfigError(
+                f"{_describe(s, key)}: {key} given twice (also as {_describe_set(s, option)} "
+                f"{option}); give one"
+            )
+        s.lifted[key] = f"{_describe_set(s, option)} {option}"
+        value = s.set.pop(option)
+        s.sources[key] = s.sources.pop(f"set.{option}", "default")
+        setattr(s, key, "" if value is None else str(value))
+
+
 def _validate(s: Settings) -> None:
+    _lift_dedicated(s)
     # Empty strings from an env file (SPENDTAP_NODE=) mean "not set".
-    for key in ("upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers"):
+    for key in (
+        "upstream", "db", "node", "metrics_prefix", "access_log", "trusted_peers", "prices",
+    ):  # fmt: skip
         if getattr(s, key) == "":
             setattr(s, key, None)
     if s.mode not in MODES:
@@ -234,11 +272,6 @@ def _validate(s: Settings) -> None:
             f"got {s.metrics_prefix!r}"
         )
     options = _check_spendtap_options(s)
-    if s.trusted_peers is not None and "spendtap_trusted_peers" in s.set:
-        raise ConfigError(
-            f"{_describe(s, 'trusted_peers')}: trusted peers given twice "
-            f"(also as set.spendtap_trusted_peers); give one"
-        )
     peers = s.trusted_peers or options.get("spendtap_trusted_peers", "")
     try:
         policy = TrustPolicy.from_settings(

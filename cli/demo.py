@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,7 +268,20 @@ def demo(db, n, ttft_ms, tps, seed):
         for line in metrics_text:
             click.echo("  " + line)
     click.echo(f"\ndone in {time.monotonic() - started:.1f}s; nothing left running.")
-    click.echo(f"query the ledger:  spendtap requests --db {db} --limit 10")
+    click.echo(f"query the ledger:  {_spendtap_command()} requests --db {db} --limit 10")
+
+
+def _spendtap_command() -> str:
+    """How to type ``spendtap`` from here: bare when it is on PATH, else its path
+    (after ``make demo`` it is ``.venv/bin/spendtap``)."""
+    here = Path(sys.executable).with_name("spendtap")
+    found = shutil.which("spendtap")
+    if found and Path(found).resolve() == here.resolve():
+        return "spendtap"
+    if not here.exists():
+        return "spendtap"
+    relative = os.path.relpath(here)
+    return str(here) if relative.startswith("..") else relative
 
 
 def _scrape(port: int) -> list[str]:

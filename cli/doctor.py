@@ -8,7 +8,12 @@ Checks, in order:
 - reservations: how many budget reservations are open, and the oldest
   (informational; only when the ledger has a ``reservations`` table);
 - metrics: ``/metrics`` answers 200 with Prometheus text, ``/healthz`` answers 200;
-- upstream: the inference server answers HTTP at all (any status counts).
+- upstream: the inference server answers HTTP at all (any status counts);
+- trust: whose principal headers the configured sidecar honours (trusted peers,
+  gateway secret file), and FAIL when that configuration would be refused at start
+  or a credential file cannot be read. Secrets are never printed, only file paths;
+- prices: the price file the sidecar loads (FAIL when it is invalid) and the
+  catalogue version.
 
 The ledger is only read: doctor never creates or migrates one. Exit status is 0
 when every check passed, 1 when any failed.
@@ -40,6 +45,9 @@ from spendtap.ledger import (
     connect_readonly,
     readonly_reason,
 )
+from spendtap.options import OptionError, check_settings
+from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
+from spendtap.trust import TrustPolicy, read_secret_file, unguarded_start
 
 OK, FAIL, SKIP, INFO = "ok", "FAIL", "skip", "info"
 
@@ -211,6 +219,71 @@ def check_upstream(report: Report, url: str, timeout: float) -> None:
     report.line(OK, "upstream", f"{url}: HTTP {status} in {ms:.0f} ms")
 
 
+def check_trust(report: Report, configured: dict) -> None:
+    """The trust choice of the sidecar this configuration starts (never a secret)."""
+    sets = dict(configured.get("set") or {})
+    try:
+        options = check_settings(sets)
+    except OptionError as e:
+        report.line(FAIL, "trust", f"invalid setting: {e}")
+        return
+    source = options.get("spendtap_principal_source", "headers")
+    peers = configured.get("trusted_peers") or options.get("spendtap_trusted_peers", "")
+    secret_file = options.get("spendtap_gateway_secret_file", "")
+    try:
+        secret = options.get("spendtap_gateway_secret")
+        if secret_file:
+            secret = read_secret_file(secret_file, "spendtap_gateway_secret_file")
+        policy = TrustPolicy.from_settings(peers, secret)
+    except ValueError as e:
+        report.line(FAIL, "trust", str(e))
+        return
+    listen = configured.get("listen", DEFAULTS["listen"])
+    host = listen.rpartition(":")[0].strip("[]")
+    problem = unguarded_start(
+        listen_hosts=[host],
+        transparent=configured.get("mode") == "transparent",
+        principal_source=source,
+        policy=policy,
+    )
+    if problem is not None:
+        report.line(FAIL, "trust", problem)
+        return
+    if source == "bearer":
+        detail = "principal source bearer: principal headers are never honoured"
+    else:
+        detail = f"principal source {source}; headers honoured from {policy.describe()}"
+        if secret_file:
+            detail += f" (secret in {secret_file})"
+        if not policy.stated:
+            detail += " (the default: nothing stated)"
+    swap = options.get("spendtap_upstream_key_file")
+    if swap:
+        try:
+            read_secret_file(swap, "spendtap_upstream_key_file")
+        except ValueError as e:
+            report.line(FAIL, "trust", str(e))
+            return
+        detail += f"; upstream key swapped from {swap}"
+    report.line(OK, "trust", detail)
+
+
+def check_prices(report: Report, configured: dict) -> None:
+    """The price file the sidecar will load (if any), and the catalogue's version."""
+    path = configured.get("prices") or (configured.get("set") or {}).get("spendtap_prices")
+    catalogue = f"genai-prices {catalogue_version()} catalogue"
+    if not path:
+        report.line(INFO, "prices", f"{catalogue} only (no price file)")
+        return
+    try:
+        prices = PriceFile.load(path)
+    except PriceFileError as e:
+        report.line(FAIL, "prices", str(e))
+        return
+    entries = len(prices.exact) + len(prices.globs)
+    report.line(OK, "prices", f"{path}: {entries} entries, then the {catalogue}")
+
+
 def metrics_url(address: str) -> str:
     """The base URL of a metrics server, from anything ``spendtap run --metrics`` takes
     (``HOST:PORT``, ``[V6]:PORT``, ``:PORT``, ``PORT``) or a URL.
@@ -274,7 +347,7 @@ def metrics_url(address: str) -> str:
     help="Seconds to wait for each HTTP check.",
 )
 def doctor(db_path, metrics, upstream, config_path, timeout):
-    """Check a running setup: ledger, metrics, health, upstream, reservations.
+    """Check a running setup: ledger, metrics, health, upstream, reservations, trust.
 
     Prints one line per check (ok, FAIL, skip or info) and exits 1 if any
     check failed. Reads the same SPENDTAP_* variables and --config file as
@@ -289,7 +362,10 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
     """
     try:
         configured = load_file(config_path) if config_path else {}
-        configured.update(load_env(os.environ))
+        from_env = load_env(os.environ)
+        # [set] merges by option name, the environment winning (as in spendtap run).
+        from_env["set"] = {**configured.get("set", {}), **from_env.get("set", {})}
+        configured.update(from_env)
     except ConfigError as e:
         raise click.ClickException(f"invalid setting: {e}") from None
     # Check the addresses before anything runs: a bad one is one line, not a half report.
@@ -321,6 +397,9 @@ def doctor(db_path, metrics, upstream, config_path, timeout):
         check_upstream(report, upstream, timeout)
     else:
         report.line(SKIP, "upstream", "unknown (pass --upstream or set SPENDTAP_UPSTREAM)")
+
+    check_trust(report, configured)
+    check_prices(report, configured)
 
     if report.failed:
         raise SystemExit(1)

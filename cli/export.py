@@ -13,7 +13,7 @@ import click
 from spendtap.cli.output import Choice, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import filter_options, time_options, time_range
-from spendtap.ledger import COLUMNS, LedgerError
+from spendtap.ledger import ROW_FIELDS, LedgerError
 
 # Below this many rows an export is quick: no progress bar.
 PROGRESS_MIN_ROWS = 10_000
@@ -100,7 +100,7 @@ def export_command(
             total = ledger.count(since=start, until=end, **filters)
         if progress:
             rows = _with_progress(rows, total)
-        write_rows(rows, fmt, COLUMNS)
+        write_rows(rows, fmt, ROW_FIELDS)
     except (LedgerError, sqlite3.Error) as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:

@@ -14,6 +14,7 @@ from spendtap.cli.demo import demo
 from spendtap.cli.doctor import doctor
 from spendtap.cli.export import export_command
 from spendtap.cli.keys import keys_group
+from spendtap.cli.prices import prices_command, reprice_command
 from spendtap.cli.query import report_command, requests_command
 from spendtap.cli.run import addon_path_command, run
 from spendtap.cli.simulate import simulate
@@ -44,6 +45,8 @@ cli.add_command(requests_command)
 cli.add_command(tail_command)
 cli.add_command(report_command)
 cli.add_command(export_command)
+cli.add_command(prices_command)
+cli.add_command(reprice_command)
 cli.add_command(budget_group)
 cli.add_command(reservations_command)
 cli.add_command(sweep_command)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -49,11 +52,32 @@ def output_options[F: Callable](fn: F) -> F:
     )(fn)
 
 
+# A marker no ledger text can guess (random per process), replaced after encoding.
+_DECIMAL_MARK = f"decimal-{secrets.token_hex(8)}:"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return _DECIMAL_MARK + format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def to_json(obj: Mapping[str, Any]) -> str:
+    """One JSON object; a ``Decimal`` (money) is written as an exact JSON number in
+    fixed-point notation (``0.010035000``), never through a float."""
+    text = json.dumps(obj, default=_json_default)
+    if _DECIMAL_MARK not in text:
+        return text
+    return re.sub(f'"{_DECIMAL_MARK}(-?[0-9.]+)"', r"\1", text)
+
+
 def _csv_value(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, Decimal):
+        return format(value, "f")
     return value
 
 
@@ -64,11 +88,13 @@ def _cell(value: Any, null: str) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, Decimal):
+        return format(value, "f")
     return str(value)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
 
 
 def format_table(
@@ -121,12 +147,12 @@ def write_rows(
         first = True
         for row in rows:
             obj = {c: row.get(c) for c in columns}
-            click.echo(("[" if first else ",\n ") + json.dumps(obj), nl=False)
+            click.echo(("[" if first else ",\n ") + to_json(obj), nl=False)
             first = False
         click.echo("[]" if first else "]")
     elif fmt == "jsonl":
         for row in rows:
-            click.echo(json.dumps({c: row.get(c) for c in columns}))
+            click.echo(to_json({c: row.get(c) for c in columns}))
     elif fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

@@ -13,7 +13,7 @@ from spendtap.cli.chart import draw_report_chart
 from spendtap.cli.numbers import count
 from spendtap.cli.output import Choice, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
-from spendtap.ledger import COLUMNS, OUTCOMES, REPORT_BY, LedgerError
+from spendtap.ledger import OUTCOMES, REPORT_BY, REPORT_SORT, ROW_FIELDS, LedgerError
 from spendtap.timeparse import format_ts, parse_when
 
 REPORT_FIGURES = (
@@ -29,6 +29,9 @@ REPORT_FIGURES = (
     "usage_missing",
     "avg_ttft_s",
     "avg_tokens_per_s",
+    "cost_usd",
+    "avg_cost_usd",
+    "unpriced",
 )
 
 # The table shows the figures people scan for; json/jsonl/csv carry every column.
@@ -178,7 +181,7 @@ def requests_command(
             outcome=outcome,
             limit=limit or None,
         )
-        write_rows(_rows_or_fail(rows), fmt, COLUMNS, table_columns=REQUESTS_TABLE)
+        write_rows(_rows_or_fail(rows), fmt, ROW_FIELDS, table_columns=REQUESTS_TABLE)
     except (LedgerError, sqlite3.Error) as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
@@ -191,7 +194,22 @@ def requests_command(
     type=Choice(REPORT_BY),
     default="account",
     show_default=True,
-    help="Group totals by account, key, model, node, UTC day or UTC hour.",
+    help="Group totals by a row field (account, key, model, node, api, path, outcome, "
+    "price_source), UTC day or UTC hour.",
+)
+@click.option(
+    "--sort",
+    type=Choice(REPORT_SORT),
+    default=None,
+    help="Order groups by tokens, cost or requests, most first [default: tokens; "
+    "days and hours in time order].",
+)
+@click.option(
+    "--metric",
+    type=Choice(("tokens", "cost")),
+    default="tokens",
+    show_default=True,
+    help="What --chart draws: tokens, or spend in dollars.",
 )
 @time_options
 @filter_options(outcome=False)
@@ -205,6 +223,8 @@ def requests_command(
 @output_options
 def report_command(
     by: str,
+    sort: str | None,
+    metric: str,
     since: str | None,
     until: str | None,
     account: str | None,
@@ -216,12 +236,14 @@ def report_command(
     db_path: Path,
     fmt: str,
 ) -> None:
-    """Show usage totals per account, key, model, node, day or hour.
+    """Show usage and cost totals per account, key, model, node, day or hour.
 
     Each group has its requests, token sums, errors (upstream errors and
     client disconnects), refused (requests spendtap answered itself: budget,
     auth and ledger refusals, and an SDK's retries of them), no_usage (served
-    requests that carry no usage: a metering gap) and average latency.
+    requests that carry no usage: a metering gap), average latency, and its
+    cost in dollars (cost_usd, the exact sum of its priced requests; unpriced
+    counts requests with usage whose model has no known price).
     A token total is empty (null) when no request in the group reported that
     figure; total = prompt + completion. Requests without an account or key
     show as (anonymous). Groups are ordered by total tokens, days and hours
@@ -233,6 +255,8 @@ def report_command(
         spendtap report --by model --since 7d -f json
         spendtap report --by day --since 2025-01-01 --account acme
         spendtap report --chart --by key --since 7d
+        spendtap report --by key --sort cost --since 30d
+        spendtap report --chart --metric cost --by account --since 7d
     """
     start, end = time_range(since, until)
     if chart:
@@ -244,20 +268,25 @@ def report_command(
             end,
             {"account": account, "key": key, "model": model, "node": node},
             ascii_only=ascii_only,
+            metric=metric,
         )
         return
+    if metric != "tokens":
+        raise click.ClickException("--metric only applies to --chart")
     if ascii_only:
         raise click.ClickException("--ascii only applies to --chart")
     ledger = open_ledger(db_path)
     try:
         rows = ledger.report(
-            by, since=start, until=end, account=account, key=key, model=model, node=node
-        )
+            by, since=start, until=end, account=account, key=key, model=model, node=node,
+            sort=sort,
+        )  # fmt: skip
     except (LedgerError, sqlite3.Error) as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()
     columns = (by, *REPORT_FIGURES)
-    table_columns = [(c, REPORT_TABLE_HEADERS.get(c, c)) for c in columns]
+    # The table leaves out the average cost (json/jsonl/csv carry every figure).
+    table_columns = [(c, REPORT_TABLE_HEADERS.get(c, c)) for c in columns if c != "avg_cost_usd"]
     null = {by: "(anonymous)"} if by in ("account", "key") else None
     write_rows(rows, fmt, columns, table_columns=table_columns, null=null)

@@ -18,6 +18,7 @@ from spendtap.cli.paths import db_option, refuse_readonly
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.options import redact
 from spendtap.paths import default_db_path
+from spendtap.pricing import PriceFile, PriceFileError
 from spendtap.trust import read_secret_file
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -60,6 +61,7 @@ def build_mitmdump_args(
     node: str | None = None,
     metrics_prefix: str | None = None,
     access_log: str | None = None,
+    prices: str | None = None,
     trusted_peers: str | None = None,
     extra_set: tuple[str, ...] = (),
     verbose: bool = False,
@@ -111,6 +113,8 @@ def build_mitmdump_args(
         args += ["--set", f"spendtap_metrics_prefix={metrics_prefix}"]
     if access_log:
         args += ["--set", f"spendtap_access_log={access_log}"]
+    if prices:
+        args += ["--set", f"spendtap_prices={prices}"]
     if trusted_peers:
         args += ["--set", f"spendtap_trusted_peers={trusted_peers}"]
     for item in extra_set:
@@ -126,7 +130,7 @@ def build_mitmdump_args(
     envvar=ENV_CONFIG,
     show_envvar=True,
     help="TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
-    "node, metrics_prefix, access_log, trusted_peers, and a [set] table).",
+    "node, metrics_prefix, access_log, trusted_peers, prices, and a [set] table).",
 )
 @click.option(
     "--upstream",
@@ -164,6 +168,12 @@ def build_mitmdump_args(
     help="Write a JSONL access log here. [env: SPENDTAP_ACCESS_LOG]",
 )
 @click.option(
+    "--prices",
+    type=click.Path(dir_okay=False),
+    help="TOML price file (per-model or glob rates, dollars per million tokens); it "
+    "overrides the genai-prices catalogue. An invalid file fails here. [env: SPENDTAP_PRICES]",
+)
+@click.option(
     "--trusted-peers",
     metavar="CIDRS",
     help="Clients whose principal headers count: addresses and CIDRs, comma-separated, "
@@ -198,6 +208,7 @@ def run(
     node,
     metrics_prefix,
     access_log,
+    prices,
     trusted_peers,
     extra_set,
     verbose,
@@ -232,6 +243,7 @@ def run(
         "node": node,
         "metrics_prefix": metrics_prefix,
         "access_log": access_log,
+        "prices": prices,
         "trusted_peers": trusted_peers,
     }
     cli_values = {k: v for k, v in given.items() if v is not None}
@@ -250,7 +262,9 @@ def run(
         try:
             os.makedirs(db_dir, exist_ok=True)
         except OSError as e:
-            raise click.ClickException(f"cannot create {db_dir}: {e.strerror}") from None
+            raise click.ClickException(
+                f"spendtap_db {db}: cannot create {db_dir}: {e.strerror}"
+            ) from None
         # Open (create, migrate) the ledger here, so a corrupt or foreign file is one
         # clear line rather than a traceback from inside mitmdump.
         try:
@@ -259,6 +273,11 @@ def run(
             raise click.ClickException(str(e)) from None
         except (OSError, sqlite3.Error) as e:
             raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
+        if settings.prices:
+            try:
+                PriceFile.load(settings.prices)
+            except PriceFileError as e:
+                raise click.ClickException(f"spendtap_prices: {e}") from None
         # Credential files the addon reads at start: unreadable is one line here.
         for name in ("spendtap_gateway_secret_file", "spendtap_upstream_key_file"):
             if settings.set.get(name):
@@ -275,6 +294,7 @@ def run(
         node=settings.node,
         metrics_prefix=settings.metrics_prefix,
         access_log=settings.access_log,
+        prices=settings.prices,
         trusted_peers=settings.trusted_peers,
         extra_set=settings.set_items(),
         verbose=verbose,

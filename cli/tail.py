@@ -20,7 +20,7 @@ from spendtap.cli.numbers import count, seconds
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import REQUESTS_TABLE, filter_options
-from spendtap.ledger import COLUMNS, Ledger, LedgerError
+from spendtap.ledger import ROW_FIELDS, Ledger, LedgerError
 
 # Table widths: wide enough for typical values, so most rows line up.
 _WIDTHS = {
@@ -211,7 +211,7 @@ def tail_command(
             for row in rows:
                 click.echo(_table_line([(k, _cell(row.get(k))) for k, _ in REQUESTS_TABLE]))
         else:
-            write_rows(rows, fmt, COLUMNS)
+            write_rows(rows, fmt, ROW_FIELDS)
     except (LedgerError, sqlite3.Error) as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:

@@ -438,7 +438,7 @@ def test_collector_reads_budgets_at_scrape_time(budgets, ledger, path):
     assert get("cortex_open_reservations") == 1
     budgets.release("f1")
     assert get("cortex_open_reservations") == 0
-    assert get("cortex_budget_scrape_errors") == 0
+    assert get("cortex_budget_scrape_errors_total") == 0
 
 
 def test_collector_without_a_ledger(tmp_path):

@@ -138,7 +138,7 @@ F3_JSON = (
     '"outcome": "upstream_error", "prompt_tokens": null, "completion_tokens": null, '
     '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": null, '
     '"usage_source": "none", "ttft_s": null, "duration_s": 0.012, "tokens_per_s": null, '
-    '"error": "connection refused", "response_bytes": 0}'
+    '"error": "connection refused", "response_bytes": 0, "cost_usd": null, "price_source": null}'
 )
 F2_JSON = (
     '{"id": "f2", "ts": "2025-01-31T00:10:00.000Z", "account": "acme", "key": "k-acme-2", '
@@ -147,13 +147,13 @@ F2_JSON = (
     '"outcome": "completed", "prompt_tokens": 50, "completion_tokens": 20, '
     '"cached_tokens": null, "cache_creation_tokens": 10, "reasoning_tokens": null, '
     '"usage_source": "reported", "ttft_s": null, "duration_s": 0.8, "tokens_per_s": 25.0, '
-    '"error": null, "response_bytes": 512}'
+    '"error": null, "response_bytes": 512, "cost_usd": null, "price_source": null}'
 )
 
 CSV_HEADER = (
     "id,ts,account,key,model,node,api,method,path,streamed,status,outcome,prompt_tokens,"
     "completion_tokens,cached_tokens,cache_creation_tokens,reasoning_tokens,usage_source,"
-    "ttft_s,duration_s,tokens_per_s,error,response_bytes\n"
+    "ttft_s,duration_s,tokens_per_s,error,response_bytes,cost_usd,price_source\n"
 )
 
 
@@ -189,7 +189,7 @@ def test_requests_csv(runner, db):
     assert result.exit_code == 0
     assert result.output == CSV_HEADER + (
         "f3,2025-01-31T01:00:00.000Z,beta,k-beta-1,gpt-4o,neuron-a:8000,openai-chat,POST,"
-        "/v1/chat/completions,true,502,upstream_error,,,,,,none,,0.012,,connection refused,0\n"
+        "/v1/chat/completions,true,502,upstream_error,,,,,,none,,0.012,,connection refused,0,,\n"
     )
 
 
@@ -228,11 +228,11 @@ def test_requests_no_rows(runner, db):
 
 REPORT_HEADER = (
     "  requests  prompt  completion  cached  cache_write  reasoning  total  errors  refused"
-    "  no_usage  avg_ttft_s  avg_tok/s\n"
+    "  no_usage  avg_ttft_s  avg_tok/s  cost_usd  unpriced\n"
 )
 REPORT_RULE = (
     "  --------  ------  ----------  ------  -----------  ---------  -----  ------  -------"
-    "  --------  ----------  ---------\n"
+    "  --------  ----------  ---------  --------  --------\n"
 )
 
 
@@ -243,11 +243,11 @@ def test_report_by_account_table(runner, db):
     assert result.output == (
         "account    " + REPORT_HEADER + "-----------" + REPORT_RULE
         + "acme                2    1250         320    1024           10          -   1570"
-        "       0        0         0       0.250     58.660\n"
+        "       0        0         0       0.250     58.660  -                0\n"
         "(anonymous)         1      40         400       -            -        256    440"
-        "       0        0         0       1.500    106.670\n"
+        "       0        0         0       1.500    106.670  -                0\n"
         "beta                1       -           -       -            -          -      -"
-        "       1        0         1           -          -\n"
+        "       1        0         1           -          -  -                0\n"
     )  # fmt: skip
 
 
@@ -258,11 +258,11 @@ def test_report_by_hour_table(runner, db):
     assert result.output == (
         "hour                " + REPORT_HEADER + "--------------------" + REPORT_RULE
         + "2025-01-30T23:00:00Z         1    1200         300    1024            -          -"
-        "   1500       0        0         0       0.250     92.310\n"
+        "   1500       0        0         0       0.250     92.310  -                0\n"
         "2025-01-31T00:00:00Z         1      50          20       -           10          -"
-        "     70       0        0         0           -     25.000\n"
+        "     70       0        0         0           -     25.000  -                0\n"
         "2025-01-31T01:00:00Z         2      40         400       -            -        256"
-        "    440       1        0         1       1.500    106.670\n"
+        "    440       1        0         1       1.500    106.670  -                0\n"
     )  # fmt: skip
 
 
@@ -275,11 +275,11 @@ def test_report_json(runner, db):
         '[{"key": null, "requests": 1, "prompt_tokens": 40, "completion_tokens": 400, '
         '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": 256, '
         '"total_tokens": 440, "errors": 0, "refused": 0, "usage_missing": 0, "avg_ttft_s": 1.5, '
-        '"avg_tokens_per_s": 106.67},\n'
+        '"avg_tokens_per_s": 106.67, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0},\n'
         ' {"key": "k-beta-1", "requests": 1, "prompt_tokens": null, "completion_tokens": null, '
         '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": null, '
         '"total_tokens": null, "errors": 1, "refused": 0, "usage_missing": 1, "avg_ttft_s": null, '
-        '"avg_tokens_per_s": null}]\n'
+        '"avg_tokens_per_s": null, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0}]\n'
     )
 
 
@@ -290,12 +290,13 @@ def test_report_jsonl_and_csv(runner, db):
         '{"day": "2025-01-30", "requests": 1, "prompt_tokens": 1200, "completion_tokens": 300, '
         '"cached_tokens": 1024, "cache_creation_tokens": null, "reasoning_tokens": null, '
         '"total_tokens": 1500, "errors": 0, "refused": 0, "usage_missing": 0, "avg_ttft_s": 0.25, '
-        '"avg_tokens_per_s": 92.31}\n'
+        '"avg_tokens_per_s": 92.31, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0}\n'
     )
     assert run(runner, *args, "-f", "csv").output == (
         "day,requests,prompt_tokens,completion_tokens,cached_tokens,cache_creation_tokens,"
-        "reasoning_tokens,total_tokens,errors,refused,usage_missing,avg_ttft_s,avg_tokens_per_s\n"
-        "2025-01-30,1,1200,300,1024,,,1500,0,0,0,0.25,92.31\n"
+        "reasoning_tokens,total_tokens,errors,refused,usage_missing,avg_ttft_s,avg_tokens_per_s,"
+        "cost_usd,avg_cost_usd,unpriced\n"
+        "2025-01-30,1,1200,300,1024,,,1500,0,0,0,0.25,92.31,,,0\n"
     )
 
 
@@ -365,8 +366,9 @@ def test_text_file_is_not_a_ledger(runner, tmp_path):
 def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
     """An SQLite file that is not spendtap's is named in one line, exit 1."""
     path = tmp_path / "other.db"
-    with sqlite_utils.Database(path) as foreign:
-        foreign["dogs"].insert({"name": "Cleo"})
+    foreign = sqlite_utils.Database(path)  # sqlite-utils 3 has no context manager
+    foreign["dogs"].insert({"name": "Cleo"})
+    foreign.close()
     result = run(runner, "report", "--db", str(path))
     assert error_of(result) == (
         f"Error: {path} is not a spendtap ledger "
@@ -406,7 +408,8 @@ def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
         (
             ["report", "--by", "week"],
             "Error: Invalid value for '--by': 'week' is not one of "
-            "'account', 'key', 'model', 'node', 'day', 'hour'.\n",
+            "'account', 'key', 'model', 'node', 'api', 'path', 'outcome', 'price_source', "
+            "'day', 'hour'.\n",
         ),
         (
             ["requests", "--outcome", "exploded"],

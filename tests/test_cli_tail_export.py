@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from spendtap.cli.chart import choose_bucket, render_chart
 from spendtap.cli.main import cli
-from spendtap.ledger import COLUMNS, Ledger
+from spendtap.ledger import ROW_FIELDS, Ledger
 from spendtap.timeparse import parse_datetime, ts_from_epoch
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
@@ -54,7 +54,7 @@ def test_tail_once_shows_the_last_rows_in_order(db):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [r["id"] for r in rows] == ["r004", "r005", "r006"]
-    assert list(rows[0]) == list(COLUMNS)
+    assert list(rows[0]) == list(ROW_FIELDS)
 
 
 def test_tail_filters(db):
@@ -133,7 +133,7 @@ def test_export_jsonl_range(db):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [r["id"] for r in rows] == ["r002", "r003", "r004"]
-    assert list(rows[0]) == list(COLUMNS)
+    assert list(rows[0]) == list(ROW_FIELDS)
     assert "exporting" not in result.output
 
 
@@ -215,7 +215,7 @@ def test_report_chart_empty_range(db):
 
 def test_render_chart_folds_the_tail_and_buckets():
     """Past the top groups the rest fold into one line; bucket sizes fit the width."""
-    series = [{"account": f"a{i}", "bucket": 0, "tokens": i + 1} for i in range(5)]
+    series = [{"account": f"a{i}", "bucket": 0, "value": i + 1} for i in range(5)]
     lines = render_chart(series, "account", 0, 60, 60, top=2)
     assert [line.split()[0] for line in lines[1:4]] == ["a4", "a3", "(other"]
     assert choose_bucket(3600) == 60

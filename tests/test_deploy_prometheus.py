@@ -130,7 +130,7 @@ def test_metric_names_use_the_exported_families():
         "up",
         "cortex_budget_remaining_tokens",
         "cortex_budget_cap_tokens",
-        "cortex_ledger_write_errors",
+        "cortex_ledger_write_errors_total",
         "cortex_metering_errors_total",
         "cortex_usage_source_total",
         "cortex_time_to_first_token_seconds_bucket",

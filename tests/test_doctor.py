@@ -236,3 +236,65 @@ def test_bad_metrics_address_is_one_line(ledger, bad):
     assert result.exit_code == 1
     assert result.output.startswith("Error: Invalid value for '--metrics': ")
     assert result.output.count("\n") == 1, result.output
+
+
+def test_reports_the_trust_choice(ledger, tmp_path):
+    """doctor says whose principal headers count, never the secret, and fails on a
+    configuration spendtap run would refuse."""
+    base = {"SPENDTAP_DB": str(ledger)}
+    code, lines, _ = doctor("--metrics", "none", env=base)
+    assert lines["trust"] == (
+        "ok",
+        "principal source headers; headers honoured from loopback peers "
+        "(the default: nothing stated)",
+    )
+
+    env = {**base, "SPENDTAP_LISTEN": "0.0.0.0:8080"}
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert code == 1 and lines["trust"][0] == "FAIL"
+    assert "--trusted-peers" in lines["trust"][1]
+
+    env["SPENDTAP_TRUSTED_PEERS"] = "10.0.0.0/8,fd00::/8"
+    env["SPENDTAP_SET"] = "spendtap_principal_source=both"
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert lines["trust"] == (
+        "ok", "principal source both; headers honoured from peers 10.0.0.0/8, fd00::/8"
+    )  # fmt: skip
+
+    secret = "s3cret-gateway-value-0123456789"
+    (tmp_path / "secret").write_text(secret + "\n")
+    key = tmp_path / "upstream-key"
+    key.write_text("sk-operator-key-0123456789\n")
+    sets = [f"spendtap_gateway_secret_file={tmp_path / 'secret'}",
+            "spendtap_principal_source=both", f"spendtap_upstream_key_file={key}"]  # fmt: skip
+    env = {**base, "SPENDTAP_LISTEN": "0.0.0.0:8080", "SPENDTAP_SET": " ".join(sets)}
+    code, lines, output = doctor("--metrics", "none", env=env)
+    assert lines["trust"][0] == "ok"
+    assert "any peer with the gateway secret" in lines["trust"][1]
+    assert f"upstream key swapped from {key}" in lines["trust"][1]
+    assert secret not in output and "sk-operator-key" not in output
+
+    (tmp_path / "secret").write_text("short\n")
+    code, lines, output = doctor("--metrics", "none", env=env)
+    assert code == 1 and lines["trust"] == (
+        "FAIL", "the gateway secret must be at least 16 characters"
+    )  # fmt: skip
+
+    env = {**base, "SPENDTAP_SET": "spendtap_principal_source=bearer"}
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert lines["trust"] == ("ok", "principal source bearer: principal headers are never honoured")
+
+
+def test_reports_the_price_file(ledger, tmp_path):
+    """doctor names the price file and the catalogue, and fails on an invalid file."""
+    code, lines, _ = doctor("--metrics", "none", env={"SPENDTAP_DB": str(ledger)})
+    assert lines["prices"][0] == "info" and "catalogue only" in lines["prices"][1]
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."qwen3-*"]\ninput = 0.1\noutput = 0.4\n')
+    env = {"SPENDTAP_DB": str(ledger), "SPENDTAP_PRICES": str(prices)}
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert lines["prices"][0] == "ok" and f"{prices}: 1 entries" in lines["prices"][1]
+    prices.write_text('[models."m"]\ninput = 1\n')
+    code, lines, _ = doctor("--metrics", "none", env=env)
+    assert code == 1 and lines["prices"][0] == "FAIL"
+    assert "output is required" in lines["prices"][1]

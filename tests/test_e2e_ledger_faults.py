@@ -126,7 +126,7 @@ def test_full_disk_keeps_rows_until_space_returns(sim, tmp_path, tiny_tmpfs):
         assert max(times) < 2, times
         time.sleep(0.5)
         landed = {r["account"] for r in read_rows(db)}
-        errors = _gauge(proxy.metrics(), "cortex_ledger_write_errors")
+        errors = _gauge(proxy.metrics(), "cortex_ledger_write_errors_total")
         filler.unlink()
         for account in accounts:
             proxy.row_for(account, timeout=30, settle=0)

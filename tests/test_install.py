@@ -85,3 +85,19 @@ def test_build_prints_no_setuptools_warnings(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         assert "License-Expression: Apache-2.0" in z.read(meta).decode()
+
+
+def test_demo_hint_names_the_command_as_it_can_be_typed(monkeypatch, tmp_path):
+    """Off PATH (just after `make demo`), the demo's hint gives spendtap's path, not a bare
+    name the shell cannot find; on PATH, the bare name."""
+    from spendtap.cli.demo import _spendtap_command
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(REPO)
+    hint = _spendtap_command()
+    assert (
+        hint != "spendtap"
+        and Path(hint).resolve() == Path(sys.executable).with_name("spendtap").resolve()
+    )
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    assert _spendtap_command() == "spendtap"

@@ -171,8 +171,11 @@ def test_foreign_sqlite_is_not_a_ledger(tmp_path):
         Ledger(path)
     with pytest.raises(NotALedger, match="without spendtap's migrations table"):
         Ledger.open_existing(path)
-    with sqlite_utils.Database(path) as foreign:
+    foreign = sqlite_utils.Database(path)  # sqlite-utils 3 has no context manager
+    try:
         assert foreign.table_names() == ["dogs"]
+    finally:
+        foreign.close()
 
 
 def test_empty_file_is_not_a_ledger_for_readers(tmp_path):
@@ -238,9 +241,12 @@ def test_insert_round_trips_every_column(ledger):
     )
     ledger.insert_rows([full, {"id": "y", "ts": "2025-01-31T12:00:01.000Z"}])
     got = {r["id"]: r for r in ledger.requests()}
-    assert got["x"] == {c: full.get(c) for c in COLUMNS}
+    assert got["x"] == {c: full.get(c) for c in COLUMNS} | {"cost_usd": None}
     assert got["x"]["streamed"] is True
-    assert got["y"] == {c: None for c in COLUMNS} | {"id": "y", "ts": "2025-01-31T12:00:01.000Z"}
+    assert got["y"] == {c: None for c in (*COLUMNS, "cost_usd")} | {
+        "id": "y",
+        "ts": "2025-01-31T12:00:01.000Z",
+    }
 
 
 @pytest.mark.parametrize(
@@ -425,6 +431,9 @@ FIGURES = (
     "usage_missing",
     "avg_ttft_s",
     "avg_tokens_per_s",
+    "unpriced",
+    "cost_usd",
+    "avg_cost_usd",
 )
 
 
@@ -447,6 +456,9 @@ def test_report_by_account(sample):
             "usage_missing": 0,
             "avg_ttft_s": 0.5,
             "avg_tokens_per_s": 10.0,
+            "unpriced": 0,
+            "cost_usd": None,
+            "avg_cost_usd": None,
         },
         {
             "account": None,
@@ -462,6 +474,9 @@ def test_report_by_account(sample):
             "usage_missing": 0,
             "avg_ttft_s": 1.5,
             "avg_tokens_per_s": 10.0,
+            "unpriced": 0,
+            "cost_usd": None,
+            "avg_cost_usd": None,
         },
         {
             "account": "beta",
@@ -477,6 +492,9 @@ def test_report_by_account(sample):
             "usage_missing": 1,
             "avg_ttft_s": None,
             "avg_tokens_per_s": None,
+            "unpriced": 0,
+            "cost_usd": None,
+            "avg_cost_usd": None,
         },
     ]
 
@@ -549,7 +567,7 @@ def test_report_filters(sample):
 
 def test_report_refuses_unknown_grouping(sample):
     """An unknown 'by' is a ValueError naming the choices."""
-    with pytest.raises(ValueError, match="by must be one of account, key, model, node, day, hour"):
+    with pytest.raises(ValueError, match="by must be one of account, key, model, node, api, path"):
         sample.report("week")
 
 

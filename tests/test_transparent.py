@@ -174,6 +174,9 @@ def topology():
             "SPENDTAP_LISTEN": f"0.0.0.0:{PROXY_PORT}",
             "SPENDTAP_DB": str(db),
             "SPENDTAP_METRICS": "127.0.0.1:9464",
+            # Both clients name their account by header; a transparent listener must say
+            # whose word it takes (the veth subnet here), or spendtap refuses to start.
+            "SPENDTAP_TRUSTED_PEERS": "10.213.77.0/24",
         }
         proxy = Proc(
             ["ip", "netns", "exec", SERVER_NS,
