@@ -33,13 +33,17 @@ def db_option[F: Callable](fn: F) -> F:
     )(fn)
 
 
-def open_ledger(path: Path) -> Ledger:
-    """Open an existing ledger read-only, or fail with one clear line (exit 1).
+def open_ledger(path: Path, *, write: bool = False) -> Ledger:
+    """Open an existing ledger, or fail with one clear line (exit 1).
 
-    Read-only works where operators keep ledgers: a read-only mount, a backup copy.
+    Read-only unless ``write``: that works where operators keep ledgers, a read-only
+    mount or a backup copy. With ``write``, a ledger that cannot be written is
+    refused up front, in one line.
     """
+    if write:
+        refuse_readonly(path)
     try:
-        ledger = Ledger.open_existing(path, readonly=True)
+        ledger = Ledger.open_existing(path, readonly=not write)
     except LedgerNotFound:
         raise click.ClickException(
             f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"

@@ -37,6 +37,7 @@ READERS = [
     ["budget", "list", "-f", "json"],
     ["reservations", "-f", "json"],
     ["keys", "list", "-f", "json"],
+    ["prices", "--check"],
 ]
 WRITERS = [
     ["budget", "set", "--key", "k", "--cap", "5", "--window", "1h"],
@@ -45,6 +46,7 @@ WRITERS = [
     ["keys", "add", "--account", "a", "--key-id", "new", "--generate"],
     ["keys", "rm", "--key-id", "k"],
     ["run", "--upstream", "http://127.0.0.1:9"],
+    ["reprice"],
 ]
 
 # Runs inside the mount namespace: each command against the read-only ledger.
@@ -151,8 +153,10 @@ def test_read_only_mount_readers_work_writers_say_so(tmp_path, read_only_ok):
     by = {" ".join(r["args"]): r for r in results}
     for args in READERS:
         r = by[" ".join(args)]
-        assert r["rc"] == 0, r
+        # prices --check exits 1 because model "m" has no price: it read the ledger.
+        assert r["rc"] == (1 if args[0] == "prices" else 0), r
         assert r["stderr"] == "", r
+    assert by["prices --check"]["stdout"].splitlines()[-1].split() == ["m", "2", "7"]
     (report,) = json.loads(by["report -f json"]["stdout"])
     assert report["requests"] == 2 and report["refused"] == 1 and report["total_tokens"] == 7
     assert json.loads(by["budget show --key k -f json"]["stdout"])[0]["cap"] == 100
