@@ -26,12 +26,41 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from spendtap.budgets import open_readonly, open_reservation_count, read_statuses
+from spendtap.budgets import (
+    NANOS_PER_USD,
+    USD,
+    open_readonly,
+    open_reservation_count,
+    read_statuses,
+)
 from spendtap.ledger import LedgerNotFound
 
 __all__ = ["BudgetCollector"]
 
 logger = logging.getLogger("spendtap")
+
+
+# figure -> help text; {Unit} is Tokens or Dollars.
+_FIGURES = {
+    "cap": "The budget's cap, in {unit}.",
+    "spent": "{Unit} spent in the budget's window (or since a balance was set).",
+    "reserved": "{Unit} held by open reservations of requests in flight.",
+    "remaining": "{Unit} left to reserve: cap - spent - reserved, at least 0.",
+}
+
+
+def _figure_families(
+    p: str, suffix: str, unit: str, labels: tuple[str, ...]
+) -> dict[str, GaugeMetricFamily]:
+    """cap/spent/reserved/remaining gauges of token (``_tokens``) or money (``_usd``) caps."""
+    return {
+        name: GaugeMetricFamily(
+            f"{p}budget_{name}_{suffix}",
+            doc.format(Unit=unit, unit=unit.lower()),
+            labels=labels,
+        )
+        for name, doc in _FIGURES.items()
+    }
 
 
 class BudgetCollector(Collector):
@@ -54,23 +83,12 @@ class BudgetCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         p = self._p
         labels = ("scope", "principal")
-        families = {
-            "cap": GaugeMetricFamily(
-                p + "budget_cap_tokens", "The budget's cap, in tokens.", labels=labels
-            ),
-            "spent": GaugeMetricFamily(
-                p + "budget_spent_tokens",
-                "Tokens spent in the budget's window (or since a balance was set).",
-                labels=labels,
-            ),
-            "reserved": GaugeMetricFamily(
-                p + "budget_reserved_tokens",
-                "Tokens held by open reservations of requests in flight.",
-                labels=labels,
-            ),
-            "remaining": GaugeMetricFamily(
-                p + "budget_remaining_tokens",
-                "Tokens left to reserve: cap - spent - reserved, at least 0.",
+        families = _figure_families(p, "tokens", "Tokens", labels)
+        money = {
+            **_figure_families(p, "usd", "Dollars", labels),
+            "window": GaugeMetricFamily(
+                p + "budget_usd_window_seconds",
+                "A money budget's rolling window in seconds (absent for a balance).",
                 labels=labels,
             ),
         }
@@ -81,7 +99,7 @@ class BudgetCollector(Collector):
             conn = open_readonly(self.path, self.busy_timeout_s)
         except LedgerNotFound:
             open_family.add_metric([], 0)
-            yield from (*families.values(), open_family, self._errors())
+            yield from (*families.values(), *money.values(), open_family, self._errors())
             return
         except Exception:
             yield from self._failed()
@@ -98,12 +116,20 @@ class BudgetCollector(Collector):
                 conn.close()
         for s in statuses:
             values = [s.budget.scope, s.budget.principal]
+            if s.budget.unit == USD:  # nano-dollars to dollars
+                money["cap"].add_metric(values, s.budget.cap / NANOS_PER_USD)
+                money["spent"].add_metric(values, s.spent / NANOS_PER_USD)
+                money["reserved"].add_metric(values, s.reserved / NANOS_PER_USD)
+                money["remaining"].add_metric(values, s.remaining / NANOS_PER_USD)
+                if s.budget.window_s is not None:
+                    money["window"].add_metric(values, s.budget.window_s)
+                continue
             families["cap"].add_metric(values, s.budget.cap)
             families["spent"].add_metric(values, s.spent)
             families["reserved"].add_metric(values, s.reserved)
             families["remaining"].add_metric(values, s.remaining)
         open_family.add_metric([], count)
-        yield from (*families.values(), open_family, self._errors())
+        yield from (*families.values(), *money.values(), open_family, self._errors())
 
     def _errors(self) -> CounterMetricFamily:
         family = CounterMetricFamily(

@@ -90,12 +90,49 @@ __all__ = [
     "parse_window",
     "process_owner",
     "read_statuses",
+    "reservation_split",
     "reservation_tokens",
 ]
 
 SCOPES = ("key", "account")
 BALANCE = "balance"
 _COLUMN = {"key": "key", "account": "account"}
+TOKENS, USD = "tokens", "usd"
+UNITS = (TOKENS, USD)
+NANOS_PER_USD = 10**9
+
+
+@dataclass(frozen=True, slots=True)
+class _Unit:
+    """Where a kind of budget lives: token caps in ``budgets``, money caps (whole
+    nano-dollars) in ``money_budgets``; what a row spends and a reservation holds."""
+
+    table: str
+    cap_column: str
+    spend: str  # SQL: a request row's spend in this unit
+    held: str  # column of ``reservations``
+
+
+_UNITS = {
+    TOKENS: _Unit("budgets", "cap_tokens",
+                  "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)", "tokens"),
+    USD: _Unit("money_budgets", "cap_nusd", "coalesce(cost_nusd, 0)", "nusd"),
+}  # fmt: skip
+
+
+def format_amount(unit: str, amount: int | None) -> str:
+    """``1234 tokens`` or ``$0.001234`` (money is kept in whole nano-dollars)."""
+    if amount is None:
+        return "?"
+    if unit == USD:
+        dollars = amount / NANOS_PER_USD
+        return f"${dollars:,.2f}" if dollars >= 100 else f"${dollars:.6f}".rstrip("0").rstrip(".")
+    return f"{amount} tokens"
+
+
+# The largest cap SQLite's INTEGER holds (and more tokens or nano-dollars than any
+# principal will ever spend: 9.2e18 tokens, or $9.2 billion).
+MAX_CAP = 2**63 - 1
 
 # When open reservations (not spend) are what blocks a windowed request, they
 # settle or release as their requests end: ask the client to come back soon.
@@ -152,7 +189,8 @@ def format_window(window_s: int | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """One budget as configured: ``window_s`` None is a balance."""
+    """One budget as configured: ``window_s`` None is a balance. ``cap`` is in the
+    budget's unit: tokens, or whole nano-dollars for a money cap (``unit`` usd)."""
 
     scope: str
     principal: str
@@ -161,6 +199,7 @@ class Budget:
     since: str
     created_at: str
     updated_at: str
+    unit: str = TOKENS
 
     @property
     def window(self) -> str:
@@ -186,14 +225,25 @@ class BudgetStatus:
 
     def as_dict(self) -> dict[str, Any]:
         b = self.budget
+        if b.unit == USD:  # dollars, exact (nano-dollars are stored)
+            from decimal import Decimal
+
+            def amount(n: int) -> Any:
+                return Decimal(n).scaleb(-9).quantize(Decimal("1e-9"))
+        else:
+
+            def amount(n: int) -> Any:
+                return n
+
         return {
             "scope": b.scope,
             "principal": b.principal,
-            "cap": b.cap,
+            "unit": b.unit,
+            "cap": amount(b.cap),
             "window": b.window,
-            "spent": self.spent,
-            "reserved": self.reserved,
-            "remaining": self.remaining,
+            "spent": amount(self.spent),
+            "reserved": amount(self.reserved),
+            "remaining": amount(self.remaining),
             "resets_at": self.resets_at,
             "since": b.since,
             "updated_at": b.updated_at,
@@ -224,6 +274,9 @@ class Decision:
     reserved: int | None = None
     retry_after_s: float | None = None
     too_large: bool = False
+    unit: str = TOKENS  # of cap, spent, reserved and ``requested``
+    requested: int | None = None  # what the request needs in ``unit``
+    model: str | None = None  # set when a money cap meets a model with no price
 
     @property
     def budgeted(self) -> bool:
@@ -386,6 +439,31 @@ def estimate_prompt_tokens(
     )
 
 
+def reservation_split(
+    body: bytes | None,
+    api: str | None,
+    max_output_tokens: int | None,
+    *,
+    fallback_max_output: int = 4096,
+    bytes_per_token: float = BYTES_PER_TOKEN,
+) -> tuple[int, int]:
+    """What a request reserves, as (prompt estimate, output limit) in tokens.
+
+    ``max_output_tokens`` is the request's ``max_completion_tokens`` /
+    ``max_tokens`` / ``max_output_tokens`` (``RequestInfo.max_output_tokens``);
+    without one, ``fallback_max_output``. Embeddings generate nothing; an
+    ``other`` API (not an inference call) reserves nothing at all. A money cap
+    prices this split at the model's input and output rates.
+    """
+    if api == OTHER:
+        return 0, 0
+    prompt = estimate_prompt_tokens(body, api, bytes_per_token=bytes_per_token)
+    if api == EMBEDDINGS:
+        return prompt, 0
+    output = max_output_tokens if max_output_tokens is not None else fallback_max_output
+    return prompt, max(0, output)
+
+
 def reservation_tokens(
     body: bytes | None,
     api: str | None,
@@ -394,25 +472,17 @@ def reservation_tokens(
     fallback_max_output: int = 4096,
     bytes_per_token: float = BYTES_PER_TOKEN,
 ) -> int:
-    """What a request reserves: the prompt estimate plus its output limit.
-
-    ``max_output_tokens`` is the request's ``max_completion_tokens`` /
-    ``max_tokens`` / ``max_output_tokens`` (``RequestInfo.max_output_tokens``);
-    without one, ``fallback_max_output``. Embeddings generate nothing; an
-    ``other`` API (not an inference call) reserves nothing at all.
-    """
-    if api == OTHER:
-        return 0
-    prompt = estimate_prompt_tokens(body, api, bytes_per_token=bytes_per_token)
-    if api == EMBEDDINGS:
-        return prompt
-    output = max_output_tokens if max_output_tokens is not None else fallback_max_output
-    return prompt + max(0, output)
+    """What a request reserves in tokens: the prompt estimate plus its output limit
+    (see ``reservation_split``)."""
+    return sum(
+        reservation_split(
+            body, api, max_output_tokens,
+            fallback_max_output=fallback_max_output, bytes_per_token=bytes_per_token,
+        )
+    )  # fmt: skip
 
 
 # -- spend queries (shared with the metrics collector's read-only connection) ---------
-
-_SPEND = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
 
 
 def _epoch(now: float | datetime | None) -> float:
@@ -427,11 +497,12 @@ def _ts_epoch(ts: str) -> float:
     return parse_datetime(ts).timestamp()
 
 
-def _budget_from_row(row: tuple) -> Budget:
-    return Budget(*row)
+def _budget_from_row(row: tuple, unit: str = TOKENS) -> Budget:
+    return Budget(*row, unit=unit)
 
 
-_BUDGET_COLUMNS = "scope, principal, cap_tokens, window_s, since, created_at, updated_at"
+def _budget_columns(unit: str) -> str:
+    return f"scope, principal, {_UNITS[unit].cap_column}, window_s, since, created_at, updated_at"
 
 
 def _window_bounds(budget: Budget, now: float) -> tuple[str, str]:
@@ -442,15 +513,16 @@ def _window_bounds(budget: Budget, now: float) -> tuple[str, str]:
 
 def _spent(conn: sqlite3.Connection, budget: Budget, now: float) -> int:
     column = _COLUMN[budget.scope]
+    unit = _UNITS[budget.unit]
     if budget.window_s is None:
         row = conn.execute(
-            "SELECT spent_since FROM budgets WHERE scope = ? AND principal = ?",
+            f"SELECT spent_since FROM {unit.table} WHERE scope = ? AND principal = ?",
             (budget.scope, budget.principal),
         ).fetchone()
         return row[0] if row else 0
     start, since = _window_bounds(budget, now)
     return conn.execute(
-        f"SELECT coalesce(sum({_SPEND}), 0) FROM requests "
+        f"SELECT coalesce(sum({unit.spend}), 0) FROM requests "
         f"WHERE {column} = ? AND ts > ? AND ts >= ?",
         (budget.principal, start, since),
     ).fetchone()[0]
@@ -459,18 +531,19 @@ def _spent(conn: sqlite3.Connection, budget: Budget, now: float) -> int:
 def _reserved(conn: sqlite3.Connection, budget: Budget) -> int:
     column = _COLUMN[budget.scope]
     return conn.execute(
-        f"SELECT coalesce(sum(tokens), 0) FROM reservations WHERE {column} = ?",
+        f"SELECT coalesce(sum({_UNITS[budget.unit].held}), 0) FROM reservations WHERE {column} = ?",
         (budget.principal,),
     ).fetchone()[0]
 
 
 def _window_rows(conn: sqlite3.Connection, budget: Budget, now: float) -> Iterator[tuple[str, int]]:
-    """(ts, tokens) of the spend in a window, oldest first."""
+    """(ts, spend in the budget's unit) of the spend in a window, oldest first."""
     column = _COLUMN[budget.scope]
+    spend = _UNITS[budget.unit].spend
     start, since = _window_bounds(budget, now)
     yield from conn.execute(
-        f"SELECT ts, {_SPEND} FROM requests "
-        f"WHERE {column} = ? AND ts > ? AND ts >= ? AND {_SPEND} > 0 ORDER BY ts",
+        f"SELECT ts, {spend} FROM requests "
+        f"WHERE {column} = ? AND ts > ? AND ts >= ? AND {spend} > 0 ORDER BY ts",
         (budget.principal, start, since),
     )
 
@@ -493,10 +566,15 @@ def _status(conn: sqlite3.Connection, budget: Budget, now: float) -> BudgetStatu
 
 
 def _all_budgets(conn: sqlite3.Connection) -> list[Budget]:
-    rows = conn.execute(
-        f"SELECT {_BUDGET_COLUMNS} FROM budgets ORDER BY scope DESC, principal"
-    ).fetchall()
-    return [_budget_from_row(r) for r in rows]
+    out = []
+    for unit in UNITS:
+        rows = conn.execute(
+            f"SELECT {_budget_columns(unit)} FROM {_UNITS[unit].table} "
+            "ORDER BY scope DESC, principal"
+        ).fetchall()
+        out.extend(_budget_from_row(r, unit) for r in rows)
+    # Keys first, then accounts, each by principal; tokens before dollars.
+    return sorted(out, key=lambda b: (b.scope != "key", b.principal, b.unit != TOKENS))
 
 
 def read_statuses(
@@ -587,7 +665,9 @@ class Budgets:
     # -- configuration --------------------------------------------------------------
 
     @staticmethod
-    def _check(scope: str, principal: str) -> None:
+    def _check(scope: str, principal: str, unit: str = TOKENS) -> None:
+        if unit not in UNITS:
+            raise ValueError(f"unit must be tokens or usd, not {unit!r}")
         if scope not in SCOPES:
             raise ValueError(f"scope must be key or account, not {scope!r}")
         if not isinstance(principal, str) or not principal:
@@ -602,24 +682,30 @@ class Budgets:
         *,
         reset: bool = False,
         now: float | datetime | None = None,
+        unit: str = TOKENS,
     ) -> Budget:
-        """Create or change a budget; returns it.
+        """Create or change a budget; returns it. ``unit`` usd makes it a money cap:
+        ``cap`` is then in whole nano-dollars (a principal may have one of each).
 
         Changing the cap or window keeps the spend counted so far. A new
         balance (or a budget turned into a balance) counts spend from ``now``;
         a new rolling window counts the spend already in its window.
         ``reset`` starts counting afresh from ``now`` for either kind.
         """
-        self._check(scope, principal)
+        self._check(scope, principal, unit)
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            raise ValueError(f"cap must be a whole number of tokens >= 0, not {cap!r}")
+            what = "nano-dollars" if unit == USD else "tokens"
+            raise ValueError(f"cap must be a whole number of {what} >= 0, not {cap!r}")
+        if cap > MAX_CAP:
+            raise ValueError(f"cap must be at most {MAX_CAP}, not {cap}")
         if window_s is not None and (
             isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
         ):
             raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
         now_ts = ts_from_epoch(_epoch(now))
+        table = _UNITS[unit]
         with self._write() as conn:
-            old = self._get(conn, scope, principal)
+            old = self._get(conn, scope, principal, unit)
             if reset or (window_s is None and (old is None or old.window_s is not None)):
                 since = now_ts
             elif old is None:
@@ -629,16 +715,17 @@ class Budgets:
             column = _COLUMN[scope]
             # A one-off count of the rows since `since`; the triggers keep it from here on.
             spent_since = conn.execute(
-                f"SELECT coalesce(sum({_SPEND}), 0) FROM requests WHERE {column} = ? AND ts >= ?",
+                f"SELECT coalesce(sum({table.spend}), 0) FROM requests "
+                f"WHERE {column} = ? AND ts >= ?",
                 (principal, since),
             ).fetchone()[0]
             conn.execute(
-                """
-                INSERT INTO budgets (scope, principal, cap_tokens, window_s, since,
+                f"""
+                INSERT INTO {table.table} (scope, principal, {table.cap_column}, window_s, since,
                                      spent_since, created_at, updated_at)
                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                 ON CONFLICT (scope, principal) DO UPDATE SET
-                    cap_tokens = excluded.cap_tokens,
+                    {table.cap_column} = excluded.{table.cap_column},
                     window_s = excluded.window_s,
                     since = excluded.since,
                     spent_since = excluded.spent_since,
@@ -646,30 +733,34 @@ class Budgets:
                 """,
                 (scope, principal, cap, window_s, since, spent_since, now_ts, now_ts),
             )
-            budget = self._get(conn, scope, principal)
+            budget = self._get(conn, scope, principal, unit)
         assert budget is not None
         return budget
 
-    def remove(self, scope: str, principal: str) -> bool:
+    def remove(self, scope: str, principal: str, unit: str = TOKENS) -> bool:
         """Delete a budget; False if there was none. Its open reservations stay until settled."""
-        self._check(scope, principal)
+        self._check(scope, principal, unit)
         with self._write() as conn:
             cur = conn.execute(
-                "DELETE FROM budgets WHERE scope = ? AND principal = ?", (scope, principal)
+                f"DELETE FROM {_UNITS[unit].table} WHERE scope = ? AND principal = ?",
+                (scope, principal),
             )
             return cur.rowcount > 0
 
     @staticmethod
-    def _get(conn: sqlite3.Connection, scope: str, principal: str) -> Budget | None:
+    def _get(
+        conn: sqlite3.Connection, scope: str, principal: str, unit: str = TOKENS
+    ) -> Budget | None:
         row = conn.execute(
-            f"SELECT {_BUDGET_COLUMNS} FROM budgets WHERE scope = ? AND principal = ?",
+            f"SELECT {_budget_columns(unit)} FROM {_UNITS[unit].table} "
+            "WHERE scope = ? AND principal = ?",
             (scope, principal),
         ).fetchone()
-        return _budget_from_row(row) if row else None
+        return _budget_from_row(row, unit) if row else None
 
-    def get(self, scope: str, principal: str) -> Budget | None:
+    def get(self, scope: str, principal: str, unit: str = TOKENS) -> Budget | None:
         with self._lock:
-            return self._get(self._conn, scope, principal)
+            return self._get(self._conn, scope, principal, unit)
 
     def list(self) -> list[Budget]:
         """Every budget: keys first, then accounts, each by principal."""
@@ -677,14 +768,18 @@ class Budgets:
             return _all_budgets(self._conn)
 
     def status(
-        self, scope: str, principal: str, now: float | datetime | None = None
+        self,
+        scope: str,
+        principal: str,
+        now: float | datetime | None = None,
+        unit: str = TOKENS,
     ) -> BudgetStatus | None:
         """Cap, spent, reserved, remaining and resets-at of one budget (None if there is none)."""
         t = _epoch(now)
         with self._lock:
             self._conn.execute("BEGIN")  # one snapshot for every figure
             try:
-                budget = self._get(self._conn, scope, principal)
+                budget = self._get(self._conn, scope, principal, unit)
                 return None if budget is None else _status(self._conn, budget, t)
             finally:
                 self._conn.execute("COMMIT")
@@ -703,12 +798,15 @@ class Budgets:
     def _budgets_for(
         self, conn: sqlite3.Connection, account: str | None, key: str | None
     ) -> list[Budget]:
-        rows = conn.execute(
-            f"SELECT {_BUDGET_COLUMNS} FROM budgets "
-            "WHERE (scope = 'key' AND principal = ?) OR (scope = 'account' AND principal = ?)",
-            (key, account),
-        ).fetchall()
-        return [_budget_from_row(r) for r in rows]
+        out = []
+        for unit in UNITS:
+            rows = conn.execute(
+                f"SELECT {_budget_columns(unit)} FROM {_UNITS[unit].table} WHERE "
+                "(scope = 'key' AND principal = ?) OR (scope = 'account' AND principal = ?)",
+                (key, account),
+            ).fetchall()
+            out.extend(_budget_from_row(r, unit) for r in rows)
+        return out
 
     def reserve(
         self,
@@ -718,8 +816,16 @@ class Budgets:
         tokens: int,
         owner: str,
         now: float | datetime | None = None,
+        *,
+        nusd: int | None = None,
+        model: str | None = None,
     ) -> Decision:
-        """Reserve ``tokens`` for a request against its key's and account's budgets.
+        """Reserve ``tokens`` (and ``nusd`` dollars, in nano-dollars) for a request
+        against its key's and account's token and money budgets.
+
+        ``nusd`` is the price of the same over-estimate (``model``'s rates); None when
+        the model has no known price, which a money cap refuses (``reason``
+        ``unpriced``): a request it cannot price is never let through for free.
 
         Returns ``UNBUDGETED`` (allowed, nothing reserved) when neither has a
         budget. Otherwise checks both in one ``BEGIN IMMEDIATE`` transaction and
@@ -730,6 +836,8 @@ class Budgets:
         """
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
+        if nusd is not None and (isinstance(nusd, bool) or not isinstance(nusd, int) or nusd < 0):
+            raise ValueError(f"nusd must be a whole number >= 0 or None, not {nusd!r}")
         if not reservation_id:
             raise ValueError("a reservation needs an id")
         if account is None and key is None:
@@ -743,20 +851,28 @@ class Budgets:
             with self._write() as conn:
                 budgets = self._budgets_for(conn, account, key)
                 refusals = []
+                money = False
                 for budget in budgets:
+                    if budget.unit == USD:
+                        money = True
+                        if nusd is None:
+                            refusals.append(_unpriced(budget, model))
+                            continue
+                    need = nusd if budget.unit == USD else tokens
                     spent = _spent(conn, budget, t)
                     reserved = _reserved(conn, budget)
-                    if spent + reserved + tokens > budget.cap:
-                        refusals.append(self._refusal(conn, budget, spent, reserved, tokens, t))
+                    if spent + reserved + need > budget.cap:
+                        refusals.append(self._refusal(conn, budget, spent, reserved, need, t))
                 if refusals:
                     return _binding(refusals)
                 if not budgets:
                     return UNBUDGETED  # removed since the fast path looked
                 conn.execute(
-                    "INSERT INTO reservations (id, account, key, tokens, created_at, owner) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (reservation_id, account, key, tokens, ts_from_epoch(t), owner),
-                )
+                    "INSERT INTO reservations (id, account, key, tokens, nusd, created_at, owner) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (reservation_id, account, key, tokens, (nusd or 0) if money else 0,
+                     ts_from_epoch(t), owner),
+                )  # fmt: skip
         except sqlite3.IntegrityError:
             raise ValueError(f"reservation {reservation_id!r} is already open") from None
         except sqlite3.Error as e:
@@ -803,6 +919,8 @@ class Budgets:
             tokens=tokens,
             retry_after_s=retry,
             too_large=too_large,
+            unit=budget.unit,
+            requested=tokens,
         )
 
     def release(self, reservation_id: str) -> bool:
@@ -815,10 +933,10 @@ class Budgets:
             raise BudgetUnavailable(f"cannot release in the ledger {self.path}: {e}") from e
 
     def reservations(self) -> list[dict[str, Any]]:
-        """Open reservations, oldest first: id, account, key, tokens, created_at, owner."""
+        """Open reservations, oldest first: id, account, key, tokens, nusd, created_at, owner."""
         with self._lock:
             cur = self._conn.execute(
-                "SELECT id, account, key, tokens, created_at, owner FROM reservations "
+                "SELECT id, account, key, tokens, nusd, created_at, owner FROM reservations "
                 "ORDER BY created_at, id"
             )
             names = [d[0] for d in cur.description]
@@ -874,11 +992,26 @@ _ORPHAN_ROW_SQL = (
 )
 
 
+def _unpriced(budget: Budget, model: str | None) -> Decision:
+    """A money cap meets a model with no known price: refused (waiting never helps)."""
+    return Decision(
+        allowed=False,
+        reason="unpriced",
+        scope=budget.scope,
+        principal=budget.principal,
+        cap=budget.cap,
+        window_s=budget.window_s,
+        unit=USD,
+        model=model,
+    )
+
+
 def _binding(refusals: list[Decision]) -> Decision:
-    """The refusal to report: a balance (waiting never helps), else the longest wait."""
-    balances = [d for d in refusals if d.reason == "balance"]
-    if balances:
-        return balances[0]
+    """The refusal to report: one no wait cures (unpriced, balance), else the longest wait."""
+    for reason in ("unpriced", "balance"):
+        final = [d for d in refusals if d.reason == reason]
+        if final:
+            return final[0]
     return max(
         refusals,
         key=lambda d: math.inf if d.retry_after_s is None else d.retry_after_s,

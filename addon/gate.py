@@ -28,14 +28,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from spendtap.budgets import (
+    USD,
     Budgets,
     BudgetUnavailable,
     owner_alive,
     process_owner,
-    reservation_tokens,
+    reservation_split,
 )
 from spendtap.keys import Keys, extract_secret, fingerprint
 from spendtap.options import PRINCIPAL_SOURCES
+from spendtap.pricing import Pricer, TokenSplit
 from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
 from spendtap.request import RequestInfo, clean_principal
 from spendtap.trust import TrustPolicy
@@ -84,6 +86,7 @@ class Gate:
         fail_open: bool = False,
         trust: TrustPolicy | None = None,
         key_swap: bool = False,
+        pricer: Pricer | None = None,
     ):
         if principal_source not in PRINCIPAL_SOURCES:
             raise ValueError(
@@ -99,6 +102,8 @@ class Gate:
         self.fail_open = fail_open
         self.trust = trust if trust is not None else TrustPolicy.from_settings("", None)
         self.key_swap = key_swap
+        # Prices a reservation for money caps (the same over-estimate as in tokens).
+        self.pricer = pricer if pricer is not None else Pricer()
         self.owner = process_owner()
         # One thread owns the connections: reserve, release and key look-ups are
         # serialized here and never run on the event loop.
@@ -107,6 +112,7 @@ class Gate:
         self._keys = self._executor.submit(Keys, path).result()
         self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._budgeted: frozenset[tuple[str, str]] = frozenset()
+        self._money: frozenset[tuple[str, str]] = frozenset()  # principals with a money cap
         self._budgeted_until = 0.0
 
     async def _run(self, fn, *args):
@@ -164,8 +170,11 @@ class Gate:
         info: RequestInfo,
         account: str | None,
         key: str | None,
+        node: str | None = None,
     ) -> Admission:
-        """Reserve the request's tokens, or say why it must be refused."""
+        """Reserve the request's tokens (and dollars, under a money cap), or say why it
+        must be refused. ``node`` is the upstream's host:port (a provider's API host
+        selects that provider's prices)."""
         if not self.enforce or (account is None and key is None):
             return ADMITTED  # anonymous requests are never budgeted
         try:
@@ -175,7 +184,10 @@ class Gate:
             budgeted = await self._budgeted_principals()
             if ("key", key) not in budgeted and ("account", account) not in budgeted:
                 return ADMITTED
-            decision = await self._run(self._reserve, flow_id, body, info, account, key)
+            money = ("key", key) in self._money or ("account", account) in self._money
+            decision = await self._run(
+                self._reserve, flow_id, body, info, account, key, node, money
+            )
         except BudgetUnavailable:
             if self.fail_open:
                 return Admission(reason="fail_open")
@@ -186,19 +198,27 @@ class Gate:
             return Admission(budget_refusal(info.api, decision), decision.reason)
         return Admission(reservation_id=decision.reservation_id)
 
-    def _reserve(self, flow_id, body, info: RequestInfo, account, key):
-        tokens = reservation_tokens(
+    def _reserve(self, flow_id, body, info: RequestInfo, account, key, node, money: bool):
+        prompt, output = reservation_split(
             body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
         )
+        tokens = prompt + output
         if tokens <= 0:
             return None
-        return self._budgets.reserve(flow_id, account, key, tokens, self.owner)
+        nusd = None
+        if money and info.model:
+            price = self.pricer.price(info.model, TokenSplit(prompt, output), node=node)
+            nusd = price.cost_nusd if price is not None else None
+        return self._budgets.reserve(
+            flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model
+        )
 
     async def _budgeted_principals(self) -> frozenset[tuple[str, str]]:
         now = time.monotonic()
         if now >= self._budgeted_until:
             budgets = await self._run(self._budgets.list)
             self._budgeted = frozenset((b.scope, b.principal) for b in budgets)
+            self._money = frozenset((b.scope, b.principal) for b in budgets if b.unit == USD)
             self._budgeted_until = now + BUDGETED_CACHE_S
         return self._budgeted
 

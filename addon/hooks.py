@@ -337,6 +337,7 @@ class SpendTap:
             fail_open=opts.spendtap_fail_open,
             trust=self.trust,
             key_swap=self.credential is not None,
+            pricer=self.pricer,
         )
         logger.info(
             f"spendtap: principal source {opts.spendtap_principal_source}; headers honoured "
@@ -442,7 +443,7 @@ class SpendTap:
             self._refuse(flow, meter, refusal, reason)
             return
         try:
-            admission = await self.gate.admit(flow.id, body, info, account, key)
+            admission = await self.gate.admit(flow.id, body, info, account, key, node=meter.node)
         except Exception:
             self._count_error("budget", "could not check the budget")
             if opts.spendtap_fail_open:

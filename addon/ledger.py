@@ -264,11 +264,73 @@ def m004_costs(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN price_source TEXT")
 
 
+def m005_money_budgets(db: sqlite_utils.Database) -> None:
+    """Budgets in dollars beside the token budgets: the same shape, in whole nano-dollars.
+
+    ``money_budgets.spent_since`` is kept by triggers on ``requests.cost_nusd`` exactly
+    as ``budgets.spent_since`` is on tokens (insert, delete, and an update such as
+    ``spendtap reprice``). A reservation holds its dollars in ``reservations.nusd``
+    beside its tokens; a principal may have a token cap and a money cap, and both hold.
+    """
+    db.execute(
+        """
+        CREATE TABLE money_budgets (
+            scope TEXT NOT NULL CHECK (scope IN ('key', 'account')),
+            principal TEXT NOT NULL,
+            cap_nusd INTEGER NOT NULL CHECK (cap_nusd >= 0),
+            window_s INTEGER CHECK (window_s IS NULL OR window_s > 0),
+            since TEXT NOT NULL,
+            spent_since INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (scope, principal)
+        )
+        """
+    )
+    db.execute(
+        "ALTER TABLE reservations ADD COLUMN nusd INTEGER NOT NULL DEFAULT 0 CHECK (nusd >= 0)"
+    )
+    db.execute("CREATE INDEX idx_requests_account_ts_cost ON requests (account, ts, cost_nusd)")
+    db.execute("CREATE INDEX idx_requests_key_ts_cost ON requests (key, ts, cost_nusd)")
+    cost = "coalesce({r}.cost_nusd, 0)"
+    matches = (
+        "((scope = 'key' AND principal = {r}.key) "
+        "OR (scope = 'account' AND principal = {r}.account)) AND {r}.ts >= since"
+    )
+    for name, event, sign, ref in (
+        ("insert", "INSERT", "+", "NEW"),
+        ("delete", "DELETE", "-", "OLD"),
+    ):
+        db.execute(
+            f"""
+            CREATE TRIGGER requests_money_spend_{name} AFTER {event} ON requests
+            WHEN {cost.format(r=ref)} != 0
+            BEGIN
+                UPDATE money_budgets SET spent_since = spent_since {sign} {cost.format(r=ref)}
+                WHERE {matches.format(r=ref)};
+            END
+            """
+        )
+    db.execute(
+        f"""
+        CREATE TRIGGER requests_money_spend_update
+        AFTER UPDATE OF ts, account, key, cost_nusd ON requests
+        BEGIN
+            UPDATE money_budgets SET spent_since = spent_since - {cost.format(r="OLD")}
+            WHERE {matches.format(r="OLD")};
+            UPDATE money_budgets SET spent_since = spent_since + {cost.format(r="NEW")}
+            WHERE {matches.format(r="NEW")};
+        END
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_budgets,
     m003_api_keys,
     m004_costs,
+    m005_money_budgets,
 ]
 
 

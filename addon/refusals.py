@@ -14,6 +14,9 @@ Statuses:
   not help; never 402, which SDKs do not handle), ``rate_limit_exceeded`` with
   ``Retry-After`` (whole seconds, rounded up) for a rolling window;
   Anthropic ``rate_limit_error`` for both.
+- 403 ``model_not_priced`` (Anthropic ``permission_error``) when a money cap
+  applies and the model has no known price: it cannot be charged, so it is not
+  served for free.
 - 401 ``invalid_api_key`` (Anthropic ``authentication_error``) for an unknown
   or missing bearer key when authentication is required.
 - 503 ``service_unavailable`` with ``Retry-After`` when the ledger cannot
@@ -39,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 
-from spendtap.budgets import Decision, format_window
+from spendtap.budgets import Decision, format_amount, format_window
 from spendtap.usage import ANTHROPIC_MESSAGES
 
 __all__ = [
@@ -91,23 +94,44 @@ def _build(
 
 
 def budget_refusal(api: str | None, decision: Decision) -> Refusal:
-    """The 429 for a refused reservation (``decision.allowed`` False)."""
+    """The refusal of a reservation (``decision.allowed`` False): 429, or 403 unpriced."""
     if decision.allowed:
         raise ValueError("budget_refusal needs a refused decision")
     who = f"{decision.scope} {decision.principal!r}"
+
+    def amount(n: int | None) -> str:
+        return format_amount(decision.unit, n)
+
+    def figure(n: int | None) -> str:  # a bare count for tokens, dollars always marked
+        return amount(n) if decision.unit == "usd" else str(n)
+
+    needed = decision.requested if decision.requested is not None else decision.tokens
+    if decision.reason == "unpriced":
+        cap = amount(decision.cap) + (
+            f" per {format_window(decision.window_s)}" if decision.window_s else " balance"
+        )
+        message = (
+            f"Model {decision.model or '(unknown)'!r} has no known price, and {who} has a "
+            f"money cap ({cap}): requests it cannot be charged for are refused."
+        )
+        return _build(
+            api, 403, message, "invalid_request_error", "model_not_priced",
+            "permission_error", "unpriced", final=True,
+        )  # fmt: skip
     if decision.reason == "balance":
         if decision.too_large:
             message = (
-                f"This request needs up to {decision.tokens} tokens, more than the "
-                f"balance of {decision.cap} tokens of {who}."
+                f"This request needs up to {amount(needed)}, more than the "
+                f"balance of {amount(decision.cap)} of {who}."
             )
         else:
             used, reserved = decision.spent or 0, decision.reserved or 0
             left = max(0, (decision.cap or 0) - used - reserved)
             message = (
-                f"You exceeded your current quota: {who} has a balance of {decision.cap} "
-                f"tokens: used {used}, reserved {reserved} by requests in flight, "
-                f"{left} left; this request needs up to {decision.tokens}."
+                f"You exceeded your current quota: {who} has a balance of "
+                f"{amount(decision.cap)}: used {figure(used)}, reserved {figure(reserved)} by "
+                f"requests in flight, {figure(left)} left; this request needs up to "
+                f"{amount(needed)}."
             )
         return _build(
             api,
@@ -122,23 +146,23 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
     window = format_window(decision.window_s)
     if decision.too_large:
         message = (
-            f"Request too large: it needs up to {decision.tokens} tokens, more than the "
-            f"limit of {decision.cap} tokens per {window} of {who}."
+            f"Request too large: it needs up to {amount(needed)}, more than the "
+            f"limit of {amount(decision.cap)} per {window} of {who}."
         )
         retry = None
     else:
         retry = decision.retry_after_s
         wait = f" Please try again in {retry_after_header(retry)}s." if retry is not None else ""
         message = (
-            f"Rate limit reached for {who}: limit {decision.cap} tokens per {window}, "
-            f"used {decision.spent}, reserved {decision.reserved}, "
-            f"requested {decision.tokens}.{wait}"
+            f"Rate limit reached for {who}: limit {amount(decision.cap)} per {window}, "
+            f"used {figure(decision.spent)}, reserved {figure(decision.reserved)}, "
+            f"requested {figure(needed)}.{wait}"
         )
     return _build(
         api,
         429,
         message,
-        "tokens",
+        "tokens" if decision.unit != "usd" else "cost",
         "rate_limit_exceeded",
         "rate_limit_error",
         "window_too_large" if decision.too_large else "window",

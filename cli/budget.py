@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import click
 
-from spendtap.budgets import EPOCH_TS, Budgets, owner_alive, parse_window
+from spendtap.budgets import (
+    EPOCH_TS,
+    MAX_CAP,
+    TOKENS,
+    USD,
+    Budgets,
+    format_amount,
+    owner_alive,
+    parse_window,
+)
 from spendtap.cli.numbers import count
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
@@ -17,6 +27,7 @@ from spendtap.timeparse import parse_datetime, parse_duration
 STATUS_COLUMNS = (
     "scope",
     "principal",
+    "unit",
     "cap",
     "window",
     "spent",
@@ -29,6 +40,7 @@ STATUS_COLUMNS = (
 STATUS_TABLE = (
     ("scope", "scope"),
     ("principal", "principal"),
+    ("unit", "unit"),
     ("cap", "cap"),
     ("window", "window"),
     ("spent", "spent"),
@@ -36,7 +48,23 @@ STATUS_TABLE = (
     ("remaining", "remaining"),
     ("resets_at", "resets_at"),
 )
-RESERVATION_COLUMNS = ("id", "account", "key", "tokens", "created_at", "age_s", "owner")
+RESERVATION_COLUMNS = ("id", "account", "key", "tokens", "usd", "created_at", "age_s", "owner")
+
+
+def parse_usd(text: str) -> int:
+    """``--cap-usd 50`` / ``0.25``: dollars to whole nano-dollars, or a one-line error."""
+    try:
+        dollars = Decimal(text.strip().lstrip("$"))
+    except InvalidOperation:
+        raise ValueError(f"expected an amount in dollars, got {text!r}") from None
+    if not dollars.is_finite() or dollars < 0:
+        raise ValueError(f"expected an amount in dollars >= 0, got {text!r}")
+    nusd = dollars.scaleb(9)
+    if nusd != nusd.to_integral_value():
+        raise ValueError(f"at most 9 decimal places (a nano-dollar), got {text!r}")
+    if nusd > MAX_CAP:
+        raise ValueError(f"at most {Decimal(MAX_CAP).scaleb(-9)} dollars, got {text!r}")
+    return int(nusd)
 
 
 def open_budgets(path: Path, *, create: bool = False, readonly: bool = False):
@@ -70,16 +98,19 @@ def which(key: str | None, account: str | None) -> tuple[str, str]:
 
 @click.group(name="budget")
 def budget_group() -> None:
-    """Set, show, list and remove token budgets of keys and accounts.
+    """Set, show, list and remove token and money budgets of keys and accounts.
 
     A budget caps the tokens (prompt + completion) a key or an account may
-    spend: a balance that never resets, or a rolling window. A key is bound by
-    its own budget and its account's; the tighter one wins. A request that
-    would pass a cap is refused with HTTP 429 before it reaches the upstream.
+    spend (--cap), or what they cost in dollars (--cap-usd): a balance that
+    never resets, or a rolling window. A principal may have one of each; a key
+    is bound by its own budgets and its account's; the tightest wins. A
+    request that would pass a cap is refused with HTTP 429 before it reaches
+    the upstream; under a money cap, a model with no known price gets 403.
 
     \b
     Examples:
         spendtap budget set --key k-acme-1 --cap 100000 --window 1h
+        spendtap budget set --key k-acme-1 --cap-usd 50 --window 1d
         spendtap budget set --account acme --cap 5000000 --window balance
         spendtap budget show --key k-acme-1
         spendtap budget list -f json
@@ -88,7 +119,12 @@ def budget_group() -> None:
 
 @budget_group.command(name="set")
 @principal_options
-@click.option("--cap", type=count(), required=True, metavar="TOKENS", help="The cap, in tokens.")
+@click.option("--cap", type=count(0, MAX_CAP), metavar="TOKENS", help="The cap, in tokens.")
+@click.option(
+    "--cap-usd",
+    metavar="DOLLARS",
+    help="A money cap instead, in dollars (such as 50 or 0.25), on what requests cost.",
+)
 @click.option(
     "--window",
     required=True,
@@ -102,7 +138,13 @@ def budget_group() -> None:
 )
 @db_option
 def budget_set(
-    key: str | None, account: str | None, cap: int, window: str, reset: bool, db_path: Path
+    key: str | None,
+    account: str | None,
+    cap: int | None,
+    cap_usd: str | None,
+    window: str,
+    reset: bool,
+    db_path: Path,
 ) -> None:
     """Create or change the budget of a key or an account.
 
@@ -115,21 +157,32 @@ def budget_set(
         spendtap budget set --key k-acme-1 --cap 100000 --window 1h
         spendtap budget set --account acme --cap 5000000 --window balance
         spendtap budget set --account acme --cap 5000000 --window balance --reset
+        spendtap budget set --account acme --cap-usd 500 --window 30d
     """
     scope, principal = which(key, account)
+    if (cap is None) == (cap_usd is None):
+        raise click.ClickException("give exactly one of --cap (tokens) and --cap-usd (dollars)")
+    if cap_usd is not None:
+        try:
+            amount, unit = parse_usd(cap_usd), USD
+        except ValueError as e:
+            raise click.ClickException(f"Invalid value for '--cap-usd': {e}") from None
+    else:
+        assert cap is not None  # range-checked by its type (count)
+        amount, unit = cap, TOKENS
     try:
         window_s = parse_window(window)
     except ValueError as e:
         raise click.ClickException(f"Invalid value for '--window': {e}") from None
     with open_budgets(db_path, create=True) as budgets:
-        budget = budgets.set(scope, principal, cap, window_s, reset=reset)
+        budget = budgets.set(scope, principal, amount, window_s, reset=reset, unit=unit)
     if window_s is None:
         counting = f"balance, counting spend since {budget.since}"
     elif budget.since == EPOCH_TS:
         counting = f"per rolling {budget.window}"
     else:
         counting = f"per rolling {budget.window}, counting spend since {budget.since}"
-    click.echo(f"{scope} {principal}: cap {cap} tokens, {counting}")
+    click.echo(f"{scope} {principal}: cap {format_amount(unit, amount)}, {counting}")
 
 
 @budget_group.command(name="show")
@@ -137,9 +190,10 @@ def budget_set(
 @db_option
 @output_options
 def budget_show(key: str | None, account: str | None, db_path: Path, fmt: str) -> None:
-    """Show one budget: cap, spent, reserved, remaining and when it resets.
+    """Show the budgets of a key or account: cap, spent, reserved, remaining, resets.
 
-    For a rolling window, resets_at is when its oldest spend ages out.
+    One line per budget (tokens, then dollars when it has a money cap too). For a
+    rolling window, resets_at is when its oldest spend ages out.
 
     \b
     Examples:
@@ -148,10 +202,11 @@ def budget_show(key: str | None, account: str | None, db_path: Path, fmt: str) -
     """
     scope, principal = which(key, account)
     with open_budgets(db_path, readonly=True) as budgets:
-        status = budgets.status(scope, principal)
-    if status is None:
+        found = [budgets.status(scope, principal, unit=unit) for unit in (TOKENS, USD)]
+    statuses = [s for s in found if s is not None]
+    if not statuses:
         raise click.ClickException(f"no budget for {scope} {principal}")
-    write_rows([status.as_dict()], fmt, STATUS_COLUMNS, table_columns=STATUS_TABLE)
+    write_rows([s.as_dict() for s in statuses], fmt, STATUS_COLUMNS, table_columns=STATUS_TABLE)
 
 
 @budget_group.command(name="list")
@@ -172,20 +227,24 @@ def budget_list(db_path: Path, fmt: str) -> None:
 
 @budget_group.command(name="rm")
 @principal_options
+@click.option("--usd", is_flag=True, help="Remove the money cap (default: the token cap).")
 @db_option
-def budget_rm(key: str | None, account: str | None, db_path: Path) -> None:
+def budget_rm(key: str | None, account: str | None, usd: bool, db_path: Path) -> None:
     """Remove the budget of a key or an account (its spend history stays in the ledger).
 
     \b
     Examples:
         spendtap budget rm --key k-acme-1
+        spendtap budget rm --key k-acme-1 --usd
     """
     scope, principal = which(key, account)
+    unit = USD if usd else TOKENS
     with open_budgets(db_path) as budgets:
-        removed = budgets.remove(scope, principal)
+        removed = budgets.remove(scope, principal, unit)
+    what = "money budget" if usd else "budget"
     if not removed:
-        raise click.ClickException(f"no budget for {scope} {principal}")
-    click.echo(f"removed the budget of {scope} {principal}")
+        raise click.ClickException(f"no {what} for {scope} {principal}")
+    click.echo(f"removed the {what} of {scope} {principal}")
 
 
 @click.command(name="reservations")
@@ -208,6 +267,7 @@ def reservations_command(db_path: Path, fmt: str) -> None:
     now = time.time()
     for row in rows:
         row["age_s"] = round(now - parse_datetime(row["created_at"]).timestamp(), 3)
+        row["usd"] = Decimal(row.pop("nusd") or 0).scaleb(-9).quantize(Decimal("1e-9"))
     write_rows(rows, fmt, RESERVATION_COLUMNS)
 
 

@@ -15,6 +15,7 @@ from spendtap.budget_metrics import BudgetCollector
 from spendtap.budgets import (
     EPOCH_TS,
     UNBUDGETED,
+    USD,
     Budgets,
     BudgetUnavailable,
     estimate_prompt_tokens,
@@ -447,3 +448,98 @@ def test_collector_without_a_ledger(tmp_path):
     registry.register(BudgetCollector(tmp_path / "none.db", "x"))
     assert registry.get_sample_value("x_open_reservations") == 0
     assert not (tmp_path / "none.db").exists()
+
+
+# -- money caps -----------------------------------------------------------------------
+
+CENT = 10_000_000  # nano-dollars
+
+
+def priced(id_: str, ts: float, nusd: int | None, *, key="k1", account="acme") -> dict:
+    return row(id_, ts, 10, key=key, account=account) | {
+        "cost_nusd": nusd,
+        "price_source": "none" if nusd is None else "file:test",
+    }
+
+
+def test_money_cap_reserves_and_settles_in_dollars(budgets, path):
+    """A money balance admits what fits, refuses what does not, and settles each row's
+    real cost in the commit that drops its reservation."""
+    budgets.set("key", "k1", 10 * CENT, None, now=T0, unit=USD)
+    first = budgets.reserve("f1", "acme", "k1", 500, OWNER, T0, nusd=6 * CENT, model="m")
+    assert first.allowed and first.reservation_id == "f1"
+    refused = budgets.reserve("f2", "acme", "k1", 500, OWNER, T0, nusd=5 * CENT, model="m")
+    assert not refused.allowed and refused.reason == "balance" and refused.unit == USD
+    assert (refused.cap, refused.spent, refused.reserved, refused.requested) == (
+        10 * CENT, 0, 6 * CENT, 5 * CENT,
+    )  # fmt: skip
+    writer = LedgerWriter(path)
+    writer.start()
+    try:
+        writer.submit(priced("f1", T0 + 1, 2 * CENT))  # cost less than reserved
+        assert writer.flush(10)
+    finally:
+        writer.close(10)
+    status = budgets.status("key", "k1", T0 + 2, unit=USD)
+    assert (status.spent, status.reserved, status.remaining) == (2 * CENT, 0, 8 * CENT)
+    assert budgets.reserve("f2", "acme", "k1", 500, OWNER, T0 + 2, nusd=5 * CENT).allowed
+
+
+def test_money_and_token_caps_both_bind(budgets):
+    """A key with a token cap and a money cap: whichever is tighter refuses."""
+    budgets.set("key", "k1", 1000, None, now=T0)
+    budgets.set("key", "k1", 10 * CENT, None, now=T0, unit=USD)
+    assert [b.unit for b in budgets.list()] == ["tokens", "usd"]
+    by_tokens = budgets.reserve("a", "acme", "k1", 1001, OWNER, T0, nusd=CENT)
+    assert not by_tokens.allowed and by_tokens.unit == "tokens" and by_tokens.too_large
+    by_money = budgets.reserve("b", "acme", "k1", 10, OWNER, T0, nusd=11 * CENT)
+    assert not by_money.allowed and by_money.unit == USD and by_money.too_large
+    assert budgets.reserve("c", "acme", "k1", 10, OWNER, T0, nusd=CENT).allowed
+    reservations = budgets.reservations()
+    assert [(r["tokens"], r["nusd"]) for r in reservations] == [(10, CENT)]
+
+
+def test_unpriced_model_is_refused_under_a_money_cap(budgets):
+    """No price, no free ride: a money cap refuses a request it cannot price; a token cap
+    alone does not care."""
+    budgets.set("account", "acme", 100 * CENT, 86400, now=T0, unit=USD)
+    d = budgets.reserve("f1", "acme", "k1", 10, OWNER, T0, nusd=None, model="house-7b")
+    assert not d.allowed and d.reason == "unpriced" and d.model == "house-7b"
+    assert d.retry_after_s is None
+    assert budgets.reservations() == []
+    budgets.remove("account", "acme", unit=USD)
+    budgets.set("account", "acme", 1000, None, now=T0)
+    assert budgets.reserve("f1", "acme", "k1", 10, OWNER, T0, nusd=None).allowed
+
+
+def test_money_window_ages_out_with_retry_after(budgets, ledger):
+    budgets.set("key", "k1", 10 * CENT, 3600, now=T0, unit=USD)
+    ledger.insert_rows([priced("a", T0, 4 * CENT), priced("b", T0 + 600, 5 * CENT)])
+    d = budgets.reserve("f", "acme", "k1", 10, OWNER, T0 + 700, nusd=3 * CENT)
+    assert not d.allowed and d.reason == "window"
+    # 3 cents more needs 2 cents freed: row "a" (4 cents) ages out at T0 + 3600.
+    assert d.retry_after_s == pytest.approx(3600 - 700)
+    assert budgets.reserve("f", "acme", "k1", 10, OWNER, T0 + 3601, nusd=3 * CENT).allowed
+
+
+def test_repricing_moves_money_spend(budgets, ledger):
+    """The triggers follow a cost that changes after the fact (spendtap reprice)."""
+    budgets.set("key", "k1", 100 * CENT, None, now=T0, unit=USD)
+    ledger.insert_rows([priced("a", T0 + 1, 4 * CENT), priced("b", T0 + 2, None)])
+    assert budgets.status("key", "k1", T0 + 3, unit=USD).spent == 4 * CENT
+    ledger.set_costs([("a", 7 * CENT, "file:new"), ("b", CENT, "file:new")])
+    assert budgets.status("key", "k1", T0 + 3, unit=USD).spent == 8 * CENT
+
+
+def test_collector_exports_money_budgets_in_dollars(budgets, ledger, path):
+    registry = CollectorRegistry()
+    registry.register(BudgetCollector(path, "cortex", clock=lambda: T0 + 10))
+    budgets.set("key", "k1", 250 * CENT, 86400, now=T0, unit=USD)
+    ledger.insert_rows([priced("a", T0, 50 * CENT)])
+    labels = {"scope": "key", "principal": "k1"}
+    get = registry.get_sample_value
+    assert get("cortex_budget_cap_usd", labels) == 2.5
+    assert get("cortex_budget_spent_usd", labels) == 0.5
+    assert get("cortex_budget_remaining_usd", labels) == 2.0
+    assert get("cortex_budget_usd_window_seconds", labels) == 86400
+    assert get("cortex_budget_cap_tokens", labels) is None

@@ -48,10 +48,13 @@ def test_budget_set_show_list_rm(db):
     assert doc["remaining"] == 850 and doc["resets_at"] == ts_from_epoch(now + 3600)
     table = run(db, "budget", "list").output.splitlines()
     assert table[0].split() == [
-        "scope", "principal", "cap", "window", "spent", "reserved", "remaining", "resets_at",
+        "scope", "principal", "unit", "cap", "window", "spent", "reserved", "remaining",
+        "resets_at",
     ]  # fmt: skip
-    assert table[2].split()[:7] == ["key", "k1", "1000", "1h", "150", "0", "850"]
-    assert table[3].split() == ["account", "acme", "5000", "balance", "150", "0", "4850", "-"]
+    assert table[2].split()[:8] == ["key", "k1", "tokens", "1000", "1h", "150", "0", "850"]
+    assert table[3].split() == [
+        "account", "acme", "tokens", "5000", "balance", "150", "0", "4850", "-",
+    ]  # fmt: skip
     assert run(db, "budget", "rm", "--key", "k1").output == "removed the budget of key k1\n"
     assert [r["principal"] for r in json.loads(run(db, "budget", "list", "-f", "json").output)] == [
         "acme"
@@ -138,14 +141,16 @@ def test_reservations_and_sweep(db):
         budgets.reserve("f-far", "acme", "k1", 30, "elsewhere.example:1:1", now)
     rows = json.loads(run(db, "reservations", "-f", "json").output)
     assert [(r["id"], r["tokens"]) for r in rows] == [("f-live", 10), ("f-dead", 20), ("f-far", 30)]
-    assert set(rows[0]) == {"id", "account", "key", "tokens", "created_at", "age_s", "owner"}
+    assert set(rows[0]) == {
+        "id", "account", "key", "tokens", "usd", "created_at", "age_s", "owner",
+    }  # fmt: skip
     assert rows[0]["age_s"] >= 2
     assert run(db, "sweep").output == "released 1 stale reservation\n"
     assert run(db, "sweep", "--older-than", "0s").output == "released 2 stale reservations\n"
     assert json.loads(run(db, "reservations", "-f", "json").output) == []
     assert (
         run(db, "reservations", "-f", "csv").output
-        == "id,account,key,tokens,created_at,age_s,owner\n"
+        == "id,account,key,tokens,usd,created_at,age_s,owner\n"
     )
     result = run(db, "sweep", "--older-than", "soon")
     assert result.exit_code == 1 and "Invalid value for '--older-than'" in result.output
@@ -225,3 +230,48 @@ def test_help_has_examples(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0
     assert "Examples:" in result.output
+
+
+def test_money_budget_set_show_rm(db):
+    """A money cap beside a token cap: set in dollars, shown exactly, removed apart."""
+    assert run(db, "budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h").exit_code == 0
+    result = run(db, "budget", "set", "--key", "k1", "--cap-usd", "2.5", "--window", "1d")
+    assert result.exit_code == 0, result.output
+    assert result.output == "key k1: cap $2.5, per rolling 1d\n"
+    now = time.time()
+    with Ledger(db) as ledger:
+        ledger.insert_rows(
+            [{"id": "a", "ts": ts_from_epoch(now), "key": "k1", "prompt_tokens": 100,
+              "completion_tokens": 50, "cost_nusd": 1_250_000_000, "price_source": "none"}]
+        )  # fmt: skip
+    docs = json.loads(run(db, "budget", "show", "--key", "k1", "-f", "json").output)
+    assert [(d["unit"], d["cap"], d["spent"], d["remaining"]) for d in docs] == [
+        ("tokens", 1000, 150, 850),
+        ("usd", 2.5, 1.25, 1.25),
+    ]
+    raw = run(db, "budget", "show", "--key", "k1", "-f", "jsonl").output.splitlines()[1]
+    assert '"cap": 2.500000000' in raw and '"spent": 1.250000000' in raw
+    assert run(db, "budget", "rm", "--key", "k1", "--usd").output == (
+        "removed the money budget of key k1\n"
+    )
+    docs = json.loads(run(db, "budget", "show", "--key", "k1", "-f", "json").output)
+    assert [d["unit"] for d in docs] == ["tokens"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cap-usd", "-1"], "expected an amount in dollars >= 0"),
+        (["--cap-usd", "lots"], "expected an amount in dollars"),
+        (["--cap-usd", "0.0000000001"], "at most 9 decimal places"),
+        (["--cap-usd", "99999999999999"], "at most 9223372036.854775807 dollars"),
+        (["--cap", "99999999999999999999999"], "is not in the range 0<=x<=9223372036854775807"),
+        (["--cap", "5", "--cap-usd", "5"], "give exactly one of --cap"),
+        ([], "give exactly one of --cap"),
+    ],
+)
+def test_money_budget_errors(db, args, message):
+    result = run(db, "budget", "set", "--key", "k1", "--window", "1d", *args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -134,6 +134,9 @@ def test_metric_names_use_the_exported_families():
         "cortex_metering_errors_total",
         "cortex_usage_source_total",
         "cortex_time_to_first_token_seconds_bucket",
+        "cortex_spend_usd_total",
+        "cortex_budget_cap_usd",
+        "cortex_budget_usd_window_seconds",
     }
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -149,3 +151,103 @@ def test_a_bad_price_file_stops_spendtap_run(tmp_path):
         f"Error: spendtap_prices: price file {bad}: models.'m': input must be a finite "
         "number >= 0, got -1"
     ]
+
+
+DEAR = """
+[models."sim-*"]
+input = 1000
+output = 1000
+"""  # a tenth of a cent per token: a few requests reach a cap of ten cents
+
+
+def test_money_cap_refuses_at_the_right_request_and_serves_again(tmp_path):
+    """A key with a $0.10 money cap per 4s window: requests are served while their
+    priced reservation fits, the next is refused 429 naming the money cap with a
+    Retry-After, and after that wait the key is served again. Spend never passes the
+    cap, and each row's cost is its usage at the file's rates."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text(DEAR)
+    sim = Simulator(tmp_path)
+    db = tmp_path / "ledger.db"
+    subprocess.run(
+        [str(SPENDTAP), "budget", "set", "--key", "k-money", "--cap-usd", "0.10",
+         "--window", "4s", "--db", str(db)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    sidecar = Sidecar(tmp_path, sim.url, f"spendtap_prices={prices}", db=db)
+    headers = {"x-helexa-account-id": "acme", "x-helexa-key-id": "k-money"}
+    served, refusal = 0, None
+    try:
+        with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
+                           default_headers=headers, max_retries=0) as client:  # fmt: skip
+
+            def ask():
+                return client.chat.completions.create(
+                    model="sim-chat", messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=10, extra_headers={"x-sim-tokens": "10"},
+                )  # fmt: skip
+
+            for _ in range(20):
+                try:
+                    ask()
+                    served += 1
+                except openai.RateLimitError as e:
+                    refusal = e
+                    break
+            assert refusal is not None and 1 <= served < 20
+            message = refusal.body["message"] if isinstance(refusal.body, dict) else str(refusal)
+            assert "key 'k-money'" in message and "limit $0.1 per 4s" in message, message
+            assert refusal.response.headers["x-spendtap-refusal"] == "window"
+            wait = float(refusal.response.headers["retry-after"])
+            assert 0 < wait <= 4
+
+            # The house model has no price: under a money cap it is refused, never free.
+            with pytest.raises(openai.PermissionDeniedError) as unpriced:
+                client.chat.completions.create(
+                    model="house-model-7", messages=[{"role": "user", "content": "hi"}],
+                    max_tokens=5,
+                )  # fmt: skip
+            assert unpriced.value.response.headers["x-spendtap-refusal"] == "unpriced"
+            assert "has no known price" in str(unpriced.value)
+
+            time.sleep(wait + 0.2)
+            ask()  # served again once the window moved on
+            served += 1
+        rows = sidecar.rows(expect=served + 2)
+    finally:
+        sidecar.stop()
+        sim.stop()
+    ok = [r for r in rows if r["status"] == 200]
+    assert len(ok) == served
+    for r in ok:
+        assert r["cost_nusd"] == (r["prompt_tokens"] + r["completion_tokens"]) * 1_000_000
+    first_window = sorted(ok, key=lambda r: r["ts"])[:-1]
+    assert sum(r["cost_nusd"] for r in first_window) <= 100_000_000  # never past $0.10
+    refused = [r for r in rows if r["status"] in (429, 403)]
+    assert sorted(r["status"] for r in refused) == [403, 429]
+
+
+def test_a_stream_cut_short_is_priced_on_what_was_observed(priced):
+    """A client that hangs up mid-stream: the row has the usage spendtap observed
+    (estimated from what streamed), and its cost is that usage at the file's rates."""
+    sidecar, prices = priced
+    account = "acct-" + uuid.uuid4().hex[:8]
+    headers = {"x-helexa-account-id": account, "x-sim-tokens": "400", "x-sim-tps": "50"}
+    body = {"model": "sim-chat", "messages": [{"role": "user", "content": "a long one"}],
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", sidecar.url + "/v1/chat/completions", json=body,
+                      headers=headers) as resp,  # fmt: skip
+    ):
+        assert resp.status_code == 200
+        got = 0
+        for chunk in resp.iter_raw():
+            got += len(chunk)
+            if got > 600:
+                break
+    row = sidecar.row_for(account)
+    assert row["outcome"] == "client_disconnected"
+    assert 0 < row["completion_tokens"] < 400
+    assert row["price_source"] == f"file:{prices}"
+    assert row["cost_nusd"] == _cost(row["prompt_tokens"], row["completion_tokens"])

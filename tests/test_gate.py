@@ -32,13 +32,13 @@ def gate(tmp_path):
 
 def test_unbudgeted_requests_never_walk_the_body(gate, monkeypatch):
     walked = []
-    real = gate_module.reservation_tokens
+    real = gate_module.reservation_split
 
     def counting(*args, **kwargs):
         walked.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gate_module, "reservation_tokens", counting)
+    monkeypatch.setattr(gate_module, "reservation_split", counting)
     message = {"role": "user", "content": "x" * 100_000}
     body = json.dumps({"model": "m", "max_tokens": 5, "messages": [message]}).encode()
     admission = _admit(gate, body, "acme", "free-key")

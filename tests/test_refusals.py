@@ -37,7 +37,7 @@ def test_balance_openai():
         "error": {
             "message": "You exceeded your current quota: key 'k1' has a balance of 1000 "
             "tokens: used 990, reserved 0 by requests in flight, 10 left; this request "
-            "needs up to 50.",
+            "needs up to 50 tokens.",
             "type": "insufficient_quota",
             "param": None,
             "code": "insufficient_quota",
