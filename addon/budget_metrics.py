@@ -34,6 +34,7 @@ from spendtap.budgets import (
     read_statuses,
 )
 from spendtap.ledger import LedgerNotFound
+from spendtap.options import DEFAULT_METRICS_PREFIX
 
 __all__ = ["BudgetCollector"]
 
@@ -69,7 +70,7 @@ class BudgetCollector(Collector):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        prefix: str = "cortex",
+        prefix: str = DEFAULT_METRICS_PREFIX,
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 1.0,

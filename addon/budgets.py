@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from spendtap.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
+from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 from spendtap.usage import EMBEDDINGS, OTHER
 
@@ -82,13 +83,13 @@ __all__ = [
     "BudgetUnavailable",
     "Budgets",
     "Decision",
-    "estimate_prompt_tokens",
     "format_window",
     "open_readonly",
     "open_reservation_count",
     "owner_alive",
     "parse_window",
     "process_owner",
+    "prompt_tokens_upper_bound",
     "read_statuses",
     "reservation_split",
     "reservation_tokens",
@@ -400,22 +401,24 @@ def _walk(value: Any, counts: list[int], depth: int = 0) -> None:
         counts[0] += len(str(value))
 
 
-def estimate_prompt_tokens(
+def prompt_tokens_upper_bound(
     body: bytes | None,
     api: str | None = None,
     *,
     bytes_per_token: float = BYTES_PER_TOKEN,
     media_part_tokens: int = MEDIA_PART_TOKENS,
 ) -> int:
-    """A safe over-estimate of the input tokens of a request body.
+    """A safe over-estimate of the input tokens of a request body, for reservations.
 
-    Counts the UTF-8 bytes of every string, key and number of the JSON
-    document (but not ``model``, ``stream`` and similar settings), one token
-    per ``bytes_per_token`` bytes rounded up, plus ``STRUCTURE_TOKENS`` per
-    object and array and ``BASE_TOKENS``. Images, audio and files (parts typed
-    so, or base64 ``data:`` URLs) count ``media_part_tokens`` each instead of
-    their encoded size. A body that is not a JSON object counts all its bytes.
-    ``api`` is accepted for API-specific rules; the walk above suits them all.
+    Not ``spendtap.estimate.estimate_prompt_tokens`` (the best guess recorded when a
+    server reports no usage): this one must never be below the truth. It counts the
+    UTF-8 bytes of every string, key and number of the JSON document (but not
+    ``model``, ``stream`` and similar settings), one token per ``bytes_per_token``
+    bytes rounded up, plus ``STRUCTURE_TOKENS`` per object and array and
+    ``BASE_TOKENS``. Images, audio and files (parts typed so, or base64 ``data:``
+    URLs) count ``media_part_tokens`` each instead of their encoded size. A body that
+    is not a JSON object counts all its bytes. ``api`` is accepted for API-specific
+    rules; the walk above suits them all.
     Never raises.
     """
     del api
@@ -444,7 +447,7 @@ def reservation_split(
     api: str | None,
     max_output_tokens: int | None,
     *,
-    fallback_max_output: int = 4096,
+    fallback_max_output: int = DEFAULT_FALLBACK_MAX_OUTPUT,
     bytes_per_token: float = BYTES_PER_TOKEN,
 ) -> tuple[int, int]:
     """What a request reserves, as (prompt estimate, output limit) in tokens.
@@ -457,7 +460,7 @@ def reservation_split(
     """
     if api == OTHER:
         return 0, 0
-    prompt = estimate_prompt_tokens(body, api, bytes_per_token=bytes_per_token)
+    prompt = prompt_tokens_upper_bound(body, api, bytes_per_token=bytes_per_token)
     if api == EMBEDDINGS:
         return prompt, 0
     output = max_output_tokens if max_output_tokens is not None else fallback_max_output
@@ -469,7 +472,7 @@ def reservation_tokens(
     api: str | None,
     max_output_tokens: int | None,
     *,
-    fallback_max_output: int = 4096,
+    fallback_max_output: int = DEFAULT_FALLBACK_MAX_OUTPUT,
     bytes_per_token: float = BYTES_PER_TOKEN,
 ) -> int:
     """What a request reserves in tokens: the prompt estimate plus its output limit

@@ -36,7 +36,7 @@ from spendtap.budgets import (
     reservation_split,
 )
 from spendtap.keys import Keys, extract_secret, fingerprint
-from spendtap.options import PRINCIPAL_SOURCES
+from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT, PRINCIPAL_SOURCES
 from spendtap.pricing import Pricer, TokenSplit
 from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
 from spendtap.request import RequestInfo, clean_principal
@@ -82,7 +82,7 @@ class Gate:
         account_header: str = "x-helexa-account-id",
         key_header: str = "x-helexa-key-id",
         require_auth: bool = False,
-        fallback_max_output: int = 4096,
+        fallback_max_output: int = DEFAULT_FALLBACK_MAX_OUTPUT,
         fail_open: bool = False,
         trust: TrustPolicy | None = None,
         key_swap: bool = False,

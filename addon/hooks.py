@@ -39,15 +39,15 @@ from spendtap.errorpage import install as install_error_answers
 from spendtap.gate import Admission, Gate, Principal
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.keyswap import UpstreamCredential
-from spendtap.ledger import Ledger, LedgerError
-from spendtap.meter import (
+from spendtap.ledger import (
     CLIENT_DISCONNECTED,
     COMPLETED,
     REJECTED,
     UPSTREAM_ERROR,
-    FlowMeter,
-    outcome_for_error,
+    Ledger,
+    LedgerError,
 )
+from spendtap.meter import FlowMeter, outcome_for_error
 from spendtap.metrics import CallbackMetrics, Metrics
 from spendtap.metrics_server import MetricsServer
 from spendtap.options import BY_NAME, OPTIONS, OptionError, take_deferred

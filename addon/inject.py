@@ -121,7 +121,12 @@ class InjectedUsageFilter:
 
     def _filter(self, events: bytes, sep: bytes) -> bytes:
         if events.find(b"usage") < 0:
-            return events  # the common case: nothing to remove
+            return events  # nothing to remove
+        # What servers send on every chunk, in the compact form they all use, goes at C
+        # speed (inside a JSON string a quote is escaped, so this text cannot be data).
+        events = events.replace(b',"usage":null', b"")
+        if events.find(b"usage") < 0:
+            return events
         parts = events.split(sep)
         kept = []
         for part in parts:

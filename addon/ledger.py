@@ -20,7 +20,7 @@ Exceptions::
 
 A corrupt or foreign file is an error, never silently replaced.
 
-Usage semantics (see DESIGN.md): a token figure the server did not report is
+Usage semantics (see docs/usage-semantics.md): a token figure the server did not report is
 NULL, never 0. In ``report()`` each token sum is NULL when no row of the group
 reported that figure, and the sum of the reported figures otherwise (SQL ``SUM``
 ignores NULL). ``total_tokens`` is prompt + completion over the rows that
@@ -61,7 +61,11 @@ __all__ = [
 
 MIGRATIONS_TABLE = "_spendtap_migrations"
 
-OUTCOMES = ("completed", "client_disconnected", "upstream_error", "rejected")
+COMPLETED = "completed"
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_ERROR = "upstream_error"
+REJECTED = "rejected"
+OUTCOMES = (COMPLETED, CLIENT_DISCONNECTED, UPSTREAM_ERROR, REJECTED)
 USAGE_SOURCES = ("reported", "estimated", "none")
 REPORT_BY = (
     "account", "key", "model", "node", "api", "path", "outcome", "price_source", "day", "hour",

@@ -13,15 +13,10 @@ from datetime import UTC, datetime
 
 from spendtap.estimate import estimate_completion_tokens
 from spendtap.inject import InjectedUsageFilter
+from spendtap.ledger import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR
 from spendtap.request import RequestInfo
 from spendtap.scanner import ResponseScanner
 from spendtap.usage import EMBEDDINGS, ESTIMATED, NONE, REPORTED
-
-COMPLETED = "completed"
-CLIENT_DISCONNECTED = "client_disconnected"
-UPSTREAM_ERROR = "upstream_error"
-REJECTED = "rejected"
-OUTCOMES = (COMPLETED, CLIENT_DISCONNECTED, UPSTREAM_ERROR, REJECTED)
 
 MAX_ERROR_LEN = 200
 

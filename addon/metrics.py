@@ -29,6 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from spendtap.options import DEFAULT_METRICS_PREFIX
+
 # No counter or histogram exports its `*_created` series: no dashboard or alert uses
 # them, and exporters by convention leave them out (they double the series of every
 # counter). Process-wide, before any metric is made.
@@ -71,7 +73,7 @@ class Metrics:
     def __init__(
         self,
         registry: CollectorRegistry | None = None,
-        prefix: str = "cortex",
+        prefix: str = DEFAULT_METRICS_PREFIX,
         max_model_series: int = 200,
         max_principal_series: int = 1000,
     ):

@@ -31,6 +31,10 @@ from spendtap.address import parse_listen
 from spendtap.trust import MIN_SECRET_LEN, parse_trusted_peers
 
 PREFIX = "spendtap_"
+# Defaults other modules start from too (the CLI, the metrics and budget classes).
+DEFAULT_METRICS = "127.0.0.1:9464"
+DEFAULT_METRICS_PREFIX = "cortex"
+DEFAULT_FALLBACK_MAX_OUTPUT = 4096
 PRINCIPAL_SOURCES = ("headers", "bearer", "both")
 _METRIC_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -134,7 +138,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "spendtap_metrics",
         str,
-        "127.0.0.1:9464",
+        DEFAULT_METRICS,
         "Address (HOST:PORT) where spendtap serves Prometheus /metrics and /healthz. "
         "Empty disables the metrics server.",
         check=_check_address,
@@ -142,7 +146,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "spendtap_metrics_prefix",
         str,
-        "cortex",
+        DEFAULT_METRICS_PREFIX,
         "Prefix of every metric name; the default matches helexa cortex dashboards.",
         check=_check_metric_prefix,
     ),
@@ -270,7 +274,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "spendtap_fallback_max_output",
         int,
-        4096,
+        DEFAULT_FALLBACK_MAX_OUTPUT,
         "Output tokens reserved for a request that sets no max_tokens / "
         "max_completion_tokens / max_output_tokens.",
         minimum=0,

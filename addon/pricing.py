@@ -349,6 +349,14 @@ def _catalogue_usage(usage: TokenSplit):
     )
 
 
+# Models the catalogue does not list (self-hosted ones, mostly): remembered so that each
+# of their rows costs a set look-up, not a catalogue search. Whether a model is listed
+# does not depend on the time (only its prices do). Bounded; a new catalogue comes with
+# a new process.
+_UNLISTED: set[tuple[str, str | None, str | None]] = set()
+_MAX_UNLISTED = 10_000
+
+
 def _catalogue_cost(
     model: str,
     usage: TokenSplit,
@@ -358,21 +366,28 @@ def _catalogue_cost(
 ) -> Decimal | None:
     from genai_prices import calc_price
 
-    kwargs: dict[str, Any] = {"genai_request_timestamp": when}
+    key = (model, provider, api_url)
+    if key in _UNLISTED:
+        return None
+    attempts: list[dict[str, Any]] = [{}]
     if provider:
-        kwargs["provider_id"] = provider
+        attempts.insert(0, {"provider_id": provider})
     elif api_url:
-        kwargs["provider_api_url"] = api_url
-    try:
-        result = calc_price(_catalogue_usage(usage), model, **kwargs)
-    except (LookupError, ValueError):
-        if not (provider or api_url):
-            return None
-        try:  # the host says provider X, but X does not list the model: try by model alone
-            result = calc_price(_catalogue_usage(usage), model, genai_request_timestamp=when)
-        except (LookupError, ValueError):
-            return None
-    return Decimal(result.total_price)
+        # The host says provider X; if X does not list the model, try by model alone.
+        attempts.insert(0, {"provider_api_url": api_url})
+    for kwargs in attempts:
+        try:
+            result = calc_price(
+                _catalogue_usage(usage), model, genai_request_timestamp=when, **kwargs
+            )
+        except LookupError:
+            continue
+        except ValueError:
+            return None  # listed, but this usage cannot be priced: not remembered
+        return Decimal(result.total_price)
+    if len(_UNLISTED) < _MAX_UNLISTED:
+        _UNLISTED.add(key)
+    return None
 
 
 def _catalogue_model(model: str, provider: str | None, when: datetime | None):

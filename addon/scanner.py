@@ -5,7 +5,7 @@ response body as it passes through (``feed(chunk, now)``, which never raises) an
 yields a ``ScanResult`` at the end (``finish(now)``, idempotent).
 
 It reads the usage the server reports, normalized to ``spendtap.usage.Usage`` (see
-DESIGN.md "Usage semantics"):
+docs/usage-semantics.md):
 
 - a figure not reported is None, never 0;
 - streams: the last reported value of each figure wins, usage objects are never summed

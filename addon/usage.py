@@ -1,7 +1,7 @@
 """Normalized token usage: the figures one ledger row holds.
 
 Every API reports usage in its own shape; spendtap stores one meaning
-whatever the API (see DESIGN.md "Usage semantics"):
+whatever the API (see docs/usage-semantics.md):
 
 - ``prompt_tokens``: all input tokens processed, cache reads and writes included
 - ``completion_tokens``: all output tokens, reasoning included

@@ -57,6 +57,9 @@ class Scenario:
     tokens: int
     warmup_s: float
     duration_s: float
+    # False: the client does not ask for usage, so spendtap injects stream_options
+    # upstream and filters the usage chunk out (what most real clients get).
+    include_usage: bool = True
 
     def controls(self, ttft_ms: int, tps: int) -> dict[str, str]:
         h = {"x-sim-tokens": str(self.tokens)}
@@ -84,6 +87,8 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("stream-paced-c16", 16, True, True, 32, 0.9, 3.5),
         Scenario("stream-paced-c64", 64, True, True, 32, 0.9, 3.5),
         Scenario("json-c16", 16, False, False, 64, 0.4, 2.5),
+        # Issue 12's load: 200 events a response written back to back, no usage asked.
+        Scenario("stream-inject-c16", 16, True, False, 200, 0.4, 2.5, include_usage=False),
     ]
 
 
@@ -101,7 +106,7 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         "messages": [{"role": "user", "content": "Say hello"}],
         "stream": sc.stream,
     }
-    if sc.stream:
+    if sc.stream and sc.include_usage:
         body["stream_options"] = {"include_usage": True}
     headers = {
         "Authorization": f"Bearer {MASTER_KEY}",

@@ -50,7 +50,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from spendtap.address import parse_listen
-from spendtap.options import OptionError, check_settings
+from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.trust import TrustPolicy, unguarded_start
 
 MODES = ("reverse", "regular", "upstream", "transparent")
@@ -62,7 +62,7 @@ DEFAULTS: dict[str, str | None] = {
     "upstream": None,
     "listen": "127.0.0.1:8080",
     "db": None,  # None: the ledger's own default path (spendtap.paths)
-    "metrics": "127.0.0.1:9464",
+    "metrics": DEFAULT_METRICS,
     "mode": "reverse",
     "node": None,
     "metrics_prefix": None,
@@ -86,7 +86,7 @@ class Settings:
     upstream: str | None = None
     listen: str = "127.0.0.1:8080"
     db: str | None = None
-    metrics: str = "127.0.0.1:9464"
+    metrics: str = DEFAULT_METRICS
     mode: str = "reverse"
     node: str | None = None
     metrics_prefix: str | None = None

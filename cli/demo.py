@@ -159,6 +159,29 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
         return list(pool.map(one, range(n)))
 
 
+# The simulated fleet's self-hosted models are in no catalogue: the operator prices
+# them (dollars per million tokens); hosted models (claude-*) come from the catalogue.
+DEMO_PRICES = """\
+# spendtap demo: internal rates for the self-hosted models
+[models."llama-3.1-8b"]
+input = 0.05
+output = 0.08
+
+[models."qwen2.5-*"]
+input = 0.40
+cached_input = 0.10
+output = 1.20
+
+[models."gpt-oss-*"]
+input = 0.07
+output = 0.30
+
+[models."bge-m3"]
+input = 0.01
+output = 0
+"""
+
+
 @click.command()
 @click.option(
     "--db",
@@ -234,12 +257,15 @@ def demo(db, n, ttft_ms, tps, seed):
             stderr=subprocess.STDOUT,
         )
         _wait_port(sim_port, sim, "the simulator")
+        prices = workdir / "prices.toml"
+        prices.write_text(DEMO_PRICES)
         args = build_mitmdump_args(
             mode="reverse",
             upstream=sim_url,
             listen=f"127.0.0.1:{proxy_port}",
             db=db,
             metrics=f"127.0.0.1:{metrics_port}",
+            prices=str(prices),
         )
         proxy = subprocess.Popen(args, stdout=proxy_log, stderr=subprocess.STDOUT)
         _wait_port(proxy_port, proxy, "the sidecar (mitmdump)")
@@ -248,6 +274,7 @@ def demo(db, n, ttft_ms, tps, seed):
         click.echo(f"sidecar    {proxy_url}  -> {sim_url}")
         click.echo(f"metrics    http://127.0.0.1:{metrics_port}/metrics")
         click.echo(f"ledger     {db}")
+        click.echo(f"prices     {prices} (self-hosted models), then the genai-prices catalogue")
         click.echo(f"\nsending {n} requests with the openai and anthropic SDKs...")
         kinds = _traffic(proxy_url, n, seed)
         for kind in sorted(set(kinds)):

@@ -45,7 +45,7 @@ from spendtap.ledger import (
     connect_readonly,
     readonly_reason,
 )
-from spendtap.options import OptionError, check_settings
+from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
 from spendtap.trust import TrustPolicy, read_secret_file, unguarded_start
 
@@ -323,7 +323,7 @@ def metrics_url(address: str) -> str:
     metavar="ADDRESS",
     help="The metrics port: HOST:PORT as spendtap run --metrics takes it, or a URL "
     "(http://host:9464, or .../metrics) [default: from SPENDTAP_METRICS or the config "
-    "file, else 127.0.0.1:9464]. 'none' skips the check.",
+    f"file, else {DEFAULT_METRICS}]. 'none' skips the check.",
 )
 @click.option(
     "--upstream",

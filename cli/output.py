@@ -81,7 +81,8 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def _cell(value: Any, null: str) -> str:
+def format_cell(value: Any, null: str = "-") -> str:
+    """One value as table text: ``null`` for None, yes/no, 3 decimals, exact money."""
     if value is None:
         return null
     if isinstance(value, bool):
@@ -111,7 +112,7 @@ def format_table(
         and all(r.get(k) is None or _is_number(r.get(k)) for r in rows)
         for k in keys
     ]
-    body = [[_cell(r.get(k), null.get(k, "-")) for k in keys] for r in rows]
+    body = [[format_cell(r.get(k), null.get(k, "-")) for k in keys] for r in rows]
     widths = [max([len(h), *(len(line[i]) for line in body)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:

@@ -16,7 +16,7 @@ from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option, refuse_readonly
 from spendtap.ledger import Ledger, LedgerError
-from spendtap.options import redact
+from spendtap.options import DEFAULT_METRICS, redact
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
 from spendtap.trust import read_secret_file
@@ -147,7 +147,7 @@ def build_mitmdump_args(
     "--metrics",
     metavar="HOST:PORT",
     help="Prometheus /metrics and /healthz address; empty string disables. "
-    "[default: 127.0.0.1:9464; env: SPENDTAP_METRICS]",
+    f"[default: {DEFAULT_METRICS}; env: SPENDTAP_METRICS]",
 )
 @click.option(
     "--mode",

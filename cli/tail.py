@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from spendtap.cli.numbers import count, seconds
-from spendtap.cli.output import output_options, write_rows
+from spendtap.cli.output import format_cell, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import REQUESTS_TABLE, filter_options
 from spendtap.ledger import ROW_FIELDS, Ledger, LedgerError
@@ -50,16 +50,6 @@ _NUMERIC = {
     "duration_s",
     "tokens_per_s",
 }
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
 
 
 def _table_line(cells: list[tuple[str, str]]) -> str:
@@ -209,7 +199,7 @@ def tail_command(
         if fmt == "table":
             click.echo(_table_line([(k, h) for k, h in REQUESTS_TABLE]))
             for row in rows:
-                click.echo(_table_line([(k, _cell(row.get(k))) for k, _ in REQUESTS_TABLE]))
+                click.echo(_table_line([(k, format_cell(row.get(k))) for k, _ in REQUESTS_TABLE]))
         else:
             write_rows(rows, fmt, ROW_FIELDS)
     except (LedgerError, sqlite3.Error) as e:

@@ -40,7 +40,7 @@ class Case:
         return bool(self.meta["streaming"])
 
     def expected_usage(self) -> Usage:
-        """The meta's raw figures, normalized as the ledger stores them (DESIGN.md)."""
+        """The meta's raw figures, normalized as the ledger stores them (docs/)."""
         e = self.meta["expected"]
         inp, cached, created = (
             e["input_tokens"],

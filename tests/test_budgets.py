@@ -18,11 +18,11 @@ from spendtap.budgets import (
     USD,
     Budgets,
     BudgetUnavailable,
-    estimate_prompt_tokens,
     format_window,
     owner_alive,
     parse_window,
     process_owner,
+    prompt_tokens_upper_bound,
     reservation_tokens,
 )
 from spendtap.ledger import Ledger, LedgerNotFound
@@ -391,7 +391,7 @@ def test_estimate_over_counts_english_and_cjk():
     cjk = "日本語のテキストを数える。" * 100
     for text, real in ((english, len(english) / 4), (cjk, len(cjk) * 1.3)):
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
-        assert estimate_prompt_tokens(body.encode(), "openai-chat") > real
+        assert prompt_tokens_upper_bound(body.encode(), "openai-chat") > real
 
 
 def test_estimate_counts_images_flat_and_never_raises():
@@ -404,16 +404,16 @@ def test_estimate_counts_images_flat_and_never_raises():
             ]
         }
     ).encode()
-    assert estimate_prompt_tokens(body) < 10_000
-    assert estimate_prompt_tokens(b"\xff\xfe not json") > 0
-    assert estimate_prompt_tokens(b"") > 0
-    assert estimate_prompt_tokens(b"[" * 100_000) > 0
+    assert prompt_tokens_upper_bound(body) < 10_000
+    assert prompt_tokens_upper_bound(b"\xff\xfe not json") > 0
+    assert prompt_tokens_upper_bound(b"") > 0
+    assert prompt_tokens_upper_bound(b"[" * 100_000) > 0
 
 
 def test_reservation_tokens():
     """A reservation is the estimate plus the output limit, or the fallback."""
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    prompt = estimate_prompt_tokens(body)
+    prompt = prompt_tokens_upper_bound(body)
     assert reservation_tokens(body, "openai-chat", 100) == prompt + 100
     assert reservation_tokens(body, "openai-chat", None, fallback_max_output=7) == prompt + 7
     assert reservation_tokens(body, "embeddings", None) == prompt

@@ -101,3 +101,16 @@ def test_body_from_parsed_request_is_not_parsed_again_and_gives_the_same_bytes()
     ):
         info = parse_request("/v1/chat/completions", {}, body)
         assert with_include_usage(body, info) == with_include_usage(body)
+
+
+def test_filter_leaves_usage_text_inside_content_alone():
+    """Only JSON members are removed: a model that writes the text ,"usage":null (escaped
+    inside its content string) reaches the client unchanged, in every spacing form."""
+    content = rb'say \",\"usage\":null and \"usage\": null, please'
+    for extra in (b',"usage":null', b', "usage": null', b',"usage" : null'):
+        injected = CHUNK % (content, extra) + USAGE + b"data: [DONE]\n\n"
+        expected = CHUNK % (content, b"") + b"data: [DONE]\n\n"
+        assert _filter([injected]) == expected
+        assert json.loads(expected.split(b"\n\n")[0][6:])["choices"][0]["delta"]["content"] == (
+            'say ","usage":null and "usage": null, please'
+        )
