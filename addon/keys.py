@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spendtap.ledger import Ledger, LedgerError
+from spendtap.ledger import Ledger, LedgerError, connect_readonly
 from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
@@ -143,15 +143,28 @@ class Keys:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, create: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        create: bool = True,
+        readonly: bool = False,
     ):
         self.path = Path(path)
+        self._lock = threading.Lock()
+        if readonly:
+            # For keys list: works on a read-only mount or a copy.
+            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
+            self._conn, _note = connect_readonly(
+                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
+            )
+            self._conn.isolation_level = None
+            return
         opener = Ledger if create else Ledger.open_existing
         opener(self.path, busy_timeout_s=busy_timeout_s).close()
         self._conn = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:

@@ -296,6 +296,14 @@ OPTIONS: tuple[Option, ...] = (
         minimum=1,
     ),
     Option(
+        "spendtap_connection_log",
+        bool,
+        False,
+        "Log every client and server connection and streamed response (mitmproxy's "
+        "per-connection lines). Off, the log holds start-up, warnings and errors only; "
+        "spendtap run -v turns it on.",
+    ),
+    Option(
         "spendtap_max_model_series",
         int,
         200,

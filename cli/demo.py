@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import click
 
 from spendtap.address import free_port, wait_for_port
+from spendtap.cli.numbers import count
 from spendtap.cli.query import report_command
 from spendtap.cli.run import build_mitmdump_args
 
@@ -231,10 +233,35 @@ output = 0.05
     type=click.Path(dir_okay=False),
     help="Ledger to write (default: a new file in a temporary directory, kept).",
 )
-@click.option("--requests", "n", default=42, show_default=True, help="How many requests to send.")
-@click.option("--ttft-ms", default=120, show_default=True, help="Simulated time to first token.")
-@click.option("--tps", default=150, show_default=True, help="Simulated decode rate (tokens/s).")
-@click.option("--seed", default=7, show_default=True, help="Seed for the traffic mix.")
+@click.option(
+    "--requests",
+    "n",
+    type=count(1, 100_000),
+    default=42,
+    show_default=True,
+    help="How many requests to send.",
+)
+@click.option(
+    "--ttft-ms",
+    type=count(0, 600_000),
+    default=120,
+    show_default=True,
+    help="Simulated time to first token.",
+)
+@click.option(
+    "--tps",
+    type=count(0, 1_000_000),
+    default=150,
+    show_default=True,
+    help="Simulated decode rate (tokens/s).",
+)
+@click.option(
+    "--seed",
+    type=count(0, 2**63 - 1),
+    default=7,
+    show_default=True,
+    help="Seed for the traffic mix.",
+)
 def demo(db, n, ttft_ms, tps, seed):
     """Run the sidecar in front of the built-in simulator, send traffic, print the report.
 
@@ -313,7 +340,20 @@ def demo(db, n, ttft_ms, tps, seed):
         for line in metrics_text:
             click.echo("  " + line)
     click.echo(f"\ndone in {time.monotonic() - started:.1f}s; nothing left running.")
-    click.echo(f"query the ledger:  spendtap requests --db {db} --limit 10")
+    click.echo(f"query the ledger:  {_spendtap_command()} requests --db {db} --limit 10")
+
+
+def _spendtap_command() -> str:
+    """How to type ``spendtap`` from here: bare when it is on PATH, else its path
+    (after ``make demo`` it is ``.venv/bin/spendtap``)."""
+    here = Path(sys.executable).with_name("spendtap")
+    found = shutil.which("spendtap")
+    if found and Path(found).resolve() == here.resolve():
+        return "spendtap"
+    if not here.exists():
+        return "spendtap"
+    relative = os.path.relpath(here)
+    return str(here) if relative.startswith("..") else relative
 
 
 def _scrape(port: int) -> list[str]:
