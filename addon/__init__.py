@@ -6,7 +6,12 @@ or click:
 - ``spendtap.usage``       normalized token usage (the figures a ledger row holds)
 - ``spendtap.sse``         incremental WHATWG event-stream framing
 - ``spendtap.decoding``    incremental Content-Encoding decoders
-- ``spendtap.scanner``     per-response usage and timing scanner
+- ``spendtap.scanner``     per-response usage and timing scanner (OpenAI and Anthropic shapes)
+- ``spendtap.usage_shapes`` the OpenAI and Anthropic usage objects, one reader per family
+- ``spendtap.dialects``    the usage extractor base class for native API families
+- ``spendtap.dialect_*``   one native family each: ``gemini``, ``ollama``, ``llamacpp``,
+  ``cohere``; ``dialect_registry`` lists them, ``dialect_scanner`` scans with them
+- ``spendtap.framing``     incremental NDJSON / JSON-array / JSON document framing
 - ``spendtap.request``     what a request asks for (API, model, limits, principal headers)
 - ``spendtap.estimate``    usage estimates when a server reports none
 - ``spendtap.inject``      asking streams for usage, and hiding it from the client

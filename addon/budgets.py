@@ -68,10 +68,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from spendtap.ledger import Ledger, LedgerError, LedgerNotFound
+from spendtap.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
 from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
-from spendtap.usage import EMBEDDINGS, OTHER
+from spendtap.usage import INPUT_ONLY_APIS, OTHER
 
 __all__ = [
     "BALANCE",
@@ -461,7 +461,7 @@ def reservation_split(
     if api == OTHER:
         return 0, 0
     prompt = prompt_tokens_upper_bound(body, api, bytes_per_token=bytes_per_token)
-    if api == EMBEDDINGS:
+    if api in INPUT_ONLY_APIS:
         return prompt, 0
     output = max_output_tokens if max_output_tokens is not None else fallback_max_output
     return prompt, max(0, output)
@@ -612,9 +612,19 @@ class Budgets:
         *,
         busy_timeout_s: float = 5.0,
         create: bool = True,
+        readonly: bool = False,
     ):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        if readonly:
+            # For show, list and reservations: works on a read-only mount or a copy.
+            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
+            self._conn, _note = connect_readonly(
+                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
+            )
+            self._conn.isolation_level = None
+            return
         # Create (or check) and migrate through the ledger, then keep a plain
         # autocommit connection so that every transaction here is explicit.
         opener = Ledger if create else Ledger.open_existing
@@ -627,7 +637,6 @@ class Budgets:
         )
         self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
         self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:

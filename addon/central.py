@@ -148,6 +148,8 @@ _REQUESTS_COLUMNS_SQL = """
     response_bytes BIGINT,
     cost_nusd BIGINT CHECK (cost_nusd IS NULL OR cost_nusd >= 0),
     price_source TEXT,
+    server_prompt_s DOUBLE PRECISION,
+    server_decode_s DOUBLE PRECISION,
     shipped_from TEXT,
     shipped_at TIMESTAMPTZ NOT NULL DEFAULT now(),
     seq BIGSERIAL
@@ -1073,9 +1075,12 @@ class CentralStore:
                 CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
                      ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
                 END::bigint AS total_tokens,
-                count(*) FILTER (WHERE outcome IS DISTINCT FROM 'completed') AS errors,
-                count(*) FILTER (WHERE usage_source IS NULL OR usage_source = 'none')
-                    AS usage_missing,
+                count(*) FILTER (WHERE outcome NOT IN ('completed', 'rejected')) AS errors,
+                count(*) FILTER (WHERE outcome = 'rejected') AS refused,
+                count(*) FILTER (
+                    WHERE (usage_source IS NULL OR usage_source = 'none')
+                    AND outcome != 'rejected'
+                ) AS usage_missing,
                 round(avg(ttft_s)::numeric, 4)::float AS avg_ttft_s,
                 round(avg(tokens_per_s)::numeric, 2)::float AS avg_tokens_per_s,
                 sum(cost_nusd) AS cost_nusd,

@@ -31,19 +31,26 @@ _NOT_TEXT = frozenset(
      "format", "voice", "user", "service_tier", "reasoning_effort", "tool_choice", "url", "data",
      "file_id", "cache_control", "signature")
 )  # fmt: skip
-_IMAGE_KEYS = frozenset(("image_url", "image", "input_image"))
+_IMAGE_KEYS = frozenset(("image_url", "image", "input_image", "inlineData", "inline_data"))
+# Request keys whose values are prompt text: OpenAI, Anthropic, Gemini (contents,
+# systemInstruction), Ollama (prompt, system), Cohere (texts, query, documents).
+_PROMPT_KEYS = frozenset(
+    ("messages", "input", "prompt", "system", "instructions", "tools", "functions", "contents",
+     "systemInstruction", "system_instruction", "texts", "inputs", "query", "documents",
+     "suffix")
+)  # fmt: skip
 _MAX_DEPTH = 16
 
 
 def request_text(doc: dict) -> tuple[int, int, int]:
     """(text characters, messages, images) in a request document."""
     counts = [0, 0, 0]
-    for key in ("messages", "input"):
+    for key in ("messages", "input", "contents"):
         value = doc.get(key)
         if isinstance(value, list):
             counts[1] += len(value)
     for key, value in doc.items():
-        if key in ("messages", "input", "prompt", "system", "instructions", "tools", "functions"):
+        if key in _PROMPT_KEYS:
             _walk(value, counts, 0)
     return counts[0], counts[1], counts[2]
 

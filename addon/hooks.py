@@ -36,6 +36,7 @@ from spendtap.accesslog import AccessLog
 from spendtap.address import parse_listen
 from spendtap.budget_metrics import BudgetCollector
 from spendtap.commits import CommitWaiters
+from spendtap.errorpage import install as install_error_answers
 from spendtap.fleet import Fleet
 from spendtap.gate import Admission, Gate, Principal
 from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
@@ -54,7 +55,7 @@ from spendtap.metrics_server import MetricsServer
 from spendtap.options import BY_NAME, ENV_CENTRAL, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFileError, Pricer
-from spendtap.refusals import misconfigured, service_unavailable
+from spendtap.refusals import misconfigured, service_unavailable, upstream_failure
 from spendtap.request import detect_api, parse_request
 from spendtap.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
 from spendtap.writer import LedgerWriter
@@ -62,6 +63,8 @@ from spendtap.writer import LedgerWriter
 logger = logging.getLogger("spendtap")
 
 META_KEY = "spendtap"
+CONNECTION_LOGGER = "mitmproxy.proxy.server"
+UPSTREAM_WARN_EVERY_S = 60.0
 
 
 class SpendTap:
@@ -83,10 +86,17 @@ class SpendTap:
         self.trust = TrustPolicy.from_settings("", None)
         self.credential: UpstreamCredential | None = None
         self._warned_peers: set[str | None] = set()
+        # node -> (when its failures were last logged, failures since)
+        self._upstream_warned: dict[str, tuple[float, int]] = {}
 
     # -- options -----------------------------------------------------------
 
     def load(self, loader) -> None:
+        if not install_error_answers():
+            logger.warning(
+                "spendtap: this mitmproxy version cannot answer upstream failures with the "
+                "API's error envelope; clients get mitmproxy's HTML 502 page"
+            )
         # Check the --set values mitmproxy deferred for us before registering the
         # options: a value mitmproxy fails to parse would make it drop this script
         # and keep proxying unmetered (see spendtap.options).
@@ -97,6 +107,12 @@ class SpendTap:
             self._refuse_to_meter("; ".join(problems))
 
     def configure(self, updated: set[str]) -> None:
+        if "spendtap_connection_log" in updated:
+            # mitmproxy logs every connection ("client connect", "server connect",
+            # "Streaming response from ...") at info on this logger; a sidecar's log is
+            # start-up, warnings and errors unless asked.
+            on = bool(getattr(ctx.options, "spendtap_connection_log", False))
+            logging.getLogger(CONNECTION_LOGGER).setLevel(logging.NOTSET if on else logging.WARNING)
         try:
             for name in updated:
                 if name in BY_NAME:
@@ -603,8 +619,8 @@ class SpendTap:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
-        if meter is None:
-            return
+        if meter is None or meter.finished:
+            return  # finished: the error hook's answer to a failed upstream
         resp = flow.response
         if resp is not None and not resp.stream:
             # A body mitmproxy held whole (small, or set by another addon): scan it now.
@@ -633,9 +649,18 @@ class SpendTap:
 
     def error(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
+        msg = flow.error.msg if flow.error else "unknown error"
+        if flow.response is None and outcome_for_error(msg) == UPSTREAM_ERROR:
+            # Nothing reached the client yet: answer in the API's own envelope (see
+            # spendtap.errorpage), never mitmproxy's HTML page with the upstream address.
+            api = meter.info.api if meter is not None else detect_api(flow.request.path)
+            status, headers, body = upstream_failure(api, msg)
+            flow.response = http.Response.make(status, body, headers)
+            if meter is not None:
+                meter.status = status
+            self._warn_upstream(meter.node if meter is not None else flow.request.host, msg)
         if meter is None:
             return
-        msg = flow.error.msg if flow.error else "unknown error"
         outcome = outcome_for_error(msg)
         idle = time.time() - meter.last_activity
         if outcome == CLIENT_DISCONNECTED and idle >= ctx.options.tcp_timeout * 0.9:
@@ -643,12 +668,28 @@ class SpendTap:
             # leave, the upstream went silent.
             outcome = UPSTREAM_ERROR
             msg = f"upstream sent nothing for {idle:.0f}s (tcp_timeout)"
-        if flow.response is None and meter.status is None:
-            # mitmproxy answers an unreachable upstream with 502 itself.
-            meter.status = 502 if outcome == UPSTREAM_ERROR else None
+        if flow.response is None and meter.status is None and outcome == UPSTREAM_ERROR:
+            meter.status = 502  # the client saw the connection close: a gateway failure
         row = self._finish(flow, meter, outcome, msg)
         if row is not None:
             self._submit(row)
+
+    def _warn_upstream(self, node: str, msg: str) -> None:
+        """An upstream failure is a warning in the log, once a minute per node at most."""
+        now = time.monotonic()
+        last, since = self._upstream_warned.get(node, (float("-inf"), 0))
+        if now - last < UPSTREAM_WARN_EVERY_S:
+            self._upstream_warned[node] = (last, since + 1)
+            return
+        if len(self._upstream_warned) > 1000:
+            self._upstream_warned.clear()
+        self._upstream_warned[node] = (now, 0)
+        more = f" ({since} more since the last warning)" if since else ""
+        logger.warning(
+            f"spendtap: upstream {node} failed before answering: {msg}{more}; clients get "
+            f"a JSON 502/504 (further failures in the next {UPSTREAM_WARN_EVERY_S:.0f}s are "
+            "only counted)"
+        )
 
     def done(self) -> None:
         # On shutdown, done fires before in-flight flows' error hooks: finalize them

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spendtap.ledger import Ledger, LedgerError
+from spendtap.ledger import Ledger, LedgerError, connect_readonly
 from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
@@ -98,7 +98,8 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 def extract_secret(headers: Mapping[str, str]) -> str | None:
-    """The secret a request presents: ``Authorization: Bearer X``, else ``x-api-key``.
+    """The secret a request presents: ``Authorization: Bearer X``, else ``x-api-key``,
+    else ``x-goog-api-key`` (Gemini's native API).
 
     ``headers`` is any mapping with case-insensitive ``get`` (mitmproxy's
     ``Headers``) or a plain dict with lower-case (or title-case) names. Returns
@@ -109,9 +110,10 @@ def extract_secret(headers: Mapping[str, str]) -> str | None:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    api_key = _header(headers, "x-api-key")
-    if api_key and api_key.strip():
-        return api_key.strip()
+    for name in ("x-api-key", "x-goog-api-key"):
+        api_key = _header(headers, name)
+        if api_key and api_key.strip():
+            return api_key.strip()
     return None
 
 
@@ -163,15 +165,28 @@ class Keys:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, create: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        create: bool = True,
+        readonly: bool = False,
     ):
         self.path = Path(path)
+        self._lock = threading.Lock()
+        if readonly:
+            # For keys list: works on a read-only mount or a copy.
+            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
+            self._conn, _note = connect_readonly(
+                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
+            )
+            self._conn.isolation_level = None
+            return
         opener = Ledger if create else Ledger.open_existing
         opener(self.path, busy_timeout_s=busy_timeout_s).close()
         self._conn = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
-        self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:

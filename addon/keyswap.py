@@ -4,7 +4,8 @@ With ``spendtap_upstream_key_file`` set, a request authenticated by a spendtap k
 goes upstream with the operator's credential in place of the client's, so the
 client's secret never leaves the sidecar and the provider's never reaches a
 client. OpenAI-shaped APIs take ``Authorization: Bearer``; Anthropic's takes
-``x-api-key``. The other credential header is removed, so exactly one goes up.
+``x-api-key``; Gemini's native API ``x-goog-api-key``. The other credential headers are
+removed, so exactly one goes up.
 
 The file is read at start and again on ``reload`` (SIGHUP); the credential is
 never logged or shown (``repr`` hides it).
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import MutableMapping
 
 from spendtap.trust import read_secret_file
-from spendtap.usage import ANTHROPIC_MESSAGES
+from spendtap.usage import ANTHROPIC_MESSAGES, GEMINI
 
 OPTION = "spendtap_upstream_key_file"
 
@@ -36,10 +37,13 @@ class UpstreamCredential:
         anthropic = api == ANTHROPIC_MESSAGES or (
             "x-api-key" in headers and "authorization" not in headers
         )
-        for name in ("authorization", "x-api-key"):
+        gemini = api == GEMINI
+        for name in ("authorization", "x-api-key", "x-goog-api-key"):
             if name in headers:
                 del headers[name]
-        if anthropic:
+        if gemini:
+            headers["x-goog-api-key"] = self._secret
+        elif anthropic:
             headers["x-api-key"] = self._secret
         else:
             headers["authorization"] = f"Bearer {self._secret}"

@@ -31,6 +31,7 @@ This module imports neither click nor mitmproxy.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sqlite3
@@ -80,6 +81,9 @@ TOKEN_COLUMNS = (
     "reasoning_tokens",
 )
 REAL_COLUMNS = ("ttft_s", "duration_s", "tokens_per_s")
+# The server's own timing of the request, when it reports one (Ollama's nanosecond
+# durations, llama.cpp's ``timings``): prompt evaluation and decoding, in seconds.
+SERVER_TIMING_COLUMNS = ("server_prompt_s", "server_decode_s")
 
 # Every column of ``requests``, in table order: the keys of a row dict.
 COLUMNS = (
@@ -96,6 +100,7 @@ COLUMNS = (
     "response_bytes",
     "cost_nusd",
     "price_source",
+    *SERVER_TIMING_COLUMNS,
 )
 # What readers see of a row: the cost in dollars (a Decimal, exact) instead of the
 # stored integer nano-dollars.
@@ -328,12 +333,20 @@ def m005_money_budgets(db: sqlite_utils.Database) -> None:
     )
 
 
+def m006_server_timing(db: sqlite_utils.Database) -> None:
+    """The server's own prompt-evaluation and decode durations (seconds), when it reports
+    them (Ollama, llama.cpp); NULL otherwise and on older rows."""
+    db.execute("ALTER TABLE requests ADD COLUMN server_prompt_s REAL")
+    db.execute("ALTER TABLE requests ADD COLUMN server_decode_s REAL")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_budgets,
     m003_api_keys,
     m004_costs,
     m005_money_budgets,
+    m006_server_timing,
 ]
 
 
@@ -468,6 +481,8 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"cost_nusd must be zero or more, not {cost}")
     out["cost_nusd"] = cost
     out["price_source"] = _text("price_source", row.get("price_source"))
+    for name in SERVER_TIMING_COLUMNS:
+        out[name] = _real(name, row.get(name))
     return out
 
 
@@ -518,6 +533,74 @@ def _connect(path: Path, *, create: bool, busy_timeout_s: float) -> sqlite3.Conn
         raise
 
 
+def readonly_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why the ledger at ``path`` cannot be written from here, or None when it can.
+
+    Checks the file system (a read-only mount) and this user's permission on the
+    file; for a ledger that does not exist yet, on the nearest existing directory.
+    """
+    p = Path(path).absolute()
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        return None
+    if existing == p and not os.access(p, os.W_OK):
+        return "the file is not writable by this user"
+    if existing != p and not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
+
+
+def connect_readonly(
+    path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, check_same_thread: bool = True
+) -> tuple[sqlite3.Connection, str | None]:
+    """A read-only connection to an existing ledger file; never creates or changes a file.
+
+    ``mode=ro`` reads the ledger with its WAL (its recent rows) where SQLite can
+    keep the ``-shm`` index beside it. Where the directory cannot hold a ``-shm``
+    (a read-only mount, a backup copy in a directory this user cannot write),
+    the file is read as an immutable snapshot instead; rows still in a ``-wal``
+    file there are then not seen. Returns the connection and, for a snapshot
+    that misses rows of a WAL, a one-line note saying so (else None).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise LedgerNotFound(f"ledger not found: {p}")
+    if p.is_dir():
+        raise NotALedger(f"{p} is a directory, not a spendtap ledger")
+    base = "file:" + _uri_path(p) + "?mode=ro"
+    con = sqlite3.connect(
+        base, uri=True, timeout=busy_timeout_s, check_same_thread=check_same_thread
+    )
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return con, None
+    except sqlite3.OperationalError as e:
+        con.close()
+        shm = p.with_name(p.name + "-shm")
+        if shm.exists() or readonly_reason(p.parent) is None:
+            raise LedgerError(f"cannot open the ledger {p}: {e}") from None
+    except sqlite3.DatabaseError as e:
+        con.close()
+        raise NotALedger(f"{p} is not a spendtap ledger: {e}") from None
+    note = None
+    wal = p.with_name(p.name + "-wal")
+    with contextlib.suppress(OSError):
+        if wal.stat().st_size > 0:
+            note = (
+                f"{p} is read as a snapshot (its directory cannot hold SQLite's -shm file): "
+                f"the rows still in {wal.name} are not included"
+            )
+    con = sqlite3.connect(
+        base + "&immutable=1", uri=True, timeout=busy_timeout_s, check_same_thread=check_same_thread
+    )
+    return con, note
+
+
 PRIVATE_FILE_MODE = 0o600
 
 
@@ -559,14 +642,21 @@ class Ledger:
         *,
         busy_timeout_s: float = 5.0,
         _create: bool = True,
+        _readonly: bool = False,
     ):
         self.busy_timeout_s = busy_timeout_s
+        self.readonly = _readonly
+        # For a read-only snapshot that cannot see the rows of a WAL: what to tell the user.
+        self.note: str | None = None
         if isinstance(db, sqlite_utils.Database):
             self.path: Path | None = None
             self.db = db
         else:
             self.path = Path(db)
-            conn = _connect(self.path, create=_create, busy_timeout_s=busy_timeout_s)
+            if _readonly:
+                conn, self.note = connect_readonly(self.path, busy_timeout_s=busy_timeout_s)
+            else:
+                conn = _connect(self.path, create=_create, busy_timeout_s=busy_timeout_s)
             try:
                 self.db = sqlite_utils.Database(conn, execute_plugins=False)
             except BaseException:
@@ -580,16 +670,20 @@ class Ledger:
             raise
 
     @classmethod
-    def open_existing(cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> Ledger:
-        """Open an existing ledger file for reading; never creates a file.
+    def open_existing(
+        cls, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, readonly: bool = False
+    ) -> Ledger:
+        """Open an existing ledger file; never creates a file.
 
-        Raises ``LedgerNotFound`` if there is no such file and ``NotALedger`` if
-        it is not a spendtap ledger.
+        ``readonly`` opens it read-only (``connect_readonly``): it works on a
+        read-only mount or a backup copy, and never migrates. Raises
+        ``LedgerNotFound`` if there is no such file and ``NotALedger`` if it is
+        not a spendtap ledger.
         """
         p = Path(path)
         if not p.exists() and not p.is_symlink():
             raise LedgerNotFound(f"ledger not found: {p}")
-        return cls(p, busy_timeout_s=busy_timeout_s, _create=False)
+        return cls(p, busy_timeout_s=busy_timeout_s, _create=False, _readonly=readonly)
 
     def _setup(self, *, create: bool) -> None:
         conn = self.db.conn
@@ -608,6 +702,8 @@ class Ledger:
                 raise NotALedger(f"{where} is not a spendtap ledger ({what})")
             if create and not self.db.memory and self.db.journal_mode != "wal":
                 self.db.enable_wal()
+            if self.readonly:
+                return  # never migrates; a query on a missing table says so
             conn.execute("PRAGMA synchronous = NORMAL")
             if create or self._pending_migrations():
                 run_migrations(self.db, MIGRATIONS)
@@ -798,8 +894,9 @@ class Ledger:
 
         ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
         group under ``by`` (None for rows without one), ``bucket`` (the Unix time
-        at which its ``bucket_s``-second bucket starts, aligned to the epoch) and
-        ``value``; ordered by group, then bucket. Filters as in ``requests()``.
+        at which its ``bucket_s``-second bucket starts, aligned to the epoch),
+        ``value`` and ``refused`` (requests spendtap refused, which spend
+        nothing); ordered by group, then bucket. Filters as in ``requests()``.
         """
         if metric not in ("tokens", "cost"):
             raise ValueError(f"metric must be tokens or cost, not {metric!r}")
@@ -819,14 +916,15 @@ class Ledger:
             SELECT {by} AS grp,
                    CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) / :bucket * :bucket
                        AS bucket,
-                   {value} AS value
+                   {value} AS value,
+                   sum(outcome = 'rejected') AS refused
             FROM requests{where}
             GROUP BY grp, bucket
             ORDER BY grp, bucket
         """
         return [
-            {by: grp, "bucket": bucket, "value": value}
-            for grp, bucket, value in self.db.conn.execute(sql, params)
+            {by: grp, "bucket": bucket, "value": value, "refused": refused}
+            for grp, bucket, value, refused in self.db.conn.execute(sql, params)
         ]
 
     def time_span(self, **filters: Any) -> tuple[str, str] | None:
@@ -866,8 +964,11 @@ class Ledger:
         Each dict has the group value under the name of ``by`` (``None`` for
         anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
         both UTC), then ``requests``, the token sums (NULL when no row of the
-        group reported the figure), ``total_tokens``, ``errors`` (outcome other
-        than completed), ``usage_missing`` (no usage reported or estimated),
+        group reported the figure), ``total_tokens``, ``errors`` (upstream errors
+        and client disconnects), ``refused`` (requests spendtap answered itself:
+        budget, auth and ledger refusals, and an SDK's retries of them),
+        ``usage_missing`` (served requests with no usage reported or estimated;
+        refusals are never in it, nor in ``errors``),
         ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them),
         ``unpriced`` (rows with usage but no known price), ``cost_usd`` (the exact sum
         of the priced rows' costs, a ``Decimal``; None when none is priced) and
@@ -916,8 +1017,10 @@ class Ledger:
                 CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
                      ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
                 END AS total_tokens,
-                sum(outcome IS NOT 'completed') AS errors,
-                sum(usage_source IS NULL OR usage_source = 'none') AS usage_missing,
+                sum(outcome NOT IN ('completed', 'rejected')) AS errors,
+                sum(outcome = 'rejected') AS refused,
+                sum((usage_source IS NULL OR usage_source = 'none') AND outcome != 'rejected')
+                    AS usage_missing,
                 round(avg(ttft_s), 4) AS avg_ttft_s,
                 round(avg(tokens_per_s), 2) AS avg_tokens_per_s,
                 sum(cost_nusd) AS cost_nusd,

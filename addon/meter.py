@@ -11,12 +11,13 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
+from spendtap.dialect_scanner import make_scanner
 from spendtap.estimate import estimate_completion_tokens
 from spendtap.inject import InjectedUsageFilter
 from spendtap.ledger import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR
 from spendtap.request import RequestInfo
 from spendtap.scanner import ResponseScanner
-from spendtap.usage import EMBEDDINGS, ESTIMATED, NONE, REPORTED
+from spendtap.usage import ESTIMATED, INPUT_ONLY_APIS, NONE, OTHER, REPORTED
 
 MAX_ERROR_LEN = 200
 
@@ -88,7 +89,7 @@ class FlowMeter:
         self, status: int, content_type: str | None, content_encoding: str | None
     ) -> None:
         self.status = status
-        self.scanner = ResponseScanner(self.info.api, content_type, content_encoding)
+        self.scanner = make_scanner(self.info.api, content_type, content_encoding)
 
     def on_chunk(self, data: bytes) -> bytes:
         """mitmproxy's stream callable: pass every byte through, scan on the side."""
@@ -174,7 +175,15 @@ class FlowMeter:
         if first is not None:
             row["ttft_s"] = round(max(0.0, first - self.started_at), 6)
         completion = row["completion_tokens"]
-        if completion:
+        timing = result.server_timing
+        if timing is not None:
+            row["server_prompt_s"] = timing.prompt_s
+            row["server_decode_s"] = timing.decode_s
+        if timing is not None and timing.decode_tokens_per_s and row["usage_source"] == REPORTED:
+            # The server timed its own decoding (Ollama eval_duration, llama.cpp
+            # timings): more exact than the proxy's view of chunk arrivals.
+            row["tokens_per_s"] = timing.decode_tokens_per_s
+        elif completion:
             # Decode rate over the first-to-last content window; a single-chunk body
             # has no window, so fall back to the whole duration (as the seed does).
             if (
@@ -201,10 +210,12 @@ class FlowMeter:
         """
         if self.status is None or self.status >= 400:
             return  # an error answer generated nothing billable
+        if self.info.api == OTHER:
+            return  # an API spendtap does not recognise: no guess (counted by path family)
         if result.error and not result.content_events:
             return  # failed before generating anything (e.g. overloaded): not billed
         completion_seen = estimate_completion_tokens(result.output_chars, result.content_events)
-        if self.info.api == EMBEDDINGS:
+        if self.info.api in INPUT_ONLY_APIS:
             completion_seen = None
         if row["usage_source"] == NONE:
             prompt = self.info.prompt_estimate

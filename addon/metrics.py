@@ -9,6 +9,8 @@ tens of minutes, decode rates run from a few to thousands of tokens/s.
 Label values that come from traffic (model, node, account, key) are bounded:
 past a cap, new values are folded into ``_other`` so a client sending random
 model names or keys cannot explode the series count.
+
+No ``*_created`` series are exported (``disable_created_metrics``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spendtap.options import DEFAULT_METRICS_PREFIX
+from spendtap.request import path_family
+
+# No counter or histogram exports its `*_created` series: no dashboard or alert uses
+# them, and exporters by convention leave them out (they double the series of every
+# counter). Process-wide, before any metric is made.
+disable_created_metrics()
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -182,6 +196,14 @@ class Metrics:
             "(spendtap_trusted_peers, gateway secret): ignored and removed.",
             registry=r,
         )
+        self.unrecognized = Counter(
+            p + "unrecognized_api_requests",
+            "Requests to a path of no API spendtap recognises (usage only if the answer "
+            "carries a known usage object; never estimated), by path family (first "
+            "segments, ids replaced by :id).",
+            ("path_family",),
+            registry=r,
+        )
         self.in_flight = Gauge(
             p + "in_flight_requests",
             "Requests currently being proxied.",
@@ -189,6 +211,7 @@ class Metrics:
         )
         self._children: dict[tuple, object] = {}
         self._models = LabelCap(max_model_series)
+        self._path_families = LabelCap(100)
         self._principals = LabelCap(max_principal_series)
 
     def model_node(self, model: str | None, node: str | None) -> tuple[str, str]:
@@ -220,7 +243,15 @@ class Metrics:
             child(self.completion_tokens, mn).inc(completion)
         if row.get("cached_tokens"):
             child(self.cached_prompt_tokens, mn).inc(row["cached_tokens"])
-        child(self.usage_source, (model, node, row.get("usage_source") or "none")).inc()
+        if row["outcome"] != "rejected":
+            # A refusal carries no usage by design (it is in rejections_total): counting it
+            # as source="none" would hide a real metering gap among deliberate refusals.
+            child(self.usage_source, (model, node, row.get("usage_source") or "none")).inc()
+        if row.get("api") == "other":
+            family = path_family(row.get("path") or "/")
+            if self._path_families.admit(family) is None:
+                family = OTHER_LABEL
+            child(self.unrecognized, (family,)).inc()
         # Anonymous requests are metered per model but never charged.
         if row.get("account") or row.get("key"):
             ak = self.principal(row.get("account"), row.get("key"))

@@ -211,8 +211,8 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "File holding the operator's upstream API key. When set, a request authenticated "
         "by a spendtap key goes upstream with this credential instead of the client's "
-        "(Authorization: Bearer, or x-api-key for Anthropic), and an unknown key is "
-        "refused. Read at start and on SIGHUP.",
+        "(Authorization: Bearer, or x-api-key for Anthropic, x-goog-api-key for Gemini), "
+        "and an unknown key is refused. Read at start and on SIGHUP.",
     ),
     Option(
         "spendtap_prices",
@@ -329,6 +329,14 @@ OPTIONS: tuple[Option, ...] = (
         "This sidecar's lease in the central store, in seconds: renewed every third of "
         "it; once expired, any other sidecar releases this node's open reservations.",
         minimum=1,
+    ),
+    Option(
+        "spendtap_connection_log",
+        bool,
+        False,
+        "Log every client and server connection and streamed response (mitmproxy's "
+        "per-connection lines). Off, the log holds start-up, warnings and errors only; "
+        "spendtap run -v turns it on.",
     ),
     Option(
         "spendtap_max_model_series",

@@ -7,6 +7,9 @@ error envelope the client's SDK already understands:
 - OpenAI-compatible APIs: ``{"error": {"message", "type", "param": null, "code"}}``
 - Anthropic Messages (``api == "anthropic-messages"``):
   ``{"type": "error", "error": {"type", "message"}}``
+- Gemini: ``{"error": {"code", "message", "status"}}`` (``RESOURCE_EXHAUSTED``,
+  ``UNAUTHENTICATED``, ``UNAVAILABLE``); Ollama: ``{"error": "message"}``;
+  Cohere: ``{"message": "..."}``
 
 Statuses:
 
@@ -23,6 +26,15 @@ Statuses:
   reserve (Anthropic ``api_error``).
 - 503 ``spendtap_misconfigured`` when spendtap was started with a setting it
   cannot honour: it refuses every request rather than proxy unmetered.
+- 502 ``upstream_unavailable`` (504 ``upstream_timeout``) when the inference
+  server cannot be reached, fails TLS, times out or closes the connection
+  before its response head (Anthropic ``api_error``). These replace
+  mitmproxy's HTML error page; the message never names the upstream's address.
+
+Refusals no wait can cure (a spent balance, a request larger than the whole
+cap, an unknown key) carry ``x-should-retry: false``, which the official
+openai and anthropic SDKs obey: one attempt, not three. Window refusals carry
+``Retry-After`` instead, which they wait for.
 
 Messages name the scope, principal and cap; never a secret or a header value.
 Every refusal carries ``x-spendtap-refusal`` with a short machine-readable reason.
@@ -34,18 +46,35 @@ import json
 import math
 
 from spendtap.budgets import Decision, format_amount, format_window
-from spendtap.usage import ANTHROPIC_MESSAGES
+from spendtap.usage import (
+    ANTHROPIC_MESSAGES,
+    COHERE_CHAT,
+    COHERE_EMBED,
+    GEMINI,
+    OLLAMA_CHAT,
+    OLLAMA_EMBED,
+    OLLAMA_GENERATE,
+    RERANK,
+)
 
 __all__ = [
     "REFUSAL_HEADER",
+    "SHOULD_RETRY_HEADER",
     "budget_refusal",
     "invalid_api_key",
     "misconfigured",
     "retry_after_header",
     "service_unavailable",
+    "upstream_failure",
 ]
 
 REFUSAL_HEADER = "x-spendtap-refusal"
+SHOULD_RETRY_HEADER = "x-should-retry"  # the openai and anthropic SDKs' retry override
+
+# google.rpc.Code names of the statuses spendtap answers with, for Gemini's envelope.
+_GOOGLE_STATUS = {401: "UNAUTHENTICATED", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+_OLLAMA = (OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_EMBED)
+_COHERE = (COHERE_CHAT, COHERE_EMBED, RERANK)
 
 Refusal = tuple[int, dict[str, str], bytes]
 
@@ -64,9 +93,22 @@ def _build(
     anthropic_type: str,
     reason: str,
     retry_after_s: float | None = None,
+    final: bool = False,
 ) -> Refusal:
     if api == ANTHROPIC_MESSAGES:
         doc: dict = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+    elif api == GEMINI:
+        doc = {
+            "error": {
+                "code": status,
+                "message": message,
+                "status": _GOOGLE_STATUS.get(status, "UNKNOWN"),
+            }
+        }
+    elif api in _OLLAMA:
+        doc = {"error": message}
+    elif api in _COHERE:
+        doc = {"message": message}
     else:
         doc = {
             "error": {"message": message, "type": openai_type, "param": None, "code": openai_code}
@@ -74,6 +116,9 @@ def _build(
     headers = {"content-type": "application/json", REFUSAL_HEADER: reason}
     if retry_after_s is not None:
         headers["retry-after"] = retry_after_header(retry_after_s)
+    if final:
+        # No wait cures it: the official SDKs obey this header and do not retry.
+        headers[SHOULD_RETRY_HEADER] = "false"
     return status, headers, json.dumps(doc).encode()
 
 
@@ -100,7 +145,7 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
         )
         return _build(
             api, 403, message, "invalid_request_error", "model_not_priced",
-            "permission_error", "unpriced",
+            "permission_error", "unpriced", final=True,
         )  # fmt: skip
     if decision.reason == "balance":
         if decision.too_large:
@@ -109,9 +154,13 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
                 f"balance of {amount(decision.cap)} of {who}."
             )
         else:
+            used, reserved = decision.spent or 0, decision.reserved or 0
+            left = max(0, (decision.cap or 0) - used - reserved)
             message = (
-                f"You exceeded your current quota: {who} has used its balance of "
-                f"{amount(decision.cap)}."
+                f"You exceeded your current quota: {who} has a balance of "
+                f"{amount(decision.cap)}: used {figure(used)}, reserved {figure(reserved)} by "
+                f"requests in flight, {figure(left)} left; this request needs up to "
+                f"{amount(needed)}."
             )
         return _build(
             api,
@@ -120,7 +169,8 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
             "insufficient_quota",
             "insufficient_quota",
             "rate_limit_error",
-            "balance",
+            "balance_too_large" if decision.too_large else "balance",
+            final=True,
         )
     window = format_window(decision.window_s)
     if decision.too_large:
@@ -146,6 +196,7 @@ def budget_refusal(api: str | None, decision: Decision) -> Refusal:
         "rate_limit_error",
         "window_too_large" if decision.too_large else "window",
         retry,
+        final=decision.too_large,
     )
 
 
@@ -159,6 +210,7 @@ def invalid_api_key(api: str | None) -> Refusal:
         "invalid_api_key",
         "authentication_error",
         "invalid_api_key",
+        final=True,
     )
 
 
@@ -191,4 +243,41 @@ def misconfigured(api: str | None, problem: str) -> Refusal:
         "spendtap_misconfigured",
         "api_error",
         "misconfigured",
+    )
+
+
+def _upstream_problem(error: str) -> tuple[int, str, str]:
+    """Classify mitmproxy's error message: status, code, and what went wrong in plain words.
+
+    The words never include the message itself: it names the upstream's address.
+    """
+    text = error.lower()
+    if "timed out" in text or "timeout" in text or "errno 110]" in text:
+        return 504, "upstream_timeout", "did not answer in time"
+    if "tls" in text or "ssl" in text or "certificate" in text or "handshake" in text:
+        return 502, "upstream_unavailable", "failed the TLS handshake"
+    if "refused" in text or "errno 111]" in text:
+        return 502, "upstream_unavailable", "refused the connection"
+    if "name or service" in text or "getaddrinfo" in text or "resolve" in text:
+        return 502, "upstream_unavailable", "could not be resolved"
+    if "connect" in text and "disconnect" not in text:
+        return 502, "upstream_unavailable", "could not be reached"
+    return 502, "upstream_unavailable", "closed the connection before answering"
+
+
+def upstream_failure(api: str | None, error: str) -> Refusal:
+    """The 502/504 for a request whose upstream failed before its response head.
+
+    ``error`` is mitmproxy's flow error (it stays in the ledger row, never in the answer).
+    """
+    status, code, what = _upstream_problem(error)
+    return _build(
+        api,
+        status,
+        f"The inference server is unavailable: it {what}. The request was not "
+        "processed; please retry later.",
+        "server_error",
+        code,
+        "api_error",
+        code,
     )

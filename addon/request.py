@@ -13,10 +13,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from spendtap.dialect_registry import EXTRACTORS, detect_native
 from spendtap.estimate import estimate_prompt_tokens, request_text
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
+    NATIVE_APIS,
     OPENAI_CHAT,
     OPENAI_COMPLETIONS,
     OPENAI_RESPONSES,
@@ -35,7 +37,9 @@ _ESTIMATED_APIS = (
     OPENAI_RESPONSES,
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
+    *NATIVE_APIS,
 )
+
 _AZURE_DEPLOYMENT = re.compile(r"/deployments/([^/]+)/")
 _HEAD_FIELDS = {
     "model": re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,256})"'),
@@ -70,9 +74,10 @@ def detect_api(path: str) -> str:
         return OPENAI_RESPONSES
     if p.endswith("/messages"):
         return ANTHROPIC_MESSAGES
-    if p.endswith("/embeddings"):
+    if p.endswith("/embeddings") and not p.endswith("/api/embeddings"):
         return EMBEDDINGS
-    return OTHER
+    native = detect_native(p)  # Gemini, Ollama, llama.cpp, Cohere (spendtap.dialect_registry)
+    return native.api if native is not None else OTHER
 
 
 def _positive_int(value: object) -> int | None:
@@ -97,6 +102,13 @@ def parse_request(path: str, headers: Mapping[str, str] | None, body: bytes | No
         _from_head(info, body[:_HEAD_BYTES])
         # Too large to parse on the event loop: most of such a body is images.
         info.prompt_estimate = estimate_prompt_tokens(len(body) // 8, 1, 0)
+    native = EXTRACTORS.get(info.api)
+    if native is not None:
+        # Gemini names the model and the streaming in the path, not the body.
+        model, streaming = native.facts_from_path(path)
+        info.model = model or info.model
+        if streaming is not None:
+            info.stream = streaming
     if info.model is None:
         # Azure OpenAI names the deployment in the path, not the body.
         m = _AZURE_DEPLOYMENT.search(path)
@@ -109,12 +121,21 @@ def _from_document(info: RequestInfo, doc: dict) -> None:
     model = doc.get("model")
     if isinstance(model, str) and model:
         info.model = model[:256]
-    info.stream = doc.get("stream") is True
+    native = EXTRACTORS.get(info.api)
+    stream = doc.get("stream")
+    if native is not None and native.STREAMS_BY_DEFAULT:
+        info.stream = stream is not False  # Ollama streams unless told not to
+    else:
+        info.stream = stream is True
     for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         limit = _positive_int(doc.get(field))
         if limit is not None:
             info.max_output_tokens = limit
             break
+    if native is not None:
+        limit = native.output_limit(doc)
+        if limit is not None:
+            info.max_output_tokens = limit
     if info.api in _ESTIMATED_APIS:
         info.prompt_estimate = estimate_prompt_tokens(*request_text(doc))
     options = doc.get("stream_options")
@@ -130,12 +151,36 @@ def _from_head(info: RequestInfo, head: bytes) -> None:
             info.model = json.loads(b'"' + found["model"].group(1) + b'"')[:256]
         except ValueError:
             info.model = None
+    native = EXTRACTORS.get(info.api)
     if found["stream"]:
         info.stream = found["stream"].group(1) == b"true"
+    elif native is not None and native.STREAMS_BY_DEFAULT:
+        info.stream = True
     for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         if found[field]:
             info.max_output_tokens = int(found[field].group(1))
             break
+
+
+_ID_SEGMENT = re.compile(r"^(?=.*\d)[A-Za-z0-9._~:-]{8,}$|^\d+$")
+_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._~:-]")
+
+
+def path_family(path: str, depth: int = 3) -> str:
+    """A bounded label for a request path: its first segments, ids replaced by ``:id``.
+
+    ``/v1/models`` stays itself; ``/v1/threads/thread_abc123XYZ/runs`` becomes
+    ``/v1/threads/:id``; the query string is dropped. For metrics on requests of an
+    API spendtap does not recognise (never a raw path: it may carry ids or secrets).
+    """
+    segments = [s for s in path.split("?", 1)[0].split("/") if s][:depth]
+    out = []
+    for seg in segments:
+        if _ID_SEGMENT.match(seg):
+            out.append(":id")
+        else:
+            out.append(_SAFE_SEGMENT.sub("_", seg)[:40])
+    return "/" + "/".join(out)
 
 
 _UNSAFE_LABEL = re.compile(r"[^\x21-\x7e]")

@@ -20,6 +20,11 @@ docs/usage-semantics.md):
 - Responses API: ``response.usage`` in ``response.completed`` / ``incomplete`` /
   ``failed``.
 
+The usage objects themselves are read by :mod:`spendtap.usage_shapes` (one reader per
+family, vendor variants included); this module frames the body and finds them. The
+native API families (Gemini, Ollama, llama.cpp, Cohere) are scanned by
+:mod:`spendtap.dialect_scanner`, a subclass that reuses this framing and decoding.
+
 Bodies are framed as server-sent events when the content type says so or the body
 looks like an event stream, otherwise read as one JSON document (whole when small,
 by head and tail when large). Memory per response is bounded and cost is linear.
@@ -38,8 +43,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spendtap.decoding import DecodeError, Decoder, is_identity, make_decoder
+from spendtap.dialect_llamacpp import timings_of
+from spendtap.dialects import ServerTiming
 from spendtap.sse import SSEParser
-from spendtap.usage import ANTHROPIC_MESSAGES, NONE, OPENAI_RESPONSES, REPORTED, Usage
+from spendtap.usage import NONE, REPORTED, Usage
+from spendtap.usage_shapes import (
+    ANTHROPIC_SHAPE,
+    N_FIGURES,
+    OPENAI_SHAPE,
+    anthropic_figures,
+    anthropic_usage,
+    chat_figures,
+    input_output_shape,
+    openai_usage,
+    responses_figures,
+)
 
 __all__ = ["ResponseScanner", "ScanResult", "last_usage_object"]
 
@@ -82,9 +100,9 @@ _CHAT_DELTA_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "too
 _loads = json.loads
 _raw_decoder = json.JSONDecoder()
 
-# Usage families.
-_OA = 1  # prompt_tokens/completion_tokens or Responses input_tokens (cache included)
-_AN = 2  # Anthropic input_tokens (cache reads and writes excluded)
+# Usage families (spendtap.usage_shapes).
+_OA = OPENAI_SHAPE
+_AN = ANTHROPIC_SHAPE
 
 
 @dataclass(slots=True)
@@ -104,19 +122,10 @@ class ScanResult:
     # Approximate characters of generated text, for estimating usage a server did
     # not report (see ``spendtap.estimate``); None when there is nothing to go on.
     output_chars: int | None = None
-
-
-def _int(v: Any) -> int | None:
-    """A token count, or None when ``v`` is not a non-negative integer."""
-    if type(v) is int:
-        return v if v >= 0 else None
-    if type(v) is float and v >= 0 and v.is_integer():
-        return int(v)
-    return None
-
-
-def _sub(d: Any, key: str) -> int | None:
-    return _int(d.get(key)) if isinstance(d, dict) else None
+    # Durations the server itself reported (Ollama, llama.cpp ``timings``), if any.
+    server_timing: ServerTiming | None = None
+    # How the body was framed: "sse", "json", "ndjson", "json-array" (None: no body).
+    framing: str | None = None
 
 
 def _error_summary(e: Any) -> str | None:
@@ -228,6 +237,7 @@ class ResponseScanner:
         "_pre",
         "_result",
         "_stopped",
+        "_timings",
     )
 
     def __init__(
@@ -261,10 +271,10 @@ class ResponseScanner:
             self._decode_error = f"{type(e).__name__}: {e}"[:MAX_ERROR_LEN]
             self._stopped = True
         # Raw usage figures, per family, last value of each wins.
-        # _oa: prompt, completion, cached, reasoning (OpenAI chat/completions/Responses)
+        # _oa: prompt, completion, cached, reasoning, cache creation (OpenAI shapes)
         # _an: input, output, cache read, cache creation, reasoning (Anthropic)
-        self._oa: list[int | None] = [None] * 4
-        self._an: list[int | None] = [None] * 5
+        self._oa: list[int | None] = [None] * N_FIGURES
+        self._an: list[int | None] = [None] * N_FIGURES
         self._fam = 0  # family of the last usage object seen
         self._first: float | None = None
         self._last: float | None = None
@@ -292,6 +302,7 @@ class ResponseScanner:
         self._j_tail: list[bytes] = []
         self._j_tail_len = 0
         self._result: ScanResult | None = None
+        self._timings: dict | None = None  # llama.cpp's ``timings`` sibling of usage
 
     # -- feeding ------------------------------------------------------------------
 
@@ -492,6 +503,9 @@ class ResponseScanner:
             if type(m) is str and m:
                 self._model = m[:256]
         self._object_usage(obj, t)
+        tm = obj.get("timings")
+        if type(tm) is dict:
+            self._timings = tm
         if self._error is None:
             self._object_error(obj, t, ev_type)
         return self._object_content(obj, t)
@@ -513,6 +527,13 @@ class ResponseScanner:
         u = obj.get("usage")
         if isinstance(u, dict):
             self._usage(u, hint)
+        elif type(obj.get("choices")) is list:
+            # Moonshot: usage inside the finish chunk's choice, not beside it.
+            for c in obj["choices"]:
+                if type(c) is dict:
+                    cu = c.get("usage")
+                    if type(cu) is dict:
+                        self._usage(cu, hint)
 
     def _object_error(self, obj: dict, t: str | None, ev_type: str | None) -> None:
         e = obj.get("error")
@@ -569,68 +590,13 @@ class ResponseScanner:
     def _usage(self, u: dict, hint: int) -> None:
         """Record one usage object; each reported figure replaces the previous one."""
         if "prompt_tokens" in u or "completion_tokens" in u:
-            vals = (
-                _int(u.get("prompt_tokens")),
-                _int(u.get("completion_tokens")),
-                _sub(u.get("prompt_tokens_details"), "cached_tokens"),
-                _sub(u.get("completion_tokens_details"), "reasoning_tokens"),
-            )
-            self._record(self._oa, vals, _OA)
+            self._record(self._oa, chat_figures(u), _OA)
             return
-        if not (
-            "input_tokens" in u
-            or "output_tokens" in u
-            or "iterations" in u
-            or "cache_read_input_tokens" in u
-            or "cache_creation_input_tokens" in u
-        ):
-            return
-        api = self._api
-        if api == ANTHROPIC_MESSAGES:
-            fam = _AN
-        elif api == OPENAI_RESPONSES:
-            fam = _OA
-        elif "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u:
-            fam = _AN
-        elif "input_tokens_details" in u or "output_tokens_details" in u:
-            fam = _OA
-        else:
-            # Without cache figures both shapes normalize alike: prompt = input_tokens.
-            fam = hint or _OA
+        fam = input_output_shape(u, self._api, hint)
         if fam == _OA:
-            vals = (
-                _int(u.get("input_tokens")),
-                _int(u.get("output_tokens")),
-                _sub(u.get("input_tokens_details"), "cached_tokens"),
-                _sub(u.get("output_tokens_details"), "reasoning_tokens"),
-            )
-            self._record(self._oa, vals, _OA)
-            return
-        odet = u.get("output_tokens_details")
-        reasoning = _sub(odet, "reasoning_tokens")
-        if reasoning is None:
-            reasoning = _sub(odet, "thinking_tokens")
-        figs = [
-            _int(u.get("input_tokens")),
-            _int(u.get("output_tokens")),
-            _int(u.get("cache_read_input_tokens")),
-            _int(u.get("cache_creation_input_tokens")),
-            reasoning,
-        ]
-        its = u.get("iterations")
-        if type(its) is list and its:
-            # Server-side compaction: every sampling iteration is billed.
-            keys = ("input_tokens", "output_tokens", "cache_read_input_tokens",
-                    "cache_creation_input_tokens")  # fmt: skip
-            for i, k in enumerate(keys):
-                total = None
-                for it in its:
-                    v = _sub(it, k)
-                    if v is not None:
-                        total = v if total is None else total + v
-                if total is not None:
-                    figs[i] = total
-        self._record(self._an, figs, _AN)
+            self._record(self._oa, responses_figures(u), _OA)
+        elif fam == _AN:
+            self._record(self._an, anthropic_figures(u), _AN)
 
     def _record(self, store: list, vals: Any, fam: int) -> None:
         seen = False
@@ -695,6 +661,9 @@ class ResponseScanner:
         if type(m) is str and m:
             self._model = m[:256]
         self._object_usage(obj, t)
+        tm = obj.get("timings")
+        if type(tm) is dict:
+            self._timings = tm
         if self._fam == 0:
             self._json_text_chars = generated_text_chars(obj)
         e = obj.get("error")
@@ -731,21 +700,12 @@ class ResponseScanner:
         return r
 
     def _build(self) -> ScanResult:
-        usage = Usage()
         if self._fam == _AN:
-            inp, out, c_read, c_create, reasoning = self._an
-            if inp is not None:
-                usage.prompt_tokens = inp + (c_read or 0) + (c_create or 0)
-            usage.completion_tokens = out
-            usage.cached_tokens = c_read
-            usage.cache_creation_tokens = c_create
-            usage.reasoning_tokens = reasoning
+            usage = anthropic_usage(self._an)
         elif self._fam == _OA:
-            p, c, cached, reasoning = self._oa
-            usage.prompt_tokens = p
-            usage.completion_tokens = c
-            usage.cached_tokens = cached
-            usage.reasoning_tokens = reasoning
+            usage = openai_usage(self._oa)
+        else:
+            usage = Usage()
         if self._mode == _JSON:
             first, last = self._first_bytes_at, self._last_bytes_at
             n = 1 if self._bytes else 0
@@ -767,4 +727,6 @@ class ResponseScanner:
             streamed_sse=self._mode == _SSE,
             internal_errors=self._internal,
             output_chars=output_chars,
+            server_timing=timings_of(self._timings) if self._timings else None,
+            framing=("sse" if self._mode == _SSE else "json") if self._mode else None,
         )

@@ -62,23 +62,26 @@ def open_ledger_reader(db: str | os.PathLike[str]):
     return Ledger.open_existing(db)
 
 
-def open_budget_store(db: str | os.PathLike[str], *, create: bool = False) -> BudgetStore:
-    """Budgets and reservations in an SQLite ledger or the central store."""
+def open_budget_store(
+    db: str | os.PathLike[str], *, create: bool = False, readonly: bool = False
+) -> BudgetStore:
+    """Budgets and reservations in an SQLite ledger or the central store (``readonly``
+    opens an SQLite ledger read-only; PostgreSQL's permissions answer for themselves)."""
     if is_central_url(db):
         from spendtap.central import CentralStore
 
-        return CentralStore(str(db), create=create)
+        return CentralStore(str(db), create=create and not readonly)
     from spendtap.budgets import Budgets
 
-    return Budgets(db, create=create)
+    return Budgets(db, readonly=True) if readonly else Budgets(db, create=create)
 
 
-def open_key_store(db: str | os.PathLike[str], *, create: bool = False):
+def open_key_store(db: str | os.PathLike[str], *, create: bool = False, readonly: bool = False):
     """Bearer keys in an SQLite ledger or the central store."""
     if is_central_url(db):
         from spendtap.central import CentralKeys
 
-        return CentralKeys(str(db), create=create)
+        return CentralKeys(str(db), create=create and not readonly)
     from spendtap.keys import Keys
 
-    return Keys(db, create=create)
+    return Keys(db, readonly=True) if readonly else Keys(db, create=create)

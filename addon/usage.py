@@ -22,8 +22,37 @@ OPENAI_COMPLETIONS = "openai-completions"
 OPENAI_RESPONSES = "openai-responses"
 ANTHROPIC_MESSAGES = "anthropic-messages"
 EMBEDDINGS = "embeddings"
+# Native APIs read by the dialect extractors (spendtap.dialects).
+GEMINI = "gemini"  # Gemini / Vertex AI generateContent, streamGenerateContent
+OLLAMA_CHAT = "ollama-chat"  # Ollama /api/chat
+OLLAMA_GENERATE = "ollama-generate"  # Ollama /api/generate
+OLLAMA_EMBED = "ollama-embed"  # Ollama /api/embed, /api/embeddings
+LLAMACPP_COMPLETION = "llamacpp-completion"  # llama.cpp server /completion
+COHERE_CHAT = "cohere-chat"  # Cohere v2 /v2/chat
+COHERE_EMBED = "cohere-embed"  # Cohere /v1/embed, /v2/embed
+RERANK = "rerank"  # Cohere /v1/rerank, /v2/rerank (and servers that copy it)
 OTHER = "other"
-APIS = (OPENAI_CHAT, OPENAI_COMPLETIONS, OPENAI_RESPONSES, ANTHROPIC_MESSAGES, EMBEDDINGS, OTHER)
+NATIVE_APIS = (
+    GEMINI,
+    OLLAMA_CHAT,
+    OLLAMA_GENERATE,
+    OLLAMA_EMBED,
+    LLAMACPP_COMPLETION,
+    COHERE_CHAT,
+    COHERE_EMBED,
+    RERANK,
+)
+APIS = (
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OPENAI_RESPONSES,
+    ANTHROPIC_MESSAGES,
+    EMBEDDINGS,
+    *NATIVE_APIS,
+    OTHER,
+)
+# APIs that generate nothing: their rows carry no completion figure (NULL, never 0).
+INPUT_ONLY_APIS = frozenset((EMBEDDINGS, OLLAMA_EMBED, COHERE_EMBED, RERANK))
 
 REPORTED = "reported"
 ESTIMATED = "estimated"

@@ -77,10 +77,10 @@ def sse_events(body: bytes) -> list[bytes]:
 
 
 def _scan_once(api: str, ctype: str | None, chunks: list[bytes]) -> float:
-    from spendtap.scanner import ResponseScanner
+    from spendtap.dialect_scanner import make_scanner
 
     t0 = clock()
-    s = ResponseScanner(api, ctype, None)
+    s = make_scanner(api, ctype, None)
     feed = s.feed
     tnow = time.time()
     for c in chunks:

@@ -18,6 +18,7 @@ from spendtap.budgets import (
     owner_alive,
     parse_window,
 )
+from spendtap.cli.numbers import count
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
 from spendtap.store import open_budget_store
@@ -66,9 +67,14 @@ def parse_usd(text: str) -> int:
     return int(nusd)
 
 
-def open_budgets(path: Path, *, create: bool = False):
-    """Budgets over the ledger at ``path``; any ledger error is one line and exit 1."""
-    return open_store(open_budget_store, path, create=create, user_errors=(ValueError,))
+def open_budgets(path: Path, *, create: bool = False, readonly: bool = False):
+    """Budgets over the ledger at ``path``; any ledger error is one line and exit 1.
+
+    ``readonly`` for commands that only read (they work on a read-only ledger).
+    """
+    return open_store(
+        open_budget_store, path, create=create, readonly=readonly, user_errors=(ValueError,)
+    )
 
 
 def principal_options[F: Callable](fn: F) -> F:
@@ -115,7 +121,7 @@ def budget_group() -> None:
 
 @budget_group.command(name="set")
 @principal_options
-@click.option("--cap", type=int, metavar="TOKENS", help="The cap, in tokens.")
+@click.option("--cap", type=count(0, MAX_CAP), metavar="TOKENS", help="The cap, in tokens.")
 @click.option(
     "--cap-usd",
     metavar="DOLLARS",
@@ -164,11 +170,7 @@ def budget_set(
         except ValueError as e:
             raise click.ClickException(f"Invalid value for '--cap-usd': {e}") from None
     else:
-        assert cap is not None
-        if cap < 0:
-            raise click.ClickException(f"Invalid value for '--cap': {cap} is below 0")
-        if cap > MAX_CAP:
-            raise click.ClickException(f"Invalid value for '--cap': {cap} is above {MAX_CAP}")
+        assert cap is not None  # range-checked by its type (count)
         amount, unit = cap, TOKENS
     try:
         window_s = parse_window(window)
@@ -201,7 +203,7 @@ def budget_show(key: str | None, account: str | None, db_path: Path, fmt: str) -
         spendtap budget show --account acme -f json
     """
     scope, principal = which(key, account)
-    with open_budgets(db_path) as budgets:
+    with open_budgets(db_path, readonly=True) as budgets:
         found = [budgets.status(scope, principal, unit=unit) for unit in (TOKENS, USD)]
     statuses = [s for s in found if s is not None]
     if not statuses:
@@ -220,7 +222,7 @@ def budget_list(db_path: Path, fmt: str) -> None:
         spendtap budget list
         spendtap budget list -f csv
     """
-    with open_budgets(db_path) as budgets:
+    with open_budgets(db_path, readonly=True) as budgets:
         rows = [s.as_dict() for s in budgets.statuses()]
     write_rows(rows, fmt, STATUS_COLUMNS, table_columns=STATUS_TABLE, null={"resets_at": "-"})
 
@@ -262,7 +264,7 @@ def reservations_command(db_path: Path, fmt: str) -> None:
         spendtap reservations
         spendtap reservations -f jsonl
     """
-    with open_budgets(db_path) as budgets:
+    with open_budgets(db_path, readonly=True) as budgets:
         rows = budgets.reservations()
     now = time.time()
     for row in rows:

@@ -83,26 +83,32 @@ def render_chart(
     """Text lines of a spend chart.
 
     ``series`` rows have the group under ``by``, ``bucket`` (Unix start of the
-    bucket) and ``value`` (tokens, or nano-dollars with ``metric="cost"``). The
-    chart spans buckets from ``start`` to ``end``.
+    bucket), ``value`` (tokens, or nano-dollars with ``metric="cost"``) and
+    optionally ``refused`` (requests spendtap refused: they spend nothing, so
+    they are counted beside the line, never drawn as spend). The chart spans
+    buckets from ``start`` to ``end``.
     """
     fmt_value = _fmt_usd if metric == "cost" else _fmt_tokens
     levels = ASCII_LEVELS if ascii_only else BLOCKS
     first = int(start) // bucket_s * bucket_s
     count = max(1, math.ceil((end - first) / bucket_s))
     groups: dict[str, list[int]] = {}
+    refused: dict[str, int] = {}
     for row in series:
         label = row[by] if row[by] is not None else null_label
         index = (int(row["bucket"]) - first) // bucket_s
         if 0 <= index < count:
             groups.setdefault(label, [0] * count)[index] += int(row["value"])
+            refused[label] = refused.get(label, 0) + int(row.get("refused") or 0)
     totals = sorted(groups.items(), key=lambda item: (-sum(item[1]), item[0]))
     shown = totals[:top]
     if len(totals) > top:
         other = [0] * count
         for _label, values in totals[top:]:
             other = [a + b for a, b in zip(other, values, strict=True)]
-        shown.append((f"(other {len(totals) - top})", other))
+        other_label = f"(other {len(totals) - top})"
+        refused[other_label] = sum(refused.get(label, 0) for label, _v in totals[top:])
+        shown.append((other_label, other))
     title = (
         f"{'spend in dollars' if metric == 'cost' else 'tokens'} per {by}, "
         f"one mark per {format_window(bucket_s)}, "
@@ -116,7 +122,10 @@ def render_chart(
     for label, values in shown:
         name = label if len(label) <= width else label[: width - 1] + "~"
         spark = "".join(_mark(v, peak, levels) for v in values)
-        lines.append(f"{name.ljust(width)}  |{spark}|  {fmt_value(sum(values))}")
+        line = f"{name.ljust(width)}  |{spark}|  {fmt_value(sum(values))}"
+        if refused.get(label):
+            line += f"  ({refused[label]:,} refused)"
+        lines.append(line)
     unit = "" if metric == "cost" else " tokens"
     lines.append(f"{'':{width}}   scale: full mark = {fmt_value(peak)}{unit}")
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import click
 
 from spendtap.address import free_port, wait_for_port
+from spendtap.cli.numbers import count
 from spendtap.cli.query import report_command
 from spendtap.cli.run import build_mitmdump_args
 
@@ -78,7 +80,7 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
         headers = _headers(account, key)
         prompt = rng.choice(PROMPTS)
         tokens = str(rng.randint(8, 48))
-        kind = i % 7
+        kind = i % 11
         if kind in (0, 1, 2, 3):
             client = openai.OpenAI(
                 base_url=base + "/v1", api_key="sk-demo", max_retries=0, default_headers=headers
@@ -135,6 +137,47 @@ def _traffic(base: str, n: int, seed: int) -> list[str]:
                     extra_headers={"x-sim-tokens": tokens},
                 )
                 return "anthropic messages (json)"
+        if kind == 7:
+            # Gemini's native API (the model is in the path), streamed as SSE.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                    headers={**headers, "x-sim-tokens": tokens, "x-sim-reasoning-tokens": "12"},
+                    json={"contents": [{"role": "user", "parts": [{"text": prompt}]}]},
+                ).raise_for_status()
+            return "gemini native (stream)"
+        if kind == 8:
+            # Ollama's native API: NDJSON, streamed unless the request says otherwise.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/api/chat",
+                    headers={**headers, "x-sim-tokens": tokens},
+                    json={"model": "llama3.2", "messages": [{"role": "user", "content": prompt}]},
+                ).raise_for_status()
+            return "ollama native chat (stream)"
+        if kind == 9:
+            # llama.cpp server's own /completion endpoint, streamed.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/completion",
+                    headers={**headers, "x-sim-tokens": tokens, "x-sim-cached-tokens": "4"},
+                    json={
+                        "model": "llama-3.1-8b",
+                        "prompt": prompt,
+                        "n_predict": 64,
+                        "stream": True,
+                    },
+                ).raise_for_status()
+            return "llama.cpp native completion (stream)"
+        if kind == 10:
+            # Cohere's v2 chat API.
+            with httpx.Client(timeout=30) as http:
+                http.post(
+                    base + "/v2/chat",
+                    headers={**headers, "x-sim-tokens": tokens},
+                    json={"model": "command-r", "messages": [{"role": "user", "content": prompt}]},
+                ).raise_for_status()
+            return "cohere v2 chat (json)"
         # A client that hangs up mid-stream: spendtap records what it can.
         with (
             httpx.Client(timeout=30) as http,
@@ -177,6 +220,10 @@ output = 0.30
 [models."bge-m3"]
 input = 0.01
 output = 0
+
+[models."llama3.2"]
+input = 0.03
+output = 0.05
 """
 
 
@@ -186,10 +233,35 @@ output = 0
     type=click.Path(dir_okay=False),
     help="Ledger to write (default: a new file in a temporary directory, kept).",
 )
-@click.option("--requests", "n", default=42, show_default=True, help="How many requests to send.")
-@click.option("--ttft-ms", default=120, show_default=True, help="Simulated time to first token.")
-@click.option("--tps", default=150, show_default=True, help="Simulated decode rate (tokens/s).")
-@click.option("--seed", default=7, show_default=True, help="Seed for the traffic mix.")
+@click.option(
+    "--requests",
+    "n",
+    type=count(1, 100_000),
+    default=42,
+    show_default=True,
+    help="How many requests to send.",
+)
+@click.option(
+    "--ttft-ms",
+    type=count(0, 600_000),
+    default=120,
+    show_default=True,
+    help="Simulated time to first token.",
+)
+@click.option(
+    "--tps",
+    type=count(0, 1_000_000),
+    default=150,
+    show_default=True,
+    help="Simulated decode rate (tokens/s).",
+)
+@click.option(
+    "--seed",
+    type=count(0, 2**63 - 1),
+    default=7,
+    show_default=True,
+    help="Seed for the traffic mix.",
+)
 def demo(db, n, ttft_ms, tps, seed):
     """Run the sidecar in front of the built-in simulator, send traffic, print the report.
 
@@ -268,7 +340,20 @@ def demo(db, n, ttft_ms, tps, seed):
         for line in metrics_text:
             click.echo("  " + line)
     click.echo(f"\ndone in {time.monotonic() - started:.1f}s; nothing left running.")
-    click.echo(f"query the ledger:  spendtap requests --db {db} --limit 10")
+    click.echo(f"query the ledger:  {_spendtap_command()} requests --db {db} --limit 10")
+
+
+def _spendtap_command() -> str:
+    """How to type ``spendtap`` from here: bare when it is on PATH, else its path
+    (after ``make demo`` it is ``.venv/bin/spendtap``)."""
+    here = Path(sys.executable).with_name("spendtap")
+    found = shutil.which("spendtap")
+    if found and Path(found).resolve() == here.resolve():
+        return "spendtap"
+    if not here.exists():
+        return "spendtap"
+    relative = os.path.relpath(here)
+    return str(here) if relative.startswith("..") else relative
 
 
 def _scrape(port: int) -> list[str]:

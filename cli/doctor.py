@@ -34,13 +34,23 @@ import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
+from spendtap.address import parse_listen
 from spendtap.central import is_central_url
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
+from spendtap.cli.numbers import seconds
 from spendtap.cli.paths import db_option
-from spendtap.ledger import MIGRATIONS, MIGRATIONS_TABLE
+from spendtap.ledger import (
+    MIGRATIONS,
+    MIGRATIONS_TABLE,
+    LedgerError,
+    NotALedger,
+    connect_readonly,
+    readonly_reason,
+)
 from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
 from spendtap.trust import TrustPolicy, read_secret_file, unguarded_start
@@ -81,15 +91,25 @@ def check_ledger(report: Report, path: Path) -> None:
         report.line(FAIL, "ledger", f"{path}: is a directory")
         return
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    except sqlite3.Error as e:
+        # Read-only, with the WAL where the directory can hold its -shm, else a snapshot:
+        # doctor reads a ledger on a read-only mount as well as a live one.
+        con, note = connect_readonly(path, busy_timeout_s=5)
+    except NotALedger as e:
+        report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
+        return
+    except (LedgerError, sqlite3.Error) as e:
         report.line(FAIL, "ledger", f"{path}: cannot open: {e}")
         return
+    if note:
+        report.line(INFO, "ledger", note)
     try:
         try:
             tables = {
                 r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             }
+        except sqlite3.OperationalError as e:
+            report.line(FAIL, "ledger", f"{path}: cannot read: {e}")
+            return
         except sqlite3.DatabaseError as e:
             report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
             return
@@ -104,9 +124,11 @@ def check_ledger(report: Report, path: Path) -> None:
                 f"{len(pending)} migration(s) pending: {', '.join(pending)} "
                 "(spendtap run applies them at start)"
             )
-        if not os.access(path, os.W_OK):
-            problems.append("file not writable by this user")
-        if not os.access(path.parent, os.W_OK | os.X_OK):
+        readonly = readonly_reason(path)
+        if readonly is not None:
+            problems.append(f"not writable: {readonly} (spendtap run needs to write it; "
+                            "the reading commands work)")  # fmt: skip
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
             problems.append(f"directory {path.parent} not writable (needed for the journal)")
         if problems:
             report.line(FAIL, "ledger", f"{path}: " + "; ".join(problems))
@@ -168,11 +190,28 @@ def check_metrics(report: Report, base: str, timeout: float) -> None:
     except Exception as e:
         report.line(FAIL, "healthz", f"{base}/healthz: {_reason(e)}")
         return
+    if not _is_health_answer(body):
+        # Anything else answering 200 (the metrics page, a proxy's index) is no health check.
+        report.line(
+            FAIL, "healthz", f"{base}/healthz: HTTP {status}, not a health answer (one line)"
+        )
+        return
     detail = body.strip().splitlines()[0] if body.strip() else ""
     if status == 200:
         report.line(OK, "healthz", f"{base}/healthz: {detail or 'ok'}")
     else:
         report.line(FAIL, "healthz", f"{base}/healthz: HTTP {status} {detail}".rstrip())
+
+
+def _is_health_answer(body: str) -> bool:
+    """spendtap's /healthz answers one short line ("ok", or what is wrong)."""
+    text = body.strip()
+    return (
+        0 < len(text) <= 500
+        and len(text.splitlines()) == 1
+        and not text.startswith("#")
+        and "<" not in text[:1]
+    )
 
 
 def check_upstream(report: Report, url: str, timeout: float) -> None:
@@ -326,15 +365,34 @@ def check_prices(report: Report, configured: dict) -> None:
 
 
 def metrics_url(address: str) -> str:
-    """``HOST:PORT`` of the metrics server to a URL a client on this host can reach."""
-    if address.startswith(("http://", "https://")):
-        return address
-    host, _, port = address.rpartition(":")
+    """The base URL of a metrics server, from anything ``spendtap run --metrics`` takes
+    (``HOST:PORT``, ``[V6]:PORT``, ``:PORT``, ``PORT``) or a URL.
+
+    A URL may name a page (``http://host:9464/metrics`` or ``/healthz``): the base is
+    what is left, so ``/metrics`` and ``/healthz`` are checked beside each other. A
+    wildcard listen address becomes loopback. ``ValueError`` on anything else.
+    """
+    address = address.strip()
+    if "://" in address:
+        parts = urlsplit(address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected HOST:PORT or an http(s) URL, got {address!r}")
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise ValueError(f"bad port in {address!r}") from None
+        path = parts.path.rstrip("/")
+        for page in ("/metrics", "/healthz", "/health"):
+            if path.endswith(page):
+                path = path[: -len(page)]
+                break
+        return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+    host, port = parse_listen(address)
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
-    elif host in ("::", "[::]"):
-        host = "[::1]"
-    return f"http://{host}:{port}"
+    elif host == "::":
+        host = "::1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 @click.command()
@@ -342,9 +400,10 @@ def metrics_url(address: str) -> str:
 @click.option(
     "--metrics",
     "metrics",
-    metavar="URL",
-    help="Base URL of the metrics port [default: from SPENDTAP_METRICS or the config "
-    f"file, else http://{DEFAULT_METRICS}]. 'none' skips the check.",
+    metavar="ADDRESS",
+    help="The metrics port: HOST:PORT as spendtap run --metrics takes it, or a URL "
+    "(http://host:9464, or .../metrics) [default: from SPENDTAP_METRICS or the config "
+    f"file, else {DEFAULT_METRICS}]. 'none' skips the check.",
 )
 @click.option(
     "--upstream",
@@ -367,7 +426,11 @@ def metrics_url(address: str) -> str:
     "SPENDTAP_CENTRAL or the config file; skipped when unknown]. Never shown with its password.",
 )
 @click.option(
-    "--timeout", default=5.0, show_default=True, help="Seconds to wait for each HTTP check."
+    "--timeout",
+    type=seconds(0, 3600, lo_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for each HTTP check.",
 )
 def doctor(db_path, metrics, upstream, config_path, central, timeout):
     """Check a running setup: ledger, metrics, health, upstream, reservations, trust, central.
@@ -380,7 +443,8 @@ def doctor(db_path, metrics, upstream, config_path, central, timeout):
     Examples:
         spendtap doctor
         spendtap doctor --db /var/lib/spendtap/ledger.db \\
-            --metrics http://127.0.0.1:9464 --upstream http://127.0.0.1:8000
+            --metrics 127.0.0.1:9464 --upstream http://127.0.0.1:8000
+        spendtap doctor --metrics http://10.0.0.5:9464/metrics
     """
     try:
         configured = load_file(config_path) if config_path else {}
@@ -390,6 +454,17 @@ def doctor(db_path, metrics, upstream, config_path, central, timeout):
         configured.update(from_env)
     except ConfigError as e:
         raise click.ClickException(f"invalid setting: {e}") from None
+    # Check the addresses before anything runs: a bad one is one line, not a half report.
+    from_option = metrics is not None
+    if metrics is None:
+        metrics = configured.get("metrics", DEFAULTS["metrics"]) or "none"
+    base = None
+    if metrics != "none":
+        try:
+            base = metrics_url(metrics)
+        except ValueError as e:
+            where = "'--metrics'" if from_option else "the configured metrics address"
+            raise click.ClickException(f"Invalid value for {where}: {e}") from None
     report = Report(click.echo)
     db = db_path
     if click.get_current_context().get_parameter_source(
@@ -409,13 +484,10 @@ def doctor(db_path, metrics, upstream, config_path, central, timeout):
         local_db = Path(db)
         check_ledger(report, local_db)
 
-    if metrics is None:
-        address = configured.get("metrics", DEFAULTS["metrics"])
-        metrics = metrics_url(address) if address else "none"
-    if metrics == "none":
+    if base is None:
         report.line(SKIP, "metrics", "disabled")
     else:
-        check_metrics(report, metrics, timeout)
+        check_metrics(report, base, timeout)
 
     upstream = upstream or configured.get("upstream")
     if upstream:

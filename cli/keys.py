@@ -23,9 +23,18 @@ KEY_TABLE = (
 )
 
 
-def open_keys(path: Path, *, create: bool = False):
-    """Keys over the ledger at ``path``; any ledger error is one line and exit 1."""
-    return open_store(open_key_store, path, create=create, user_errors=(ApiKeyError, ValueError))
+def open_keys(path: Path, *, create: bool = False, readonly: bool = False):
+    """Keys over the ledger at ``path``; any ledger error is one line and exit 1.
+
+    ``readonly`` for commands that only read (they work on a read-only ledger).
+    """
+    return open_store(
+        open_key_store,
+        path,
+        create=create,
+        readonly=readonly,
+        user_errors=(ApiKeyError, ValueError),
+    )
 
 
 @click.group(name="keys")
@@ -38,7 +47,7 @@ def keys_group() -> None:
 
     \b
     Examples:
-        spendtap keys add --account acme --key-id k-acme-1
+        spendtap keys add --account acme --key-id k-acme-1 --generate
         printf %s "$SECRET" | spendtap keys add --account acme --key-id k-acme-2
         spendtap keys list
         spendtap keys rm --key-id k-acme-1
@@ -51,20 +60,22 @@ def keys_group() -> None:
 @click.option(
     "--generate",
     is_flag=True,
-    help="Generate a new secret and print it (the default when stdin is a terminal).",
+    help="Generate a new secret and print it once (the default when stdin is a terminal; "
+    "otherwise the secret is read from stdin).",
 )
 @db_option
 def keys_add(account: str, key_id: str, generate: bool, db_path: Path) -> None:
     """Register an API key: the secret from stdin, or a new one printed once.
 
-    With a secret piped on stdin, that secret is registered (surrounding
-    whitespace stripped). Otherwise a new random secret is generated and
-    printed on stdout once: spendtap cannot show it again. Creates the ledger
-    if there is none.
+    With --generate (or at an interactive terminal), a new random secret is
+    generated and printed on stdout once: spendtap cannot show it again.
+    Otherwise the secret piped on stdin is registered (surrounding whitespace
+    stripped); an empty stdin is an error, never a silently generated key.
+    Creates the ledger if there is none.
 
     \b
     Examples:
-        spendtap keys add --account acme --key-id k-acme-1
+        spendtap keys add --account acme --key-id k-acme-1 --generate
         printf %s "$OPENAI_API_KEY" | spendtap keys add --account acme --key-id k-acme-2
     """
     stdin = sys.stdin
@@ -75,7 +86,8 @@ def keys_add(account: str, key_id: str, generate: bool, db_path: Path) -> None:
         secret = stdin.read().strip()
         if not secret:
             raise click.ClickException(
-                "no secret on stdin (pipe one in, or pass --generate to make one)"
+                "no secret on stdin and it is not a terminal: pipe the secret in, "
+                "or pass --generate to make a new one"
             )
     with open_keys(db_path, create=True) as keys:
         record = keys.add(account, key_id, secret)
@@ -105,7 +117,7 @@ def keys_list(include_revoked: bool, db_path: Path, fmt: str) -> None:
         spendtap keys list
         spendtap keys list --all -f json
     """
-    with open_keys(db_path) as keys:
+    with open_keys(db_path, readonly=True) as keys:
         records = keys.list(include_revoked=include_revoked)
     rows = []
     for r in records:

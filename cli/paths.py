@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from spendtap.central import is_central_url, redact_dsn
-from spendtap.ledger import LedgerError, LedgerNotFound
+from spendtap.ledger import Ledger, LedgerError, LedgerNotFound, readonly_reason
 from spendtap.paths import ENV_DB, default_db_path
 from spendtap.store import open_ledger_reader
 
@@ -58,16 +58,52 @@ def describe(path: Path | str) -> str:
     return redact_dsn(path) if is_central_url(path) else str(path)
 
 
-def open_ledger(path: Path | str) -> Any:
-    """Open an existing ledger for reading, or fail with one clear line (exit 1)."""
+def open_ledger(path: Path | str, *, write: bool = False) -> Any:
+    """Open an existing ledger, or fail with one clear line (exit 1).
+
+    Read-only unless ``write``: that works where operators keep ledgers, a read-only
+    mount or a backup copy. With ``write``, a ledger that cannot be written is
+    refused up front, in one line. A ``postgresql://`` URL opens the fleet's central
+    store (``spendtap.central.CentralStore``, the same reading interface).
+    """
+    if is_central_url(path):
+        try:
+            return open_ledger_reader(path)
+        except LedgerError as e:
+            raise click.ClickException(str(e)) from None
+    if write:
+        refuse_readonly(path)
     try:
-        return open_ledger_reader(path)
+        ledger = Ledger.open_existing(path, readonly=not write)
     except LedgerNotFound:
         raise click.ClickException(
             f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
         ) from None
     except LedgerError as e:
         raise click.ClickException(str(e)) from None
+    except sqlite3.Error as e:
+        raise click.ClickException(f"cannot open the ledger {path}: {e}") from None
+    if ledger.note:
+        click.echo(f"note: {ledger.note}", err=True)
+    return ledger
+
+
+def refuse_readonly(path: Path) -> None:
+    """A command that writes, on a ledger it cannot write: one line, exit 1."""
+    if is_central_url(path):
+        return  # PostgreSQL answers for itself
+    reason = readonly_reason(path)
+    if reason is not None:
+        raise click.ClickException(_readonly_message(path, reason))
+
+
+def _readonly_message(path: Path, reason: str) -> str:
+    ctx = click.get_current_context(silent=True)
+    command = ctx.command_path if ctx is not None else "this command"
+    return (
+        f"the ledger {path} is read-only ({reason}): {command} changes it; "
+        "run it where the ledger is writable"
+    )
 
 
 @contextmanager
@@ -76,15 +112,20 @@ def open_store(
     path: Path,
     *,
     create: bool = False,
+    readonly: bool = False,
     user_errors: tuple[type[Exception], ...] = (),
 ) -> Iterator[Any]:
     """A store over the ledger (``Budgets``, ``Keys``); any ledger error is one line, exit 1.
 
+    ``readonly`` opens it read-only (for commands that only read); otherwise a
+    ledger this process cannot write is refused up front, in one line.
     ``user_errors`` are the store's own refusals (a duplicate key, a bad window):
     their message is shown as it is.
     """
+    if not readonly:
+        refuse_readonly(path)
     try:
-        store = factory(path, create=create)
+        store = factory(path, readonly=True) if readonly else factory(path, create=create)
     except ImportError as e:
         raise click.ClickException(f"{describe(path)}: {e}") from None
     except LedgerNotFound:
@@ -98,6 +139,8 @@ def open_store(
     except user_errors as e:
         raise click.ClickException(str(e)) from None
     except (LedgerError, sqlite3.Error) as e:
+        if "readonly database" in str(e):
+            raise click.ClickException(_readonly_message(path, str(e))) from None
         raise click.ClickException(f"cannot use the ledger: {e}") from None
     finally:
         store.close()

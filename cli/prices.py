@@ -114,7 +114,7 @@ def reprice_command(since, until, model, prices_path, db_path: Path):
     """
     pricer = load_pricer(prices_path)
     start, end = time_range(since, until)
-    ledger = open_ledger(db_path)
+    ledger = open_ledger(db_path, write=True)
     before = after = Decimal(0)
     seen = changed = 0
     try:

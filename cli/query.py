@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from spendtap.cli.chart import draw_report_chart
+from spendtap.cli.numbers import count
 from spendtap.cli.output import Choice, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.ledger import OUTCOMES, REPORT_BY, REPORT_SORT, ROW_FIELDS, LedgerError
@@ -24,6 +25,7 @@ REPORT_FIGURES = (
     "reasoning_tokens",
     "total_tokens",
     "errors",
+    "refused",
     "usage_missing",
     "avg_ttft_s",
     "avg_tokens_per_s",
@@ -78,6 +80,13 @@ def time_options(fn):
     return fn
 
 
+REFUSED = "refused"  # report's column name for the ledger's outcome "rejected"
+
+
+def _outcome(_ctx, _param, value: str | None) -> str | None:
+    return "rejected" if value == REFUSED else value
+
+
 def filter_options(outcome: bool):
     """The row filters every ledger command shares: --account, --key, --model, --node
     (and --outcome where it makes sense)."""
@@ -85,7 +94,11 @@ def filter_options(outcome: bool):
     def decorate(fn):
         if outcome:
             fn = click.option(
-                "--outcome", type=Choice(OUTCOMES), help="Only requests with this outcome."
+                "--outcome",
+                type=Choice((*OUTCOMES, REFUSED)),
+                callback=_outcome,
+                help="Only requests with this outcome; refused is the same as rejected "
+                "(answered by spendtap itself: budget, auth or ledger refusals).",
             )(fn)
         fn = click.option("--node", help="Only this node (upstream).")(fn)
         fn = click.option("--model", help="Only this model.")(fn)
@@ -125,7 +138,7 @@ def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
 @filter_options(outcome=True)
 @click.option(
     "--limit",
-    type=int,
+    type=count(),
     default=100,
     show_default=True,
     help="At most this many rows, newest first; 0 for all.",
@@ -152,10 +165,9 @@ def requests_command(
     Examples:
         spendtap requests --since 15m
         spendtap requests --account acme --outcome upstream_error
+        spendtap requests --since 1h --outcome refused
         spendtap requests --since 2025-01-01 --until 2025-02-01 --limit 0 -f csv > jan.csv
     """
-    if limit < 0:
-        raise click.ClickException(f"Invalid value for '--limit': {limit} is below 0")
     start, end = time_range(since, until)
     ledger = open_ledger(db_path)
     try:
@@ -226,7 +238,10 @@ def report_command(
 ) -> None:
     """Show usage and cost totals per account, key, model, node, day or hour.
 
-    Each group has its requests, token sums, errors, average latency, and its
+    Each group has its requests, token sums, errors (upstream errors and
+    client disconnects), refused (requests spendtap answered itself: budget,
+    auth and ledger refusals, and an SDK's retries of them), no_usage (served
+    requests that carry no usage: a metering gap), average latency, and its
     cost in dollars (cost_usd, the exact sum of its priced requests; unpriced
     counts requests with usage whose model has no known price).
     A token total is empty (null) when no request in the group reported that

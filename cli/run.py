@@ -14,7 +14,7 @@ from click.core import ParameterSource
 
 from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
-from spendtap.cli.paths import db_option
+from spendtap.cli.paths import db_option, refuse_readonly
 from spendtap.ledger import Ledger, LedgerError
 from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
@@ -96,10 +96,13 @@ def build_mitmdump_args(
         # Generations can pause for minutes between bytes (long prefills, tool calls).
         "--set",
         "tcp_timeout=1800",
-        # Printing every flow costs CPU on the hot path; spendtap logs what matters.
+        # Printing every flow costs CPU on the hot path; spendtap logs what matters:
+        # start-up, warnings and errors. -v adds every flow and connection.
         "--set",
         "flow_detail=0" if not verbose else "flow_detail=1",
     ]
+    if verbose:
+        args += ["--set", "spendtap_connection_log=true"]
     if host not in LOOPBACK:
         # Listening beyond loopback is the point of a sidecar; mitmproxy would
         # otherwise refuse clients from public addresses.
@@ -194,7 +197,12 @@ def build_mitmdump_args(
     "or a password file to a password in the URL; it is passed to mitmdump in its "
     "environment, never on its command line, and never shown. [env: SPENDTAP_CENTRAL]",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Let mitmdump print every flow.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log every flow and connection (default: start-up, warnings and errors only).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
 @click.pass_context
 def run(
@@ -259,6 +267,7 @@ def run(
         raise click.ClickException(f"invalid setting: {e}") from None
     db = settings.db or str(default_db_path())
     if not dry_run:
+        refuse_readonly(Path(db))  # the sidecar writes every request to it
         db_dir = os.path.dirname(os.path.abspath(db))
         try:
             os.makedirs(db_dir, exist_ok=True)

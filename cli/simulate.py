@@ -7,6 +7,7 @@ import asyncio
 import click
 
 from spendtap.address import parse_listen
+from spendtap.cli.numbers import count, seconds
 from spendtap.sim import SimServer, serve_until_signalled
 
 
@@ -28,21 +29,21 @@ def _listen(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
 )
 @click.option(
     "--ttft-ms",
-    type=click.FloatRange(min=0),
+    type=seconds(0, 600_000),
     default=0,
     show_default=True,
     help="Time to first token in milliseconds (0 = immediate).",
 )
 @click.option(
     "--tps",
-    type=click.FloatRange(min=0),
+    type=seconds(0, 1_000_000),
     default=0,
     show_default=True,
     help="Tokens per second after the first (0 = unpaced, as fast as possible).",
 )
 @click.option(
     "--tokens",
-    type=click.IntRange(min=0),
+    type=count(0, 1_000_000),
     default=16,
     show_default=True,
     help="Default completion length per choice, in tokens.",
@@ -57,7 +58,10 @@ def simulate(listen: tuple[str, int], ttft_ms: float, tps: float, tokens: int, m
     """Run the built-in simulated inference server.
 
     It answers the OpenAI (chat completions, completions, responses, embeddings,
-    models) and Anthropic (messages) APIs under any path prefix, with the real wire
+    models) and Anthropic (messages) APIs, and the native Gemini
+    (models/M:generateContent, :streamGenerateContent), Ollama (/api/chat,
+    /api/generate, /api/embed), llama.cpp (/completion) and Cohere (/v2/chat) APIs,
+    under any path prefix, with the real wire
     formats, deterministic token usage, optional pacing, and faults injected per
     request through x-sim-* headers (x-sim-tokens, x-sim-ttft-ms, x-sim-tps,
     x-sim-fault: cut|reset|error-event|malformed|stall|huge|status-NNN,

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from spendtap.cli.numbers import count, seconds
 from spendtap.cli.output import format_cell, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import REQUESTS_TABLE, filter_options
@@ -135,21 +136,21 @@ def follow(
 @click.option(
     "-n",
     "--lines",
-    type=int,
+    type=count(),
     default=10,
     show_default=True,
     help="Show this many of the latest rows first; 0 shows only new ones.",
 )
 @click.option(
     "--interval",
-    type=float,
+    type=seconds(0.01, 3600),
     default=0.5,
     show_default=True,
     help="Seconds between polls of the ledger.",
 )
 @click.option("--once", is_flag=True, help="Poll once, print what is there, and exit.")
-@click.option("--max-rows", type=int, help="Exit after printing this many rows.")
-@click.option("--timeout", type=float, help="Exit after this many seconds.")
+@click.option("--max-rows", type=count(), help="Exit after printing this many rows.")
+@click.option("--timeout", type=seconds(), help="Exit after this many seconds.")
 @db_option
 @output_options
 def tail_command(
@@ -178,12 +179,6 @@ def tail_command(
         spendtap tail --account acme -n 0
         spendtap tail -f jsonl --outcome upstream_error | jq .
     """
-    for name, value in (("--lines", lines), ("--max-rows", max_rows)):
-        if value is not None and value < 0:
-            raise click.ClickException(f"Invalid value for '{name}': {value} is below 0")
-    for name, value in (("--interval", interval), ("--timeout", timeout)):
-        if value is not None and value < 0:
-            raise click.ClickException(f"Invalid value for '{name}': {value} is below 0")
     filters = {
         k: v
         for k, v in (

@@ -38,6 +38,9 @@ fi
 stamp=.venv/.spendtap-installed-$extras
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$py" -m pip install --quiet --disable-pip-version-check --upgrade pip
-  "$py" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
+  # setuptools notes that an editable install maps addon/ to the spendtap package
+  # (information only, a screen of it): that mapping is deliberate, see pyproject.toml.
+  PYTHONWARNINGS="ignore:Editable installation" \
+    "$py" -m pip install --quiet --disable-pip-version-check -e ".[$extras]"
   touch "$stamp"
 fi

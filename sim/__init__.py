@@ -1,9 +1,10 @@
 """spendtap's built-in simulated inference server.
 
 An asyncio HTTP/1.1 server (keep-alive; chunked transfer-encoding for streams,
-``Content-Length`` for JSON) that answers like OpenAI and Anthropic do, byte for byte in
-shape (see ``tests/corpus/wire``), with deterministic token figures, optional realistic
-pacing and injectable faults. It is the upstream for spendtap's tests, demo and benchmark.
+``Content-Length`` for JSON) that answers like OpenAI, Anthropic, Gemini, Ollama,
+llama.cpp and Cohere do, byte for byte in shape (see ``tests/corpus/wire``), with
+deterministic token figures, optional realistic pacing and injectable faults. It is the
+upstream for spendtap's tests, demo and benchmark.
 
 Endpoints (accepted under any path prefix: ``/v1/chat/completions``,
 ``/openai/v1/chat/completions`` and ``/chat/completions`` are the same):
@@ -14,6 +15,20 @@ Endpoints (accepted under any path prefix: ``/v1/chat/completions``,
 - ``POST .../responses``         Responses API (``max_output_tokens`` -> ``response.incomplete``)
 - ``POST .../embeddings``        float or base64 (``encoding_format``), ``dimensions``
 - ``POST .../messages``          Anthropic Messages; ``.../messages/count_tokens`` too
+- ``POST .../models/{m}:generateContent``, ``:streamGenerateContent``  Gemini native (the
+  model from the path; SSE with ``?alt=sse``, else a streamed JSON array; cumulative
+  ``usageMetadata`` on every object; ``generationConfig.maxOutputTokens``; reasoning
+  tokens are counted as ``thoughtsTokenCount``, cached as ``cachedContentTokenCount``)
+- ``POST /api/chat``, ``/api/generate``  Ollama native (NDJSON unless ``"stream": false``;
+  the final object reports ``prompt_eval_count``, ``eval_count`` and nanosecond durations
+  derived from the pacing; reasoning streams as ``thinking``; ``options.num_predict``)
+- ``POST /api/embed``, ``/api/embeddings``  Ollama embeddings (``prompt_eval_count``; the
+  legacy endpoint reports none)
+- ``POST /completion``           llama.cpp server native (data-only events, the final
+  ``"stop": true`` object with ``tokens_evaluated``, ``tokens_predicted`` and ``timings``;
+  ``n_predict``; ``x-sim-cached-tokens`` becomes ``timings.cache_n``)
+- ``POST /v2/chat``              Cohere v2 chat (named events ending in ``message-end``
+  with ``usage``; ``max_tokens``; ``x-sim-cached-tokens`` becomes ``usage.cached_tokens``)
 - ``GET  .../models``            model list (Anthropic shape when ``anthropic-version`` is sent)
 - ``GET  /health``               ``{"status":"ok"}``
 - ``GET  /sim/stats``            request counters: ``total``, ``endpoints`` (keyed by the API

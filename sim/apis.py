@@ -234,6 +234,9 @@ class Plan:
     include_usage: bool = False
     obfuscation: bool = True
     body: dict = field(default_factory=dict)
+    query: str = ""  # the request's query string (Gemini: alt=sse)
+    ttft_s: float = 0.0  # the pacing, for servers that report their own durations
+    interval_s: float = 0.0
 
     @property
     def completion_tokens(self) -> int:
@@ -249,6 +252,9 @@ class Renderer:
 
     streams_reasoning = False
     pretty_json = True  # OpenAI pretty-prints non-streaming JSON bodies
+    stream_content_type = "text/event-stream; charset=utf-8"
+    # Keys the "huge" fault keeps after the padding (the usage a scanner reads from the tail).
+    tail_keys: tuple[str, ...] = ("usage",)
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan

@@ -20,11 +20,16 @@ from typing import Any
 from spendtap.request import detect_api
 from spendtap.usage import (
     ANTHROPIC_MESSAGES,
+    COHERE_CHAT,
     EMBEDDINGS,
+    GEMINI,
+    LLAMACPP_COMPLETION,
+    OLLAMA_CHAT,
+    OLLAMA_EMBED,
+    OLLAMA_GENERATE,
     OPENAI_CHAT,
     OPENAI_COMPLETIONS,
     OPENAI_RESPONSES,
-    OTHER,
 )
 
 from .apis import (
@@ -48,6 +53,7 @@ from .http import (
     read_request,
     render_head,
 )
+from .native import NATIVE_RENDERERS, native_prompt_tokens, ollama_embed_document
 
 log = logging.getLogger("spendtap.sim")
 
@@ -58,6 +64,10 @@ UNKNOWN = "unknown"
 SIM_STATS = "sim-stats"
 SIM_RESET = "sim-reset"
 GENERATING = (OPENAI_CHAT, OPENAI_COMPLETIONS, OPENAI_RESPONSES, ANTHROPIC_MESSAGES)
+NATIVE = (GEMINI, OLLAMA_CHAT, OLLAMA_GENERATE, LLAMACPP_COMPLETION, COHERE_CHAT)
+# Every API family the simulator answers (the addon meters more: Cohere embed and rerank).
+SIMULATED = frozenset((*GENERATING, *NATIVE, EMBEDDINGS, OLLAMA_EMBED))
+ALL_RENDERERS = {**RENDERERS, **NATIVE_RENDERERS}
 FAULTS = ("cut", "reset", "error-event", "malformed", "stall", "huge")
 
 DEFAULT_STALL_MS = 1000
@@ -81,7 +91,7 @@ def classify(path: str) -> str:
     if p.endswith("/messages/count_tokens"):
         return COUNT_TOKENS
     api = detect_api(p)  # the same API families the addon meters
-    if api != OTHER:
+    if api in SIMULATED:
         return api
     if p.endswith("/models"):
         return MODELS
@@ -452,13 +462,19 @@ class SimServer:
             return self._send_doc(writer, 200, {"input_tokens": n}, keep, rid, ctl.encoding)
 
         try:
-            plan = self._plan(kind, body, ctl, rid)
+            plan = self._plan(kind, body, ctl, rid, req)
         except ControlError as exc:
             return self._send_error(writer, 400, anthropic, str(exc), keep, rid)
 
         if kind == EMBEDDINGS:
             return await self._send_generated(writer, plan, None, ctl, t0, keep)
-        renderer = RENDERERS[kind](plan)
+        if kind == OLLAMA_EMBED:
+            legacy = req.path.rstrip("/").endswith("/embeddings")
+            doc = ollama_embed_document(plan, legacy)
+            if not legacy:
+                self._count_usage(plan)
+            return self._send_doc(writer, 200, doc, keep, rid, ctl.encoding)
+        renderer = ALL_RENDERERS[kind](plan)
         if plan.stream:
             st["streams"] += 1
             return await self._stream(writer, plan, renderer, ctl, t0, keep)
@@ -466,12 +482,21 @@ class SimServer:
 
     # -- planning
 
-    def _plan(self, api: str, body: dict, ctl: Controls, rid: str) -> Plan:
+    def _plan(self, api: str, body: dict, ctl: Controls, rid: str, req: Request) -> Plan:
         model = body.get("model")
+        if api == GEMINI:
+            model = req.path.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[0]
         if not isinstance(model, str) or not model:
             model = self.model
         plan = Plan(api=api, model=model, rid=rid, created=int(time.time()), body=body)
-        plan.stream = body.get("stream") is True and api != EMBEDDINGS
+        plan.query = req.query
+        plan.ttft_s, plan.interval_s = ctl.ttft, ctl.interval
+        if api == GEMINI:
+            plan.stream = req.path.rstrip("/").lower().endswith(":streamgeneratecontent")
+        elif api in (OLLAMA_CHAT, OLLAMA_GENERATE):
+            plan.stream = body.get("stream") is not False
+        else:
+            plan.stream = body.get("stream") is True and api != EMBEDDINGS
         if api in (OPENAI_CHAT, OPENAI_COMPLETIONS):
             n = body.get("n", 1)
             if n is None:
@@ -489,10 +514,13 @@ class SimServer:
             opts = body.get("stream_options")
             opts = opts if isinstance(opts, dict) else {}
             plan.obfuscation = opts.get("include_obfuscation") is not False
-        plan.prompt_tokens = (
-            ctl.prompt_tokens if ctl.prompt_tokens is not None else prompt_tokens(api, body)
-        )
-        if api == EMBEDDINGS:
+        if ctl.prompt_tokens is not None:
+            plan.prompt_tokens = ctl.prompt_tokens
+        elif api in NATIVE or api == OLLAMA_EMBED:
+            plan.prompt_tokens = native_prompt_tokens(api, body)
+        else:
+            plan.prompt_tokens = prompt_tokens(api, body)
+        if api in (EMBEDDINGS, OLLAMA_EMBED):
             return plan
         if api == ANTHROPIC_MESSAGES:
             # Anthropic's input_tokens excludes the cache; the cache figures are separate.
@@ -508,17 +536,33 @@ class SimServer:
             OPENAI_COMPLETIONS: ("max_tokens",),
             OPENAI_RESPONSES: ("max_output_tokens",),
             ANTHROPIC_MESSAGES: ("max_tokens",),
+            GEMINI: ("maxOutputTokens",),
+            OLLAMA_CHAT: ("num_predict",),
+            OLLAMA_GENERATE: ("num_predict",),
+            LLAMACPP_COMPLETION: ("n_predict", "max_tokens"),
+            COHERE_CHAT: ("max_tokens",),
         }[api]
+        # Gemini and Ollama keep their limits in a nested object.
+        limits = body
+        if api == GEMINI:
+            limits = body.get("generationConfig") or {}
+        elif api in (OLLAMA_CHAT, OLLAMA_GENERATE):
+            limits = body.get("options") or {}
+        if not isinstance(limits, dict):
+            limits = {}
         cap = None
         for key in cap_key:
-            value = body.get(key)
+            value = limits.get(key)
+            if api in (OLLAMA_CHAT, OLLAMA_GENERATE, LLAMACPP_COMPLETION) and value == -1:
+                value = None  # Ollama, llama.cpp: -1 means no limit
             if value is not None:
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ControlError(f"{key} must be a non-negative integer")
                 cap = value
                 break
         want = ctl.tokens if ctl.tokens is not None else self.default_tokens
-        reasoning = ctl.reasoning
+        # llama.cpp's /completion and Cohere's chat report no reasoning figure.
+        reasoning = 0 if api in (LLAMACPP_COMPLETION, COHERE_CHAT) else ctl.reasoning
         if cap is not None and reasoning + want > cap:
             plan.reasoning = min(reasoning, cap)
             plan.visible = cap - plan.reasoning
@@ -628,9 +672,10 @@ class SimServer:
         pretty = renderer is None or renderer.pretty_json
         huge = "huge" in ctl.faults
         if huge:
-            usage = doc.pop("usage")
+            keys = renderer.tail_keys if renderer is not None else ("usage",)
+            tail_items = [(k, doc.pop(k)) for k in keys if k in doc]
             doc["sim_padding"] = PAD_MARKER
-            doc["usage"] = usage
+            doc.update(tail_items)
         text = (
             json.dumps(doc, indent=2) + "\n" if pretty else json.dumps(doc, separators=(",", ":"))
         )
@@ -701,7 +746,7 @@ class SimServer:
     ) -> bool:
         """A streamed (SSE) response: one content event per token, paced or as fast as possible."""
         headers = [
-            ("content-type", "text/event-stream; charset=utf-8"),
+            ("content-type", r.stream_content_type),
             ("transfer-encoding", "chunked"),
             ("cache-control", "no-cache"),
             ("x-request-id", "req_" + plan.rid),
@@ -779,7 +824,7 @@ class SimServer:
         send(r.tail())
         out.finish()
         await out.drain()
-        if plan.include_usage or plan.api in (OPENAI_RESPONSES, ANTHROPIC_MESSAGES):
+        if plan.include_usage or plan.api in (OPENAI_RESPONSES, ANTHROPIC_MESSAGES, *NATIVE):
             self._count_usage(plan)
         return keep
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import brotli
 import zstandard
 
-from spendtap.scanner import ResponseScanner, ScanResult
-from spendtap.usage import ANTHROPIC_MESSAGES, Usage
+from spendtap.dialect_scanner import make_scanner
+from spendtap.scanner import ScanResult
+from spendtap.usage import ANTHROPIC_MESSAGES, GEMINI, Usage
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "wire"
 
@@ -47,14 +48,22 @@ class Case:
             e["cached_input_tokens"],
             e["cache_creation_input_tokens"],
         )
+        out = e["output_tokens"]
         if self.api == ANTHROPIC_MESSAGES and inp is not None:
             # Anthropic input_tokens excludes cache reads and writes.
             prompt = inp + (cached or 0) + (created or 0)
+        elif self.api == GEMINI:
+            # Gemini: tool-use prompt tokens are input on top of promptTokenCount, and
+            # thoughts are output on top of candidatesTokenCount.
+            tool = e.get("tool_use_prompt_tokens")
+            prompt = inp + tool if inp is not None and tool is not None else inp
+            r = e["reasoning_tokens"]
+            out = None if out is None and r is None else (out or 0) + (r or 0)
         else:
             prompt = inp
         return Usage(
             prompt_tokens=prompt,
-            completion_tokens=e["output_tokens"],
+            completion_tokens=out,
             cached_tokens=cached,
             cache_creation_tokens=created,
             reasoning_tokens=e["reasoning_tokens"],
@@ -105,7 +114,7 @@ def scan(
     **kwargs,
 ) -> ScanResult:
     """Feed ``chunks`` at times 0, 1, 2, ... and finish one second after the last."""
-    s = ResponseScanner(api, content_type, content_encoding, **kwargs)
+    s = make_scanner(api, content_type, content_encoding, **kwargs)
     for i, c in enumerate(chunks):
         s.feed(c, float(i))
     return s.finish(float(len(chunks)))

@@ -226,3 +226,18 @@ def test_libpq_password_variables_work(pg_dsn, monkeypatch):
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
     with CentralStore(pg_dsn.replace(f":{PASSWORD}@", "@")) as store:
         assert store.migrations() == ["m001_initial"]
+
+
+def test_every_ledger_column_has_a_central_column(store, pg_dsn):
+    """A column added to the SQLite ledger needs its PostgreSQL migration too, or rows
+    could not ship: this fails until it has one."""
+    from spendtap.ledger import COLUMNS
+
+    with psycopg.connect(pg_dsn) as conn:
+        central = {
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'requests'"
+            )
+        }
+    assert set(COLUMNS) <= central, sorted(set(COLUMNS) - central)

@@ -138,7 +138,8 @@ F3_JSON = (
     '"outcome": "upstream_error", "prompt_tokens": null, "completion_tokens": null, '
     '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": null, '
     '"usage_source": "none", "ttft_s": null, "duration_s": 0.012, "tokens_per_s": null, '
-    '"error": "connection refused", "response_bytes": 0, "cost_usd": null, "price_source": null}'
+    '"error": "connection refused", "response_bytes": 0, "cost_usd": null, "price_source": null, '
+    '"server_prompt_s": null, "server_decode_s": null}'
 )
 F2_JSON = (
     '{"id": "f2", "ts": "2025-01-31T00:10:00.000Z", "account": "acme", "key": "k-acme-2", '
@@ -147,13 +148,15 @@ F2_JSON = (
     '"outcome": "completed", "prompt_tokens": 50, "completion_tokens": 20, '
     '"cached_tokens": null, "cache_creation_tokens": 10, "reasoning_tokens": null, '
     '"usage_source": "reported", "ttft_s": null, "duration_s": 0.8, "tokens_per_s": 25.0, '
-    '"error": null, "response_bytes": 512, "cost_usd": null, "price_source": null}'
+    '"error": null, "response_bytes": 512, "cost_usd": null, "price_source": null, '
+    '"server_prompt_s": null, "server_decode_s": null}'
 )
 
 CSV_HEADER = (
     "id,ts,account,key,model,node,api,method,path,streamed,status,outcome,prompt_tokens,"
     "completion_tokens,cached_tokens,cache_creation_tokens,reasoning_tokens,usage_source,"
-    "ttft_s,duration_s,tokens_per_s,error,response_bytes,cost_usd,price_source\n"
+    "ttft_s,duration_s,tokens_per_s,error,response_bytes,cost_usd,price_source,"
+    "server_prompt_s,server_decode_s\n"
 )
 
 
@@ -189,7 +192,7 @@ def test_requests_csv(runner, db):
     assert result.exit_code == 0
     assert result.output == CSV_HEADER + (
         "f3,2025-01-31T01:00:00.000Z,beta,k-beta-1,gpt-4o,neuron-a:8000,openai-chat,POST,"
-        "/v1/chat/completions,true,502,upstream_error,,,,,,none,,0.012,,connection refused,0,,\n"
+        "/v1/chat/completions,true,502,upstream_error,,,,,,none,,0.012,,connection refused,0,,,,\n"
     )
 
 
@@ -227,12 +230,12 @@ def test_requests_no_rows(runner, db):
 
 
 REPORT_HEADER = (
-    "  requests  prompt  completion  cached  cache_write  reasoning  total  errors  no_usage"
-    "  avg_ttft_s  avg_tok/s  cost_usd  unpriced\n"
+    "  requests  prompt  completion  cached  cache_write  reasoning  total  errors  refused"
+    "  no_usage  avg_ttft_s  avg_tok/s  cost_usd  unpriced\n"
 )
 REPORT_RULE = (
-    "  --------  ------  ----------  ------  -----------  ---------  -----  ------  --------"
-    "  ----------  ---------  --------  --------\n"
+    "  --------  ------  ----------  ------  -----------  ---------  -----  ------  -------"
+    "  --------  ----------  ---------  --------  --------\n"
 )
 
 
@@ -243,11 +246,11 @@ def test_report_by_account_table(runner, db):
     assert result.output == (
         "account    " + REPORT_HEADER + "-----------" + REPORT_RULE
         + "acme                2    1250         320    1024           10          -   1570"
-        "       0         0       0.250     58.660  -                0\n"
+        "       0        0         0       0.250     58.660  -                0\n"
         "(anonymous)         1      40         400       -            -        256    440"
-        "       0         0       1.500    106.670  -                0\n"
+        "       0        0         0       1.500    106.670  -                0\n"
         "beta                1       -           -       -            -          -      -"
-        "       1         1           -          -  -                0\n"
+        "       1        0         1           -          -  -                0\n"
     )  # fmt: skip
 
 
@@ -258,11 +261,11 @@ def test_report_by_hour_table(runner, db):
     assert result.output == (
         "hour                " + REPORT_HEADER + "--------------------" + REPORT_RULE
         + "2025-01-30T23:00:00Z         1    1200         300    1024            -          -"
-        "   1500       0         0       0.250     92.310  -                0\n"
+        "   1500       0        0         0       0.250     92.310  -                0\n"
         "2025-01-31T00:00:00Z         1      50          20       -           10          -"
-        "     70       0         0           -     25.000  -                0\n"
+        "     70       0        0         0           -     25.000  -                0\n"
         "2025-01-31T01:00:00Z         2      40         400       -            -        256"
-        "    440       1         1       1.500    106.670  -                0\n"
+        "    440       1        0         1       1.500    106.670  -                0\n"
     )  # fmt: skip
 
 
@@ -274,11 +277,11 @@ def test_report_json(runner, db):
     assert result.output == (
         '[{"key": null, "requests": 1, "prompt_tokens": 40, "completion_tokens": 400, '
         '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": 256, '
-        '"total_tokens": 440, "errors": 0, "usage_missing": 0, "avg_ttft_s": 1.5, '
+        '"total_tokens": 440, "errors": 0, "refused": 0, "usage_missing": 0, "avg_ttft_s": 1.5, '
         '"avg_tokens_per_s": 106.67, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0},\n'
         ' {"key": "k-beta-1", "requests": 1, "prompt_tokens": null, "completion_tokens": null, '
         '"cached_tokens": null, "cache_creation_tokens": null, "reasoning_tokens": null, '
-        '"total_tokens": null, "errors": 1, "usage_missing": 1, "avg_ttft_s": null, '
+        '"total_tokens": null, "errors": 1, "refused": 0, "usage_missing": 1, "avg_ttft_s": null, '
         '"avg_tokens_per_s": null, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0}]\n'
     )
 
@@ -289,14 +292,14 @@ def test_report_jsonl_and_csv(runner, db):
     assert run(runner, *args, "-f", "jsonl").output == (
         '{"day": "2025-01-30", "requests": 1, "prompt_tokens": 1200, "completion_tokens": 300, '
         '"cached_tokens": 1024, "cache_creation_tokens": null, "reasoning_tokens": null, '
-        '"total_tokens": 1500, "errors": 0, "usage_missing": 0, "avg_ttft_s": 0.25, '
+        '"total_tokens": 1500, "errors": 0, "refused": 0, "usage_missing": 0, "avg_ttft_s": 0.25, '
         '"avg_tokens_per_s": 92.31, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0}\n'
     )
     assert run(runner, *args, "-f", "csv").output == (
         "day,requests,prompt_tokens,completion_tokens,cached_tokens,cache_creation_tokens,"
-        "reasoning_tokens,total_tokens,errors,usage_missing,avg_ttft_s,avg_tokens_per_s,"
+        "reasoning_tokens,total_tokens,errors,refused,usage_missing,avg_ttft_s,avg_tokens_per_s,"
         "cost_usd,avg_cost_usd,unpriced\n"
-        "2025-01-30,1,1200,300,1024,,,1500,0,0,0.25,92.31,,,0\n"
+        "2025-01-30,1,1200,300,1024,,,1500,0,0,0,0.25,92.31,,,0\n"
     )
 
 
@@ -366,8 +369,9 @@ def test_text_file_is_not_a_ledger(runner, tmp_path):
 def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
     """An SQLite file that is not spendtap's is named in one line, exit 1."""
     path = tmp_path / "other.db"
-    with sqlite_utils.Database(path) as foreign:
-        foreign["dogs"].insert({"name": "Cleo"})
+    foreign = sqlite_utils.Database(path)  # sqlite-utils 3 has no context manager
+    foreign["dogs"].insert({"name": "Cleo"})
+    foreign.close()
     result = run(runner, "report", "--db", str(path))
     assert error_of(result) == (
         f"Error: {path} is not a spendtap ledger "
@@ -413,7 +417,7 @@ def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
         (
             ["requests", "--outcome", "exploded"],
             "Error: Invalid value for '--outcome': 'exploded' is not one of "
-            "'completed', 'client_disconnected', 'upstream_error', 'rejected'.\n",
+            "'completed', 'client_disconnected', 'upstream_error', 'rejected', 'refused'.\n",
         ),
         (
             ["report", "-f", "xml"],
@@ -422,7 +426,7 @@ def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
         ),
         (
             ["requests", "--limit", "-1"],
-            "Error: Invalid value for '--limit': -1 is below 0\n",
+            "Error: Invalid value for '--limit': -1 is not in the range 0<=x<=9007199254740991.\n",
         ),
     ],
 )

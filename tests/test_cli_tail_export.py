@@ -106,8 +106,8 @@ def test_tail_table_streams_header_once(db):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["tail", "-n", "-1"], "Invalid value for '--lines': -1 is below 0"),
-        (["tail", "--max-rows", "-2"], "Invalid value for '--max-rows': -2 is below 0"),
+        (["tail", "-n", "-1"], "Invalid value for '-n' / '--lines': -1 is not in the range 0<="),
+        (["tail", "--max-rows", "-2"], "Invalid value for '--max-rows': -2 is not in the range"),
         (["tail", "--outcome", "bad"], "'bad' is not one of"),
     ],
 )

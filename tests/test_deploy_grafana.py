@@ -83,7 +83,8 @@ def test_importable_structure():
         "sum by (account, key) (rate(cortex_spend_tokens_total",
         "cortex_budget_remaining_tokens",
         "sum by (source) (rate(cortex_usage_source_total",
-        'outcome!=\\"completed\\"',
+        'outcome!~\\"completed|rejected\\"',
+        "sum by (reason) (rate(cortex_rejections_total",
     ):
         assert needle in text, needle
 

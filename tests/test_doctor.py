@@ -196,6 +196,48 @@ def test_invalid_config_is_one_line(tmp_path):
     )
 
 
+def test_metrics_address_in_every_form_run_takes(tmp_path):
+    """--metrics takes what `spendtap run --metrics` takes (HOST:PORT, :PORT, PORT) and URLs,
+    with or without the page's path; each checks /metrics and /healthz of one base."""
+    sim = Simulator(tmp_path)
+    sidecar = Sidecar(tmp_path, sim.url)
+    port = sidecar.metrics_port
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for form in (
+            f"127.0.0.1:{port}",
+            f":{port}",
+            str(port),
+            f"0.0.0.0:{port}",
+            base,
+            base + "/",
+            base + "/metrics",
+            base + "/healthz",
+        ):
+            code, lines, out = doctor("--db", str(sidecar.db), "--metrics", form)
+            assert code == 0, (form, out)
+            assert lines["metrics"] == ("ok", lines["metrics"][1]), (form, out)
+            assert lines["metrics"][1].startswith(f"{base}/metrics: "), (form, out)
+            assert lines["healthz"] == ("ok", f"{base}/healthz: ok"), (form, out)
+        # Under a path prefix nothing serves /healthz but the metrics page answers 200
+        # everywhere: that is not a health check, and doctor says so.
+        code, lines, out = doctor("--db", str(sidecar.db), "--metrics", base + "/prefix/metrics")
+        assert code == 1, out
+        assert lines["healthz"][0] == "FAIL" and "not a health answer" in lines["healthz"][1]
+    finally:
+        sidecar.stop()
+        sim.stop()
+
+
+@pytest.mark.parametrize("bad", ["ftp://host:9464", "host:port", "127.0.0.1:99999", "http://:9464"])
+def test_bad_metrics_address_is_one_line(ledger, bad):
+    """An address that is neither HOST:PORT nor an http(s) URL: one Error line, exit 1."""
+    result = CliRunner().invoke(cli, ["doctor", "--db", str(ledger), "--metrics", bad], env={})
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: Invalid value for '--metrics': ")
+    assert result.output.count("\n") == 1, result.output
+
+
 def test_reports_the_trust_choice(ledger, tmp_path):
     """doctor says whose principal headers count, never the secret, and fails on a
     configuration spendtap run would refuse."""

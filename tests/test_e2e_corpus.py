@@ -9,6 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from spendtap.usage import INPUT_ONLY_APIS
 from tests.corpus_cases import load_cases
 from tests.proc import Sidecar
 from tests.replay_server import ReplayServer
@@ -58,6 +59,10 @@ def test_corpus_case_through_mitmdump(replay_sidecar, case, encoding):
         assert row["usage_source"] == "reported"
     elif "error-event" in case.name:
         assert row["usage_source"] == "none" and row["prompt_tokens"] is None
+    elif case.api in INPUT_ONLY_APIS:
+        # Nothing reported by an API that generates nothing: a prompt estimate only.
+        assert row["usage_source"] == "estimated"
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] is None
     else:
         # Nothing reported: estimated from the request and the streamed content.
         assert row["usage_source"] == "estimated"

@@ -102,11 +102,13 @@ def test_the_secret_never_reaches_the_file(tmp_path):
         ({"x-api-key": "sk-3"}, "sk-3"),
         ({"authorization": "Bearer sk-4", "x-api-key": "sk-5"}, "sk-4"),
         ({"authorization": "Basic dXNlcjpwdw==", "x-api-key": "sk-6"}, "sk-6"),
+        ({"x-goog-api-key": "AIza-7"}, "AIza-7"),  # Gemini's native API
+        ({"x-api-key": "sk-8", "x-goog-api-key": "AIza-9"}, "sk-8"),
         ({"authorization": "Bearer "}, None),
         ({"authorization": "Basic dXNlcjpwdw=="}, None),
         ({}, None),
     ],
 )
 def test_extract_secret(headers, secret):
-    """The secret comes from a Bearer Authorization header, else x-api-key."""
+    """The secret comes from a Bearer Authorization header, else x-api-key, else x-goog-api-key."""
     assert extract_secret(headers) == secret

@@ -171,8 +171,11 @@ def test_foreign_sqlite_is_not_a_ledger(tmp_path):
         Ledger(path)
     with pytest.raises(NotALedger, match="without spendtap's migrations table"):
         Ledger.open_existing(path)
-    with sqlite_utils.Database(path) as foreign:
+    foreign = sqlite_utils.Database(path)  # sqlite-utils 3 has no context manager
+    try:
         assert foreign.table_names() == ["dogs"]
+    finally:
+        foreign.close()
 
 
 def test_empty_file_is_not_a_ledger_for_readers(tmp_path):
@@ -424,6 +427,7 @@ FIGURES = (
     "reasoning_tokens",
     "total_tokens",
     "errors",
+    "refused",
     "usage_missing",
     "avg_ttft_s",
     "avg_tokens_per_s",
@@ -448,6 +452,7 @@ def test_report_by_account(sample):
             "reasoning_tokens": None,
             "total_tokens": 30,
             "errors": 0,
+            "refused": 0,
             "usage_missing": 0,
             "avg_ttft_s": 0.5,
             "avg_tokens_per_s": 10.0,
@@ -465,6 +470,7 @@ def test_report_by_account(sample):
             "reasoning_tokens": None,
             "total_tokens": 7,
             "errors": 0,
+            "refused": 0,
             "usage_missing": 0,
             "avg_ttft_s": 1.5,
             "avg_tokens_per_s": 10.0,
@@ -482,6 +488,7 @@ def test_report_by_account(sample):
             "reasoning_tokens": None,
             "total_tokens": None,
             "errors": 1,
+            "refused": 0,
             "usage_missing": 1,
             "avg_ttft_s": None,
             "avg_tokens_per_s": None,
@@ -490,6 +497,40 @@ def test_report_by_account(sample):
             "avg_cost_usd": None,
         },
     ]
+
+
+def test_report_keeps_refusals_out_of_errors_and_no_usage(tmp_path):
+    """Refused requests (and an SDK's retries of them) count as refused, never as errors
+    nor as usage missing: no_usage stays the metering gap an operator watches."""
+    rows = []
+    for i, (outcome, status, source) in enumerate(
+        [
+            ("completed", 200, "reported"),
+            ("completed", 200, "none"),  # a real metering gap
+            ("upstream_error", 502, "none"),
+            ("client_disconnected", None, "estimated"),
+            ("rejected", 429, "none"),  # a refusal and two SDK retries of it
+            ("rejected", 429, "none"),
+            ("rejected", 429, "none"),
+            ("rejected", 401, "none"),
+        ]
+    ):
+        rows.append(
+            {"id": f"r{i}", "ts": f"2025-01-01T00:00:0{i}.000Z", "account": "a", "key": "k",
+             "model": "m", "node": "n", "api": "openai-chat", "method": "POST",
+             "path": "/v1/chat/completions", "streamed": False, "status": status,
+             "outcome": outcome, "usage_source": source, "duration_s": 0.1,
+             "prompt_tokens": 5 if source == "reported" else None}
+        )  # fmt: skip
+    with Ledger(tmp_path / "l.db") as ledger:
+        ledger.insert_rows(rows)
+        (report,) = ledger.report("account")
+        assert (report["requests"], report["errors"], report["refused"]) == (8, 2, 4)
+        assert report["usage_missing"] == 2  # the gap and the 502, not the refusals
+        (by_key,) = ledger.report("key", outcome="rejected")
+        assert by_key["refused"] == 4 and by_key["errors"] == 0 and by_key["usage_missing"] == 0
+        series = ledger.spend_series("account", 3600)
+        assert sum(r["refused"] for r in series) == 4
 
 
 def test_report_null_semantics(sample):

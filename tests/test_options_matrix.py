@@ -61,6 +61,7 @@ BAD: dict[str, tuple[str, str]] = {
     "spendtap_require_auth": ("yes", "parse"),
     "spendtap_fallback_max_output": ("-5", "parse"),
     "spendtap_fail_open": ("maybe", "parse"),
+    "spendtap_connection_log": ("loud", "parse"),
     "spendtap_reservation_max_age_s": ("0", "parse"),
     "spendtap_central": ("mysql://fleet:pw-not-shown@db/spendtap", "parse"),
     "spendtap_central_timeout_ms": ("50", "parse"),

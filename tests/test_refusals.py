@@ -28,16 +28,33 @@ def test_balance_openai():
     """A spent balance is 429 insufficient_quota, with no Retry-After (waiting will not help)."""
     status, headers, body = budget_refusal("openai-chat", BALANCE)
     assert status == 429
-    assert headers == {"content-type": "application/json", "x-spendtap-refusal": "balance"}
+    assert headers == {
+        "content-type": "application/json",
+        "x-spendtap-refusal": "balance",
+        "x-should-retry": "false",
+    }
     assert json.loads(body) == {
         "error": {
-            "message": "You exceeded your current quota: key 'k1' has used its balance of "
-            "1000 tokens.",
+            "message": "You exceeded your current quota: key 'k1' has a balance of 1000 "
+            "tokens: used 990, reserved 0 by requests in flight, 10 left; this request "
+            "needs up to 50 tokens.",
             "type": "insufficient_quota",
             "param": None,
             "code": "insufficient_quota",
         }
     }
+
+
+def test_balance_with_some_left_says_what_is_left():
+    """204 of 300 spent, about 100 needed: the message gives cap, used, reserved, need."""
+    d = Decision(
+        allowed=False, reason="balance", scope="key", principal="k", cap=300, spent=204,
+        reserved=20, tokens=100,
+    )  # fmt: skip
+    message = json.loads(budget_refusal("openai-chat", d)[2])["error"]["message"]
+    assert "has used its balance" not in message
+    for part in ("balance of 300 tokens", "used 204", "reserved 20", "76 left", "needs up to 100"):
+        assert part in message, message
 
 
 def test_window_openai():
@@ -48,7 +65,7 @@ def test_window_openai():
         "content-type": "application/json",
         "x-spendtap-refusal": "window",
         "retry-after": "13",
-    }
+    }  # a window refusal may be retried: no x-should-retry
     assert json.loads(body) == {
         "error": {
             "message": "Rate limit reached for account 'acme': limit 5000 tokens per 1h, "
@@ -70,6 +87,24 @@ def test_anthropic_shape_never_402(decision):
     assert set(doc["error"]) == {"type", "message"}
     assert doc["error"]["type"] == "rate_limit_error"
     assert ("retry-after" in headers) == (decision.reason == "window")
+    assert ("x-should-retry" in headers) == (decision.reason == "balance")
+
+
+def test_balance_too_large_is_final():
+    """A request larger than the whole balance is never retried, and says so."""
+    d = Decision(
+        allowed=False, reason="balance", scope="key", principal="k1", cap=100, spent=0,
+        reserved=0, tokens=500, too_large=True,
+    )  # fmt: skip
+    _status, headers, _body = budget_refusal("openai-chat", d)
+    assert headers["x-should-retry"] == "false" and "retry-after" not in headers
+    assert headers["x-spendtap-refusal"] == "balance_too_large"
+
+
+def test_service_unavailable_may_be_retried():
+    """A ledger that cannot reserve now may later: Retry-After, no x-should-retry."""
+    _status, headers, _body = service_unavailable("openai-chat")
+    assert "x-should-retry" not in headers and headers["retry-after"] == "1"
 
 
 def test_window_too_large_has_no_retry_after():
@@ -80,6 +115,7 @@ def test_window_too_large_has_no_retry_after():
     )  # fmt: skip
     status, headers, body = budget_refusal("openai-chat", d)
     assert status == 429 and "retry-after" not in headers
+    assert headers["x-should-retry"] == "false"
     assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
     assert "more than the limit of 100 tokens per 1m" in json.loads(body)["error"]["message"]
 
@@ -94,7 +130,11 @@ def test_invalid_api_key_both_shapes():
     """An unknown key is 401 invalid_api_key (OpenAI) or authentication_error (Anthropic)."""
     status, headers, body = invalid_api_key("openai-chat")
     assert status == 401
-    assert headers == {"content-type": "application/json", "x-spendtap-refusal": "invalid_api_key"}
+    assert headers == {
+        "content-type": "application/json",
+        "x-spendtap-refusal": "invalid_api_key",
+        "x-should-retry": "false",
+    }
     assert json.loads(body) == {
         "error": {
             "message": "Incorrect API key provided: it is missing, unknown or revoked.",

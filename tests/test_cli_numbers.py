@@ -1,0 +1,101 @@
+"""Every numeric CLI input has a range, checked at the boundary: one ``Error:`` line, exit 1.
+
+Found by a new user: ``budget set --cap 99999999999999999999999`` was
+``OverflowError: Python int too large to convert to SQLite INTEGER``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from spendtap.cli.main import cli
+from spendtap.cli.numbers import Count, Number
+from spendtap.ledger import Ledger
+
+HUGE = "99999999999999999999999"
+
+
+def _commands(group: click.Group, prefix=()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_numeric_option_has_a_range():
+    """No command takes a bare int or float: each is a Count or Number with bounds."""
+    bare = []
+    for path, command in _commands(cli):
+        for param in command.params:
+            if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+                ok = isinstance(param.type, (Count, Number)) and param.type.max is not None
+                if not ok:
+                    bare.append(f"{' '.join(path)} {param.opts[0]}")
+    assert not bare, f"numeric options without a range: {bare}"
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["budget", "set", "--key", "k", "--cap", HUGE, "--window", "1h"], "--cap"),
+        (["budget", "set", "--key", "k", "--cap", "-1", "--window", "balance"], "--cap"),
+        (["budget", "set", "--key", "k", "--cap", "1e3", "--window", "balance"], "--cap"),
+        (["requests", "--limit", HUGE], "--limit"),
+        (["tail", "--once", "-n", HUGE], "--lines"),
+        (["tail", "--once", "--interval", "nan"], "--interval"),
+        (["tail", "--once", "--interval", "0"], "--interval"),
+        (["tail", "--once", "--max-rows", "-3"], "--max-rows"),
+        (["tail", "--once", "--timeout", "inf"], "--timeout"),
+        (["doctor", "--metrics", "none", "--timeout", "nan"], "--timeout"),
+        (["doctor", "--metrics", "none", "--timeout", "0"], "--timeout"),
+        (["demo", "--requests", "0"], "--requests"),
+        (["demo", "--ttft-ms", HUGE], "--ttft-ms"),
+        (["simulate", "--tps", "nan"], "--tps"),
+        (["simulate", "--tokens", HUGE], "--tokens"),
+    ],
+)
+def test_out_of_range_is_one_line(tmp_path, args, option):
+    """Too large, negative, nan, inf or not a number: one line naming the option, exit 1."""
+    db = tmp_path / "ledger.db"
+    Ledger(db).close()
+    env = {"SPENDTAP_DB": str(db)}
+    result = CliRunner().invoke(cli, args, env=env)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: Invalid value for '") and option in result.output
+    assert result.output.count("\n") == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_huge_cap_through_the_installed_command(tmp_path):
+    """The exact report: the real console script, a new ledger, no traceback."""
+    db = tmp_path / "ledger.db"
+    out = subprocess.run(
+        [sys.executable, "-m", "spendtap.cli.main", "budget", "set", "--key", "k",
+         "--cap", HUGE, "--window", "1h", "--db", str(db)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"Error: Invalid value for '--cap': {HUGE} is not in the range "
+        "0<=x<=9223372036854775807.\n"
+    )
+    assert "OverflowError" not in out.stderr + out.stdout
+
+
+def test_largest_cap_is_accepted(tmp_path):
+    """The top of the range works end to end (stored and shown exactly)."""
+    db = tmp_path / "ledger.db"
+    env = {"SPENDTAP_DB": str(db)}
+    top = str(2**63 - 1)
+    result = CliRunner().invoke(
+        cli, ["budget", "set", "--key", "k", "--cap", top, "--window", "balance"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    shown = CliRunner().invoke(cli, ["budget", "show", "--key", "k", "-f", "json"], env=env)
+    assert f'"cap": {top}' in shown.output
