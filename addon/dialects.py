@@ -99,22 +99,22 @@ def error_summary(e: Any) -> str | None:
 _TEXT_KEYS = frozenset(("content", "text", "response", "thinking", "arguments"))
 
 
-def text_chars(obj: Any, depth: int = 0) -> int:
-    """Characters of generated text under the usual keys (for usage estimates)."""
+def text_chars(obj: Any, keys: frozenset[str] = _TEXT_KEYS, depth: int = 0) -> int:
+    """Characters of generated text under ``keys``, at any depth (for usage estimates)."""
     if depth > 12:
         return 0
     n = 0
     if isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(v, str):
-                if k in _TEXT_KEYS:
+                if k in keys:
                     n += len(v)
             elif isinstance(v, dict | list):
-                n += text_chars(v, depth + 1)
+                n += text_chars(v, keys, depth + 1)
     elif isinstance(obj, list):
         for v in obj:
             if isinstance(v, dict | list):
-                n += text_chars(v, depth + 1)
+                n += text_chars(v, keys, depth + 1)
     return n
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from spendtap.decoding import DecodeError, Decoder, is_identity, make_decoder
 from spendtap.dialect_llamacpp import timings_of
-from spendtap.dialects import ServerTiming
+from spendtap.dialects import ServerTiming, text_chars
 from spendtap.sse import SSEParser
 from spendtap.usage import NONE, REPORTED, Usage
 from spendtap.usage_shapes import (
@@ -149,27 +149,13 @@ _TEXT_KEYS = frozenset(
 )
 
 
-def generated_text_chars(obj: Any, depth: int = 0) -> int:
+def generated_text_chars(obj: Any) -> int:
     """Characters of generated text in a response document (for usage estimates).
 
     Sums the string values under the keys that hold generated text in the
     OpenAI chat/completions/Responses and Anthropic shapes, at any depth.
     """
-    if depth > 12:
-        return 0
-    n = 0
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if isinstance(v, str):
-                if k in _TEXT_KEYS:
-                    n += len(v)
-            elif isinstance(v, dict | list):
-                n += generated_text_chars(v, depth + 1)
-    elif isinstance(obj, list):
-        for v in obj:
-            if isinstance(v, dict | list):
-                n += generated_text_chars(v, depth + 1)
-    return n
+    return text_chars(obj, _TEXT_KEYS)
 
 
 def last_usage_object(buf: bytes) -> dict | None:
