@@ -1,32 +1,20 @@
 """spendtap: a metering sidecar for LLM inference traffic.
 
-The package is split so that the core can be used and tested without mitmproxy
-or click:
+The core can be used and tested without mitmproxy or click; its folders follow the
+data path (docs/architecture.md places every module):
 
-- ``spendtap.usage``       normalized token usage (the figures a ledger row holds)
-- ``spendtap.sse``         incremental WHATWG event-stream framing
-- ``spendtap.decoding``    incremental Content-Encoding decoders
-- ``spendtap.scanner``     per-response usage and timing scanner (OpenAI and Anthropic shapes)
-- ``spendtap.usage_shapes`` the OpenAI and Anthropic usage objects, one reader per family
-- ``spendtap.dialects``    the usage extractor base class for native API families
-- ``spendtap.dialect_*``   one native family each: ``gemini``, ``ollama``, ``llamacpp``,
-  ``cohere``; ``dialect_registry`` lists them, ``dialect_scanner`` scans with them
-- ``spendtap.framing``     incremental NDJSON / JSON-array / JSON document framing
-- ``spendtap.request``     what a request asks for (API, model, limits, principal headers)
-- ``spendtap.estimate``    usage estimates when a server reports none
-- ``spendtap.inject``      asking streams for usage, and hiding it from the client
-- ``spendtap.meter``       one request's state, from request to ledger row
-- ``spendtap.ledger``      the SQLite ledger (schema, migrations, queries)
-- ``spendtap.writer``      the single writer thread that group-commits ledger rows
-- ``spendtap.commits``     waiting on the event loop for those commits
-- ``spendtap.budgets``     caps, reservations, settle/release, sweeps
-- ``spendtap.keys``        bearer keys as fingerprints
-- ``spendtap.refusals``    the 401/429/503 answers spendtap gives itself
-- ``spendtap.gate``        principals and budget admission, off the event loop
-- ``spendtap.metrics``     Prometheus metrics (``budget_metrics``: gauges read at scrape time)
-- ``spendtap.hooks``       the thin mitmproxy addon (the only module importing mitmproxy)
-- ``spendtap.cli``         the click CLI
-- ``spendtap.sim``         the built-in simulated inference server
+- ``spendtap.metering``  what a response says it cost: request facts, SSE/NDJSON framing,
+  content decoding, the usage scanners of every API family, estimates, usage injection,
+  one flow's metering state
+- ``spendtap.store``     where it is kept: the SQLite ledger and its writer thread,
+  commits, budgets, bearer keys, the storage seam, the fleet's PostgreSQL store
+- ``spendtap.proxy``     the mitmproxy addon (``hooks``, the only module importing
+  mitmproxy) and the request-path decisions it calls: gate, trust, key swap, refusals
+- ``spendtap.metrics``   Prometheus families, budget gauges read at scrape time, the port
+- ``spendtap.pricing``   prices from the operator's file and the genai-prices catalogue
+- ``spendtap.options``   the one table of ``spendtap_*`` options
+- ``spendtap.cli``       the click CLI
+- ``spendtap.sim``       the built-in simulated inference server
 """
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spendtap.address import parse_listen
-from spendtap.trust import MIN_SECRET_LEN, parse_trusted_peers
+from spendtap.proxy.trust import MIN_SECRET_LEN, parse_trusted_peers
 
 PREFIX = "spendtap_"
 ENV_CENTRAL = "SPENDTAP_CENTRAL"

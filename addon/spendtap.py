@@ -21,11 +21,11 @@ def _import_package():
         if cached is not None and not hasattr(cached, "__path__"):
             del sys.modules["spendtap"]  # a stale import of this file, not the package
         try:
-            import spendtap.hooks
+            import spendtap.proxy.hooks
 
-            return spendtap.hooks
+            return spendtap.proxy.hooks
         except ModuleNotFoundError as e:
-            if e.name not in ("spendtap", "spendtap.hooks"):
+            if e.name not in ("spendtap", "spendtap.proxy", "spendtap.proxy.hooks"):
                 raise
         spec = importlib.util.spec_from_file_location(
             "spendtap", os.path.join(_here, "__init__.py"), submodule_search_locations=[_here]
@@ -33,9 +33,9 @@ def _import_package():
         package = importlib.util.module_from_spec(spec)
         sys.modules["spendtap"] = package
         spec.loader.exec_module(package)
-        import spendtap.hooks
+        import spendtap.proxy.hooks
 
-        return spendtap.hooks
+        return spendtap.proxy.hooks
     finally:
         sys.path[:] = saved
 

@@ -77,7 +77,7 @@ def sse_events(body: bytes) -> list[bytes]:
 
 
 def _scan_once(api: str, ctype: str | None, chunks: list[bytes]) -> float:
-    from spendtap.dialect_scanner import make_scanner
+    from spendtap.metering.dialect_scanner import make_scanner
 
     t0 = clock()
     s = make_scanner(api, ctype, None)
@@ -180,7 +180,7 @@ def bench_scanner(quick: bool) -> dict:
 async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path) -> dict:
     from mitmproxy.test import taddons, tflow, tutils
 
-    from spendtap.hooks import SpendTap
+    from spendtap.proxy.hooks import SpendTap
 
     addon = SpendTap()
     out: dict = {}
@@ -315,7 +315,7 @@ def _row(i: int) -> dict:
 def bench_writer(quick: bool, tmp: Path) -> dict:
     import logging
 
-    from spendtap.writer import LedgerWriter
+    from spendtap.store.writer import LedgerWriter
 
     log = logging.getLogger("bench.writer")
     res: dict = {}
@@ -393,8 +393,8 @@ def bench_budget(quick: bool, tmp: Path) -> dict:
     request's row landing through ``Ledger.insert_rows``, which deletes the
     reservation and adds the row's tokens to the budget in the same transaction.
     """
-    from spendtap.budgets import Budgets, process_owner
-    from spendtap.ledger import Ledger
+    from spendtap.store.budgets import Budgets, process_owner
+    from spendtap.store.ledger import Ledger
 
     db = tmp / "budget-bench.db"
     budgets = Budgets(db)
@@ -441,10 +441,10 @@ def bench_central(quick: bool, tmp: Path) -> dict:
     committed rows to PostgreSQL in batches, as a sidecar catching up after an outage.
     Needs Debian's PostgreSQL (``scripts/ci-deps.sh``); skipped without it.
     """
-    from spendtap.budgets import process_owner
-    from spendtap.central import CentralStore
-    from spendtap.fleet import Shipper
-    from spendtap.ledger import Ledger
+    from spendtap.store.budgets import process_owner
+    from spendtap.store.central import CentralStore
+    from spendtap.store.fleet import Shipper
+    from spendtap.store.ledger import Ledger
     from tests.pg import PostgresServer, pg_bindir
 
     if pg_bindir() is None:

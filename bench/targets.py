@@ -165,7 +165,7 @@ def start_spendtap(
 
 def start_spendtap_central(upstream: str, log_dir: Path, extra: list[str]) -> Target:
     """spendtap with the benchmark's (never reached) budgets in a PostgreSQL of its own."""
-    from spendtap.central import CentralStore
+    from spendtap.store.central import CentralStore
     from tests.pg import PostgresServer, pg_bindir
 
     if pg_bindir() is None:
@@ -252,7 +252,7 @@ def metering_only_sets() -> list[str]:
 
 def set_budget(db: Path, log_dir: Path) -> str | None:
     """Give the benchmark's key and account caps no run can reach; None on success."""
-    from spendtap.ledger import Ledger
+    from spendtap.store.ledger import Ledger
 
     Ledger(db).close()  # create the ledger first
     for who in (["--key", KEY], ["--account", ACCOUNT]):

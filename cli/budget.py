@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from spendtap.budgets import (
+from spendtap.store.budgets import (
     EPOCH_TS,
     MAX_CAP,
     TOKENS,
@@ -21,7 +21,7 @@ from spendtap.budgets import (
 from spendtap.cli.numbers import count
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
-from spendtap.store import open_budget_store
+from spendtap.store.backend import open_budget_store
 from spendtap.timeparse import parse_datetime, parse_duration
 
 STATUS_COLUMNS = (

@@ -23,9 +23,9 @@ from typing import Any
 
 import click
 
-from spendtap.budgets import format_window
+from spendtap.store.budgets import format_window
 from spendtap.cli.paths import open_ledger
-from spendtap.ledger import LedgerError
+from spendtap.store.ledger import LedgerError
 from spendtap.timeparse import parse_datetime, ts_from_epoch
 
 BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"

@@ -52,7 +52,7 @@ from urllib.parse import urlparse
 
 from spendtap.address import parse_listen
 from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
-from spendtap.trust import TrustPolicy, unguarded_start
+from spendtap.proxy.trust import TrustPolicy, unguarded_start
 
 MODES = ("reverse", "regular", "upstream", "transparent")
 ENV_PREFIX = "SPENDTAP_"

@@ -39,11 +39,11 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from spendtap.address import parse_listen
-from spendtap.central import is_central_url
+from spendtap.store.central import is_central_url
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.numbers import seconds
 from spendtap.cli.paths import db_option
-from spendtap.ledger import (
+from spendtap.store.ledger import (
     MIGRATIONS,
     MIGRATIONS_TABLE,
     LedgerError,
@@ -53,7 +53,7 @@ from spendtap.ledger import (
 )
 from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
-from spendtap.trust import TrustPolicy, read_secret_file, unguarded_start
+from spendtap.proxy.trust import TrustPolicy, read_secret_file, unguarded_start
 
 OK, FAIL, SKIP, INFO = "ok", "FAIL", "skip", "info"
 
@@ -227,9 +227,9 @@ def check_upstream(report: Report, url: str, timeout: float) -> None:
 
 def check_central(report: Report, dsn: str, local_db: Path | None, timeout: float) -> None:
     """The fleet's central store, and this node's lease and backlog in it."""
-    from spendtap.central import MIGRATIONS as CENTRAL_MIGRATIONS
-    from spendtap.central import CentralError, CentralStore, node_identity
-    from spendtap.ledger import Ledger, LedgerError
+    from spendtap.store.central import MIGRATIONS as CENTRAL_MIGRATIONS
+    from spendtap.store.central import CentralError, CentralStore, node_identity
+    from spendtap.store.ledger import Ledger, LedgerError
 
     try:
         store = CentralStore(dsn, create=False, timeout_s=timeout)

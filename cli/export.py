@@ -13,7 +13,7 @@ import click
 from spendtap.cli.output import Choice, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import filter_options, time_options, time_range
-from spendtap.ledger import ROW_FIELDS, LedgerError
+from spendtap.store.ledger import ROW_FIELDS, LedgerError
 
 # Below this many rows an export is quick: no progress bar.
 PROGRESS_MIN_ROWS = 10_000

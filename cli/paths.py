@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from spendtap.central import is_central_url, redact_dsn
-from spendtap.ledger import Ledger, LedgerError, LedgerNotFound, readonly_reason
+from spendtap.store.central import is_central_url, redact_dsn
+from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, readonly_reason
 from spendtap.paths import ENV_DB, default_db_path
-from spendtap.store import open_ledger_reader
+from spendtap.store.backend import open_ledger_reader
 
 
 class LedgerLocation(click.ParamType):
@@ -64,7 +64,7 @@ def open_ledger(path: Path | str, *, write: bool = False) -> Any:
     Read-only unless ``write``: that works where operators keep ledgers, a read-only
     mount or a backup copy. With ``write``, a ledger that cannot be written is
     refused up front, in one line. A ``postgresql://`` URL opens the fleet's central
-    store (``spendtap.central.CentralStore``, the same reading interface).
+    store (``spendtap.store.central.CentralStore``, the same reading interface).
     """
     if is_central_url(path):
         try:

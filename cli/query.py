@@ -13,7 +13,7 @@ from spendtap.cli.chart import draw_report_chart
 from spendtap.cli.numbers import count
 from spendtap.cli.output import Choice, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
-from spendtap.ledger import OUTCOMES, REPORT_BY, REPORT_SORT, ROW_FIELDS, LedgerError
+from spendtap.store.ledger import OUTCOMES, REPORT_BY, REPORT_SORT, ROW_FIELDS, LedgerError
 from spendtap.timeparse import format_ts, parse_when
 
 REPORT_FIGURES = (

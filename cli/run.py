@@ -15,11 +15,11 @@ from click.core import ParameterSource
 from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option, refuse_readonly
-from spendtap.ledger import Ledger, LedgerError
+from spendtap.store.ledger import Ledger, LedgerError
 from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
-from spendtap.trust import read_secret_file
+from spendtap.proxy.trust import read_secret_file
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -329,7 +329,7 @@ def run(
 def _check_central(dsn: str) -> None:
     """Someone else's database or a refused login fails here; unreachable only warns
     (rows wait in the local ledger, budgeted requests get 503 until it is back)."""
-    from spendtap.central import CentralError, CentralStore, NotCentral
+    from spendtap.store.central import CentralError, CentralStore, NotCentral
 
     try:
         CentralStore(dsn, timeout_s=3).close()

@@ -20,7 +20,7 @@ from spendtap.cli.numbers import count, seconds
 from spendtap.cli.output import format_cell, output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import REQUESTS_TABLE, filter_options
-from spendtap.ledger import ROW_FIELDS, Ledger, LedgerError
+from spendtap.store.ledger import ROW_FIELDS, Ledger, LedgerError
 
 # Table widths: wide enough for typical values, so most rows line up.
 _WIDTHS = {

@@ -32,7 +32,7 @@ Endpoints (accepted under any path prefix: ``/v1/chat/completions``,
 - ``GET  .../models``            model list (Anthropic shape when ``anthropic-version`` is sent)
 - ``GET  /health``               ``{"status":"ok"}``
 - ``GET  /sim/stats``            request counters: ``total``, ``endpoints`` (keyed by the API
-  names of :mod:`spendtap.usage` plus ``models``, ``health``, ``count-tokens``,
+  names of :mod:`spendtap.metering.usage` plus ``models``, ``health``, ``count-tokens``,
   ``unknown``), ``streams``, ``statuses``, ``faults``, and ``usage_reported`` (the usage
   figures of responses that carried usage and were sent whole; Anthropic prompt tokens
   there include cache reads and writes, as the ledger normalizes them)

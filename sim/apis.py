@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from spendtap.usage import (
+from spendtap.metering.usage import (
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
     OPENAI_CHAT,

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from spendtap.request import detect_api
-from spendtap.usage import (
+from spendtap.metering.request import detect_api
+from spendtap.metering.usage import (
     ANTHROPIC_MESSAGES,
     COHERE_CHAT,
     EMBEDDINGS,

@@ -12,9 +12,9 @@ from pathlib import Path
 import brotli
 import zstandard
 
-from spendtap.dialect_scanner import make_scanner
-from spendtap.scanner import ScanResult
-from spendtap.usage import ANTHROPIC_MESSAGES, GEMINI, Usage
+from spendtap.metering.dialect_scanner import make_scanner
+from spendtap.metering.scanner import ScanResult
+from spendtap.metering.usage import ANTHROPIC_MESSAGES, GEMINI, Usage
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "wire"
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 from prometheus_client import CollectorRegistry
 
-from spendtap.budget_metrics import BudgetCollector
-from spendtap.budgets import (
+from spendtap.metrics.budgets import BudgetCollector
+from spendtap.store.budgets import (
     EPOCH_TS,
     UNBUDGETED,
     USD,
@@ -25,9 +25,9 @@ from spendtap.budgets import (
     prompt_tokens_upper_bound,
     reservation_tokens,
 )
-from spendtap.ledger import Ledger, LedgerNotFound
+from spendtap.store.ledger import Ledger, LedgerNotFound
 from spendtap.timeparse import parse_datetime, ts_from_epoch
-from spendtap.writer import LedgerWriter
+from spendtap.store.writer import LedgerWriter
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
 OWNER = "test-host:1:1"
@@ -327,7 +327,7 @@ def _dead_owner() -> str:
         [
             sys.executable,
             "-c",
-            "from spendtap.budgets import process_owner; print(process_owner())",
+            "from spendtap.store.budgets import process_owner; print(process_owner())",
         ],
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from spendtap.budgets import Budgets, process_owner
-from spendtap.ledger import Ledger
+from spendtap.store.budgets import Budgets, process_owner
+from spendtap.store.ledger import Ledger
 from spendtap.timeparse import ts_from_epoch
 
 CAP = 5000

@@ -16,8 +16,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from spendtap.budgets import EPOCH_TS, Budgets
-from spendtap.ledger import Ledger
+from spendtap.store.budgets import EPOCH_TS, Budgets
+from spendtap.store.ledger import Ledger
 from spendtap.timeparse import parse_datetime, ts_from_epoch
 
 T0 = int(parse_datetime("2025-01-31T12:00:00Z").timestamp())

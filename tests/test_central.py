@@ -8,10 +8,10 @@ import time
 import psycopg
 import pytest
 
-from spendtap.budgets import BudgetUnavailable
-from spendtap.central import CentralError, CentralStore, NotCentral, is_central_url, redact_dsn
-from spendtap.fleet import Shipper
-from spendtap.ledger import Ledger
+from spendtap.store.budgets import BudgetUnavailable
+from spendtap.store.central import CentralError, CentralStore, NotCentral, is_central_url, redact_dsn
+from spendtap.store.fleet import Shipper
+from spendtap.store.ledger import Ledger
 from spendtap.options import BY_NAME, OptionError, redact
 from spendtap.timeparse import ts_from_epoch
 from tests.pg import PASSWORD
@@ -172,8 +172,8 @@ def test_dsn_redaction_and_option():
 
 def test_a_duplicate_reservation_or_key_is_the_callers_error(store, pg_dsn):
     """The same reservation id twice is a ValueError; the same secret twice a DuplicateKey."""
-    from spendtap.central import CentralKeys
-    from spendtap.keys import DuplicateKey
+    from spendtap.store.central import CentralKeys
+    from spendtap.store.keys import DuplicateKey
 
     store.set("key", "k", 1000, None)
     store.reserve("dup", "acct", "k", 10, "o")
@@ -231,7 +231,7 @@ def test_libpq_password_variables_work(pg_dsn, monkeypatch):
 def test_every_ledger_column_has_a_central_column(store, pg_dsn):
     """A column added to the SQLite ledger needs its PostgreSQL migration too, or rows
     could not ship: this fails until it has one."""
-    from spendtap.ledger import COLUMNS
+    from spendtap.store.ledger import COLUMNS
 
     with psycopg.connect(pg_dsn) as conn:
         central = {

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spendtap.central import CentralStore
+from spendtap.store.central import CentralStore
 from spendtap.timeparse import ts_from_epoch
 
 NODES = ("n1", "n2", "n3")

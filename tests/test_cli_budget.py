@@ -10,10 +10,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from spendtap.budgets import Budgets, process_owner
+from spendtap.store.budgets import Budgets, process_owner
 from spendtap.cli.main import cli
-from spendtap.keys import Keys, fingerprint
-from spendtap.ledger import Ledger
+from spendtap.store.keys import Keys, fingerprint
+from spendtap.store.ledger import Ledger
 from spendtap.timeparse import ts_from_epoch
 
 
@@ -127,7 +127,7 @@ def test_reservations_and_sweep(db):
         [
             sys.executable,
             "-c",
-            "from spendtap.budgets import process_owner; print(process_owner())",
+            "from spendtap.store.budgets import process_owner; print(process_owner())",
         ],
         capture_output=True,
         text=True,

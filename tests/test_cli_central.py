@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from spendtap.central import CentralStore, redact_dsn
+from spendtap.store.central import CentralStore, redact_dsn
 from spendtap.cli.main import cli
-from spendtap.ledger import Ledger
+from spendtap.store.ledger import Ledger
 from tests.pg import PASSWORD
 from tests.test_cli_query import ROWS
 
@@ -94,7 +94,7 @@ def test_budget_commands_on_the_fleet(both):
 
 def test_keys_registered_centrally(pg_dsn):
     """keys add/list/rm against the central store; a key resolves from the store."""
-    from spendtap.central import CentralKeys
+    from spendtap.store.central import CentralKeys
 
     secret = "sk-fleet-" + "x" * 32
     code, out, err = run(
@@ -156,7 +156,7 @@ def test_run_dry_run_never_shows_the_password(tmp_path, monkeypatch):
 def test_doctor_checks_the_central_store(tmp_path, pg_server, pg_dsn):
     """doctor reports the central store, this node's lease and backlog; the password never
     shows; a foreign database fails."""
-    from spendtap.central import node_identity
+    from spendtap.store.central import node_identity
 
     db = tmp_path / "ledger.db"
     with Ledger(db) as ledger:

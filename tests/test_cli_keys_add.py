@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 
-from spendtap.keys import Keys
+from spendtap.store.keys import Keys
 from tests.proc import REPO
 
 SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from spendtap.cli.main import cli
 from spendtap.cli.numbers import Count, Number
-from spendtap.ledger import Ledger
+from spendtap.store.ledger import Ledger
 
 HUGE = "99999999999999999999999"
 

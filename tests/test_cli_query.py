@@ -15,7 +15,7 @@ from spendtap import __version__
 from spendtap.cli.main import cli
 from spendtap.cli.output import format_table
 from spendtap.cli.paths import default_db_path
-from spendtap.ledger import Ledger
+from spendtap.store.ledger import Ledger
 
 ROWS = [
     {
@@ -507,11 +507,11 @@ def test_format_table_alignment():
 
 def test_core_modules_import_neither_click_nor_mitmproxy():
     """The ledger, writer and timeparse modules import neither click nor mitmproxy."""
-    import spendtap.ledger
+    import spendtap.store.ledger
     import spendtap.timeparse
-    import spendtap.writer
+    import spendtap.store.writer
 
-    for module in (spendtap.ledger, spendtap.writer, spendtap.timeparse):
+    for module in (spendtap.store.ledger, spendtap.store.writer, spendtap.timeparse):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = set()
         for node in ast.walk(tree):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from spendtap.cli.chart import choose_bucket, render_chart
 from spendtap.cli.main import cli
-from spendtap.ledger import ROW_FIELDS, Ledger
+from spendtap.store.ledger import ROW_FIELDS, Ledger
 from spendtap.timeparse import parse_datetime, ts_from_epoch
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from spendtap.commits import CommitWaiters
+from spendtap.store.commits import CommitWaiters
 
 
 def test_commits_from_another_thread_resolve_every_future():

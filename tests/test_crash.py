@@ -17,7 +17,7 @@ import uuid
 import httpx
 import pytest
 
-from spendtap.budgets import Budgets
+from spendtap.store.budgets import Budgets
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e

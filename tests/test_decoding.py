@@ -10,7 +10,7 @@ import brotli
 import pytest
 import zstandard
 
-from spendtap.decoding import PIECE_SIZE, DecodeError, make_decoder
+from spendtap.metering.decoding import PIECE_SIZE, DecodeError, make_decoder
 from tests.corpus_cases import ENCODINGS, chunked, encode
 
 SAMPLE = b"data: " + os.urandom(2000).hex().encode() + b"\n\n" + b"data: [DONE]\n\n" * 50

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendtap.dialect_scanner import DialectScanner, make_scanner
-from spendtap.framing import JSONSequence
-from spendtap.meter import FlowMeter
-from spendtap.request import detect_api, parse_request
-from spendtap.scanner import ResponseScanner
-from spendtap.usage import (
+from spendtap.metering.dialect_scanner import DialectScanner, make_scanner
+from spendtap.metering.framing import JSONSequence
+from spendtap.metering.meter import FlowMeter
+from spendtap.metering.request import detect_api, parse_request
+from spendtap.metering.scanner import ResponseScanner
+from spendtap.metering.usage import (
     COHERE_CHAT,
     COHERE_EMBED,
     EMBEDDINGS,
@@ -305,7 +305,7 @@ def test_meter_embed_without_usage_has_no_completion():
 )
 def test_path_family(path, family):
     """Path families are bounded: first segments only, ids folded, no query string."""
-    from spendtap.request import path_family
+    from spendtap.metering.request import path_family
 
     assert path_family(path) == family
 
@@ -314,7 +314,7 @@ def test_unrecognized_api_row_and_metric():
     """An unrecognised API: usage_source none, no estimate, and its path family counted."""
     from prometheus_client import CollectorRegistry
 
-    from spendtap.metrics import Metrics
+    from spendtap.metrics.series import Metrics
 
     info = parse_request("/v1/assistants/asst_9f8e7d6c5b/files", {}, b'{"purpose": "x"}')
     assert info.api == OTHER
@@ -335,8 +335,8 @@ def test_unrecognized_api_row_and_metric():
 
 def test_registry_covers_every_native_family():
     """Each native family has one extractor, and each of its path suffixes detects it."""
-    from spendtap.dialect_registry import DIALECTS, EXTRACTORS
-    from spendtap.usage import NATIVE_APIS
+    from spendtap.metering.dialect_registry import DIALECTS, EXTRACTORS
+    from spendtap.metering.usage import NATIVE_APIS
 
     assert set(EXTRACTORS) == set(NATIVE_APIS) and len(DIALECTS) == len(NATIVE_APIS)
     for cls in DIALECTS:
@@ -347,7 +347,7 @@ def test_registry_covers_every_native_family():
 
 def test_key_swap_for_gemini_uses_x_goog_api_key(tmp_path):
     """Key swap on a Gemini request: the operator's key goes up as x-goog-api-key, alone."""
-    from spendtap.keyswap import UpstreamCredential
+    from spendtap.proxy.keyswap import UpstreamCredential
 
     f = tmp_path / "upstream.key"
     f.write_text("AIza-operator\n")
@@ -371,8 +371,8 @@ def test_key_swap_for_gemini_uses_x_goog_api_key(tmp_path):
 )
 def test_refusals_in_each_dialects_envelope(api, check):
     """A budget refusal answers in the error envelope the family's clients parse."""
-    from spendtap.budgets import Decision
-    from spendtap.refusals import budget_refusal
+    from spendtap.store.budgets import Decision
+    from spendtap.proxy.refusals import budget_refusal
 
     decision = Decision(
         allowed=False, reason="window", scope="key", principal="k", cap=10,
@@ -385,7 +385,7 @@ def test_refusals_in_each_dialects_envelope(api, check):
 
 def test_json_sequence_cost_stays_linear(monkeypatch):
     """A big pretty document whose every chunk ends in a nested '}' is not re-parsed per chunk."""
-    import spendtap.framing as framing
+    import spendtap.metering.framing as framing
 
     calls = []
     real = framing._raw_decode
@@ -474,7 +474,7 @@ def test_native_corpus_cases_any_chunking(i, points):
 
 def test_large_ollama_request_still_streams_by_default():
     """A request too large to parse whole (images) keeps Ollama's default streaming."""
-    from spendtap.request import MAX_PARSE_BYTES
+    from spendtap.metering.request import MAX_PARSE_BYTES
 
     body = b'{"model": "llava", "prompt": "what is this?", "images": ["' + b"A" * MAX_PARSE_BYTES
     info = parse_request("/api/generate", {}, body + b'"]}')

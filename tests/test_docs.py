@@ -9,10 +9,10 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from spendtap.budget_metrics import BudgetCollector
-from spendtap.budgets import USD, Budgets
-from spendtap.ledger import MIGRATIONS_TABLE, Ledger
-from spendtap.metrics import CallbackMetrics, Metrics
+from spendtap.metrics.budgets import BudgetCollector
+from spendtap.store.budgets import USD, Budgets
+from spendtap.store.ledger import MIGRATIONS_TABLE, Ledger
+from spendtap.metrics.series import CallbackMetrics, Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ADDON = Path(__file__).resolve().parent.parent / "addon"
@@ -93,6 +93,6 @@ def test_every_metric_family_is_documented(tmp_path):
 def test_every_core_module_is_placed_on_the_map():
     text = (DOCS / "architecture.md").read_text()
     named = set(re.findall(r"`([a-z_]+)`", text))
-    modules = {p.stem for p in ADDON.glob("*.py") if p.stem not in ("__init__",)}
+    modules = {p.stem for p in ADDON.rglob("*.py") if p.stem not in ("__init__",)}
     missing = modules - named
     assert not missing, f"docs/architecture.md does not place modules {sorted(missing)}"

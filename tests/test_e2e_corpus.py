@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from spendtap.usage import INPUT_ONLY_APIS
+from spendtap.metering.usage import INPUT_ONLY_APIS
 from tests.corpus_cases import load_cases
 from tests.proc import Sidecar
 from tests.replay_server import ReplayServer

@@ -21,7 +21,7 @@ import httpx
 import psycopg
 import pytest
 
-from spendtap.central import CentralStore, node_identity
+from spendtap.store.central import CentralStore, node_identity
 from tests.pg import PASSWORD, PostgresServer
 from tests.proc import Sidecar, read_rows
 
@@ -322,7 +322,7 @@ def _metric(proxy, name: str) -> float:
 def test_keys_registered_centrally_resolve_on_every_node(sim, tmp_path, pg_dsn):
     """A bearer key registered in PostgreSQL names its principal on any sidecar, and that
     key's fleet budget binds on all of them."""
-    from spendtap.central import CentralKeys
+    from spendtap.store.central import CentralKeys
 
     secret = "sk-fleet-" + "k" * 32
     with CentralKeys(pg_dsn) as keys:

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from spendtap.address import free_port
-from spendtap.refusals import upstream_failure
+from spendtap.proxy.refusals import upstream_failure
 from tests.proc import Sidecar
 
 pytestmark = pytest.mark.e2e

@@ -7,8 +7,8 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
-from spendtap.request import parse_request
+from spendtap.metering.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
+from spendtap.metering.request import parse_request
 
 CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"%s"}}]%s}\n\n'  # noqa: E501
 USAGE = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n'  # noqa: E501

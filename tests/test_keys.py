@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from spendtap.keys import (
+from spendtap.store.keys import (
     DuplicateKey,
     Keys,
     WeakSecret,

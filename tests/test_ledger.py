@@ -10,7 +10,7 @@ import sqlite_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendtap.ledger import (
+from spendtap.store.ledger import (
     COLUMNS,
     MIGRATIONS,
     Ledger,

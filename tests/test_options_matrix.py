@@ -257,7 +257,7 @@ def test_a_bad_deferred_option_refuses_every_request_in_process(tmp_path):
     so even a mitmproxy that kept running would forward nothing unmetered."""
     from mitmproxy.test import taddons, tflow, tutils
 
-    from spendtap.hooks import SpendTap
+    from spendtap.proxy.hooks import SpendTap
 
     async def go():
         with taddons.context() as tctx:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from spendtap.budgets import Budgets
-from spendtap.keys import Keys
-from spendtap.ledger import Ledger
+from spendtap.store.budgets import Budgets
+from spendtap.store.keys import Keys
+from spendtap.store.ledger import Ledger
 
 SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from spendtap.budgets import Decision
-from spendtap.refusals import (
+from spendtap.store.budgets import Decision
+from spendtap.proxy.refusals import (
     budget_refusal,
     invalid_api_key,
     retry_after_header,

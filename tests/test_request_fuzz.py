@@ -7,9 +7,9 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendtap.estimate import request_text
-from spendtap.inject import InjectedUsageFilter, with_include_usage
-from spendtap.request import clean_principal, detect_api, parse_request
+from spendtap.metering.estimate import request_text
+from spendtap.metering.inject import InjectedUsageFilter, with_include_usage
+from spendtap.metering.request import clean_principal, detect_api, parse_request
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

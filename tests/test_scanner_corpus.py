@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from spendtap.scanner import ResponseScanner, last_usage_object
-from spendtap.usage import (
+from spendtap.metering.scanner import ResponseScanner, last_usage_object
+from spendtap.metering.usage import (
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
     OPENAI_CHAT,

@@ -8,8 +8,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spendtap.scanner import ResponseScanner
-from spendtap.usage import APIS, EMBEDDINGS, OPENAI_CHAT, Usage
+from spendtap.metering.scanner import ResponseScanner
+from spendtap.metering.usage import APIS, EMBEDDINGS, OPENAI_CHAT, Usage
 from tests.corpus_cases import ENCODINGS, encode, load_cases, scan
 
 CASES = load_cases()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spendtap.sse import Event, SSEParser
+from spendtap.metering.sse import Event, SSEParser
 
 
 def parse(*chunks: bytes, close: bool = True, **kw) -> list[Event]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from spendtap.usage import OPENAI_CHAT, OPENAI_RESPONSES, Usage
+from spendtap.metering.usage import OPENAI_CHAT, OPENAI_RESPONSES, Usage
 from tests.corpus_cases import chunked, scan, sse
 
 EVENT_STREAM = "text/event-stream"

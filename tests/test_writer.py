@@ -12,8 +12,8 @@ import uuid
 
 import pytest
 
-from spendtap.ledger import Ledger, NotALedger
-from spendtap.writer import LedgerWriter
+from spendtap.store.ledger import Ledger, NotALedger
+from spendtap.store.writer import LedgerWriter
 
 
 def row(id_: str, **fields) -> dict:

@@ -45,7 +45,7 @@ Rolling windows: a row counts while ``ts > now - window``; it ages out exactly
 
 Exceptions::
 
-    LedgerError (spendtap.ledger)
+    LedgerError (spendtap.store.ledger)
      +-- BudgetUnavailable     the ledger cannot decide now (locked past the busy
                                timeout, read-only, gone): answer 503, do not dispatch
 
@@ -68,10 +68,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from spendtap.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
+from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
 from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
-from spendtap.usage import INPUT_ONLY_APIS, OTHER
+from spendtap.metering.usage import INPUT_ONLY_APIS, OTHER
 
 __all__ = [
     "BALANCE",
@@ -410,7 +410,7 @@ def prompt_tokens_upper_bound(
 ) -> int:
     """A safe over-estimate of the input tokens of a request body, for reservations.
 
-    Not ``spendtap.estimate.estimate_prompt_tokens`` (the best guess recorded when a
+    Not ``spendtap.metering.estimate.estimate_prompt_tokens`` (the best guess recorded when a
     server reports no usage): this one must never be below the truth. It counts the
     UTF-8 bytes of every string, key and number of the JSON document (but not
     ``model``, ``stream`` and similar settings), one token per ``bytes_per_token``

@@ -32,14 +32,14 @@ import threading
 import time
 from typing import Any
 
-from spendtap.budgets import process_owner
-from spendtap.central import CentralKeys, CentralStore, node_identity
-from spendtap.ledger import Ledger
+from spendtap.store.budgets import process_owner
+from spendtap.store.central import CentralKeys, CentralStore, node_identity
+from spendtap.store.ledger import Ledger
 from spendtap.timeparse import parse_datetime
 
 __all__ = ["BUDGET_VIEW_S", "Fleet", "Shipper"]
 
-_default_logger = logging.getLogger("spendtap.fleet")
+_default_logger = logging.getLogger("spendtap.store.fleet")
 
 BUDGET_VIEW_S = 1.0  # how often the set of budgeted principals is re-read
 
@@ -243,7 +243,7 @@ def _epoch_of(ts: str) -> float | None:
 
 
 def _central_errors() -> tuple[type[BaseException], ...]:
-    from spendtap.central import CentralError
+    from spendtap.store.central import CentralError
 
     return (CentralError,)
 

@@ -2,8 +2,8 @@
 
 With ``--central postgresql://...`` every sidecar of a fleet shares one budget
 authority and one ledger. This module is the PostgreSQL implementation of the
-budget store (the SQLite one is ``spendtap.budgets.Budgets``; both satisfy
-``spendtap.store.BudgetStore``) plus what only a fleet needs: shipping rows in
+budget store (the SQLite one is ``spendtap.store.budgets.Budgets``; both satisfy
+``spendtap.store.backend.BudgetStore``) plus what only a fleet needs: shipping rows in
 from each node's local ledger, and node leases.
 
 How the guarantees carry over from one node to a fleet:
@@ -30,10 +30,10 @@ How the guarantees carry over from one node to a fleet:
 
 Exceptions::
 
-    LedgerError (spendtap.ledger)
+    LedgerError (spendtap.store.ledger)
      +-- CentralError           the central store failed (message names no password)
      |    +-- NotCentral        the database is someone else's (no spendtap migrations)
-     +-- BudgetUnavailable      (spendtap.budgets) PostgreSQL cannot answer a reserve now
+     +-- BudgetUnavailable      (spendtap.store.budgets) PostgreSQL cannot answer a reserve now
 
 Every connection has a bounded connect timeout and statement timeout; callers
 run these methods on worker threads, never on an event loop. No SQL lives
@@ -55,7 +55,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from spendtap.budgets import (
+from spendtap.store.budgets import (
     EPOCH_TS,
     RESERVED_RETRY_S,
     SCOPES,
@@ -69,7 +69,7 @@ from spendtap.budgets import (
     _epoch,
     _ts_epoch,
 )
-from spendtap.ledger import (
+from spendtap.store.ledger import (
     COLUMNS,
     OUTCOMES,
     REPORT_BY,
@@ -877,7 +877,7 @@ class CentralStore:
             names = [d.name for d in cur.description]
             return [dict(zip(names, r, strict=True)) for r in cur]
 
-    # -- the fleet ledger (the reading half of ``spendtap.ledger.Ledger``) ----------------
+    # -- the fleet ledger (the reading half of ``spendtap.store.ledger.Ledger``) ----------------
 
     @staticmethod
     def _where(
@@ -1224,7 +1224,7 @@ def _refusal(conn: Any, budget: Budget, spent: int, reserved: int, tokens: int, 
 class CentralKeys:
     """Bearer keys registered in the central store: they resolve on every node.
 
-    The same interface as ``spendtap.keys.Keys`` (add, resolve, list, revoke).
+    The same interface as ``spendtap.store.keys.Keys`` (add, resolve, list, revoke).
     """
 
     def __init__(self, dsn: str, *, create: bool = True, timeout_s: float = 2.0, **_: Any):
@@ -1250,7 +1250,7 @@ class CentralKeys:
         self.close()
 
     def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> Any:
-        from spendtap.keys import DuplicateKey, new_record
+        from spendtap.store.keys import DuplicateKey, new_record
 
         record = new_record(account, key_id, secret, now=now)
         try:
@@ -1266,7 +1266,7 @@ class CentralKeys:
         return record
 
     def resolve(self, secret: str | None) -> tuple[str, str] | None:
-        from spendtap.keys import fingerprint
+        from spendtap.store.keys import fingerprint
 
         if not secret:
             return None
@@ -1279,7 +1279,7 @@ class CentralKeys:
         return (row[0], row[1]) if row else None
 
     def list(self, *, include_revoked: bool = False) -> list[Any]:
-        from spendtap.keys import ApiKey
+        from spendtap.store.keys import ApiKey
 
         sql = "SELECT fingerprint, prefix, account, key_id, created_at, revoked_at FROM api_keys"
         if not include_revoked:

@@ -45,8 +45,8 @@ from __future__ import annotations
 import json
 import math
 
-from spendtap.budgets import Decision, format_amount, format_window
-from spendtap.usage import (
+from spendtap.store.budgets import Decision, format_amount, format_window
+from spendtap.metering.usage import (
     ANTHROPIC_MESSAGES,
     COHERE_CHAT,
     COHERE_EMBED,

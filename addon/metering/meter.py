@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from spendtap.dialect_scanner import make_scanner
-from spendtap.estimate import estimate_completion_tokens
-from spendtap.inject import InjectedUsageFilter
-from spendtap.ledger import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR
-from spendtap.request import RequestInfo
-from spendtap.scanner import ResponseScanner
-from spendtap.usage import ESTIMATED, INPUT_ONLY_APIS, NONE, OTHER, REPORTED
+from spendtap.metering.dialect_scanner import make_scanner
+from spendtap.metering.estimate import estimate_completion_tokens
+from spendtap.metering.inject import InjectedUsageFilter
+from spendtap.store.ledger import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR
+from spendtap.metering.request import RequestInfo
+from spendtap.metering.scanner import ResponseScanner
+from spendtap.metering.usage import ESTIMATED, INPUT_ONLY_APIS, NONE, OTHER, REPORTED
 
 MAX_ERROR_LEN = 200
 

@@ -22,7 +22,7 @@ OPENAI_COMPLETIONS = "openai-completions"
 OPENAI_RESPONSES = "openai-responses"
 ANTHROPIC_MESSAGES = "anthropic-messages"
 EMBEDDINGS = "embeddings"
-# Native APIs read by the dialect extractors (spendtap.dialects).
+# Native APIs read by the dialect extractors (spendtap.metering.dialects).
 GEMINI = "gemini"  # Gemini / Vertex AI generateContent, streamGenerateContent
 OLLAMA_CHAT = "ollama-chat"  # Ollama /api/chat
 OLLAMA_GENERATE = "ollama-generate"  # Ollama /api/generate

@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import re
 
-from spendtap.request import RequestInfo
-from spendtap.usage import OPENAI_CHAT, OPENAI_COMPLETIONS
+from spendtap.metering.request import RequestInfo
+from spendtap.metering.usage import OPENAI_CHAT, OPENAI_COMPLETIONS
 
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')

@@ -14,7 +14,7 @@ from the secret alone.
 
 Exceptions::
 
-    LedgerError (spendtap.ledger)
+    LedgerError (spendtap.store.ledger)
      +-- ApiKeyError               a key problem the caller should report
           +-- DuplicateKey          the secret is already registered
           +-- WeakSecret            the secret is too short to be a key
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spendtap.ledger import Ledger, LedgerError, connect_readonly
+from spendtap.store.ledger import Ledger, LedgerError, connect_readonly
 from spendtap.timeparse import ts_from_epoch
 
 __all__ = [

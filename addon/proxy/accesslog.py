@@ -12,7 +12,7 @@ import logging
 import logging.handlers
 import queue
 
-from spendtap.ledger import create_private
+from spendtap.store.ledger import create_private
 
 
 class AccessLog:

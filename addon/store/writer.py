@@ -57,11 +57,11 @@ from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any
 
-from spendtap.ledger import Ledger, LedgerError, normalize_row
+from spendtap.store.ledger import Ledger, LedgerError, normalize_row
 
 __all__ = ["LedgerWriter"]
 
-_default_logger = logging.getLogger("spendtap.writer")
+_default_logger = logging.getLogger("spendtap.store.writer")
 
 # Errors in the rows themselves: retrying the same batch would fail forever.
 _ROW_ERRORS = (

@@ -17,8 +17,8 @@ reports nothing (the row is then estimated). The output limit of a request is
 
 from __future__ import annotations
 
-from spendtap.dialects import Extractor, ServerTiming, count_pattern, error_summary
-from spendtap.usage import OLLAMA_CHAT, OLLAMA_EMBED, OLLAMA_GENERATE, Usage
+from spendtap.metering.dialects import Extractor, ServerTiming, count_pattern, error_summary
+from spendtap.metering.usage import OLLAMA_CHAT, OLLAMA_EMBED, OLLAMA_GENERATE, Usage
 
 __all__ = ["OllamaChat", "OllamaEmbed", "OllamaExtractor", "OllamaGenerate"]
 

@@ -18,7 +18,7 @@ it did not have to compute). The output limit of a request is ``n_predict``.
 
 from __future__ import annotations
 
-from spendtap.dialects import (
+from spendtap.metering.dialects import (
     Extractor,
     ServerTiming,
     count_pattern,
@@ -26,7 +26,7 @@ from spendtap.dialects import (
     int_or_none,
     num_or_none,
 )
-from spendtap.usage import LLAMACPP_COMPLETION, Usage
+from spendtap.metering.usage import LLAMACPP_COMPLETION, Usage
 
 __all__ = ["LlamaCppExtractor", "timings_of"]
 

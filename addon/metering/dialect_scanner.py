@@ -1,10 +1,10 @@
 """Scanning a response of a native API with its family's extractor (pure).
 
 ``make_scanner(api, content_type, content_encoding)`` returns the scanner for a
-request's API family: :class:`spendtap.scanner.ResponseScanner` for the OpenAI and
+request's API family: :class:`spendtap.metering.scanner.ResponseScanner` for the OpenAI and
 Anthropic shapes (its tuned hot path), :class:`DialectScanner` with the family's
-:class:`spendtap.dialects.Extractor` for a native API
-(:data:`spendtap.dialect_registry.EXTRACTORS`).
+:class:`spendtap.metering.dialects.Extractor` for a native API
+(:data:`spendtap.metering.dialect_registry.EXTRACTORS`).
 
 ``DialectScanner`` keeps the base scanner's contract (``feed`` never raises,
 ``finish`` is idempotent, memory bounded, cost linear) and its decoding; it frames
@@ -12,7 +12,7 @@ the body from its first bytes:
 
 - ``data:``/``event:`` lines: server-sent events (Gemini ``alt=sse``, llama.cpp,
   Cohere v2), CRLF or LF, with or without event names;
-- ``{`` or ``[``: a JSON sequence (:class:`spendtap.framing.JSONSequence`): NDJSON
+- ``{`` or ``[``: a JSON sequence (:class:`spendtap.metering.framing.JSONSequence`): NDJSON
   lines (Ollama), a JSON-array stream (Gemini without ``alt=sse``), or one document.
 
 Timing: in a stream, each object the extractor calls content is a content event
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from json import loads as _loads
 
-from spendtap.decoding import DecodeError
-from spendtap.dialect_registry import EXTRACTORS
-from spendtap.dialects import Extractor, text_chars
-from spendtap.framing import JSONSequence, Oversized
-from spendtap.scanner import (
+from spendtap.metering.decoding import DecodeError
+from spendtap.metering.dialect_registry import EXTRACTORS
+from spendtap.metering.dialects import Extractor, text_chars
+from spendtap.metering.framing import JSONSequence, Oversized
+from spendtap.metering.scanner import (
     _BOM,
     _SSE,
     _SSE_PREFIXES,
@@ -38,7 +38,7 @@ from spendtap.scanner import (
     ResponseScanner,
     ScanResult,
 )
-from spendtap.usage import NONE, REPORTED, Usage
+from spendtap.metering.usage import NONE, REPORTED, Usage
 
 __all__ = ["EXTRACTORS", "DialectScanner", "make_scanner"]
 

@@ -22,8 +22,8 @@ or a Jina-style ``usage.total_tokens``) is taken at its word.
 
 from __future__ import annotations
 
-from spendtap.dialects import Extractor, count_pattern, error_summary
-from spendtap.usage import COHERE_CHAT, COHERE_EMBED, RERANK, Usage
+from spendtap.metering.dialects import Extractor, count_pattern, error_summary
+from spendtap.metering.usage import COHERE_CHAT, COHERE_EMBED, RERANK, Usage
 
 __all__ = ["CohereChat", "CohereEmbed", "CohereExtractor", "Rerank"]
 

@@ -32,16 +32,16 @@ import time
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from spendtap.accesslog import AccessLog
+from spendtap.proxy.accesslog import AccessLog
 from spendtap.address import parse_listen
-from spendtap.budget_metrics import BudgetCollector
-from spendtap.commits import CommitWaiters
-from spendtap.errorpage import install as install_error_answers
-from spendtap.fleet import Fleet
-from spendtap.gate import Admission, Gate, Principal
-from spendtap.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
-from spendtap.keyswap import UpstreamCredential
-from spendtap.ledger import (
+from spendtap.metrics.budgets import BudgetCollector
+from spendtap.store.commits import CommitWaiters
+from spendtap.proxy.errorpage import install as install_error_answers
+from spendtap.store.fleet import Fleet
+from spendtap.proxy.gate import Admission, Gate, Principal
+from spendtap.metering.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
+from spendtap.proxy.keyswap import UpstreamCredential
+from spendtap.store.ledger import (
     CLIENT_DISCONNECTED,
     COMPLETED,
     REJECTED,
@@ -49,16 +49,16 @@ from spendtap.ledger import (
     Ledger,
     LedgerError,
 )
-from spendtap.meter import FlowMeter, outcome_for_error
-from spendtap.metrics import CallbackMetrics, Metrics
-from spendtap.metrics_server import MetricsServer
+from spendtap.metering.meter import FlowMeter, outcome_for_error
+from spendtap.metrics.series import CallbackMetrics, Metrics
+from spendtap.metrics.server import MetricsServer
 from spendtap.options import BY_NAME, ENV_CENTRAL, OPTIONS, OptionError, take_deferred
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFileError, Pricer
-from spendtap.refusals import misconfigured, service_unavailable, upstream_failure
-from spendtap.request import detect_api, parse_request
-from spendtap.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
-from spendtap.writer import LedgerWriter
+from spendtap.proxy.refusals import misconfigured, service_unavailable, upstream_failure
+from spendtap.metering.request import detect_api, parse_request
+from spendtap.proxy.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
+from spendtap.store.writer import LedgerWriter
 
 logger = logging.getLogger("spendtap")
 
@@ -652,7 +652,7 @@ class SpendTap:
         msg = flow.error.msg if flow.error else "unknown error"
         if flow.response is None and outcome_for_error(msg) == UPSTREAM_ERROR:
             # Nothing reached the client yet: answer in the API's own envelope (see
-            # spendtap.errorpage), never mitmproxy's HTML page with the upstream address.
+            # spendtap.proxy.errorpage), never mitmproxy's HTML page with the upstream address.
             api = meter.info.api if meter is not None else detect_api(flow.request.path)
             status, headers, body = upstream_failure(api, msg)
             flow.response = http.Response.make(status, body, headers)

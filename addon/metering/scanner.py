@@ -4,7 +4,7 @@
 response body as it passes through (``feed(chunk, now)``, which never raises) and
 yields a ``ScanResult`` at the end (``finish(now)``, idempotent).
 
-It reads the usage the server reports, normalized to ``spendtap.usage.Usage`` (see
+It reads the usage the server reports, normalized to ``spendtap.metering.usage.Usage`` (see
 docs/usage-semantics.md):
 
 - a figure not reported is None, never 0;
@@ -20,10 +20,10 @@ docs/usage-semantics.md):
 - Responses API: ``response.usage`` in ``response.completed`` / ``incomplete`` /
   ``failed``.
 
-The usage objects themselves are read by :mod:`spendtap.usage_shapes` (one reader per
+The usage objects themselves are read by :mod:`spendtap.metering.usage_shapes` (one reader per
 family, vendor variants included); this module frames the body and finds them. The
 native API families (Gemini, Ollama, llama.cpp, Cohere) are scanned by
-:mod:`spendtap.dialect_scanner`, a subclass that reuses this framing and decoding.
+:mod:`spendtap.metering.dialect_scanner`, a subclass that reuses this framing and decoding.
 
 Bodies are framed as server-sent events when the content type says so or the body
 looks like an event stream, otherwise read as one JSON document (whole when small,
@@ -42,12 +42,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from spendtap.decoding import DecodeError, Decoder, is_identity, make_decoder
-from spendtap.dialect_llamacpp import timings_of
-from spendtap.dialects import ServerTiming, text_chars
-from spendtap.sse import SSEParser
-from spendtap.usage import NONE, REPORTED, Usage
-from spendtap.usage_shapes import (
+from spendtap.metering.decoding import DecodeError, Decoder, is_identity, make_decoder
+from spendtap.metering.dialect_llamacpp import timings_of
+from spendtap.metering.dialects import ServerTiming, text_chars
+from spendtap.metering.sse import SSEParser
+from spendtap.metering.usage import NONE, REPORTED, Usage
+from spendtap.metering.usage_shapes import (
     ANTHROPIC_SHAPE,
     N_FIGURES,
     OPENAI_SHAPE,
@@ -100,7 +100,7 @@ _CHAT_DELTA_KEYS = ("content", "reasoning_content", "reasoning", "refusal", "too
 _loads = json.loads
 _raw_decoder = json.JSONDecoder()
 
-# Usage families (spendtap.usage_shapes).
+# Usage families (spendtap.metering.usage_shapes).
 _OA = OPENAI_SHAPE
 _AN = ANTHROPIC_SHAPE
 
@@ -120,7 +120,7 @@ class ScanResult:
     streamed_sse: bool = False
     internal_errors: int = 0
     # Approximate characters of generated text, for estimating usage a server did
-    # not report (see ``spendtap.estimate``); None when there is nothing to go on.
+    # not report (see ``spendtap.metering.estimate``); None when there is nothing to go on.
     output_chars: int | None = None
     # Durations the server itself reported (Ollama, llama.cpp ``timings``), if any.
     server_timing: ServerTiming | None = None

@@ -31,14 +31,14 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from spendtap.budgets import (
+from spendtap.store.budgets import (
     NANOS_PER_USD,
     USD,
     open_readonly,
     open_reservation_count,
     read_statuses,
 )
-from spendtap.ledger import LedgerNotFound
+from spendtap.store.ledger import LedgerNotFound
 from spendtap.options import DEFAULT_METRICS_PREFIX
 
 __all__ = ["BudgetCollector"]

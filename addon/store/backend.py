@@ -6,9 +6,9 @@ their reservations, and bearer keys. Each has one interface and two backends:
 ============  ===============================  ==================================
 what          SQLite (one node, embedded)      PostgreSQL (the fleet, ``central``)
 ============  ===============================  ==================================
-ledger rows   ``spendtap.ledger.Ledger``        ``spendtap.central.CentralStore``
-budgets       ``spendtap.budgets.Budgets``      ``spendtap.central.CentralStore``
-keys          ``spendtap.keys.Keys``            ``spendtap.central.CentralKeys``
+ledger rows   ``spendtap.store.ledger.Ledger``        ``spendtap.store.central.CentralStore``
+budgets       ``spendtap.store.budgets.Budgets``      ``spendtap.store.central.CentralStore``
+keys          ``spendtap.store.keys.Keys``            ``spendtap.store.central.CentralKeys``
 ============  ===============================  ==================================
 
 A value starting with ``postgresql://`` (or ``postgres://``) names PostgreSQL;
@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from spendtap.central import is_central_url
+from spendtap.store.central import is_central_url
 
 __all__ = [
     "BudgetStore",
@@ -54,10 +54,10 @@ class BudgetStore(Protocol):
 def open_ledger_reader(db: str | os.PathLike[str]):
     """The ledger's rows for reading: an existing SQLite ledger, or the central store."""
     if is_central_url(db):
-        from spendtap.central import CentralStore
+        from spendtap.store.central import CentralStore
 
         return CentralStore(str(db), create=False)
-    from spendtap.ledger import Ledger
+    from spendtap.store.ledger import Ledger
 
     return Ledger.open_existing(db)
 
@@ -68,10 +68,10 @@ def open_budget_store(
     """Budgets and reservations in an SQLite ledger or the central store (``readonly``
     opens an SQLite ledger read-only; PostgreSQL's permissions answer for themselves)."""
     if is_central_url(db):
-        from spendtap.central import CentralStore
+        from spendtap.store.central import CentralStore
 
         return CentralStore(str(db), create=create and not readonly)
-    from spendtap.budgets import Budgets
+    from spendtap.store.budgets import Budgets
 
     return Budgets(db, readonly=True) if readonly else Budgets(db, create=create)
 
@@ -79,9 +79,9 @@ def open_budget_store(
 def open_key_store(db: str | os.PathLike[str], *, create: bool = False, readonly: bool = False):
     """Bearer keys in an SQLite ledger or the central store."""
     if is_central_url(db):
-        from spendtap.central import CentralKeys
+        from spendtap.store.central import CentralKeys
 
         return CentralKeys(str(db), create=create and not readonly)
-    from spendtap.keys import Keys
+    from spendtap.store.keys import Keys
 
     return Keys(db, readonly=True) if readonly else Keys(db, create=create)

@@ -13,9 +13,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from spendtap.dialect_registry import EXTRACTORS, detect_native
-from spendtap.estimate import estimate_prompt_tokens, request_text
-from spendtap.usage import (
+from spendtap.metering.dialect_registry import EXTRACTORS, detect_native
+from spendtap.metering.estimate import estimate_prompt_tokens, request_text
+from spendtap.metering.usage import (
     ANTHROPIC_MESSAGES,
     EMBEDDINGS,
     NATIVE_APIS,
@@ -59,7 +59,7 @@ class RequestInfo:
     include_usage: bool | None = None
     has_stream_options: bool = False
     body_parsed: bool = False
-    # Best-guess prompt size for usage estimates (see spendtap.estimate).
+    # Best-guess prompt size for usage estimates (see spendtap.metering.estimate).
     prompt_estimate: int | None = None
 
 
@@ -76,7 +76,7 @@ def detect_api(path: str) -> str:
         return ANTHROPIC_MESSAGES
     if p.endswith("/embeddings") and not p.endswith("/api/embeddings"):
         return EMBEDDINGS
-    native = detect_native(p)  # Gemini, Ollama, llama.cpp, Cohere (spendtap.dialect_registry)
+    native = detect_native(p)  # Gemini, Ollama, llama.cpp, Cohere (spendtap.metering.dialect_registry)
     return native.api if native is not None else OTHER
 
 

@@ -12,8 +12,8 @@ spendtap needs to know about that family:
   give the normalized result.
 
 The framing (server-sent events, NDJSON, JSON-array stream, one document),
-decoding and timing live in :mod:`spendtap.dialect_scanner`; the families are
-listed once in :mod:`spendtap.dialect_registry`. A new dialect is one module with a
+decoding and timing live in :mod:`spendtap.metering.dialect_scanner`; the families are
+listed once in :mod:`spendtap.metering.dialect_registry`. A new dialect is one module with a
 subclass, one line in the registry, and its corpus cases.
 
 An extractor, for each parsed object (an SSE event's data, an NDJSON line, an
@@ -24,7 +24,7 @@ element of a JSON-array stream, or a whole document):
 - takes the model and an error summary;
 - says whether the object carried generated content (for TTFT and decode timing).
 
-``usage()`` then normalizes the figures to :class:`spendtap.usage.Usage` (see
+``usage()`` then normalizes the figures to :class:`spendtap.metering.usage.Usage` (see
 DESIGN.md "Usage semantics"): a figure not reported stays None, never 0.
 Servers that report their own durations (Ollama nanoseconds, llama.cpp ``timings``)
 are read into :class:`ServerTiming`.
@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from spendtap.usage import Usage
+from spendtap.metering.usage import Usage
 
 __all__ = ["Extractor", "ServerTiming", "error_summary", "int_or_none"]
 
@@ -124,7 +124,7 @@ class Extractor:
     __slots__ = ("error", "figs", "model")
 
     api: str = ""
-    # -- the request side (class-level; read by spendtap.request) --
+    # -- the request side (class-level; read by spendtap.metering.request) --
     # Request paths (lower-case, query removed, no trailing slash) ending so name the family.
     PATH_SUFFIXES: tuple[str, ...] = ()
     # Where a request body keeps its output limit: key paths, the first present wins.

@@ -5,7 +5,7 @@ mitmproxy: ``principal`` (principal headers a trusted peer vouches for, a bearer
 key, or both) and ``admit`` (reserve the request's tokens against its budgets,
 or refuse it).
 
-Who may name a principal (see ``spendtap.trust``): headers count only when the
+Who may name a principal (see ``spendtap.proxy.trust``): headers count only when the
 ``TrustPolicy`` vouches for the request's TCP peer (and gateway secret). A key
 pays for itself: from anyone else, a valid bearer key is charged whatever
 headers come with it. ``require_auth`` is met by a known key or by vouched-for
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from spendtap.budgets import (
+from spendtap.store.budgets import (
     USD,
     Budgets,
     BudgetUnavailable,
@@ -42,13 +42,13 @@ from spendtap.budgets import (
     process_owner,
     reservation_split,
 )
-from spendtap.fleet import Fleet
-from spendtap.keys import Keys, extract_secret, fingerprint
+from spendtap.store.fleet import Fleet
+from spendtap.store.keys import Keys, extract_secret, fingerprint
 from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT, PRINCIPAL_SOURCES
 from spendtap.pricing import Pricer, TokenSplit
-from spendtap.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
-from spendtap.request import RequestInfo, clean_principal
-from spendtap.trust import TrustPolicy
+from spendtap.proxy.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
+from spendtap.metering.request import RequestInfo, clean_principal
+from spendtap.proxy.trust import TrustPolicy
 
 KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
 # How long the set of budgeted principals is reused: a budget set with the CLI

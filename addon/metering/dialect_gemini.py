@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import re
 
-from spendtap.dialects import Extractor, count_pattern, error_summary
-from spendtap.usage import GEMINI, Usage
+from spendtap.metering.dialects import Extractor, count_pattern, error_summary
+from spendtap.metering.usage import GEMINI, Usage
 
 __all__ = ["GeminiExtractor"]
 

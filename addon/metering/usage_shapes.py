@@ -1,6 +1,6 @@
 """The usage objects of the OpenAI and Anthropic shapes: one reader per family (pure).
 
-The extractor half of :class:`spendtap.scanner.ResponseScanner`, which keeps the
+The extractor half of :class:`spendtap.metering.scanner.ResponseScanner`, which keeps the
 framing and the tuned per-event path: given one ``usage`` object, these functions
 return its raw figures in a fixed order; ``openai_usage`` / ``anthropic_usage``
 normalize the last figures recorded (see DESIGN.md "Usage semantics"):
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from spendtap.usage import ANTHROPIC_MESSAGES, OPENAI_RESPONSES, Usage
+from spendtap.metering.usage import ANTHROPIC_MESSAGES, OPENAI_RESPONSES, Usage
 
 __all__ = [
     "ANTHROPIC_SHAPE",

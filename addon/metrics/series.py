@@ -30,7 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from spendtap.options import DEFAULT_METRICS_PREFIX
-from spendtap.request import path_family
+from spendtap.metering.request import path_family
 
 # No counter or histogram exports its `*_created` series: no dashboard or alert uses
 # them, and exporters by convention leave them out (they double the series of every

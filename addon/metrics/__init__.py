@@ -1,0 +1,2 @@
+"""What Prometheus reads: the sidecar's metric families, budget gauges read at scrape time,
+and the metrics port."""
