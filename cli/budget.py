@@ -9,6 +9,10 @@ from pathlib import Path
 
 import click
 
+from spendtap.cli.numbers import count
+from spendtap.cli.output import output_options, write_rows
+from spendtap.cli.paths import db_option, open_store
+from spendtap.store.backend import open_budget_store
 from spendtap.store.budgets import (
     EPOCH_TS,
     MAX_CAP,
@@ -18,10 +22,6 @@ from spendtap.store.budgets import (
     owner_alive,
     parse_window,
 )
-from spendtap.cli.numbers import count
-from spendtap.cli.output import output_options, write_rows
-from spendtap.cli.paths import db_option, open_store
-from spendtap.store.backend import open_budget_store
 from spendtap.timeparse import parse_datetime, parse_duration
 
 STATUS_COLUMNS = (

@@ -23,8 +23,8 @@ from typing import Any
 
 import click
 
-from spendtap.store.budgets import format_window
 from spendtap.cli.paths import open_ledger
+from spendtap.store.budgets import format_window
 from spendtap.store.ledger import LedgerError
 from spendtap.timeparse import parse_datetime, ts_from_epoch
 

@@ -39,10 +39,13 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from spendtap.address import parse_listen
-from spendtap.store.central import is_central_url
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
 from spendtap.cli.numbers import seconds
 from spendtap.cli.paths import db_option
+from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
+from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
+from spendtap.proxy.trust import TrustPolicy, read_secret_file, unguarded_start
+from spendtap.store.central import is_central_url
 from spendtap.store.ledger import (
     MIGRATIONS,
     MIGRATIONS_TABLE,
@@ -51,9 +54,6 @@ from spendtap.store.ledger import (
     connect_readonly,
     readonly_reason,
 )
-from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
-from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
-from spendtap.proxy.trust import TrustPolicy, read_secret_file, unguarded_start
 
 OK, FAIL, SKIP, INFO = "ok", "FAIL", "skip", "info"
 

@@ -9,8 +9,8 @@ import click
 
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
-from spendtap.store.keys import ApiKeyError, generate_secret
 from spendtap.store.backend import open_key_store
+from spendtap.store.keys import ApiKeyError, generate_secret
 
 KEY_COLUMNS = ("account", "key_id", "prefix", "fingerprint", "created_at", "revoked_at")
 KEY_TABLE = (

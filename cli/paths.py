@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
-from spendtap.store.central import is_central_url, redact_dsn
-from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, readonly_reason
 from spendtap.paths import ENV_DB, default_db_path
 from spendtap.store.backend import open_ledger_reader
+from spendtap.store.central import is_central_url, redact_dsn
+from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, readonly_reason
 
 
 class LedgerLocation(click.ParamType):

@@ -16,8 +16,8 @@ import click
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import time_range
-from spendtap.store.ledger import NANO, LedgerError, usd
 from spendtap.pricing import PriceFileError, Pricer
+from spendtap.store.ledger import NANO, LedgerError, usd
 
 BATCH = 2000
 

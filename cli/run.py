@@ -15,11 +15,11 @@ from click.core import ParameterSource
 from spendtap.address import parse_listen
 from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
 from spendtap.cli.paths import db_option, refuse_readonly
-from spendtap.store.ledger import Ledger, LedgerError
 from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
 from spendtap.proxy.trust import read_secret_file
+from spendtap.store.ledger import Ledger, LedgerError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

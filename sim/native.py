@@ -31,7 +31,13 @@ import json
 import time
 from typing import Any
 
-from spendtap.metering.usage import COHERE_CHAT, GEMINI, LLAMACPP_COMPLETION, OLLAMA_CHAT, OLLAMA_GENERATE
+from spendtap.metering.usage import (
+    COHERE_CHAT,
+    GEMINI,
+    LLAMACPP_COMPLETION,
+    OLLAMA_CHAT,
+    OLLAMA_GENERATE,
+)
 
 from .apis import Plan, Renderer, _j, completion_text, content_tokens, embedding_vector, token_text
 

@@ -48,6 +48,8 @@ def test_every_module_lives_in_a_folder_of_the_data_path():
         "address.py",
         "paths.py",
         "timeparse.py",
-    }, f"new top-level modules {sorted(top_level)}: place them in metering/, store/, proxy/ or metrics/"
+    }, (
+        f"top-level modules {sorted(top_level)}: new ones go in a folder of the data path"
+    )
     for folder in ("metering", "store", "proxy", "metrics"):
         assert (ADDON / folder / "__init__.py").is_file()

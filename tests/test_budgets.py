@@ -26,8 +26,8 @@ from spendtap.store.budgets import (
     reservation_tokens,
 )
 from spendtap.store.ledger import Ledger, LedgerNotFound
-from spendtap.timeparse import parse_datetime, ts_from_epoch
 from spendtap.store.writer import LedgerWriter
+from spendtap.timeparse import parse_datetime, ts_from_epoch
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
 OWNER = "test-host:1:1"

@@ -8,11 +8,17 @@ import time
 import psycopg
 import pytest
 
+from spendtap.options import BY_NAME, OptionError, redact
 from spendtap.store.budgets import BudgetUnavailable
-from spendtap.store.central import CentralError, CentralStore, NotCentral, is_central_url, redact_dsn
+from spendtap.store.central import (
+    CentralError,
+    CentralStore,
+    NotCentral,
+    is_central_url,
+    redact_dsn,
+)
 from spendtap.store.fleet import Shipper
 from spendtap.store.ledger import Ledger
-from spendtap.options import BY_NAME, OptionError, redact
 from spendtap.timeparse import ts_from_epoch
 from tests.pg import PASSWORD
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from spendtap.store.budgets import Budgets, process_owner
 from spendtap.cli.main import cli
+from spendtap.store.budgets import Budgets, process_owner
 from spendtap.store.keys import Keys, fingerprint
 from spendtap.store.ledger import Ledger
 from spendtap.timeparse import ts_from_epoch

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from spendtap.store.central import CentralStore, redact_dsn
 from spendtap.cli.main import cli
+from spendtap.store.central import CentralStore, redact_dsn
 from spendtap.store.ledger import Ledger
 from tests.pg import PASSWORD
 from tests.test_cli_query import ROWS

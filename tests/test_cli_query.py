@@ -508,8 +508,8 @@ def test_format_table_alignment():
 def test_core_modules_import_neither_click_nor_mitmproxy():
     """The ledger, writer and timeparse modules import neither click nor mitmproxy."""
     import spendtap.store.ledger
-    import spendtap.timeparse
     import spendtap.store.writer
+    import spendtap.timeparse
 
     for module in (spendtap.store.ledger, spendtap.store.writer, spendtap.timeparse):
         tree = ast.parse(Path(module.__file__).read_text())

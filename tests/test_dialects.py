@@ -371,8 +371,8 @@ def test_key_swap_for_gemini_uses_x_goog_api_key(tmp_path):
 )
 def test_refusals_in_each_dialects_envelope(api, check):
     """A budget refusal answers in the error envelope the family's clients parse."""
-    from spendtap.store.budgets import Decision
     from spendtap.proxy.refusals import budget_refusal
+    from spendtap.store.budgets import Decision
 
     decision = Decision(
         allowed=False, reason="window", scope="key", principal="k", cap=10,

@@ -10,9 +10,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from spendtap.metrics.budgets import BudgetCollector
+from spendtap.metrics.series import CallbackMetrics, Metrics
 from spendtap.store.budgets import USD, Budgets
 from spendtap.store.ledger import MIGRATIONS_TABLE, Ledger
-from spendtap.metrics.series import CallbackMetrics, Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ADDON = Path(__file__).resolve().parent.parent / "addon"

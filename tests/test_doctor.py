@@ -11,9 +11,9 @@ from prometheus_client import CollectorRegistry
 
 from spendtap.address import free_port
 from spendtap.cli.main import cli
-from spendtap.store.ledger import MIGRATIONS_TABLE, Ledger
 from spendtap.metrics.series import Metrics
 from spendtap.metrics.server import MetricsServer
+from spendtap.store.ledger import MIGRATIONS_TABLE, Ledger
 from tests.proc import Sidecar, Simulator
 
 

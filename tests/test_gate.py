@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from spendtap import gate as gate_module
-from spendtap.store.budgets import Budgets
-from spendtap.proxy.gate import Gate
 from spendtap.metering.request import parse_request
+from spendtap.proxy import gate as gate_module
+from spendtap.proxy.gate import Gate
+from spendtap.store.budgets import Budgets
 
 
 def _admit(g: Gate, body: bytes, account: str, key: str):

@@ -13,7 +13,7 @@ from genai_prices import calc_price, extract_usage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spendtap.store.ledger import Ledger
+from spendtap.metering.usage import ANTHROPIC_MESSAGES
 from spendtap.pricing import (
     PriceFile,
     PriceFileError,
@@ -23,7 +23,7 @@ from spendtap.pricing import (
     provider_url,
     to_nusd,
 )
-from spendtap.metering.usage import ANTHROPIC_MESSAGES
+from spendtap.store.ledger import Ledger
 from tests.corpus_cases import load_cases, scan
 
 PROVIDER = {ANTHROPIC_MESSAGES: "anthropic"}

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from spendtap.store.budgets import Decision
 from spendtap.proxy.refusals import (
     budget_refusal,
     invalid_api_key,
     retry_after_header,
     service_unavailable,
 )
+from spendtap.store.budgets import Decision
 
 BALANCE = Decision(
     allowed=False, reason="balance", scope="key", principal="k1", cap=1000, spent=990,

@@ -14,10 +14,10 @@ from datetime import UTC, datetime
 from spendtap.metering.dialect_scanner import make_scanner
 from spendtap.metering.estimate import estimate_completion_tokens
 from spendtap.metering.inject import InjectedUsageFilter
-from spendtap.store.ledger import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR
 from spendtap.metering.request import RequestInfo
 from spendtap.metering.scanner import ResponseScanner
 from spendtap.metering.usage import ESTIMATED, INPUT_ONLY_APIS, NONE, OTHER, REPORTED
+from spendtap.store.ledger import CLIENT_DISCONNECTED, COMPLETED, UPSTREAM_ERROR
 
 MAX_ERROR_LEN = 200
 

@@ -76,7 +76,7 @@ def detect_api(path: str) -> str:
         return ANTHROPIC_MESSAGES
     if p.endswith("/embeddings") and not p.endswith("/api/embeddings"):
         return EMBEDDINGS
-    native = detect_native(p)  # Gemini, Ollama, llama.cpp, Cohere (spendtap.metering.dialect_registry)
+    native = detect_native(p)  # Gemini, Ollama, llama.cpp, Cohere (metering.dialect_registry)
     return native.api if native is not None else OTHER
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from spendtap.options import DEFAULT_METRICS_PREFIX
 from spendtap.store.budgets import (
     NANOS_PER_USD,
     USD,
@@ -39,7 +40,6 @@ from spendtap.store.budgets import (
     read_statuses,
 )
 from spendtap.store.ledger import LedgerNotFound
-from spendtap.options import DEFAULT_METRICS_PREFIX
 
 __all__ = ["BudgetCollector"]
 

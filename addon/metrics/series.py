@@ -29,8 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from spendtap.options import DEFAULT_METRICS_PREFIX
 from spendtap.metering.request import path_family
+from spendtap.options import DEFAULT_METRICS_PREFIX
 
 # No counter or histogram exports its `*_created` series: no dashboard or alert uses
 # them, and exporters by convention leave them out (they double the series of every

@@ -34,6 +34,11 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from spendtap.metering.request import RequestInfo, clean_principal
+from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT, PRINCIPAL_SOURCES
+from spendtap.pricing import Pricer, TokenSplit
+from spendtap.proxy.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
+from spendtap.proxy.trust import TrustPolicy
 from spendtap.store.budgets import (
     USD,
     Budgets,
@@ -44,11 +49,6 @@ from spendtap.store.budgets import (
 )
 from spendtap.store.fleet import Fleet
 from spendtap.store.keys import Keys, extract_secret, fingerprint
-from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT, PRINCIPAL_SOURCES
-from spendtap.pricing import Pricer, TokenSplit
-from spendtap.proxy.refusals import Refusal, budget_refusal, invalid_api_key, service_unavailable
-from spendtap.metering.request import RequestInfo, clean_principal
-from spendtap.proxy.trust import TrustPolicy
 
 KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
 # How long the set of budgeted principals is reused: a budget set with the CLI

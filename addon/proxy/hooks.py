@@ -32,15 +32,29 @@ import time
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from spendtap.proxy.accesslog import AccessLog
 from spendtap.address import parse_listen
-from spendtap.metrics.budgets import BudgetCollector
-from spendtap.store.commits import CommitWaiters
-from spendtap.proxy.errorpage import install as install_error_answers
-from spendtap.store.fleet import Fleet
-from spendtap.proxy.gate import Admission, Gate, Principal
 from spendtap.metering.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
+from spendtap.metering.meter import FlowMeter, outcome_for_error
+from spendtap.metering.request import detect_api, parse_request
+from spendtap.metrics.budgets import BudgetCollector
+from spendtap.metrics.series import CallbackMetrics, Metrics
+from spendtap.metrics.server import MetricsServer
+from spendtap.options import BY_NAME, ENV_CENTRAL, OPTIONS, OptionError, take_deferred
+from spendtap.paths import default_db_path
+from spendtap.pricing import PriceFileError, Pricer
+from spendtap.proxy.accesslog import AccessLog
+from spendtap.proxy.errorpage import install as install_error_answers
+from spendtap.proxy.gate import Admission, Gate, Principal
 from spendtap.proxy.keyswap import UpstreamCredential
+from spendtap.proxy.refusals import misconfigured, service_unavailable, upstream_failure
+from spendtap.proxy.trust import (
+    GATEWAY_SECRET_HEADER,
+    TrustPolicy,
+    read_secret_file,
+    unguarded_start,
+)
+from spendtap.store.commits import CommitWaiters
+from spendtap.store.fleet import Fleet
 from spendtap.store.ledger import (
     CLIENT_DISCONNECTED,
     COMPLETED,
@@ -49,15 +63,6 @@ from spendtap.store.ledger import (
     Ledger,
     LedgerError,
 )
-from spendtap.metering.meter import FlowMeter, outcome_for_error
-from spendtap.metrics.series import CallbackMetrics, Metrics
-from spendtap.metrics.server import MetricsServer
-from spendtap.options import BY_NAME, ENV_CENTRAL, OPTIONS, OptionError, take_deferred
-from spendtap.paths import default_db_path
-from spendtap.pricing import PriceFileError, Pricer
-from spendtap.proxy.refusals import misconfigured, service_unavailable, upstream_failure
-from spendtap.metering.request import detect_api, parse_request
-from spendtap.proxy.trust import GATEWAY_SECRET_HEADER, TrustPolicy, read_secret_file, unguarded_start
 from spendtap.store.writer import LedgerWriter
 
 logger = logging.getLogger("spendtap")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping
 
-from spendtap.proxy.trust import read_secret_file
 from spendtap.metering.usage import ANTHROPIC_MESSAGES, GEMINI
+from spendtap.proxy.trust import read_secret_file
 
 OPTION = "spendtap_upstream_key_file"
 

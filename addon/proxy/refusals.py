@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 
-from spendtap.store.budgets import Decision, format_amount, format_window
 from spendtap.metering.usage import (
     ANTHROPIC_MESSAGES,
     COHERE_CHAT,
@@ -56,6 +55,7 @@ from spendtap.metering.usage import (
     OLLAMA_GENERATE,
     RERANK,
 )
+from spendtap.store.budgets import Decision, format_amount, format_window
 
 __all__ = [
     "REFUSAL_HEADER",

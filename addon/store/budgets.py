@@ -68,10 +68,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
-from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
-from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 from spendtap.metering.usage import INPUT_ONLY_APIS, OTHER
+from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
+from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
+from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 
 __all__ = [
     "BALANCE",

@@ -55,6 +55,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from spendtap.options import redact_url
 from spendtap.store.budgets import (
     EPOCH_TS,
     RESERVED_RETRY_S,
@@ -79,7 +80,6 @@ from spendtap.store.ledger import (
     normalize_row,
     usd,
 )
-from spendtap.options import redact_url
 from spendtap.timeparse import normalize_ts, ts_from_epoch
 
 __all__ = [
