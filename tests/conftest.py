@@ -39,3 +39,13 @@ def pg_server():
 def pg_dsn(pg_server):
     """A fresh, empty database on the session's PostgreSQL server, as a DSN."""
     return pg_server.create_database()
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No ``SPENDTAP_*`` variable from the shell that ran pytest reaches the code under test."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SPENDTAP_"):
+            monkeypatch.delenv(key)
