@@ -7,7 +7,6 @@ Found by a new user: ``budget set --cap 99999999999999999999999`` was
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import click
 import pytest
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from spendtap.cli.main import cli
 from spendtap.cli.numbers import Count, Number
 from spendtap.store.ledger import Ledger
+from tests.helpers import SPENDTAP_MODULE
 
 HUGE = "99999999999999999999999"
 
@@ -76,7 +76,7 @@ def test_huge_cap_through_the_installed_command(tmp_path):
     """The exact report: the real console script, a new ledger, no traceback."""
     db = tmp_path / "ledger.db"
     out = subprocess.run(
-        [sys.executable, "-m", "spendtap.cli.main", "budget", "set", "--key", "k",
+        [*SPENDTAP_MODULE, "budget", "set", "--key", "k",
          "--cap", HUGE, "--window", "1h", "--db", str(db)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip

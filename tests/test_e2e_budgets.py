@@ -9,8 +9,6 @@ reservation open.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,23 +17,10 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import sim_total, spendtap
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
-
-SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
-
-
-def spendtap(*args: str, db) -> str:
-    out = subprocess.run(
-        [*SPENDTAP, *args, "--db", str(db)], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def sim_total(sim) -> int:
-    return httpx.get(sim.url + "/sim/stats", timeout=5).json()["total"]
 
 
 def open_reservations(db) -> int:

@@ -9,21 +9,19 @@ and no catalogue has no cost (never 0), the cost metrics count the same dollars,
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from decimal import Decimal
-from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
 
+from tests.helpers import SPENDTAP_SCRIPT
 from tests.proc import Sidecar, Simulator
 
 pytestmark = pytest.mark.e2e
-SPENDTAP = Path(sys.executable).with_name("spendtap")
 
 PRICES = """
 [models."sim-*"]
@@ -96,7 +94,8 @@ def test_rows_carry_their_cost(priced):
 
     # The report's total is the exact sum of the rows.
     out = subprocess.run(
-        [str(SPENDTAP), "report", "--db", str(sidecar.db), "--account", account, "-f", "csv"],
+        [str(SPENDTAP_SCRIPT), "report", "--db", str(sidecar.db), "--account", account,
+         "-f", "csv"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
     header, values = out[0].split(","), out[1].split(",")
@@ -106,7 +105,7 @@ def test_rows_carry_their_cost(priced):
 
     # Repricing with the same prices changes nothing.
     repriced = subprocess.run(
-        [str(SPENDTAP), "reprice", "--db", str(sidecar.db), "--prices", str(prices)],
+        [str(SPENDTAP_SCRIPT), "reprice", "--db", str(sidecar.db), "--prices", str(prices)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert " 0 changed;" in repriced, repriced
@@ -128,7 +127,7 @@ def test_reprice_after_a_price_change(priced, tmp_path):
     doubled = tmp_path / "doubled.toml"
     doubled.write_text('[models."sim-*"]\ninput = 1.0\ncached_input = 0.1\noutput = 3.0\n'
                        "request = 0.000002\n")  # fmt: skip
-    args = [str(SPENDTAP), "reprice", "--db", str(sidecar.db), "--prices", str(doubled)]
+    args = [str(SPENDTAP_SCRIPT), "reprice", "--db", str(sidecar.db), "--prices", str(doubled)]
     first = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     assert " 2 changed;" in first
     assert f"${Decimal(before) / 10**9:.9f} before, ${Decimal(2 * before) / 10**9:.9f} after" in (
@@ -142,7 +141,7 @@ def test_a_bad_price_file_stops_spendtap_run(tmp_path):
     bad = tmp_path / "prices.toml"
     bad.write_text('[models."m"]\ninput = -1\noutput = 1\n')
     proc = subprocess.run(
-        [str(SPENDTAP), "run", "--upstream", "http://127.0.0.1:9", "--prices", str(bad),
+        [str(SPENDTAP_SCRIPT), "run", "--upstream", "http://127.0.0.1:9", "--prices", str(bad),
          "--db", str(tmp_path / "l.db"), "--metrics", ""],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -170,7 +169,7 @@ def test_money_cap_refuses_at_the_right_request_and_serves_again(tmp_path):
     sim = Simulator(tmp_path)
     db = tmp_path / "ledger.db"
     subprocess.run(
-        [str(SPENDTAP), "budget", "set", "--key", "k-money", "--cap-usd", "0.10",
+        [str(SPENDTAP_SCRIPT), "budget", "set", "--key", "k-money", "--cap-usd", "0.10",
          "--window", "4s", "--db", str(db)],
         check=True, capture_output=True,
     )  # fmt: skip

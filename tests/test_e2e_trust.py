@@ -14,7 +14,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
 import anthropic
@@ -22,12 +21,12 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import SPENDTAP_MODULE, environ_without_spendtap, spendtap
 from tests.proc import Sidecar
 from tests.recorder import USAGE_PROMPT, Recorder
 
 pytestmark = pytest.mark.e2e
 
-SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
 ACCOUNT_H, KEY_H = "x-helexa-account-id", "x-helexa-key-id"
 VICTIM = {ACCOUNT_H: "victim", KEY_H: "vic-key"}
 ATTACKER_SECRET = "sk-test-attacker-" + "a" * 32
@@ -35,18 +34,6 @@ OTHER_SECRET = "sk-test-other-" + "o" * 32
 VICTIM_SECRET = "sk-test-victim-" + "v" * 32
 TRUSTED, UNTRUSTED = "127.0.0.1", "127.0.0.2"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-
-
-def spendtap(*args: str, db, input: str | None = None) -> str:
-    out = subprocess.run(
-        [*SPENDTAP, *args, "--db", str(db)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        input=input,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def client_from(address: str) -> httpx.Client:
@@ -339,13 +326,12 @@ def test_cli_created_ledger_is_private(tmp_path):
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 30):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPENDTAP_")}
     return subprocess.run(
-        [*SPENDTAP, "run", *args],
+        [*SPENDTAP_MODULE, "run", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**clean, **(env or {})},
+        env={**environ_without_spendtap(), **(env or {})},
     )
 
 
@@ -366,7 +352,7 @@ def test_run_refuses_beyond_loopback_without_trust(tmp_path, upstream):
     assert transparent.returncode == 1 and "transparent mode" in transparent.stderr
 
     proc = subprocess.Popen(
-        [*SPENDTAP, "run", "--upstream", upstream.url, "--listen", f"0.0.0.0:{port}",
+        [*SPENDTAP_MODULE, "run", "--upstream", upstream.url, "--listen", f"0.0.0.0:{port}",
          "--trusted-peers", TRUSTED, "--db", str(tmp_path / "l.db"), "--metrics", ""],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
