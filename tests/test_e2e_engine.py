@@ -21,12 +21,12 @@ from __future__ import annotations
 import re
 import sys
 import time
-import uuid
 
 import httpx
 import pytest
 
 from spendtap.address import free_port, wait_for_port
+from tests.helpers import openai_client, principal
 from tests.proc import Proc, Sidecar
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed")
@@ -85,17 +85,6 @@ def proxy(engine, tmp_path_factory):
     s.stop()
 
 
-def _principal() -> tuple[str, dict]:
-    account = "eng-" + uuid.uuid4().hex[:8]
-    return account, {"x-helexa-account-id": account, "x-helexa-key-id": "k"}
-
-
-def _client(proxy, headers) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=proxy.url + "/v1", api_key="sk-x", default_headers=headers, max_retries=0
-    )
-
-
 MESSAGES = [{"role": "user", "content": "Count the sheep, please."}]
 
 
@@ -127,9 +116,9 @@ def _check_timing(row: dict, perf: tuple) -> None:
 
 def test_engine_chat_json_sdk(engine, proxy):
     """A JSON chat answer: the row's figures are exactly the engine's usage."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
-    with _client(proxy, headers) as client:
+    with openai_client(proxy.url, headers, api_key="sk-x") as client:
         resp = client.chat.completions.create(
             model="tiny-llama", messages=MESSAGES, max_tokens=MAX_TOKENS
         )
@@ -149,10 +138,10 @@ def test_engine_chat_json_sdk(engine, proxy):
 @pytest.mark.parametrize("include_usage", [True, False])
 def test_engine_chat_stream_sdk(engine, proxy, include_usage):
     """A stream: the engine omits usage even when asked; the completion estimate is exact."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
     extra = {"stream_options": {"include_usage": True}} if include_usage else {}
-    with _client(proxy, headers) as client:
+    with openai_client(proxy.url, headers, api_key="sk-x") as client:
         chunks = list(
             client.chat.completions.create(
                 model="tiny-llama", messages=MESSAGES, max_tokens=MAX_TOKENS, stream=True, **extra
@@ -175,7 +164,7 @@ def test_engine_chat_stream_sdk(engine, proxy, include_usage):
 
 def test_engine_chat_stream_raw_http_bytes_unchanged(engine, proxy):
     """Raw HTTP without stream_options: what the client reads is what the engine sent."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
     body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True}
     with (
@@ -196,9 +185,9 @@ def test_engine_chat_stream_raw_http_bytes_unchanged(engine, proxy):
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_completions(engine, proxy, stream):
     """Legacy completions: JSON usage exact, a stream's completion estimate exact."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
-    with _client(proxy, headers) as client:
+    with openai_client(proxy.url, headers, api_key="sk-x") as client:
         out = client.completions.create(
             model="tiny-llama", prompt="Once upon a time", max_tokens=MAX_TOKENS, stream=stream
         )

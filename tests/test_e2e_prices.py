@@ -13,12 +13,16 @@ import time
 import uuid
 from decimal import Decimal
 
-import anthropic
-import httpx
 import openai
 import pytest
 
-from tests.helpers import SPENDTAP_SCRIPT
+from tests.helpers import (
+    SPENDTAP_SCRIPT,
+    anthropic_client,
+    openai_client,
+    principal,
+    read_then_hang_up,
+)
 from tests.proc import Sidecar, Simulator
 
 pytestmark = pytest.mark.e2e
@@ -53,10 +57,8 @@ def priced(tmp_path):
 
 def test_rows_carry_their_cost(priced):
     sidecar, prices = priced
-    account = "acct-" + uuid.uuid4().hex[:8]
-    headers = {"x-helexa-account-id": account, "x-helexa-key-id": "key-1"}
-    with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
-                       default_headers=headers, max_retries=0) as client:  # fmt: skip
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         for _ in range(3):
             client.chat.completions.create(
                 model="sim-chat", messages=[{"role": "user", "content": "price me"}],
@@ -67,8 +69,7 @@ def test_rows_carry_their_cost(priced):
             model="house-model-7", messages=[{"role": "user", "content": "and me"}],
             max_tokens=5, extra_headers={"x-sim-tokens": "5"},
         )  # fmt: skip
-    with anthropic.Anthropic(base_url=sidecar.url, api_key="sk-test",
-                             default_headers=headers, max_retries=0) as client:  # fmt: skip
+    with anthropic_client(sidecar.url, headers) as client:
         client.messages.create(
             model="sim-claude", max_tokens=16, messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-sim-tokens": "16"},
@@ -115,8 +116,7 @@ def test_reprice_after_a_price_change(priced, tmp_path):
     sidecar, _prices = priced
     account = "acct-" + uuid.uuid4().hex[:8]
     headers = {"x-helexa-account-id": account}
-    with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
-                       default_headers=headers, max_retries=0) as client:  # fmt: skip
+    with openai_client(sidecar.url, headers) as client:
         for _ in range(2):
             client.chat.completions.create(
                 model="sim-chat", messages=[{"role": "user", "content": "x"}],
@@ -177,8 +177,7 @@ def test_money_cap_refuses_at_the_right_request_and_serves_again(tmp_path):
     headers = {"x-helexa-account-id": "acme", "x-helexa-key-id": "k-money"}
     served, refusal = 0, None
     try:
-        with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
-                           default_headers=headers, max_retries=0) as client:  # fmt: skip
+        with openai_client(sidecar.url, headers) as client:
 
             def ask():
                 return client.chat.completions.create(
@@ -234,17 +233,7 @@ def test_a_stream_cut_short_is_priced_on_what_was_observed(priced):
     headers = {"x-helexa-account-id": account, "x-sim-tokens": "400", "x-sim-tps": "50"}
     body = {"model": "sim-chat", "messages": [{"role": "user", "content": "a long one"}],
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    with (
-        httpx.Client(timeout=10) as client,
-        client.stream("POST", sidecar.url + "/v1/chat/completions", json=body,
-                      headers=headers) as resp,  # fmt: skip
-    ):
-        assert resp.status_code == 200
-        got = 0
-        for chunk in resp.iter_raw():
-            got += len(chunk)
-            if got > 600:
-                break
+    read_then_hang_up(sidecar.url + "/v1/chat/completions", body, headers, after_bytes=600)
     row = sidecar.row_for(account)
     assert row["outcome"] == "client_disconnected"
     assert 0 < row["completion_tokens"] < 400
