@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers import sim_total, spendtap
+from tests.helpers import anthropic_client, openai_client, sim_total, spendtap, tokens_of
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
@@ -31,14 +31,6 @@ def open_reservations(db) -> int:
         return con.execute("select count(*) from reservations").fetchone()[0]
     finally:
         con.close()
-
-
-def spent(db, key: str) -> int:
-    return sum(
-        (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
-        for r in read_rows(db)
-        if r["key"] == key
-    )
 
 
 @pytest.fixture
@@ -61,7 +53,7 @@ def test_window_budget_refuses_then_recovers(sim, budget_sidecar):
     """A key over its rolling cap gets 429 rate_limit_exceeded with Retry-After, then service."""
     db = budget_sidecar.db
     spendtap("budget", "set", "--key", "win-key", "--cap", "400", "--window", "4s", db=db)
-    with openai.OpenAI(base_url=budget_sidecar.url + "/v1", api_key="x", max_retries=0) as client:
+    with openai_client(budget_sidecar.url, api_key="x") as client:
         served = 0
         before = sim_total(sim)
         with pytest.raises(openai.RateLimitError) as refused:
@@ -92,9 +84,7 @@ def test_balance_budget_refusal_shapes(sim, budget_sidecar):
     spendtap("budget", "set", "--account", "poor", "--cap", "10", "--window", "balance", db=db)
     headers = {"x-helexa-account-id": "poor", "x-helexa-key-id": "k"}
     with (
-        openai.OpenAI(
-            base_url=budget_sidecar.url + "/v1", api_key="x", max_retries=0, default_headers=headers
-        ) as client,
+        openai_client(budget_sidecar.url, headers, api_key="x") as client,
         pytest.raises(openai.RateLimitError) as refused,
     ):
         client.chat.completions.create(
@@ -103,9 +93,7 @@ def test_balance_budget_refusal_shapes(sim, budget_sidecar):
     assert refused.value.body["code"] == "insufficient_quota"
     assert "retry-after" not in refused.value.response.headers
     with (
-        anthropic.Anthropic(
-            base_url=budget_sidecar.url, api_key="x", max_retries=0, default_headers=headers
-        ) as client,
+        anthropic_client(budget_sidecar.url, headers, api_key="x") as client,
         pytest.raises(anthropic.RateLimitError) as refused,
     ):
         client.messages.create(
@@ -156,7 +144,7 @@ def test_concurrent_requests_never_overshoot(sim, tmp_path, sidecars):
         deadline = time.monotonic() + 15
         while open_reservations(db) and time.monotonic() < deadline:
             time.sleep(0.1)
-        total_spent = spent(db, key)
+        total_spent = tokens_of(read_rows(db), key)
         print(
             f"\n{sidecars} sidecar(s): sent {n}, dispatched {dispatched}, served {served}, "
             f"refused {refused}, other {other}, spent {total_spent} of cap {cap}, "

@@ -12,6 +12,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.helpers import metric_value
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +127,7 @@ def test_full_disk_keeps_rows_until_space_returns(sim, tmp_path, tiny_tmpfs):
         assert max(times) < 2, times
         time.sleep(0.5)
         landed = {r["account"] for r in read_rows(db)}
-        errors = _gauge(proxy.metrics(), "cortex_ledger_write_errors_total")
+        errors = metric_value(proxy.metrics(), "cortex_ledger_write_errors_total")
         filler.unlink()
         for account in accounts:
             proxy.row_for(account, timeout=30, settle=0)
@@ -134,10 +135,3 @@ def test_full_disk_keeps_rows_until_space_returns(sim, tmp_path, tiny_tmpfs):
         assert errors > 0, "the disk never filled up: this test proved nothing"
     finally:
         proxy.stop()
-
-
-def _gauge(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")

@@ -16,12 +16,18 @@ import stat
 import subprocess
 import time
 
-import anthropic
 import httpx
 import openai
 import pytest
 
-from tests.helpers import SPENDTAP_MODULE, environ_without_spendtap, spendtap
+from tests.helpers import (
+    SPENDTAP_MODULE,
+    anthropic_client,
+    environ_without_spendtap,
+    metric_value,
+    openai_client,
+    spendtap,
+)
 from tests.proc import Sidecar
 from tests.recorder import USAGE_PROMPT, Recorder
 
@@ -44,13 +50,6 @@ def client_from(address: str) -> httpx.Client:
 def post(proxy: Sidecar, source: str, headers: dict, path: str = "/v1/chat/completions"):
     with client_from(source) as client:
         return client.post(proxy.url + path, json=CHAT, headers=headers)
-
-
-def metric(proxy: Sidecar, name: str) -> float:
-    for line in proxy.metrics().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 @pytest.fixture
@@ -129,7 +128,7 @@ def test_both_mode_untrusted_headers_cannot_spend_on_anothers_budget(upstream, k
         victim_rows = [r for r in rows if r["account"] == "victim"]
         assert [r["prompt_tokens"] for r in victim_rows] == [USAGE_PROMPT]
         # Three requests carried unvouched headers (1, the refused 2nd, 3).
-        assert metric(proxy, "cortex_untrusted_principal_headers_total") == 3
+        assert metric_value(proxy.metrics(), "cortex_untrusted_principal_headers_total", 0.0) == 3
         log = proxy.output()
         assert log.count(f"principal headers from untrusted peer {UNTRUSTED}") == 1
     finally:
@@ -246,11 +245,9 @@ def test_key_swap_openai_and_anthropic(upstream, keyed_db, tmp_path):
         db=keyed_db,
     )
     try:
-        with openai.OpenAI(
-            base_url=proxy.url + "/v1", api_key=OTHER_SECRET, max_retries=0
-        ) as client:
+        with openai_client(proxy.url, api_key=OTHER_SECRET) as client:
             client.chat.completions.create(**CHAT)
-        with anthropic.Anthropic(base_url=proxy.url, api_key=OTHER_SECRET, max_retries=0) as c:
+        with anthropic_client(proxy.url, api_key=OTHER_SECRET) as c:
             c.messages.create(model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}])
         openai_seen, anthropic_seen = (s["headers"] for s in upstream.seen)
         assert openai_seen["authorization"] == f"Bearer {operator}"
@@ -261,9 +258,7 @@ def test_key_swap_openai_and_anthropic(upstream, keyed_db, tmp_path):
             assert OTHER_SECRET not in repr(seen["headers"])
 
         with (
-            openai.OpenAI(
-                base_url=proxy.url + "/v1", api_key="sk-unknown-" + "u" * 30, max_retries=0
-            ) as client,
+            openai_client(proxy.url, api_key="sk-unknown-" + "u" * 30) as client,
             pytest.raises(openai.AuthenticationError),
         ):
             client.chat.completions.create(**CHAT)
@@ -273,9 +268,7 @@ def test_key_swap_openai_and_anthropic(upstream, keyed_db, tmp_path):
         key_file.write_text(rotated + "\n")
         proxy.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        with openai.OpenAI(
-            base_url=proxy.url + "/v1", api_key=OTHER_SECRET, max_retries=0
-        ) as client:
+        with openai_client(proxy.url, api_key=OTHER_SECRET) as client:
             while True:
                 client.chat.completions.create(**CHAT)
                 if upstream.seen[-1]["headers"]["authorization"] == f"Bearer {rotated}":

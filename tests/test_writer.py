@@ -14,6 +14,7 @@ import pytest
 
 from spendtap.store.ledger import Ledger, NotALedger
 from spendtap.store.writer import LedgerWriter
+from tests.helpers import wait_for
 
 
 def row(id_: str, **fields) -> dict:
@@ -35,15 +36,6 @@ def stored_ids(path) -> list[str]:
         return [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY rowid")]
     finally:
         conn.close()
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def messages(caplog, text: str) -> list[str]:
@@ -231,7 +223,7 @@ def test_lock_beyond_busy_timeout_is_one_failure_episode(make_writer, db_path, c
     try:
         for i in range(50):
             writer.submit(row(f"r{i}"))
-        assert wait_until(lambda: writer.write_errors >= 3)
+        assert wait_for(lambda: writer.write_errors >= 3)
         assert writer.failing
         assert writer.queue_depth == 50
     finally:
@@ -259,7 +251,7 @@ def test_unusable_path_keeps_rows_until_recovery(make_writer, db_path, caplog):
     try:
         for i in range(100):
             writer.submit(row(f"r{i}"))
-        assert wait_until(lambda: writer.write_errors >= 3)
+        assert wait_for(lambda: writer.write_errors >= 3)
         assert writer.failing
         assert writer.queue_depth == 100
         assert writer.flush(timeout=0.2) is False
@@ -296,7 +288,7 @@ def test_max_pending_drops_the_oldest(make_writer, db_path, caplog):
     os.mkdir(db_path)
     try:
         writer.submit(row("r0"))
-        assert wait_until(lambda: writer.write_errors >= 1)
+        assert wait_for(lambda: writer.write_errors >= 1)
         for i in range(1, 25):
             writer.submit(row(f"r{i}"))
         assert writer.queue_depth == 10
@@ -316,7 +308,7 @@ def test_stuck_when_rows_wait_too_long(make_writer, db_path):
     os.mkdir(db_path)
     try:
         writer.submit(row("r"))
-        assert wait_until(lambda: writer.stuck, timeout=5)
+        assert wait_for(lambda: writer.stuck, timeout=5)
     finally:
         shutil.rmtree(db_path)
     assert writer.flush(timeout=10)
