@@ -24,9 +24,8 @@ from __future__ import annotations
 
 from json import loads as _loads
 
-from spendtap.metering.decoding import DecodeError
 from spendtap.metering.dialect_registry import EXTRACTORS
-from spendtap.metering.dialects import Extractor, text_chars
+from spendtap.metering.dialects import MAX_ERROR_LEN, Extractor, text_chars
 from spendtap.metering.framing import JSONSequence, Oversized
 from spendtap.metering.scanner import (
     _BOM,
@@ -34,7 +33,6 @@ from spendtap.metering.scanner import (
     _SSE_PREFIXES,
     _UNDECIDED,
     _WS,
-    MAX_ERROR_LEN,
     ResponseScanner,
     ScanResult,
 )
@@ -180,39 +178,21 @@ class DialectScanner(ResponseScanner):
         except Exception:
             self._internal += 1
 
-    # -- result -------------------------------------------------------------------------
+    # -- result (ResponseScanner.finish calls these once) ---------------------------------
 
-    def finish(self, now: float) -> ScanResult:
-        if self._result is not None:
-            return self._result
-        at = self._last_bytes_at if self._last_bytes_at is not None else now
-        if not self._stopped:
-            try:
-                if self._decoder is not None:
-                    for piece in self._decoder.iter_flush():
-                        self._scan(piece, at)
-                if self._mode == _UNDECIDED:
-                    self._detect(b"", at, final=True)
-                if self._mode == _SSE:
-                    for t, d, tail in self._parser.close():
-                        self._event(t, d, tail, at)
-                elif self._mode == _SEQ:
-                    for obj in self._seq.close():
-                        if isinstance(obj, Oversized):
-                            self._objects += 1
-                            self._ex.read_oversized(obj.head, obj.tail)
-                        else:
-                            self._object_seq(obj, at)
-            except DecodeError as e:
-                self._decode_error = str(e)[:MAX_ERROR_LEN]
-            except Exception:
-                self._internal += 1
-        self._stopped = True
+    def _close_framing(self, at: float) -> None:
+        if self._mode != _SEQ:
+            super()._close_framing(at)
+            return
+        for obj in self._seq.close():
+            if isinstance(obj, Oversized):
+                self._objects += 1
+                self._ex.read_oversized(obj.head, obj.tail)
+            else:
+                self._object_seq(obj, at)
+
+    def _build(self) -> ScanResult:
         self._parse_errors += self._seq.errors
-        r = self._result = self._build_dialect()
-        return r
-
-    def _build_dialect(self) -> ScanResult:
         ex = self._ex
         try:
             usage = ex.usage()

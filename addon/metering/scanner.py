@@ -44,7 +44,7 @@ from typing import Any
 
 from spendtap.metering.decoding import DecodeError, Decoder, is_identity, make_decoder
 from spendtap.metering.dialect_llamacpp import timings_of
-from spendtap.metering.dialects import ServerTiming, text_chars
+from spendtap.metering.dialects import MAX_ERROR_LEN, ServerTiming, error_summary, text_chars
 from spendtap.metering.sse import SSEParser
 from spendtap.metering.usage import NONE, REPORTED, Usage
 from spendtap.metering.usage_shapes import (
@@ -61,7 +61,6 @@ from spendtap.metering.usage_shapes import (
 
 __all__ = ["ResponseScanner", "ScanResult", "last_usage_object"]
 
-MAX_ERROR_LEN = 300
 # Events parsed in full while waiting for the first content event, at most.
 PHASE1_MAX_EVENTS = 256
 
@@ -128,20 +127,12 @@ class ScanResult:
     framing: str | None = None
 
 
+# An error's kind in the OpenAI and Anthropic shapes (no Google ``status``).
+_ERROR_KINDS = ("type", "code")
+
+
 def _error_summary(e: Any) -> str | None:
-    if isinstance(e, dict):
-        kind = e.get("type") or e.get("code")
-        msg = e.get("message")
-        if isinstance(kind, dict | list) or isinstance(msg, dict | list):
-            text = json.dumps(e, separators=(",", ":"))
-        else:
-            parts = [str(p) for p in (kind, msg) if p not in (None, "")]
-            text = ": ".join(parts) if parts else json.dumps(e, separators=(",", ":"))
-    elif isinstance(e, str):
-        text = e
-    else:
-        return None
-    return text[:MAX_ERROR_LEN] or "error"
+    return error_summary(e, _ERROR_KINDS)
 
 
 _TEXT_KEYS = frozenset(
@@ -652,11 +643,7 @@ class ResponseScanner:
             self._timings = tm
         if self._fam == 0:
             self._json_text_chars = generated_text_chars(obj)
-        e = obj.get("error")
-        if e and not isinstance(e, bool):
-            self._error = _error_summary(e)
-        elif t == "error":
-            self._error = _error_summary(obj)
+        self._object_error(obj, t, None)
 
     # -- result -------------------------------------------------------------------
 
@@ -672,11 +659,7 @@ class ResponseScanner:
                         self._scan(piece, at)
                 if self._mode == _UNDECIDED:
                     self._detect(b"", at, final=True)
-                if self._mode == _SSE:
-                    for t, d, tail in self._parser.close():
-                        self._event(t, d, tail, at)
-                elif self._mode == _JSON:
-                    self._finish_json()
+                self._close_framing(at)
             except DecodeError as e:
                 self._decode_error = str(e)[:MAX_ERROR_LEN]
             except Exception:
@@ -684,6 +667,15 @@ class ResponseScanner:
         self._stopped = True
         r = self._result = self._build()
         return r
+
+    def _close_framing(self, at: float) -> None:
+        """The end of the body: the last event, or the JSON document (once per response;
+        the dialect scanner closes its JSON sequences here)."""
+        if self._mode == _SSE:
+            for t, d, tail in self._parser.close():
+                self._event(t, d, tail, at)
+        elif self._mode == _JSON:
+            self._finish_json()
 
     def _build(self) -> ScanResult:
         if self._fam == _AN:
