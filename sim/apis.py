@@ -145,6 +145,17 @@ def _tools_tokens(body: dict) -> int:
     return text_tokens(_j(tools).decode()) if tools else 0
 
 
+def messages_tokens(body: dict) -> int:
+    """4 per message of ``body["messages"]`` plus its content's tokens (the messages of the
+    Anthropic, Ollama and Cohere chat APIs; OpenAI chat also counts a message's name)."""
+    msgs = body.get("messages") or []
+    total = 0
+    for m in msgs if isinstance(msgs, list) else []:
+        if isinstance(m, dict):
+            total += 4 + content_tokens(m.get("content"))
+    return total
+
+
 def prompt_tokens(api: str, body: dict) -> int:
     """The prompt tokens the simulator reports for a request body (see the package docs)."""
     if api == OPENAI_CHAT:
@@ -158,12 +169,7 @@ def prompt_tokens(api: str, body: dict) -> int:
                     total += text_tokens(name)
         return total
     if api == ANTHROPIC_MESSAGES:
-        total = 3 + content_tokens(body.get("system")) + _tools_tokens(body)
-        msgs = body.get("messages") or []
-        for m in msgs if isinstance(msgs, list) else []:
-            if isinstance(m, dict):
-                total += 4 + content_tokens(m.get("content"))
-        return total
+        return 3 + content_tokens(body.get("system")) + _tools_tokens(body) + messages_tokens(body)
     if api == OPENAI_RESPONSES:
         total = 3 + content_tokens(body.get("instructions")) + _tools_tokens(body)
         inp = body.get("input")
