@@ -253,6 +253,20 @@ class Plan:
         return self.n * self.reasoning
 
 
+def _openai_document(r: Renderer, id_prefix: str, kind: str, choices: list) -> dict:
+    """A non-streamed answer of the OpenAI chat or legacy completions API: the envelope
+    both share around their choices."""
+    p = r.plan
+    return {
+        "id": id_prefix + p.rid,
+        "object": kind,
+        "created": p.created,
+        "model": p.model,
+        "choices": choices,
+        "usage": r.usage(),
+    }
+
+
 class Renderer:
     """Base renderer; see the module docstring for the call sequence."""
 
@@ -376,26 +390,12 @@ class ChatRenderer(Renderer):
     def document(self) -> dict:
         p = self.plan
         text = completion_text(p.visible)
-        return {
-            "id": "chatcmpl-" + p.rid,
-            "object": "chat.completion",
-            "created": p.created,
-            "model": p.model,
-            "choices": [
-                {
-                    "index": c,
-                    "message": {
-                        "role": "assistant",
-                        "content": text,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": self.finish_reason,
-                }
-                for c in range(p.n)
-            ],
-            "usage": self.usage(),
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        choices = [
+            {"index": c, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+            for c in range(p.n)
+        ]
+        return _openai_document(self, "chatcmpl-", "chat.completion", choices) | {
             "service_tier": "default",
             "system_fingerprint": "fp_sim",
         }
@@ -474,17 +474,11 @@ class CompletionsRenderer(Renderer):
     def document(self) -> dict:
         p = self.plan
         text = completion_text(p.visible)
-        return {
-            "id": "cmpl-" + p.rid,
-            "object": "text_completion",
-            "created": p.created,
-            "model": p.model,
-            "choices": [
-                {"text": text, "index": c, "logprobs": None, "finish_reason": self.finish_reason}
-                for c in range(p.n)
-            ],
-            "usage": self.usage(),
-        }
+        choices = [
+            {"text": text, "index": c, "logprobs": None, "finish_reason": self.finish_reason}
+            for c in range(p.n)
+        ]
+        return _openai_document(self, "cmpl-", "text_completion", choices)
 
 
 # -- OpenAI Responses ------------------------------------------------------------------------

@@ -30,9 +30,7 @@ from spendtap.metering.framing import JSONSequence, Oversized
 from spendtap.metering.scanner import (
     _BOM,
     _SSE,
-    _SSE_PREFIXES,
     _UNDECIDED,
-    _WS,
     ResponseScanner,
     ScanResult,
 )
@@ -57,6 +55,8 @@ class DialectScanner(ResponseScanner):
     """Scan one native-API response body with its family's extractor."""
 
     __slots__ = ("_array", "_ex", "_objects", "_seq", "_seq_first", "_seq_last", "_seq_n")
+
+    _DOCUMENT = _SEQ
 
     def __init__(
         self,
@@ -102,34 +102,11 @@ class DialectScanner(ResponseScanner):
             return
         super()._scan(data, now)
 
-    def _detect(self, data: bytes, now: float, final: bool) -> None:
-        pre = self._pre + data
-        s = pre[3:] if pre.startswith(_BOM) else pre
-        s = s.lstrip(_WS)
-        if not s:
-            if not final and len(pre) < 4096:
-                self._pre = pre
-                return
-            mode = _SSE if self._ctype_sse else _SEQ
-        elif s[0] in b"{[":
-            mode = _SEQ
-            self._array = s[0] == 91
-        elif s.startswith(_SSE_PREFIXES):
-            mode = _SSE
-        elif not final and len(s) < 6 and any(p.startswith(s) for p in _SSE_PREFIXES):
-            self._pre = pre
-            return
-        else:
-            mode = _SSE if self._ctype_sse else _SEQ
-        self._pre = b""
-        self._mode = mode
-        if mode == _SSE:
-            for t, d, tail in self._parser.feed(pre):
-                self._event(t, d, tail, now)
-        else:
-            body = pre[3:] if pre.startswith(_BOM) else pre
-            for obj in self._seq.feed(body):
-                self._object_seq(obj, now)
+    def _start_document(self, pre: bytes, s: bytes, now: float) -> None:
+        self._array = s[:1] == b"["
+        body = pre[3:] if pre.startswith(_BOM) else pre
+        for obj in self._seq.feed(body):
+            self._object_seq(obj, now)
 
     # -- objects ----------------------------------------------------------------------
 

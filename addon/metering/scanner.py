@@ -177,6 +177,10 @@ def last_usage_object(buf: bytes) -> dict | None:
 class ResponseScanner:
     """Scan one response body for reported usage, model, errors and content timing."""
 
+    # The mode of a body that is not an event stream (the dialect scanner reads JSON
+    # sequences instead of one document).
+    _DOCUMENT = _JSON
+
     __slots__ = (
         "_an",
         "_api",
@@ -327,31 +331,40 @@ class ResponseScanner:
             self._detect(data, now, final=False)
 
     def _detect(self, data: bytes, now: float, final: bool) -> None:
-        """Choose SSE or JSON from the first non-blank bytes (and the content type)."""
+        """Choose SSE or a document from the first non-blank bytes (and the content type).
+
+        Runs only until the mode is chosen (the first chunk or few of a response).
+        """
         pre = self._pre + data
         s = pre[3:] if pre.startswith(_BOM) else pre
         s = s.lstrip(_WS)
+        doc = self._DOCUMENT
         if not s:
             if not final and len(pre) < 4096:
                 self._pre = pre
                 return
-            mode = _SSE if self._ctype_sse else _JSON
+            mode = _SSE if self._ctype_sse else doc
         elif s[0] in b"{[":
-            mode = _JSON
+            mode = doc
         elif s.startswith(_SSE_PREFIXES):
             mode = _SSE
         elif not final and len(s) < 6 and any(p.startswith(s) for p in _SSE_PREFIXES):
             self._pre = pre
             return
         else:
-            mode = _SSE if self._ctype_sse else _JSON
+            mode = _SSE if self._ctype_sse else doc
         self._pre = b""
         self._mode = mode
         if mode == _SSE:
             for t, d, tail in self._parser.feed(pre):
                 self._event(t, d, tail, now)
         else:
-            self._json_add(pre)
+            self._start_document(pre, s, now)
+
+    def _start_document(self, pre: bytes, s: bytes, now: float) -> None:
+        """The first bytes of a body that is not an event stream (``s``: without BOM and
+        leading blanks)."""
+        self._json_add(pre)
 
     # -- SSE ----------------------------------------------------------------------
 
@@ -634,16 +647,11 @@ class ResponseScanner:
         t = obj.get("type")
         if type(t) is not str:
             t = "response" if obj.get("object") == "response" else None
-        m = obj.get("model")
-        if type(m) is str and m:
-            self._model = m[:256]
-        self._object_usage(obj, t)
-        tm = obj.get("timings")
-        if type(tm) is dict:
-            self._timings = tm
+        # A whole document is read as one event is (model, usage, timings, error); its
+        # content-ness does not matter, the body's own bytes time it.
+        self._object(obj, t)
         if self._fam == 0:
             self._json_text_chars = generated_text_chars(obj)
-        self._object_error(obj, t, None)
 
     # -- result -------------------------------------------------------------------
 
