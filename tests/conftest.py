@@ -16,9 +16,16 @@ def sim(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sidecar(sim, tmp_path_factory):
-    """A real mitmdump with the addon in reverse mode in front of the simulator."""
-    s = Sidecar(tmp_path_factory.mktemp("sidecar"), sim.url)
+def sidecar_upstream(sim) -> str:
+    """The URL the module's sidecar proxies to: the simulator, unless the module overrides
+    this fixture (a real engine, the corpus replay server)."""
+    return sim.url
+
+
+@pytest.fixture(scope="module")
+def sidecar(sidecar_upstream, tmp_path_factory):
+    """A real mitmdump with the addon in reverse mode in front of ``sidecar_upstream``."""
+    s = Sidecar(tmp_path_factory.mktemp("sidecar"), sidecar_upstream)
     yield s
     s.stop()
 
