@@ -253,20 +253,6 @@ class Plan:
         return self.n * self.reasoning
 
 
-def _openai_document(r: Renderer, id_prefix: str, kind: str, choices: list) -> dict:
-    """A non-streamed answer of the OpenAI chat or legacy completions API: the envelope
-    both share around their choices."""
-    p = r.plan
-    return {
-        "id": id_prefix + p.rid,
-        "object": kind,
-        "created": p.created,
-        "model": p.model,
-        "choices": choices,
-        "usage": r.usage(),
-    }
-
-
 class Renderer:
     """Base renderer; see the module docstring for the call sequence."""
 
@@ -303,10 +289,43 @@ class Renderer:
         raise NotImplementedError
 
 
-# -- OpenAI chat completions -----------------------------------------------------------------
+# -- OpenAI chat completions and legacy completions ------------------------------------------
 
 
-class ChatRenderer(Renderer):
+class _OpenAIRenderer(Renderer):
+    """What the chat and legacy completions renderers share: token events built once per
+    choice and word (``_tok``, ``_first``, ``_single``, set by the subclass), the finish
+    reason, and the envelope of the non-streamed answer."""
+
+    _tok: list[list[bytes]]
+    _first: bytes
+    _single: list[bytes] | None
+
+    def token(self, i: int) -> bytes:
+        if i == 0:
+            return self._first
+        if self._single is not None:
+            return self._single[i & 31]
+        k = i & 31
+        return b"".join(t[k] for t in self._tok)
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.plan.truncated else "stop"
+
+    def _document(self, id_prefix: str, kind: str, choices: list) -> dict:
+        p = self.plan
+        return {
+            "id": id_prefix + p.rid,
+            "object": kind,
+            "created": p.created,
+            "model": p.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+
+class ChatRenderer(_OpenAIRenderer):
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
         p = plan
@@ -343,14 +362,6 @@ class ChatRenderer(Renderer):
         self._end = end
         self._single = self._tok[0] if p.n == 1 else None
 
-    def token(self, i: int) -> bytes:
-        if i == 0:
-            return self._first
-        if self._single is not None:
-            return self._single[i & 31]
-        k = i & 31
-        return b"".join(t[k] for t in self._tok)
-
     def usage(self) -> dict:
         p = self.plan
         prompt = p.prompt_tokens
@@ -366,10 +377,6 @@ class ChatRenderer(Renderer):
                 "rejected_prediction_tokens": 0,
             },
         }
-
-    @property
-    def finish_reason(self) -> str:
-        return "length" if self.plan.truncated else "stop"
 
     def tail(self) -> bytes:
         p = self.plan
@@ -395,7 +402,7 @@ class ChatRenderer(Renderer):
             {"index": c, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
             for c in range(p.n)
         ]
-        return _openai_document(self, "chatcmpl-", "chat.completion", choices) | {
+        return self._document("chatcmpl-", "chat.completion", choices) | {
             "service_tier": "default",
             "system_fingerprint": "fp_sim",
         }
@@ -404,7 +411,7 @@ class ChatRenderer(Renderer):
 # -- OpenAI legacy completions ---------------------------------------------------------------
 
 
-class CompletionsRenderer(Renderer):
+class CompletionsRenderer(_OpenAIRenderer):
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
         p = plan
@@ -432,18 +439,6 @@ class CompletionsRenderer(Renderer):
         self._tok = [[tok(c, w) for w in _SPACED] for c in range(p.n)]
         self._first = b"".join(tok(c, WORDS[0]) for c in range(p.n))
         self._single = self._tok[0] if p.n == 1 else None
-
-    def token(self, i: int) -> bytes:
-        if i == 0:
-            return self._first
-        if self._single is not None:
-            return self._single[i & 31]
-        k = i & 31
-        return b"".join(t[k] for t in self._tok)
-
-    @property
-    def finish_reason(self) -> str:
-        return "length" if self.plan.truncated else "stop"
 
     def usage(self) -> dict:
         p = self.plan
@@ -478,7 +473,7 @@ class CompletionsRenderer(Renderer):
             {"text": text, "index": c, "logprobs": None, "finish_reason": self.finish_reason}
             for c in range(p.n)
         ]
-        return _openai_document(self, "cmpl-", "text_completion", choices)
+        return self._document("cmpl-", "text_completion", choices)
 
 
 # -- OpenAI Responses ------------------------------------------------------------------------
