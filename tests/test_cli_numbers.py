@@ -10,12 +10,11 @@ import subprocess
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from spendtap.cli.main import cli
 from spendtap.cli.numbers import Count, Number
 from spendtap.store.ledger import Ledger
-from tests.helpers import SPENDTAP_MODULE
+from tests.helpers import SPENDTAP_MODULE, invoke
 
 HUGE = "99999999999999999999999"
 
@@ -65,7 +64,7 @@ def test_out_of_range_is_one_line(tmp_path, args, option):
     db = tmp_path / "ledger.db"
     Ledger(db).close()
     env = {"SPENDTAP_DB": str(db)}
-    result = CliRunner().invoke(cli, args, env=env)
+    result = invoke(*args, env=env)
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: Invalid value for '") and option in result.output
     assert result.output.count("\n") == 1, result.output
@@ -93,9 +92,7 @@ def test_largest_cap_is_accepted(tmp_path):
     db = tmp_path / "ledger.db"
     env = {"SPENDTAP_DB": str(db)}
     top = str(2**63 - 1)
-    result = CliRunner().invoke(
-        cli, ["budget", "set", "--key", "k", "--cap", top, "--window", "balance"], env=env
-    )
+    result = invoke("budget", "set", "--key", "k", "--cap", top, "--window", "balance", env=env)
     assert result.exit_code == 0, result.output
-    shown = CliRunner().invoke(cli, ["budget", "show", "--key", "k", "-f", "json"], env=env)
+    shown = invoke("budget", "show", "--key", "k", "-f", "json", env=env)
     assert f'"cap": {top}' in shown.output
