@@ -26,8 +26,6 @@ import httpx
 SPENDTAP_MODULE = [sys.executable, "-m", "spendtap.cli.main"]
 SPENDTAP_SCRIPT = Path(sys.executable).with_name("spendtap")
 
-ACCOUNT_HEADER, KEY_HEADER = "x-helexa-account-id", "x-helexa-key-id"
-
 
 # -- running the CLI ---------------------------------------------------------------------
 
@@ -89,7 +87,7 @@ def principal(prefix: str = "acct", key: str = "k") -> tuple[str, dict[str, str]
     """A fresh account name and the headers that name it and ``key``: rows of one test are
     told apart from the others' in a ledger shared by a module."""
     account = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    return account, {ACCOUNT_HEADER: account, KEY_HEADER: key}
+    return account, {"x-helexa-account-id": account, "x-helexa-key-id": key}
 
 
 def openai_client(url: str, headers: dict | None = None, *, api_key: str = "sk-test", **kw):
