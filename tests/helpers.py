@@ -1,8 +1,8 @@
 """Plain helpers shared by the test modules (fixtures live in ``tests/conftest.py``).
 
-Process wrappers (``Sidecar``, ``Simulator``, ``read_rows``) stay in ``tests/proc.py``
-and the PostgreSQL server in ``tests/pg.py``; what is here was written again in
-several test modules before: running the CLI, naming a principal, ledger rows,
+Process wrappers (``Sidecar``, ``Simulator``, ``read_rows``) live in ``tests/proc.py``
+and the PostgreSQL server in ``tests/pg.py``; what is here is what more than one test
+module needs: running the CLI, naming a principal, SDK clients, ledger rows,
 reading metrics, waiting for a condition.
 """
 
