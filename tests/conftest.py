@@ -30,6 +30,23 @@ def sidecar(sidecar_upstream, tmp_path_factory):
     s.stop()
 
 
+@pytest.fixture
+def start_sidecar(tmp_path):
+    """``start_sidecar(upstream, *sets, **kw)``: a ``Sidecar`` of this test's own (its files
+    in ``tmp_path``), stopped when the test ends, whatever it raised. A test may stop one
+    itself first (to read what it wrote at shutdown); stopping again is harmless."""
+    started: list[Sidecar] = []
+
+    def start(upstream: str | None, *sets: str, **kw) -> Sidecar:
+        s = Sidecar(tmp_path, upstream, *sets, **kw)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
 @pytest.fixture(scope="session")
 def pg_server():
     """One real PostgreSQL server for the session (Debian's postgresql package)."""

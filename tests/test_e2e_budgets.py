@@ -34,10 +34,9 @@ def open_reservations(db) -> int:
 
 
 @pytest.fixture
-def budget_sidecar(sim, tmp_path):
-    proxy = Sidecar(tmp_path, sim.url)
-    yield proxy
-    proxy.stop()
+def budget_sidecar(sim, start_sidecar):
+    """A sidecar of the test's own: budgets and their spend must not leak between tests."""
+    return start_sidecar(sim.url)
 
 
 def _chat(client: openai.OpenAI, key: str):
@@ -162,38 +161,35 @@ def test_concurrent_requests_never_overshoot(sim, tmp_path, sidecars):
 
 
 @pytest.mark.parametrize("fail_open", [False, True])
-def test_ledger_that_cannot_reserve(sim, tmp_path, fail_open):
+def test_ledger_that_cannot_reserve(sim, fail_open, start_sidecar):
     """A budgeted request meets a locked ledger: 503 + Retry-After (fail closed), or dispatch."""
     import sqlite3
 
-    proxy = Sidecar(tmp_path, sim.url, f"spendtap_fail_open={str(fail_open).lower()}")
+    proxy = start_sidecar(sim.url, f"spendtap_fail_open={str(fail_open).lower()}")
+    spendtap("budget", "set", "--key", "locked-key", "--cap", "100000", "--window", "1h",
+             db=proxy.db)  # fmt: skip
+    time.sleep(1.2)  # the sidecar's view of which principals have budgets refreshes each second
+    blocker = sqlite3.connect(proxy.db, timeout=1)
+    blocker.execute("BEGIN EXCLUSIVE")
     try:
-        spendtap("budget", "set", "--key", "locked-key", "--cap", "100000", "--window", "1h",
-                 db=proxy.db)  # fmt: skip
-        time.sleep(1.2)  # the sidecar's view of which principals have budgets refreshes each second
-        blocker = sqlite3.connect(proxy.db, timeout=1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            before = sim_total(sim)
-            r = httpx.post(
-                proxy.url + "/v1/chat/completions",
-                json={
-                    "model": "m",
-                    "max_tokens": 5,
-                    "messages": [{"role": "user", "content": "x"}],
-                },
-                headers={"x-helexa-account-id": "a", "x-helexa-key-id": "locked-key"},
-                timeout=30,
-            )
-            dispatched = sim_total(sim) - before
-        finally:
-            blocker.rollback()
-            blocker.close()
-        if fail_open:
-            assert r.status_code == 200 and dispatched == 1
-        else:
-            assert r.status_code == 503 and dispatched == 0
-            assert r.json()["error"]["code"] == "service_unavailable"
-            assert int(r.headers["retry-after"]) >= 1
+        before = sim_total(sim)
+        r = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json={
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            headers={"x-helexa-account-id": "a", "x-helexa-key-id": "locked-key"},
+            timeout=30,
+        )
+        dispatched = sim_total(sim) - before
     finally:
-        proxy.stop()
+        blocker.rollback()
+        blocker.close()
+    if fail_open:
+        assert r.status_code == 200 and dispatched == 1
+    else:
+        assert r.status_code == 503 and dispatched == 0
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert int(r.headers["retry-after"]) >= 1

@@ -68,19 +68,16 @@ def test_upstream_cut_mid_stream(sidecar):
     assert row["usage_source"] in ("none", "estimated")
 
 
-def test_upstream_down_gives_502_row(tmp_path):
+def test_upstream_down_gives_502_row(start_sidecar):
     """An unreachable upstream yields a clean 502 to the client and an upstream_error row."""
     dead = free_port()
-    proxy = Sidecar(tmp_path, f"http://127.0.0.1:{dead}")
-    try:
-        account, headers = _headers()
-        r = httpx.post(proxy.url + CHAT, json=_body(stream=False), headers=headers, timeout=10)
-        assert r.status_code == 502
-        row = _only_row(proxy, account)
-        assert row["outcome"] == "upstream_error" and row["status"] == 502
-        assert row["prompt_tokens"] is None
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(f"http://127.0.0.1:{dead}")
+    account, headers = _headers()
+    r = httpx.post(proxy.url + CHAT, json=_body(stream=False), headers=headers, timeout=10)
+    assert r.status_code == 502
+    row = _only_row(proxy, account)
+    assert row["outcome"] == "upstream_error" and row["status"] == 502
+    assert row["prompt_tokens"] is None
 
 
 def test_malformed_sse_still_billed(sidecar, sim):
@@ -190,25 +187,22 @@ def test_reset_before_headers(sidecar):
     assert row["outcome"] == "upstream_error" and row["status"] == 502
 
 
-def test_stalled_stream_ends_at_idle_timeout(sim, tmp_path):
+def test_stalled_stream_ends_at_idle_timeout(sim, start_sidecar):
     """A stream that stops sending for longer than the idle timeout ends in one error row."""
-    proxy = Sidecar(tmp_path, sim.url, "tcp_timeout=2")
-    try:
-        account, headers = _headers(tokens=20, fault="stall", stall_ms=8000)
-        t0 = time.monotonic()
-        with (
-            httpx.Client(timeout=30) as client,
-            pytest.raises(httpx.HTTPError),
-            client.stream("POST", proxy.url + CHAT, json=_body(), headers=headers) as resp,
-        ):
-            for _ in resp.iter_raw():
-                pass
-        assert time.monotonic() - t0 < 7
-        row = _only_row(proxy, account)
-        assert row["outcome"] == "upstream_error", row
-        assert row["ttft_s"] is not None
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(sim.url, "tcp_timeout=2")
+    account, headers = _headers(tokens=20, fault="stall", stall_ms=8000)
+    t0 = time.monotonic()
+    with (
+        httpx.Client(timeout=30) as client,
+        pytest.raises(httpx.HTTPError),
+        client.stream("POST", proxy.url + CHAT, json=_body(), headers=headers) as resp,
+    ):
+        for _ in resp.iter_raw():
+            pass
+    assert time.monotonic() - t0 < 7
+    row = _only_row(proxy, account)
+    assert row["outcome"] == "upstream_error", row
+    assert row["ttft_s"] is not None
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.helpers import spendtap
-from tests.proc import Sidecar, read_rows
+from tests.proc import read_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -69,23 +69,20 @@ def test_anthropic_makes_one_attempt_for_a_request_larger_than_the_cap(sidecar):
     assert len(_attempts(sidecar.db, key)) == 1
 
 
-def test_unknown_key_is_one_attempt(sim, tmp_path):
+def test_unknown_key_is_one_attempt(sim, start_sidecar):
     """An unknown bearer key (require_auth): AuthenticationError after one attempt."""
-    bearer = Sidecar(
-        tmp_path, sim.url, "spendtap_principal_source=bearer", "spendtap_require_auth=true"
+    bearer = start_sidecar(
+        sim.url, "spendtap_principal_source=bearer", "spendtap_require_auth=true"
     )
-    try:
-        with (
-            openai.OpenAI(base_url=bearer.url + "/v1", api_key="sk-nobody") as client,
-            pytest.raises(openai.AuthenticationError) as refused,
-        ):
-            client.chat.completions.create(
-                model="sim-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5
-            )
-        assert refused.value.response.headers["x-should-retry"] == "false"
-        assert len(bearer.rows(expect=1)) == 1
-    finally:
-        bearer.stop()
+    with (
+        openai.OpenAI(base_url=bearer.url + "/v1", api_key="sk-nobody") as client,
+        pytest.raises(openai.AuthenticationError) as refused,
+    ):
+        client.chat.completions.create(
+            model="sim-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    assert len(bearer.rows(expect=1)) == 1
 
 
 def test_window_refusal_is_waited_out_and_retried(sidecar):

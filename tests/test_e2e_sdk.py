@@ -65,27 +65,22 @@ def test_openai_chat_stream_usage_injected_and_hidden(sidecar):
     assert row["completion_tokens"] == 6 and row["prompt_tokens"] is not None
 
 
-def test_stream_without_usage_is_estimated_not_zero(sim, tmp_path):
+def test_stream_without_usage_is_estimated_not_zero(sim, start_sidecar):
     """With injection off, a stream that reports no usage is estimated, never a silent 0."""
-    from tests.proc import Sidecar
-
-    proxy = Sidecar(tmp_path, sim.url, "spendtap_inject_usage=false")
-    try:
-        account, headers = principal(key="key-1")
-        with openai_client(proxy.url, headers) as client:
-            for _ in client.chat.completions.create(
-                model="sim-chat",
-                messages=[{"role": "user", "content": "count to twenty please"}],
-                stream=True,
-                extra_headers={"x-sim-tokens": "20"},
-            ):
-                pass
-        row = _row(proxy, account)
-        assert row["usage_source"] == "estimated"
-        assert row["completion_tokens"] == 20  # one content event per token
-        assert row["prompt_tokens"] and row["prompt_tokens"] > 0
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(sim.url, "spendtap_inject_usage=false")
+    account, headers = principal(key="key-1")
+    with openai_client(proxy.url, headers) as client:
+        for _ in client.chat.completions.create(
+            model="sim-chat",
+            messages=[{"role": "user", "content": "count to twenty please"}],
+            stream=True,
+            extra_headers={"x-sim-tokens": "20"},
+        ):
+            pass
+    row = _row(proxy, account)
+    assert row["usage_source"] == "estimated"
+    assert row["completion_tokens"] == 20  # one content event per token
+    assert row["prompt_tokens"] and row["prompt_tokens"] > 0
 
 
 def test_openai_chat_json(sidecar):
@@ -183,30 +178,25 @@ def test_anthropic_json(sidecar):
     ) + (msg.usage.cache_creation_input_tokens or 0)
 
 
-def test_regular_proxy_mode(sim, tmp_path):
+def test_regular_proxy_mode(sim, start_sidecar):
     """As an explicit HTTP proxy, spendtap meters the SDK's traffic the same way."""
-    from tests.proc import Sidecar
-
-    proxy = Sidecar(tmp_path, None, mode="regular")
-    try:
-        account, headers = principal(key="key-1")
-        with openai.OpenAI(
-            base_url=sim.url + "/v1",
-            api_key="sk-test",
-            default_headers=headers,
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(proxy=proxy.url),
-        ) as client:
-            resp = client.chat.completions.create(
-                model="sim-chat",
-                messages=[{"role": "user", "content": "via proxy"}],
-                extra_headers={"x-sim-tokens": "4"},
-            )
-        row = _row(proxy, account)
-        assert row["completion_tokens"] == resp.usage.completion_tokens == 4
-        assert row["node"] == f"127.0.0.1:{sim.port}"
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(None, mode="regular")
+    account, headers = principal(key="key-1")
+    with openai.OpenAI(
+        base_url=sim.url + "/v1",
+        api_key="sk-test",
+        default_headers=headers,
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=proxy.url),
+    ) as client:
+        resp = client.chat.completions.create(
+            model="sim-chat",
+            messages=[{"role": "user", "content": "via proxy"}],
+            extra_headers={"x-sim-tokens": "4"},
+        )
+    row = _row(proxy, account)
+    assert row["completion_tokens"] == resp.usage.completion_tokens == 4
+    assert row["node"] == f"127.0.0.1:{sim.port}"
 
 
 def test_metrics_exported(sidecar):
