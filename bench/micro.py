@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from bench.procs import REPO
+from tests.helpers import ledger_row
 
 CORPUS = REPO / "tests" / "corpus" / "wire"
 CHUNK = 120  # bytes: a typical SSE chunk on the wire (one small event or part of one)
@@ -285,31 +286,25 @@ def bench_on_chunk(quick: bool, tmp: Path) -> dict:
 
 
 def _row(i: int) -> dict:
-    return {
-        "id": f"bench-{i:012d}",
-        "ts": "2025-01-01T00:00:00.000Z",
-        "account": "bench-acct",
-        "key": "bench-key",
-        "model": "sim-model",
-        "node": "127.0.0.1:8000",
-        "api": "openai-chat",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "streamed": True,
-        "status": 200,
-        "outcome": "completed",
-        "prompt_tokens": 8,
-        "completion_tokens": 64,
-        "cached_tokens": 0,
-        "cache_creation_tokens": None,
-        "reasoning_tokens": 0,
-        "usage_source": "reported",
-        "ttft_s": 0.2,
-        "duration_s": 1.46,
-        "tokens_per_s": 50.0,
-        "error": None,
-        "response_bytes": 17000,
-    }
+    # The tests' full row (tests.helpers), with the figures of a typical streamed answer.
+    return ledger_row(
+        f"bench-{i:012d}",
+        "2025-01-01T00:00:00.000Z",
+        account="bench-acct",
+        key="bench-key",
+        model="sim-model",
+        node="127.0.0.1:8000",
+        prompt_tokens=8,
+        completion_tokens=64,
+        cached_tokens=0,
+        cache_creation_tokens=None,
+        reasoning_tokens=0,
+        ttft_s=0.2,
+        duration_s=1.46,
+        tokens_per_s=50.0,
+        error=None,
+        response_bytes=17000,
+    )
 
 
 def bench_writer(quick: bool, tmp: Path) -> dict:

@@ -145,6 +145,17 @@ def _tools_tokens(body: dict) -> int:
     return text_tokens(_j(tools).decode()) if tools else 0
 
 
+def messages_tokens(body: dict) -> int:
+    """4 per message of ``body["messages"]`` plus its content's tokens (the messages of the
+    Anthropic, Ollama and Cohere chat APIs; OpenAI chat also counts a message's name)."""
+    msgs = body.get("messages") or []
+    total = 0
+    for m in msgs if isinstance(msgs, list) else []:
+        if isinstance(m, dict):
+            total += 4 + content_tokens(m.get("content"))
+    return total
+
+
 def prompt_tokens(api: str, body: dict) -> int:
     """The prompt tokens the simulator reports for a request body (see the package docs)."""
     if api == OPENAI_CHAT:
@@ -158,12 +169,7 @@ def prompt_tokens(api: str, body: dict) -> int:
                     total += text_tokens(name)
         return total
     if api == ANTHROPIC_MESSAGES:
-        total = 3 + content_tokens(body.get("system")) + _tools_tokens(body)
-        msgs = body.get("messages") or []
-        for m in msgs if isinstance(msgs, list) else []:
-            if isinstance(m, dict):
-                total += 4 + content_tokens(m.get("content"))
-        return total
+        return 3 + content_tokens(body.get("system")) + _tools_tokens(body) + messages_tokens(body)
     if api == OPENAI_RESPONSES:
         total = 3 + content_tokens(body.get("instructions")) + _tools_tokens(body)
         inp = body.get("input")
@@ -283,10 +289,43 @@ class Renderer:
         raise NotImplementedError
 
 
-# -- OpenAI chat completions -----------------------------------------------------------------
+# -- OpenAI chat completions and legacy completions ------------------------------------------
 
 
-class ChatRenderer(Renderer):
+class _OpenAIRenderer(Renderer):
+    """What the chat and legacy completions renderers share: token events built once per
+    choice and word (``_tok``, ``_first``, ``_single``, set by the subclass), the finish
+    reason, and the envelope of the non-streamed answer."""
+
+    _tok: list[list[bytes]]
+    _first: bytes
+    _single: list[bytes] | None
+
+    def token(self, i: int) -> bytes:
+        if i == 0:
+            return self._first
+        if self._single is not None:
+            return self._single[i & 31]
+        k = i & 31
+        return b"".join(t[k] for t in self._tok)
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.plan.truncated else "stop"
+
+    def _document(self, id_prefix: str, kind: str, choices: list) -> dict:
+        p = self.plan
+        return {
+            "id": id_prefix + p.rid,
+            "object": kind,
+            "created": p.created,
+            "model": p.model,
+            "choices": choices,
+            "usage": self.usage(),
+        }
+
+
+class ChatRenderer(_OpenAIRenderer):
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
         p = plan
@@ -323,14 +362,6 @@ class ChatRenderer(Renderer):
         self._end = end
         self._single = self._tok[0] if p.n == 1 else None
 
-    def token(self, i: int) -> bytes:
-        if i == 0:
-            return self._first
-        if self._single is not None:
-            return self._single[i & 31]
-        k = i & 31
-        return b"".join(t[k] for t in self._tok)
-
     def usage(self) -> dict:
         p = self.plan
         prompt = p.prompt_tokens
@@ -346,10 +377,6 @@ class ChatRenderer(Renderer):
                 "rejected_prediction_tokens": 0,
             },
         }
-
-    @property
-    def finish_reason(self) -> str:
-        return "length" if self.plan.truncated else "stop"
 
     def tail(self) -> bytes:
         p = self.plan
@@ -370,26 +397,12 @@ class ChatRenderer(Renderer):
     def document(self) -> dict:
         p = self.plan
         text = completion_text(p.visible)
-        return {
-            "id": "chatcmpl-" + p.rid,
-            "object": "chat.completion",
-            "created": p.created,
-            "model": p.model,
-            "choices": [
-                {
-                    "index": c,
-                    "message": {
-                        "role": "assistant",
-                        "content": text,
-                        "refusal": None,
-                        "annotations": [],
-                    },
-                    "logprobs": None,
-                    "finish_reason": self.finish_reason,
-                }
-                for c in range(p.n)
-            ],
-            "usage": self.usage(),
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        choices = [
+            {"index": c, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+            for c in range(p.n)
+        ]
+        return self._document("chatcmpl-", "chat.completion", choices) | {
             "service_tier": "default",
             "system_fingerprint": "fp_sim",
         }
@@ -398,7 +411,7 @@ class ChatRenderer(Renderer):
 # -- OpenAI legacy completions ---------------------------------------------------------------
 
 
-class CompletionsRenderer(Renderer):
+class CompletionsRenderer(_OpenAIRenderer):
     def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
         p = plan
@@ -426,18 +439,6 @@ class CompletionsRenderer(Renderer):
         self._tok = [[tok(c, w) for w in _SPACED] for c in range(p.n)]
         self._first = b"".join(tok(c, WORDS[0]) for c in range(p.n))
         self._single = self._tok[0] if p.n == 1 else None
-
-    def token(self, i: int) -> bytes:
-        if i == 0:
-            return self._first
-        if self._single is not None:
-            return self._single[i & 31]
-        k = i & 31
-        return b"".join(t[k] for t in self._tok)
-
-    @property
-    def finish_reason(self) -> str:
-        return "length" if self.plan.truncated else "stop"
 
     def usage(self) -> dict:
         p = self.plan
@@ -468,17 +469,11 @@ class CompletionsRenderer(Renderer):
     def document(self) -> dict:
         p = self.plan
         text = completion_text(p.visible)
-        return {
-            "id": "cmpl-" + p.rid,
-            "object": "text_completion",
-            "created": p.created,
-            "model": p.model,
-            "choices": [
-                {"text": text, "index": c, "logprobs": None, "finish_reason": self.finish_reason}
-                for c in range(p.n)
-            ],
-            "usage": self.usage(),
-        }
+        choices = [
+            {"text": text, "index": c, "logprobs": None, "finish_reason": self.finish_reason}
+            for c in range(p.n)
+        ]
+        return self._document("cmpl-", "text_completion", choices)
 
 
 # -- OpenAI Responses ------------------------------------------------------------------------

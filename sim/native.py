@@ -39,7 +39,16 @@ from spendtap.metering.usage import (
     OLLAMA_GENERATE,
 )
 
-from .apis import Plan, Renderer, _j, completion_text, content_tokens, embedding_vector, token_text
+from .apis import (
+    Plan,
+    Renderer,
+    _j,
+    completion_text,
+    content_tokens,
+    embedding_vector,
+    messages_tokens,
+    token_text,
+)
 
 __all__ = [
     "NATIVE_RENDERERS",
@@ -73,24 +82,12 @@ def native_prompt_tokens(api: str, body: dict) -> int:
         for c in contents if isinstance(contents, list) else []:
             total += 4 + _parts_tokens(c)
         return total
-    if api == OLLAMA_CHAT:
-        total = 3
-        msgs = body.get("messages") or []
-        for m in msgs if isinstance(msgs, list) else []:
-            if isinstance(m, dict):
-                total += 4 + content_tokens(m.get("content"))
-        return total
+    if api in (OLLAMA_CHAT, COHERE_CHAT):
+        return 3 + messages_tokens(body)
     if api == OLLAMA_GENERATE:
         return 3 + content_tokens(body.get("system")) + content_tokens(body.get("prompt"))
     if api == LLAMACPP_COMPLETION:
         return 1 + content_tokens(body.get("prompt"))  # the BOS token
-    if api == COHERE_CHAT:
-        total = 3
-        msgs = body.get("messages") or []
-        for m in msgs if isinstance(msgs, list) else []:
-            if isinstance(m, dict):
-                total += 4 + content_tokens(m.get("content"))
-        return total
     # embed: one group per input
     x = body.get("input", body.get("prompt", ""))
     items = x if isinstance(x, list) else [x]

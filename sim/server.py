@@ -44,6 +44,7 @@ from .apis import (
 )
 from .http import (
     ENCODINGS,
+    MAX_HEAD,
     BadRequest,
     ChunkedBody,
     Request,
@@ -294,7 +295,7 @@ class SimServer:
             self._connection,
             self.host,
             self.port,
-            limit=64 * 1024,
+            limit=MAX_HEAD,  # a longer request head is answered 431
             reuse_address=True,
             backlog=1024,
         )

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -28,6 +26,7 @@ from spendtap.store.budgets import (
 from spendtap.store.ledger import Ledger, LedgerNotFound
 from spendtap.store.writer import LedgerWriter
 from spendtap.timeparse import parse_datetime, ts_from_epoch
+from tests.helpers import dead_owner
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
 OWNER = "test-host:1:1"
@@ -322,27 +321,13 @@ def test_window_reset_counts_from_now(budgets, ledger):
 # -- sweep and owners ------------------------------------------------------------------------
 
 
-def _dead_owner() -> str:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from spendtap.store.budgets import process_owner; print(process_owner())",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return proc.stdout.strip()
-
-
 def test_owner_strings():
     """This process is alive; a finished one, a reused pid and a bad string are judged right."""
     me = process_owner()
     host, pid, _start = me.rsplit(":", 2)
     assert int(pid) == os.getpid()
     assert owner_alive(me)
-    assert not owner_alive(_dead_owner())
+    assert not owner_alive(dead_owner())
     assert not owner_alive(f"{host}:{os.getpid()}:12345")  # same pid, other start: reused
     assert owner_alive("elsewhere.example:1:1")  # another host cannot be judged
     assert owner_alive("garbage")
@@ -352,7 +337,7 @@ def test_sweep_releases_dead_owners_not_live_ones(budgets):
     """Sweep releases the reservations of a dead process and keeps a live one's."""
     budgets.set("account", "acme", 1000, None, now=T0)
     budgets.reserve("live", "acme", None, 100, process_owner(), T0)
-    budgets.reserve("dead", "acme", None, 100, _dead_owner(), T0)
+    budgets.reserve("dead", "acme", None, 100, dead_owner(), T0)
     assert budgets.sweep(owner_alive, None, T0) == 1
     assert [r["id"] for r in budgets.reservations()] == ["live"]
 
@@ -370,7 +355,7 @@ def test_sweep_by_age(budgets):
 def test_sweep_marks_requests_a_dead_sidecar_cut_short(budgets, ledger):
     """A dead owner's reservation becomes a marked ledger row; an aged-out one does not."""
     budgets.set("account", "acme", 1000, None, now=T0)
-    budgets.reserve("cut-short", "acme", "k1", 100, _dead_owner(), T0)
+    budgets.reserve("cut-short", "acme", "k1", 100, dead_owner(), T0)
     budgets.reserve("long-running", "acme", "k1", 100, process_owner(), T0)
     assert budgets.sweep(owner_alive, 3600, T0 + 7200) == 2
     rows = {r["id"]: r for r in ledger.requests()}

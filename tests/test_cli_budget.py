@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from spendtap.cli.main import cli
 from spendtap.store.budgets import Budgets, process_owner
 from spendtap.store.keys import Keys, fingerprint
 from spendtap.store.ledger import Ledger
 from spendtap.timeparse import ts_from_epoch
+from tests.helpers import dead_owner, invoke
 
 
 @pytest.fixture
@@ -22,16 +19,14 @@ def db(tmp_path):
     return tmp_path / "ledger.db"
 
 
-def run(db, *args, input=None):
-    return CliRunner().invoke(cli, [*args, "--db", str(db)], input=input)
-
-
 def test_budget_set_show_list_rm(db):
     """A budget is set, shown with its figures, listed and removed."""
-    result = run(db, "budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h")
+    result = invoke("budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h", db=db)
     assert result.exit_code == 0, result.output
     assert result.output == "key k1: cap 1000 tokens, per rolling 1h\n"
-    result = run(db, "budget", "set", "--account", "acme", "--cap", "5000", "--window", "balance")
+    result = invoke(
+        "budget", "set", "--account", "acme", "--cap", "5000", "--window", "balance", db=db
+    )
     assert result.output.startswith("account acme: cap 5000 tokens, balance, counting spend since ")
     now = time.time()
     with Ledger(db) as ledger:
@@ -39,14 +34,14 @@ def test_budget_set_show_list_rm(db):
             [{"id": "a", "ts": ts_from_epoch(now), "account": "acme", "key": "k1",
               "prompt_tokens": 100, "completion_tokens": 50}]
         )  # fmt: skip
-    result = run(db, "budget", "show", "--key", "k1", "-f", "json")
+    result = invoke("budget", "show", "--key", "k1", "-f", "json", db=db)
     doc = json.loads(result.output)[0]
     assert {k: doc[k] for k in ("scope", "principal", "cap", "window", "spent", "reserved")} == {
         "scope": "key", "principal": "k1", "cap": 1000, "window": "1h", "spent": 150,
         "reserved": 0,
     }  # fmt: skip
     assert doc["remaining"] == 850 and doc["resets_at"] == ts_from_epoch(now + 3600)
-    table = run(db, "budget", "list").output.splitlines()
+    table = invoke("budget", "list", db=db).output.splitlines()
     assert table[0].split() == [
         "scope", "principal", "unit", "cap", "window", "spent", "reserved", "remaining",
         "resets_at",
@@ -55,27 +50,29 @@ def test_budget_set_show_list_rm(db):
     assert table[3].split() == [
         "account", "acme", "tokens", "5000", "balance", "150", "0", "4850", "-",
     ]  # fmt: skip
-    assert run(db, "budget", "rm", "--key", "k1").output == "removed the budget of key k1\n"
-    assert [r["principal"] for r in json.loads(run(db, "budget", "list", "-f", "json").output)] == [
-        "acme"
-    ]
+    assert invoke("budget", "rm", "--key", "k1", db=db).output == "removed the budget of key k1\n"
+    assert [
+        r["principal"] for r in json.loads(invoke("budget", "list", "-f", "json", db=db).output)
+    ] == ["acme"]
 
 
 def test_budget_reset(db):
     """--reset starts counting a balance afresh; a cap change alone keeps the spend."""
-    run(db, "budget", "set", "--key", "k1", "--cap", "10", "--window", "balance")
+    invoke("budget", "set", "--key", "k1", "--cap", "10", "--window", "balance", db=db)
     time.sleep(0.01)
     with Ledger(db) as ledger:
         ledger.insert_rows([{"id": "a", "ts": time.time(), "key": "k1", "prompt_tokens": 7}])
     time.sleep(0.01)
 
     def spent():
-        return json.loads(run(db, "budget", "show", "--key", "k1", "-f", "json").output)[0]["spent"]
+        return json.loads(invoke("budget", "show", "--key", "k1", "-f", "json", db=db).output)[0][
+            "spent"
+        ]
 
     assert spent() == 7
-    run(db, "budget", "set", "--key", "k1", "--cap", "20", "--window", "balance")
+    invoke("budget", "set", "--key", "k1", "--cap", "20", "--window", "balance", db=db)
     assert spent() == 7
-    run(db, "budget", "set", "--key", "k1", "--cap", "20", "--window", "balance", "--reset")
+    invoke("budget", "set", "--key", "k1", "--cap", "20", "--window", "balance", "--reset", db=db)
     assert spent() == 0
 
 
@@ -102,7 +99,7 @@ def test_budget_reset(db):
 def test_budget_errors(db, args, message):
     """Bad budget commands fail with one line and exit 1."""
     Ledger(db).close()
-    result = run(db, *args)
+    result = invoke(*args, db=db)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
     assert result.output.count("\n") == 1
@@ -115,7 +112,7 @@ def test_budget_errors(db, args, message):
 def test_reading_commands_need_a_ledger(tmp_path, args):
     """Commands that read never create a ledger: they say where they looked."""
     db = tmp_path / "missing.db"
-    result = run(db, *args)
+    result = invoke(*args, db=db)
     assert result.exit_code == 1
     assert f"Error: no ledger at {db}" in result.output
     assert not db.exists()
@@ -123,43 +120,36 @@ def test_reading_commands_need_a_ledger(tmp_path, args):
 
 def test_reservations_and_sweep(db):
     """Open reservations are listed; sweep releases a dead owner's, --older-than old ones."""
-    dead = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from spendtap.store.budgets import process_owner; print(process_owner())",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    dead = dead_owner()
     now = time.time()
     with Budgets(db) as budgets:
         budgets.set("account", "acme", 1000, None)
         budgets.reserve("f-live", "acme", None, 10, process_owner(), now - 2)
         budgets.reserve("f-dead", "acme", None, 20, dead, now - 1)
         budgets.reserve("f-far", "acme", "k1", 30, "elsewhere.example:1:1", now)
-    rows = json.loads(run(db, "reservations", "-f", "json").output)
+    rows = json.loads(invoke("reservations", "-f", "json", db=db).output)
     assert [(r["id"], r["tokens"]) for r in rows] == [("f-live", 10), ("f-dead", 20), ("f-far", 30)]
     assert set(rows[0]) == {
         "id", "account", "key", "tokens", "usd", "created_at", "age_s", "owner",
     }  # fmt: skip
     assert rows[0]["age_s"] >= 2
-    assert run(db, "sweep").output == "released 1 stale reservation\n"
-    assert run(db, "sweep", "--older-than", "0s").output == "released 2 stale reservations\n"
-    assert json.loads(run(db, "reservations", "-f", "json").output) == []
+    assert invoke("sweep", db=db).output == "released 1 stale reservation\n"
+    assert invoke("sweep", "--older-than", "0s", db=db).output == "released 2 stale reservations\n"
+    assert json.loads(invoke("reservations", "-f", "json", db=db).output) == []
     assert (
-        run(db, "reservations", "-f", "csv").output
+        invoke("reservations", "-f", "csv", db=db).output
         == "id,account,key,tokens,usd,created_at,age_s,owner\n"
     )
-    result = run(db, "sweep", "--older-than", "soon")
+    result = invoke("sweep", "--older-than", "soon", db=db)
     assert result.exit_code == 1 and "Invalid value for '--older-than'" in result.output
 
 
 def test_keys_add_from_stdin_list_rm(db):
     """A piped secret is registered by fingerprint; list never shows it; rm revokes it."""
     secret = "sk-live-0123456789abcdef"
-    result = run(db, "keys", "add", "--account", "acme", "--key-id", "k1", input=secret + "\n")
+    result = invoke(
+        "keys", "add", "--account", "acme", "--key-id", "k1", input=secret + "\n", db=db
+    )
     assert result.exit_code == 0, result.output
     assert result.output == (
         f"registered sk-liv\u2026 (fingerprint {fingerprint(secret)[:12]}) "
@@ -167,31 +157,28 @@ def test_keys_add_from_stdin_list_rm(db):
     )
     with Keys(db) as keys:
         assert keys.resolve(secret) == ("acme", "k1")
-    listing = run(db, "keys", "list", "-f", "json").output
+    listing = invoke("keys", "list", "-f", "json", db=db).output
     assert secret not in listing
     (entry,) = json.loads(listing)
     assert entry["fingerprint"] == fingerprint(secret) and entry["prefix"] == "sk-liv\u2026"
-    table = run(db, "keys", "list").output
+    table = invoke("keys", "list", db=db).output
     assert fingerprint(secret)[:12] in table and fingerprint(secret)[:13] not in table
-    assert run(db, "keys", "rm", "--key-id", "k1").output == "revoked 1 key\n"
-    assert json.loads(run(db, "keys", "list", "-f", "json").output) == []
-    assert len(json.loads(run(db, "keys", "list", "--all", "-f", "json").output)) == 1
+    assert invoke("keys", "rm", "--key-id", "k1", db=db).output == "revoked 1 key\n"
+    assert json.loads(invoke("keys", "list", "-f", "json", db=db).output) == []
+    assert len(json.loads(invoke("keys", "list", "--all", "-f", "json", db=db).output)) == 1
     assert secret.encode() not in db.read_bytes()
 
 
 def test_keys_add_generates_and_prints_once(db):
     """--generate prints a new secret once on stdout; only its fingerprint is kept."""
-    runner = CliRunner()
-    result = runner.invoke(
-        cli, ["keys", "add", "--account", "acme", "--key-id", "k9", "--generate", "--db", str(db)]
-    )
+    result = invoke("keys", "add", "--account", "acme", "--key-id", "k9", "--generate", db=db)
     assert result.exit_code == 0
     secret = result.stdout.strip()
     assert secret.startswith("sk-st-")
     assert "cannot be shown again" in result.stderr
     with Keys(db) as keys:
         assert keys.resolve(secret) == ("acme", "k9")
-    assert secret not in run(db, "keys", "list").output
+    assert secret not in invoke("keys", "list", db=db).output
 
 
 @pytest.mark.parametrize(
@@ -207,15 +194,17 @@ def test_keys_add_generates_and_prints_once(db):
 def test_keys_errors(db, args, stdin, message):
     """Bad keys commands fail with one line and exit 1."""
     Ledger(db).close()
-    result = run(db, *args, input=stdin)
+    result = invoke(*args, input=stdin, db=db)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
 
 
 def test_keys_add_duplicate(db):
     """Registering the same secret twice is refused."""
-    run(db, "keys", "add", "--account", "a", "--key-id", "k", input="0123456789abcdefgh")
-    result = run(db, "keys", "add", "--account", "b", "--key-id", "j", input="0123456789abcdefgh")
+    invoke("keys", "add", "--account", "a", "--key-id", "k", input="0123456789abcdefgh", db=db)
+    result = invoke(
+        "keys", "add", "--account", "b", "--key-id", "j", input="0123456789abcdefgh", db=db
+    )
     assert result.exit_code == 1 and "already registered" in result.output
 
 
@@ -227,15 +216,18 @@ def test_keys_add_duplicate(db):
 )  # fmt: skip
 def test_help_has_examples(command):
     """Every new command has help text with an Examples block."""
-    result = CliRunner().invoke(cli, [*command, "--help"])
+    result = invoke(*command, "--help")
     assert result.exit_code == 0
     assert "Examples:" in result.output
 
 
 def test_money_budget_set_show_rm(db):
     """A money cap beside a token cap: set in dollars, shown exactly, removed apart."""
-    assert run(db, "budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h").exit_code == 0
-    result = run(db, "budget", "set", "--key", "k1", "--cap-usd", "2.5", "--window", "1d")
+    assert (
+        invoke("budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h", db=db).exit_code
+        == 0
+    )
+    result = invoke("budget", "set", "--key", "k1", "--cap-usd", "2.5", "--window", "1d", db=db)
     assert result.exit_code == 0, result.output
     assert result.output == "key k1: cap $2.5, per rolling 1d\n"
     now = time.time()
@@ -244,17 +236,17 @@ def test_money_budget_set_show_rm(db):
             [{"id": "a", "ts": ts_from_epoch(now), "key": "k1", "prompt_tokens": 100,
               "completion_tokens": 50, "cost_nusd": 1_250_000_000, "price_source": "none"}]
         )  # fmt: skip
-    docs = json.loads(run(db, "budget", "show", "--key", "k1", "-f", "json").output)
+    docs = json.loads(invoke("budget", "show", "--key", "k1", "-f", "json", db=db).output)
     assert [(d["unit"], d["cap"], d["spent"], d["remaining"]) for d in docs] == [
         ("tokens", 1000, 150, 850),
         ("usd", 2.5, 1.25, 1.25),
     ]
-    raw = run(db, "budget", "show", "--key", "k1", "-f", "jsonl").output.splitlines()[1]
+    raw = invoke("budget", "show", "--key", "k1", "-f", "jsonl", db=db).output.splitlines()[1]
     assert '"cap": 2.500000000' in raw and '"spent": 1.250000000' in raw
-    assert run(db, "budget", "rm", "--key", "k1", "--usd").output == (
+    assert invoke("budget", "rm", "--key", "k1", "--usd", db=db).output == (
         "removed the money budget of key k1\n"
     )
-    docs = json.loads(run(db, "budget", "show", "--key", "k1", "-f", "json").output)
+    docs = json.loads(invoke("budget", "show", "--key", "k1", "-f", "json", db=db).output)
     assert [d["unit"] for d in docs] == ["tokens"]
 
 
@@ -271,7 +263,7 @@ def test_money_budget_set_show_rm(db):
     ],
 )
 def test_money_budget_errors(db, args, message):
-    result = run(db, "budget", "set", "--key", "k1", "--window", "1d", *args)
+    result = invoke("budget", "set", "--key", "k1", "--window", "1d", *args, db=db)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1

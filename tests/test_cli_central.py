@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from click.testing import CliRunner
 
-from spendtap.cli.main import cli
 from spendtap.store.central import CentralStore, redact_dsn
 from spendtap.store.ledger import Ledger
+from tests.helpers import invoke
 from tests.pg import PASSWORD
 from tests.test_cli_query import ROWS
 
@@ -29,7 +28,7 @@ def both(tmp_path, pg_dsn):
 
 
 def run(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args), input=stdin, catch_exceptions=False)
+    result = invoke(*args, input=stdin, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 

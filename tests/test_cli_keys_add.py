@@ -11,17 +11,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 from spendtap.store.keys import Keys
+from tests.helpers import SPENDTAP_MODULE
 from tests.proc import REPO
-
-SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
 
 
 def _add(db, *extra, **kw):
     return subprocess.run(
-        [*SPENDTAP, "keys", "add", "--account", "a", "--key-id", "k", "--db", str(db), *extra],
+        [*SPENDTAP_MODULE, "keys", "add", "--account", "a", "--key-id", "k", "--db", str(db),
+         *extra],
         capture_output=True, text=True, timeout=60, **kw,
     )  # fmt: skip
 
@@ -77,8 +76,10 @@ def test_readme_and_help_show_generate_for_a_new_key():
     """Every documented `keys add` that makes a new key passes --generate; one that does
     not pass it pipes a secret in."""
     readme = (REPO / "README.md").read_text()
-    out = subprocess.run([*SPENDTAP, "keys", "add", "--help"], capture_output=True, text=True)
-    group = subprocess.run([*SPENDTAP, "keys", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [*SPENDTAP_MODULE, "keys", "add", "--help"], capture_output=True, text=True
+    )
+    group = subprocess.run([*SPENDTAP_MODULE, "keys", "--help"], capture_output=True, text=True)
     lines = [
         line
         for text in (readme, out.stdout, group.stdout)

@@ -7,15 +7,14 @@ Found by a new user: ``budget set --cap 99999999999999999999999`` was
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from spendtap.cli.main import cli
 from spendtap.cli.numbers import Count, Number
 from spendtap.store.ledger import Ledger
+from tests.helpers import SPENDTAP_MODULE, invoke
 
 HUGE = "99999999999999999999999"
 
@@ -65,7 +64,7 @@ def test_out_of_range_is_one_line(tmp_path, args, option):
     db = tmp_path / "ledger.db"
     Ledger(db).close()
     env = {"SPENDTAP_DB": str(db)}
-    result = CliRunner().invoke(cli, args, env=env)
+    result = invoke(*args, env=env)
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: Invalid value for '") and option in result.output
     assert result.output.count("\n") == 1, result.output
@@ -76,7 +75,7 @@ def test_huge_cap_through_the_installed_command(tmp_path):
     """The exact report: the real console script, a new ledger, no traceback."""
     db = tmp_path / "ledger.db"
     out = subprocess.run(
-        [sys.executable, "-m", "spendtap.cli.main", "budget", "set", "--key", "k",
+        [*SPENDTAP_MODULE, "budget", "set", "--key", "k",
          "--cap", HUGE, "--window", "1h", "--db", str(db)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -93,9 +92,7 @@ def test_largest_cap_is_accepted(tmp_path):
     db = tmp_path / "ledger.db"
     env = {"SPENDTAP_DB": str(db)}
     top = str(2**63 - 1)
-    result = CliRunner().invoke(
-        cli, ["budget", "set", "--key", "k", "--cap", top, "--window", "balance"], env=env
-    )
+    result = invoke("budget", "set", "--key", "k", "--cap", top, "--window", "balance", env=env)
     assert result.exit_code == 0, result.output
-    shown = CliRunner().invoke(cli, ["budget", "show", "--key", "k", "-f", "json"], env=env)
+    shown = invoke("budget", "show", "--key", "k", "-f", "json", env=env)
     assert f'"cap": {top}' in shown.output

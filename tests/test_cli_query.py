@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import sqlite_utils
-from click.testing import CliRunner
 
 from spendtap import __version__
 from spendtap.cli.main import cli
 from spendtap.cli.output import format_table
 from spendtap.cli.paths import default_db_path
 from spendtap.store.ledger import Ledger
+from tests.helpers import invoke
 
 ROWS = [
     {
@@ -112,14 +112,10 @@ def db(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-def run(runner: CliRunner, *args: str, env: dict | None = None):
+def run(*args: str, env: dict | None = None):
+    # Neither variable of the shell that runs pytest may choose the ledger a test reads.
     env = {"SPENDTAP_DB": None, "XDG_DATA_HOME": None} | (env or {})
-    return runner.invoke(cli, list(args), env=env, catch_exceptions=False)
+    return invoke(*args, env=env, catch_exceptions=False)
 
 
 REQUESTS_TABLE = """\
@@ -160,35 +156,35 @@ CSV_HEADER = (
 )
 
 
-def test_requests_table(runner, db):
+def test_requests_table(db):
     """The default table shows the main figures, newest first, numbers right-aligned."""
-    result = run(runner, "requests", "--db", str(db))
+    result = run("requests", "--db", str(db))
     assert result.exit_code == 0
     assert result.output == REQUESTS_TABLE
 
 
-def test_requests_json(runner, db):
+def test_requests_json(db):
     """--format json is one array with one row per line and every column."""
-    result = run(runner, "requests", "--db", str(db), "--model", "gpt-4o", "--since", "2025-01-31",
+    result = run("requests", "--db", str(db), "--model", "gpt-4o", "--since", "2025-01-31",
                  "--until", "2025-01-31T01:30:00Z", "-f", "json")  # fmt: skip
     assert result.exit_code == 0
     assert result.output == "[" + F3_JSON + "]\n"
-    result = run(runner, "requests", "--db", str(db), "--limit", "2", "--since", "2025-01-31",
+    result = run("requests", "--db", str(db), "--limit", "2", "--since", "2025-01-31",
                  "--until", "2025-01-31T01:30:00Z", "--format", "json")  # fmt: skip
     assert result.output == "[" + F3_JSON + ",\n " + F2_JSON + "]\n"
 
 
-def test_requests_jsonl(runner, db):
+def test_requests_jsonl(db):
     """--format jsonl is one object per line."""
-    result = run(runner, "requests", "--db", str(db), "--since", "2025-01-31",
+    result = run("requests", "--db", str(db), "--since", "2025-01-31",
                  "--until", "2025-01-31T01:30:00Z", "-f", "jsonl")  # fmt: skip
     assert result.exit_code == 0
     assert result.output == F3_JSON + "\n" + F2_JSON + "\n"
 
 
-def test_requests_csv(runner, db):
+def test_requests_csv(db):
     """--format csv has a header, empty cells for null and true/false for streamed."""
-    result = run(runner, "requests", "--db", str(db), "--account", "beta", "-f", "csv")
+    result = run("requests", "--db", str(db), "--account", "beta", "-f", "csv")
     assert result.exit_code == 0
     assert result.output == CSV_HEADER + (
         "f3,2025-01-31T01:00:00.000Z,beta,k-beta-1,gpt-4o,neuron-a:8000,openai-chat,POST,"
@@ -196,7 +192,7 @@ def test_requests_csv(runner, db):
     )
 
 
-def test_requests_filters(runner, db):
+def test_requests_filters(db):
     """Each filter option narrows the rows."""
     cases = [
         (["--account", "acme"], ["f2", "f1"]),
@@ -209,19 +205,19 @@ def test_requests_filters(runner, db):
         (["--until", "2025-01-31"], ["f1"]),
     ]
     for args, expected in cases:
-        result = run(runner, "requests", "--db", str(db), "-f", "csv", *args)
+        result = run("requests", "--db", str(db), "-f", "csv", *args)
         assert result.exit_code == 0, result.output
         ids = [line.split(",")[0] for line in result.output.splitlines()[1:]]
         assert ids == expected, args
 
 
-def test_requests_no_rows(runner, db):
+def test_requests_no_rows(db):
     """With no matching rows: a bare header, [] for json, nothing for jsonl, the header for csv."""
     args = ("requests", "--db", str(db), "--since", "2030-01-01")
-    assert run(runner, *args, "-f", "json").output == "[]\n"
-    assert run(runner, *args, "-f", "jsonl").output == ""
-    assert run(runner, *args, "-f", "csv").output == CSV_HEADER
-    assert run(runner, *args).output == (
+    assert run(*args, "-f", "json").output == "[]\n"
+    assert run(*args, "-f", "jsonl").output == ""
+    assert run(*args, "-f", "csv").output == CSV_HEADER
+    assert run(*args).output == (
         "ts  account  key  model  node  status  outcome  prompt  completion  cached  reasoning"
         "  usage  ttft_s  duration_s  tok/s\n"
         "--  -------  ---  -----  ----  ------  -------  ------  ----------  ------  ---------"
@@ -239,9 +235,9 @@ REPORT_RULE = (
 )
 
 
-def test_report_by_account_table(runner, db):
+def test_report_by_account_table(db):
     """Totals per account, biggest first; anonymous rows show as (anonymous), null as -."""
-    result = run(runner, "report", "--db", str(db))
+    result = run("report", "--db", str(db))
     assert result.exit_code == 0
     assert result.output == (
         "account    " + REPORT_HEADER + "-----------" + REPORT_RULE
@@ -254,9 +250,9 @@ def test_report_by_account_table(runner, db):
     )  # fmt: skip
 
 
-def test_report_by_hour_table(runner, db):
+def test_report_by_hour_table(db):
     """Hour groups are UTC, in time order."""
-    result = run(runner, "report", "--db", str(db), "--by", "hour")
+    result = run("report", "--db", str(db), "--by", "hour")
     assert result.exit_code == 0
     assert result.output == (
         "hour                " + REPORT_HEADER + "--------------------" + REPORT_RULE
@@ -269,9 +265,9 @@ def test_report_by_hour_table(runner, db):
     )  # fmt: skip
 
 
-def test_report_json(runner, db):
+def test_report_json(db):
     """Report json keeps null for anonymous groups and for figures nobody reported."""
-    result = run(runner, "report", "--db", str(db), "--by", "key", "--since", "2025-01-31T01:00Z",
+    result = run("report", "--db", str(db), "--by", "key", "--since", "2025-01-31T01:00Z",
                  "-f", "json")  # fmt: skip
     assert result.exit_code == 0
     assert result.output == (
@@ -286,16 +282,16 @@ def test_report_json(runner, db):
     )
 
 
-def test_report_jsonl_and_csv(runner, db):
+def test_report_jsonl_and_csv(db):
     """Report jsonl is an object per line; csv has the full column names."""
     args = ("report", "--db", str(db), "--by", "day", "--until", "2025-01-31")
-    assert run(runner, *args, "-f", "jsonl").output == (
+    assert run(*args, "-f", "jsonl").output == (
         '{"day": "2025-01-30", "requests": 1, "prompt_tokens": 1200, "completion_tokens": 300, '
         '"cached_tokens": 1024, "cache_creation_tokens": null, "reasoning_tokens": null, '
         '"total_tokens": 1500, "errors": 0, "refused": 0, "usage_missing": 0, "avg_ttft_s": 0.25, '
         '"avg_tokens_per_s": 92.31, "cost_usd": null, "avg_cost_usd": null, "unpriced": 0}\n'
     )
-    assert run(runner, *args, "-f", "csv").output == (
+    assert run(*args, "-f", "csv").output == (
         "day,requests,prompt_tokens,completion_tokens,cached_tokens,cache_creation_tokens,"
         "reasoning_tokens,total_tokens,errors,refused,usage_missing,avg_ttft_s,avg_tokens_per_s,"
         "cost_usd,avg_cost_usd,unpriced\n"
@@ -303,27 +299,25 @@ def test_report_jsonl_and_csv(runner, db):
     )
 
 
-def test_report_filters_and_groups(runner, db):
+def test_report_filters_and_groups(db):
     """--by model/node group as asked and the principal filters narrow the rows."""
-    result = run(runner, "report", "--db", str(db), "--by", "model", "-f", "csv")
+    result = run("report", "--db", str(db), "--by", "model", "-f", "csv")
     assert [line.split(",")[:2] for line in result.output.splitlines()[1:]] == [
         ["gpt-4o", "3"],
         ["claude-sonnet", "1"],
     ]
-    result = run(
-        runner, "report", "--db", str(db), "--by", "node", "--account", "acme", "-f", "csv"
-    )
+    result = run("report", "--db", str(db), "--by", "node", "--account", "acme", "-f", "csv")
     assert [line.split(",")[:2] for line in result.output.splitlines()[1:]] == [
         ["neuron-a:8000", "1"],
         ["neuron-b:8000", "1"],
     ]
-    result = run(runner, "report", "--db", str(db), "--since", "2030-01-01", "-f", "json")
+    result = run("report", "--db", str(db), "--since", "2030-01-01", "-f", "json")
     assert result.output == "[]\n"
 
 
-def test_db_from_environment(runner, db):
+def test_db_from_environment(db):
     """SPENDTAP_DB names the ledger when --db is not given."""
-    result = run(runner, "requests", "-f", "csv", "--limit", "1", env={"SPENDTAP_DB": str(db)})
+    result = run("requests", "-f", "csv", "--limit", "1", env={"SPENDTAP_DB": str(db)})
     assert result.exit_code == 0
     assert result.output.splitlines()[1].startswith("f4,")
 
@@ -337,20 +331,20 @@ def error_of(result) -> str:
     return result.stderr
 
 
-def test_missing_db_is_an_error_and_is_not_created(runner, tmp_path):
+def test_missing_db_is_an_error_and_is_not_created(tmp_path):
     """A missing ledger is one clear line, exit 1, and no file appears."""
     path = tmp_path / "missing.db"
     for command in ("requests", "report"):
-        result = run(runner, command, "--db", str(path))
+        result = run(command, "--db", str(path))
         assert error_of(result) == (
             f"Error: no ledger at {path} (spendtap run creates it; pass --db or set SPENDTAP_DB)\n"
         )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_default_db_path_under_xdg_data_home(runner, tmp_path):
+def test_default_db_path_under_xdg_data_home(tmp_path):
     """Without --db or SPENDTAP_DB the ledger is $XDG_DATA_HOME/spendtap/ledger.db."""
-    result = run(runner, "requests", env={"XDG_DATA_HOME": str(tmp_path)})
+    result = run("requests", env={"XDG_DATA_HOME": str(tmp_path)})
     expected = tmp_path / "spendtap" / "ledger.db"
     assert error_of(result) == (
         f"Error: no ledger at {expected} (spendtap run creates it; pass --db or set SPENDTAP_DB)\n"
@@ -358,21 +352,21 @@ def test_default_db_path_under_xdg_data_home(runner, tmp_path):
     assert not (tmp_path / "spendtap").exists()
 
 
-def test_text_file_is_not_a_ledger(runner, tmp_path):
+def test_text_file_is_not_a_ledger(tmp_path):
     """A file that is not SQLite is named in one line, exit 1."""
     path = tmp_path / "notes.db"
     path.write_text("hello\n" * 100)
-    result = run(runner, "requests", "--db", str(path))
+    result = run("requests", "--db", str(path))
     assert error_of(result) == f"Error: {path} is not a spendtap ledger: file is not a database\n"
 
 
-def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
+def test_foreign_sqlite_is_not_a_ledger(tmp_path):
     """An SQLite file that is not spendtap's is named in one line, exit 1."""
     path = tmp_path / "other.db"
     foreign = sqlite_utils.Database(path)  # sqlite-utils 3 has no context manager
     foreign["dogs"].insert({"name": "Cleo"})
     foreign.close()
-    result = run(runner, "report", "--db", str(path))
+    result = run("report", "--db", str(path))
     assert error_of(result) == (
         f"Error: {path} is not a spendtap ledger "
         "(an SQLite database without spendtap's migrations table)\n"
@@ -430,18 +424,18 @@ def test_foreign_sqlite_is_not_a_ledger(runner, tmp_path):
         ),
     ],
 )
-def test_bad_arguments_are_one_line_errors(runner, db, args, message):
+def test_bad_arguments_are_one_line_errors(db, args, message):
     """Bad times, an inverted range and unknown choices are one line and exit 1."""
-    result = run(runner, *args, "--db", str(db))
+    result = run(*args, "--db", str(db))
     assert error_of(result) == message
 
 
-def test_locked_ledger_still_reads(runner, db):
+def test_locked_ledger_still_reads(db):
     """Readers are not blocked by a writer holding the write lock (WAL)."""
     blocker = sqlite3.connect(db, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
-        result = run(runner, "requests", "--db", str(db), "-f", "csv")
+        result = run("requests", "--db", str(db), "-f", "csv")
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
@@ -452,12 +446,12 @@ def test_locked_ledger_still_reads(runner, db):
 # -- help ---------------------------------------------------------------------
 
 
-def test_every_command_has_help_with_an_example(runner):
+def test_every_command_has_help_with_an_example():
     """Each command's --help and -h show its description and an example block."""
     assert cli.commands, "no commands registered"
     for name, command in cli.commands.items():
         for flag in ("--help", "-h"):
-            result = run(runner, name, flag)
+            result = run(name, flag)
             assert result.exit_code == 0, (name, flag)
             assert result.output.startswith(f"Usage: cli {name} "), name
             assert command.get_short_help_str().strip(), name
@@ -465,13 +459,13 @@ def test_every_command_has_help_with_an_example(runner):
             assert f"spendtap {name}" in result.output, name
 
 
-def test_group_help_and_version(runner):
+def test_group_help_and_version():
     """The group has help text listing the commands, and --version prints the version."""
-    result = run(runner, "-h")
+    result = run("-h")
     assert result.exit_code == 0
     assert "Meter LLM inference traffic" in result.output
     assert "requests" in result.output and "report" in result.output
-    result = run(runner, "--version")
+    result = run("--version")
     assert result.output == f"spendtap, version {__version__}\n"
 
 

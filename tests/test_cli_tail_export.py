@@ -9,12 +9,11 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 
 from spendtap.cli.chart import choose_bucket, render_chart
-from spendtap.cli.main import cli
 from spendtap.store.ledger import ROW_FIELDS, Ledger
 from spendtap.timeparse import parse_datetime, ts_from_epoch
+from tests.helpers import invoke
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
 
@@ -41,16 +40,12 @@ def db(tmp_path):
     return path
 
 
-def run(db, *args):
-    return CliRunner().invoke(cli, [*args, "--db", str(db)])
-
-
 # -- tail -----------------------------------------------------------------------------
 
 
 def test_tail_once_shows_the_last_rows_in_order(db):
     """tail -n N --once prints the last N rows, oldest first, with every column in jsonl."""
-    result = run(db, "tail", "-n", "3", "--once", "-f", "jsonl")
+    result = invoke("tail", "-n", "3", "--once", "-f", "jsonl", db=db)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [r["id"] for r in rows] == ["r004", "r005", "r006"]
@@ -59,9 +54,9 @@ def test_tail_once_shows_the_last_rows_in_order(db):
 
 def test_tail_filters(db):
     """tail takes the filters of requests."""
-    result = run(db, "tail", "--account", "acme", "--once", "-f", "jsonl")
+    result = invoke("tail", "--account", "acme", "--once", "-f", "jsonl", db=db)
     assert [json.loads(x)["id"] for x in result.output.splitlines()] == ["r001", "r003", "r005"]
-    result = run(db, "tail", "--key", "k0", "--model", "m1", "--once", "-f", "json")
+    result = invoke("tail", "--key", "k0", "--model", "m1", "--once", "-f", "json", db=db)
     assert [r["id"] for r in json.loads(result.output)] == ["r003", "r006"]
 
 
@@ -78,8 +73,8 @@ def test_tail_follows_new_rows(db):
     thread = threading.Thread(target=writer)
     thread.start()
     started = time.monotonic()
-    result = run(db, "tail", "-n", "0", "--interval", "0.05", "--max-rows", "3",
-                 "--timeout", "20", "-f", "csv")  # fmt: skip
+    result = invoke("tail", "-n", "0", "--interval", "0.05", "--max-rows", "3",
+                 "--timeout", "20", "-f", "csv", db=db)  # fmt: skip
     thread.join()
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.output)))
@@ -89,14 +84,16 @@ def test_tail_follows_new_rows(db):
 
 def test_tail_timeout_closes_json(db):
     """A tail stopped by --timeout still prints a well-formed JSON array."""
-    result = run(db, "tail", "-n", "1", "--interval", "0.05", "--timeout", "0.2", "-f", "json")
+    result = invoke(
+        "tail", "-n", "1", "--interval", "0.05", "--timeout", "0.2", "-f", "json", db=db
+    )
     assert result.exit_code == 0
     assert [r["id"] for r in json.loads(result.output)] == ["r006"]
 
 
 def test_tail_table_streams_header_once(db):
     """The table format prints its header once and one aligned line per row."""
-    lines = run(db, "tail", "-n", "2", "--once").output.splitlines()
+    lines = invoke("tail", "-n", "2", "--once", db=db).output.splitlines()
     assert lines[0].split()[:3] == ["ts", "account", "key"]
     assert len(lines) == 3
     assert lines[1].startswith(ts_from_epoch(T0 + 300))
@@ -113,13 +110,13 @@ def test_tail_table_streams_header_once(db):
 )
 def test_tail_errors(db, args, message):
     """Bad tail options are one error line and exit 1."""
-    result = run(db, *args)
+    result = invoke(*args, db=db)
     assert result.exit_code == 1 and message in result.output
 
 
 def test_tail_needs_a_ledger(tmp_path):
     """tail never creates a ledger."""
-    result = run(tmp_path / "none.db", "tail", "--once")
+    result = invoke("tail", "--once", db=tmp_path / "none.db")
     assert result.exit_code == 1 and "no ledger at" in result.output
 
 
@@ -129,7 +126,7 @@ def test_tail_needs_a_ledger(tmp_path):
 def test_export_jsonl_range(db):
     """export streams the rows of a range oldest first, since inclusive, until exclusive."""
     since, until = ts_from_epoch(T0 + 120), ts_from_epoch(T0 + 300)
-    result = run(db, "export", "--since", since, "--until", until)
+    result = invoke("export", "--since", since, "--until", until, db=db)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert [r["id"] for r in rows] == ["r002", "r003", "r004"]
@@ -139,7 +136,7 @@ def test_export_jsonl_range(db):
 
 def test_export_csv_and_filters(db):
     """export -f csv writes a header and every column; filters apply."""
-    result = run(db, "export", "-f", "csv", "--account", "beta")
+    result = invoke("export", "-f", "csv", "--account", "beta", db=db)
     rows = list(csv.DictReader(io.StringIO(result.output)))
     assert [r["id"] for r in rows] == ["r002", "r004", "r006"]
     assert rows[0]["prompt_tokens"] == "20" and rows[0]["cached_tokens"] == ""
@@ -147,7 +144,7 @@ def test_export_csv_and_filters(db):
 
 def test_export_progress_goes_to_stderr(db):
     """A forced progress bar is drawn on stderr, never mixed into the rows."""
-    result = CliRunner().invoke(cli, ["export", "--progress", "--db", str(db)])
+    result = invoke("export", "--progress", db=db)
     assert result.exit_code == 0
     assert len(result.stdout.splitlines()) == 6
     assert all(line.startswith("{") for line in result.stdout.splitlines())
@@ -164,7 +161,7 @@ def test_export_progress_goes_to_stderr(db):
 )
 def test_export_errors(db, args, message):
     """Bad export options are one error line and exit 1."""
-    result = run(db, *args)
+    result = invoke(*args, db=db)
     assert result.exit_code == 1 and message in result.output
 
 
@@ -173,7 +170,7 @@ def test_export_errors(db, args, message):
 
 def test_report_chart(db):
     """report --chart draws one sparkline per principal, heaviest first, on one scale."""
-    result = run(db, "report", "--chart")
+    result = invoke("report", "--chart", db=db)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == (
@@ -186,7 +183,7 @@ def test_report_chart(db):
 
 def test_report_chart_ascii_and_by_key(db):
     """--ascii draws with plain characters; --by key charts keys."""
-    result = run(db, "report", "--chart", "--ascii", "--by", "key")
+    result = invoke("report", "--chart", "--ascii", "--by", "key", db=db)
     assert result.exit_code == 0
     assert all(ord(c) < 128 for c in result.output)
     assert [line.split()[0] for line in result.output.splitlines()[1:4]] == ["k0", "k2", "k1"]
@@ -202,13 +199,13 @@ def test_report_chart_ascii_and_by_key(db):
 )
 def test_report_chart_errors(db, args, message):
     """Conflicting chart options are refused with one line."""
-    result = run(db, *args)
+    result = invoke(*args, db=db)
     assert result.exit_code == 1 and message in result.output
 
 
 def test_report_chart_empty_range(db):
     """A range without rows says so."""
-    result = run(db, "report", "--chart", "--since", "2020-01-01", "--until", "2020-01-02")
+    result = invoke("report", "--chart", "--since", "2020-01-01", "--until", "2020-01-02", db=db)
     assert result.exit_code == 0
     assert result.output.splitlines()[-1] == "(no spend in this range)"
 

@@ -5,21 +5,15 @@ from __future__ import annotations
 import shlex
 
 import pytest
-from click.testing import CliRunner
 
 from spendtap.cli.config import ConfigError, Settings, resolve
-from spendtap.cli.main import cli
+from tests.helpers import invoke
 
 UP = "http://127.0.0.1:8000"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("SPENDTAP_"):
-            monkeypatch.delenv(key)
+# Every test here reads settings from SPENDTAP_* variables: none may come from the shell.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def write(tmp_path, text: str):
@@ -29,7 +23,7 @@ def write(tmp_path, text: str):
 
 
 def dry_run(*args: str, env: dict | None = None) -> tuple[int, str, list[str]]:
-    result = CliRunner().invoke(cli, ["run", "--dry-run", *args], env=env or {})
+    result = invoke("run", "--dry-run", *args, env=env or {})
     argv = shlex.split(result.output) if result.exit_code == 0 else []
     return result.exit_code, result.output, argv
 
@@ -246,13 +240,9 @@ def test_resolve_raises_config_error():
 
 def test_run_refuses_a_corrupt_ledger_in_one_line(tmp_path):
     """spendtap run stops before mitmdump with one clear line when the ledger is not usable."""
-    from click.testing import CliRunner
-
-    from spendtap.cli.main import cli
-
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not sqlite at all" * 100)
-    result = CliRunner().invoke(cli, ["run", "--upstream", "http://127.0.0.1:1", "--db", str(bad)])
+    result = invoke("run", "--upstream", "http://127.0.0.1:1", db=bad)
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1
     assert "not a spendtap ledger" in result.output

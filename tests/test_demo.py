@@ -5,26 +5,25 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import SPENDTAP_SCRIPT
+
 pytestmark = pytest.mark.e2e
-SPENDTAP = Path(sys.executable).with_name("spendtap")
 
 
 def test_demo_runs_and_prices_every_row(tmp_path):
     db = tmp_path / "ledger.db"
     proc = subprocess.run(
-        [str(SPENDTAP), "demo", "--db", str(db), "--requests", "16", "--ttft-ms", "10",
+        [str(SPENDTAP_SCRIPT), "demo", "--db", str(db), "--requests", "16", "--ttft-ms", "10",
          "--tps", "2000"],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nothing left running" in proc.stdout
     listed = subprocess.run(
-        [str(SPENDTAP), "requests", "--db", str(db), "-f", "json"],
+        [str(SPENDTAP_SCRIPT), "requests", "--db", str(db), "-f", "json"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     rows = json.loads(listed.stdout)

@@ -10,9 +10,8 @@ import json
 import shlex
 import tomllib
 
-from click.testing import CliRunner
-
 from spendtap.cli.main import cli
+from tests.helpers import invoke
 from tests.proc import REPO
 
 CONTAINERFILE = REPO / "deploy" / "Containerfile"
@@ -87,26 +86,21 @@ def test_entrypoint_is_spendtap_run():
     assert "run" in cli.commands
 
 
-def test_image_env_makes_a_valid_run(monkeypatch):
+def test_image_env_makes_a_valid_run(clean_env):
     """The image's ENV plus the two settings an operator must add (the upstream, and who may
     name a principal) is a valid configuration: `spendtap run --dry-run` builds the mitmdump
     command from it; without the trust choice the image refuses to start."""
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("SPENDTAP_"):
-            monkeypatch.delenv(key)
     env = env_of_final_stage()
     assert env["SPENDTAP_DB"].startswith(env["HOME"] + "/")
     vol = [exec_form(a) for w, a in instructions() if w == "VOLUME"]
     assert vol == [[env["HOME"]]]
     env["SPENDTAP_UPSTREAM"] = "http://neuron:8000"
-    refused = CliRunner().invoke(cli, ["run", "--dry-run"], env=env)
+    refused = invoke("run", "--dry-run", env=env)
     assert refused.exit_code == 1
     assert "no trusted peers stated" in refused.output
     assert "SPENDTAP_TRUSTED_PEERS" in (REPO / "deploy" / "Containerfile").read_text()
     env["SPENDTAP_TRUSTED_PEERS"] = "10.0.0.5"
-    result = CliRunner().invoke(cli, ["run", "--dry-run"], env=env)
+    result = invoke("run", "--dry-run", env=env)
     assert result.exit_code == 0, result.output
     args = shlex.split(result.output)
     assert args[args.index("--listen-host") + 1] == "0.0.0.0"

@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
+from tests.helpers import metric_names
 from tests.proc import REPO, Sidecar, Simulator
-from tests.test_deploy_prometheus import metric_names
 
 DASHBOARD = REPO / "deploy" / "grafana" / "spendtap-dashboard.json"
 

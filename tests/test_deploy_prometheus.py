@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,42 +10,11 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from tests.helpers import metric_names
 from tests.proc import REPO
 
 PROM = REPO / "deploy" / "prometheus"
 yaml = YAML(typ="safe")
-
-# -- metric names in PromQL (enough of PromQL for our rules and dashboard) --------
-KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right",
-    "and", "or", "unless", "offset", "bool", "inf", "nan",
-}  # fmt: skip
-
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-_VARIABLE = re.compile(r"\$\{?\w+\}?")
-_SELECTOR = re.compile(r"\{[^{}]*\}")
-_RANGE = re.compile(r"\[[^\[\]]*\]")
-_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
-_IDENT = re.compile(r"(?<![\w.$])([a-zA-Z_:][\w:]*)(\s*\()?")
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names an expression selects (functions, keywords and labels removed)."""
-    text = _STRING.sub('""', expr)
-    text = _VARIABLE.sub("1", text)
-    text = _SELECTOR.sub(" ", text)
-    text = _RANGE.sub(" ", text)
-    text = _GROUPING.sub(" ", text)
-    names = set()
-    for match in _IDENT.finditer(text):
-        name, call = match.group(1), match.group(2)
-        if call or name.lower() in KEYWORDS:
-            continue
-        names.add(name)
-    return names
-
-
-# ------------------------------------------------------------------------------
 
 
 def promtool() -> str:

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from spendtap.cli.main import cli
+from tests.helpers import SPENDTAP_SCRIPT, invoke
 from tests.proc import REPO
 
 UNIT = REPO / "deploy" / "systemd" / "spendtap.service"
 ENV_FILE = REPO / "deploy" / "systemd" / "spendtap.env"
-SPENDTAP = Path(sys.executable).with_name("spendtap")
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -64,7 +59,7 @@ def test_unit_verifies(tmp_path):
         pytest.skip("systemd-analyze not installed (scripts/ci-deps.sh installs systemd)")
     text = UNIT.read_text()
     assert "ExecStart=/usr/local/bin/spendtap run\n" in text
-    copy = text.replace("ExecStart=/usr/local/bin/spendtap", f"ExecStart={SPENDTAP}")
+    copy = text.replace("ExecStart=/usr/local/bin/spendtap", f"ExecStart={SPENDTAP_SCRIPT}")
     copy = copy.replace("EnvironmentFile=/etc/spendtap/spendtap.env", f"EnvironmentFile={ENV_FILE}")
     unit = tmp_path / "spendtap.service"
     unit.write_text(copy)
@@ -80,7 +75,9 @@ def test_verify_catches_a_broken_unit(tmp_path):
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not installed (scripts/ci-deps.sh installs systemd)")
-    copy = UNIT.read_text().replace("ExecStart=/usr/local/bin/spendtap", f"ExecStart={SPENDTAP}")
+    copy = UNIT.read_text().replace(
+        "ExecStart=/usr/local/bin/spendtap", f"ExecStart={SPENDTAP_SCRIPT}"
+    )
     copy = copy.replace("ProtectSystem=strict", "ProtectSystem=strikt")
     unit = tmp_path / "spendtap.service"
     unit.write_text(copy)
@@ -129,16 +126,13 @@ def test_security_exposure_is_low():
     assert score < 2.0, last[0]
 
 
-def test_env_file_is_a_valid_run_configuration(monkeypatch):
+def test_env_file_is_a_valid_run_configuration(clean_env):
     """The shipped env file, read as systemd does, makes `spendtap run` build the intended
     command: reverse mode to the local neuron, the unit's ledger path, the extra --set items."""
     env = parse_env_file(ENV_FILE.read_text())
     assert all(k.startswith("SPENDTAP_") for k in env)
-    for key in list(os.environ):
-        if key.startswith("SPENDTAP_"):
-            monkeypatch.delenv(key)
     env["SPENDTAP_DB"] = "/var/lib/spendtap/ledger.db"  # what the unit's Environment= sets
-    result = CliRunner().invoke(cli, ["run", "--dry-run"], env=env)
+    result = invoke("run", "--dry-run", env=env)
     assert result.exit_code == 0, result.output
     args = shlex.split(result.output)
     assert args[args.index("--mode") + 1] == "reverse:http://127.0.0.1:8000"

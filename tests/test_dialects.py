@@ -29,6 +29,7 @@ from spendtap.metering.usage import (
     Usage,
 )
 from tests.corpus_cases import chunked, load_cases, scan
+from tests.helpers import cut
 
 CASES = {c.name: c for c in load_cases()}
 EXTRACTOR_APIS = frozenset(
@@ -214,23 +215,13 @@ def _array(n: int) -> bytes:
     return ("[" + "\r\n,\r\n".join(json.dumps(o, indent=2) for o in objs) + "\r\n]").encode()
 
 
-def _cuts(data: bytes, points: list[int]) -> list[bytes]:
-    cuts = sorted({p % (len(data) + 1) for p in points})
-    out, prev = [], 0
-    for c in [*cuts, len(data)]:
-        if c > prev:
-            out.append(data[prev:c])
-            prev = c
-    return out
-
-
 @settings(max_examples=150, deadline=None)
 @given(n=st.integers(1, 12), points=st.lists(st.integers(0, 10_000), max_size=30))
 def test_ndjson_chunking_invariance(n, points):
     """However an NDJSON stream is cut, usage, content events and model are the same."""
     body = _ndjson(n)
     whole = scan(OLLAMA_CHAT, "application/x-ndjson", [body])
-    r = scan(OLLAMA_CHAT, "application/x-ndjson", _cuts(body, points))
+    r = scan(OLLAMA_CHAT, "application/x-ndjson", cut(body, points))
     assert whole.usage == r.usage == Usage(prompt_tokens=9, completion_tokens=n)
     assert r.content_events == whole.content_events == n
     assert r.response_model == "m" and r.parse_errors == 0
@@ -242,7 +233,7 @@ def test_ndjson_chunking_invariance(n, points):
 def test_json_array_chunking_invariance(n, points):
     """However a JSON-array stream is cut, the last cumulative usage wins; every element counts."""
     body = _array(n)
-    r = scan(GEMINI, "application/json", _cuts(body, points))
+    r = scan(GEMINI, "application/json", cut(body, points))
     assert r.usage == Usage(prompt_tokens=4, completion_tokens=n)
     assert r.content_events == n
     assert r.streamed_sse and r.response_model == "g" and r.parse_errors == 0
@@ -253,11 +244,11 @@ def test_json_array_chunking_invariance(n, points):
 def test_json_sequence_never_raises(data, points):
     """Arbitrary bytes never make the framer or the dialect scanner raise."""
     seq = JSONSequence(max_object=256)
-    for piece in _cuts(data, points):
+    for piece in cut(data, points):
         list(seq.feed(piece))
     list(seq.close())
     for api in (GEMINI, OLLAMA_CHAT, COHERE_CHAT, LLAMACPP_COMPLETION):
-        r = scan(api, None, _cuts(data, points))
+        r = scan(api, None, cut(data, points))
         assert r.internal_errors == 0
 
 
@@ -465,7 +456,7 @@ def test_native_corpus_cases_any_chunking(i, points):
     """Every recorded native-API body, cut anywhere, scans to the same usage and events."""
     c = NATIVE_CASES[i]
     whole = scan(c.api, c.content_type, [c.body])
-    r = scan(c.api, c.content_type, _cuts(c.body, points))
+    r = scan(c.api, c.content_type, cut(c.body, points))
     assert r.usage == whole.usage == c.expected_usage()
     assert r.content_events == whole.content_events
     assert r.parse_errors == r.internal_errors == 0

@@ -6,28 +6,21 @@ import sqlite3
 
 import httpx
 import pytest
-from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from spendtap.address import free_port
-from spendtap.cli.main import cli
 from spendtap.metrics.series import Metrics
 from spendtap.metrics.server import MetricsServer
 from spendtap.store.ledger import MIGRATIONS_TABLE, Ledger
+from tests.helpers import invoke
 from tests.proc import Sidecar, Simulator
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    import os
-
-    for key in list(os.environ):
-        if key.startswith("SPENDTAP_"):
-            monkeypatch.delenv(key)
+# Every test here reads settings from SPENDTAP_* variables: none may come from the shell.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def doctor(*args: str, env: dict | None = None):
-    result = CliRunner().invoke(cli, ["doctor", "--timeout", "2", *args], env=env or {})
+    result = invoke("doctor", "--timeout", "2", *args, env=env or {})
     lines = {}
     for line in result.output.splitlines():
         status, name, *rest = line.split(None, 2)
@@ -188,7 +181,7 @@ def test_invalid_config_is_one_line(tmp_path):
     """A broken config file is reported like `spendtap run` reports it: one line, exit 1."""
     config = tmp_path / "bad.toml"
     config.write_text("bogus = 1\n")
-    result = CliRunner().invoke(cli, ["doctor", "--config", str(config)], env={})
+    result = invoke("doctor", "--config", str(config), env={})
     assert result.exit_code == 1
     assert (
         result.output.strip().splitlines() == [result.output.strip()]
@@ -232,7 +225,7 @@ def test_metrics_address_in_every_form_run_takes(tmp_path):
 @pytest.mark.parametrize("bad", ["ftp://host:9464", "host:port", "127.0.0.1:99999", "http://:9464"])
 def test_bad_metrics_address_is_one_line(ledger, bad):
     """An address that is neither HOST:PORT nor an http(s) URL: one Error line, exit 1."""
-    result = CliRunner().invoke(cli, ["doctor", "--db", str(ledger), "--metrics", bad], env={})
+    result = invoke("doctor", "--db", str(ledger), "--metrics", bad, env={})
     assert result.exit_code == 1
     assert result.output.startswith("Error: Invalid value for '--metrics': ")
     assert result.output.count("\n") == 1, result.output

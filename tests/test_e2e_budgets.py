@@ -9,8 +9,6 @@ reservation open.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,23 +17,10 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import anthropic_client, openai_client, sim_total, spendtap, tokens_of
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
-
-SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
-
-
-def spendtap(*args: str, db) -> str:
-    out = subprocess.run(
-        [*SPENDTAP, *args, "--db", str(db)], capture_output=True, text=True, timeout=30
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
-def sim_total(sim) -> int:
-    return httpx.get(sim.url + "/sim/stats", timeout=5).json()["total"]
 
 
 def open_reservations(db) -> int:
@@ -48,19 +33,10 @@ def open_reservations(db) -> int:
         con.close()
 
 
-def spent(db, key: str) -> int:
-    return sum(
-        (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
-        for r in read_rows(db)
-        if r["key"] == key
-    )
-
-
 @pytest.fixture
-def budget_sidecar(sim, tmp_path):
-    proxy = Sidecar(tmp_path, sim.url)
-    yield proxy
-    proxy.stop()
+def budget_sidecar(sim, start_sidecar):
+    """A sidecar of the test's own: budgets and their spend must not leak between tests."""
+    return start_sidecar(sim.url)
 
 
 def _chat(client: openai.OpenAI, key: str):
@@ -76,7 +52,7 @@ def test_window_budget_refuses_then_recovers(sim, budget_sidecar):
     """A key over its rolling cap gets 429 rate_limit_exceeded with Retry-After, then service."""
     db = budget_sidecar.db
     spendtap("budget", "set", "--key", "win-key", "--cap", "400", "--window", "4s", db=db)
-    with openai.OpenAI(base_url=budget_sidecar.url + "/v1", api_key="x", max_retries=0) as client:
+    with openai_client(budget_sidecar.url, api_key="x") as client:
         served = 0
         before = sim_total(sim)
         with pytest.raises(openai.RateLimitError) as refused:
@@ -107,9 +83,7 @@ def test_balance_budget_refusal_shapes(sim, budget_sidecar):
     spendtap("budget", "set", "--account", "poor", "--cap", "10", "--window", "balance", db=db)
     headers = {"x-helexa-account-id": "poor", "x-helexa-key-id": "k"}
     with (
-        openai.OpenAI(
-            base_url=budget_sidecar.url + "/v1", api_key="x", max_retries=0, default_headers=headers
-        ) as client,
+        openai_client(budget_sidecar.url, headers, api_key="x") as client,
         pytest.raises(openai.RateLimitError) as refused,
     ):
         client.chat.completions.create(
@@ -118,9 +92,7 @@ def test_balance_budget_refusal_shapes(sim, budget_sidecar):
     assert refused.value.body["code"] == "insufficient_quota"
     assert "retry-after" not in refused.value.response.headers
     with (
-        anthropic.Anthropic(
-            base_url=budget_sidecar.url, api_key="x", max_retries=0, default_headers=headers
-        ) as client,
+        anthropic_client(budget_sidecar.url, headers, api_key="x") as client,
         pytest.raises(anthropic.RateLimitError) as refused,
     ):
         client.messages.create(
@@ -171,7 +143,7 @@ def test_concurrent_requests_never_overshoot(sim, tmp_path, sidecars):
         deadline = time.monotonic() + 15
         while open_reservations(db) and time.monotonic() < deadline:
             time.sleep(0.1)
-        total_spent = spent(db, key)
+        total_spent = tokens_of(read_rows(db), key)
         print(
             f"\n{sidecars} sidecar(s): sent {n}, dispatched {dispatched}, served {served}, "
             f"refused {refused}, other {other}, spent {total_spent} of cap {cap}, "
@@ -189,38 +161,35 @@ def test_concurrent_requests_never_overshoot(sim, tmp_path, sidecars):
 
 
 @pytest.mark.parametrize("fail_open", [False, True])
-def test_ledger_that_cannot_reserve(sim, tmp_path, fail_open):
+def test_ledger_that_cannot_reserve(sim, fail_open, start_sidecar):
     """A budgeted request meets a locked ledger: 503 + Retry-After (fail closed), or dispatch."""
     import sqlite3
 
-    proxy = Sidecar(tmp_path, sim.url, f"spendtap_fail_open={str(fail_open).lower()}")
+    proxy = start_sidecar(sim.url, f"spendtap_fail_open={str(fail_open).lower()}")
+    spendtap("budget", "set", "--key", "locked-key", "--cap", "100000", "--window", "1h",
+             db=proxy.db)  # fmt: skip
+    time.sleep(1.2)  # the sidecar's view of which principals have budgets refreshes each second
+    blocker = sqlite3.connect(proxy.db, timeout=1)
+    blocker.execute("BEGIN EXCLUSIVE")
     try:
-        spendtap("budget", "set", "--key", "locked-key", "--cap", "100000", "--window", "1h",
-                 db=proxy.db)  # fmt: skip
-        time.sleep(1.2)  # the sidecar's view of which principals have budgets refreshes each second
-        blocker = sqlite3.connect(proxy.db, timeout=1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        try:
-            before = sim_total(sim)
-            r = httpx.post(
-                proxy.url + "/v1/chat/completions",
-                json={
-                    "model": "m",
-                    "max_tokens": 5,
-                    "messages": [{"role": "user", "content": "x"}],
-                },
-                headers={"x-helexa-account-id": "a", "x-helexa-key-id": "locked-key"},
-                timeout=30,
-            )
-            dispatched = sim_total(sim) - before
-        finally:
-            blocker.rollback()
-            blocker.close()
-        if fail_open:
-            assert r.status_code == 200 and dispatched == 1
-        else:
-            assert r.status_code == 503 and dispatched == 0
-            assert r.json()["error"]["code"] == "service_unavailable"
-            assert int(r.headers["retry-after"]) >= 1
+        before = sim_total(sim)
+        r = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json={
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            headers={"x-helexa-account-id": "a", "x-helexa-key-id": "locked-key"},
+            timeout=30,
+        )
+        dispatched = sim_total(sim) - before
     finally:
-        proxy.stop()
+        blocker.rollback()
+        blocker.close()
+    if fail_open:
+        assert r.status_code == 200 and dispatched == 1
+    else:
+        assert r.status_code == 503 and dispatched == 0
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert int(r.headers["retry-after"]) >= 1

@@ -11,7 +11,6 @@ import pytest
 
 from spendtap.metering.usage import INPUT_ONLY_APIS
 from tests.corpus_cases import load_cases
-from tests.proc import Sidecar
 from tests.replay_server import ReplayServer
 
 pytestmark = pytest.mark.e2e
@@ -20,18 +19,15 @@ CASES = load_cases()
 
 
 @pytest.fixture(scope="module")
-def replay_sidecar(tmp_path_factory):
+def sidecar_upstream():
+    """The module's sidecar (tests/conftest.py) proxies to a server replaying the corpus."""
     with ReplayServer() as replay:
-        proxy = Sidecar(tmp_path_factory.mktemp("corpus"), replay.url)
-        try:
-            yield proxy
-        finally:
-            proxy.stop()
+        yield replay.url
 
 
 @pytest.mark.parametrize("encoding", [None, "gzip", "br", "zstd", "deflate"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_corpus_case_through_mitmdump(replay_sidecar, case, encoding):
+def test_corpus_case_through_mitmdump(sidecar, case, encoding):
     """The client gets the recorded bytes unchanged and the ledger gets the recorded usage."""
     from tests.corpus_cases import encode
 
@@ -44,7 +40,7 @@ def test_corpus_case_through_mitmdump(replay_sidecar, case, encoding):
         httpx.Client(timeout=10) as client,
         client.stream(
             "POST",
-            replay_sidecar.url + case.meta["request_path"],
+            sidecar.url + case.meta["request_path"],
             headers=headers,
             content=b'{"model": "recorded"}',
         ) as resp,
@@ -52,7 +48,7 @@ def test_corpus_case_through_mitmdump(replay_sidecar, case, encoding):
         got = b"".join(resp.iter_raw())
     assert resp.status_code == 200
     assert got == wire, "the client must receive the upstream's bytes unchanged"
-    row = replay_sidecar.row_for(account, settle=0)
+    row = sidecar.row_for(account, settle=0)
     expected = case.expected_usage()
     if expected.reported:
         assert {k: row[k] for k in expected.as_dict()} == expected.as_dict()

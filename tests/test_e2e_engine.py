@@ -21,13 +21,13 @@ from __future__ import annotations
 import re
 import sys
 import time
-import uuid
 
 import httpx
 import pytest
 
 from spendtap.address import free_port, wait_for_port
-from tests.proc import Proc, Sidecar
+from tests.helpers import openai_client, principal
+from tests.proc import Proc
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is not installed")
 pytest.importorskip("gguf", reason="the gguf package is not installed")
@@ -79,21 +79,8 @@ def engine(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def proxy(engine, tmp_path_factory):
-    s = Sidecar(tmp_path_factory.mktemp("engine-sidecar"), engine.url)
-    yield s
-    s.stop()
-
-
-def _principal() -> tuple[str, dict]:
-    account = "eng-" + uuid.uuid4().hex[:8]
-    return account, {"x-helexa-account-id": account, "x-helexa-key-id": "k"}
-
-
-def _client(proxy, headers) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=proxy.url + "/v1", api_key="sk-x", default_headers=headers, max_retries=0
-    )
+def sidecar_upstream(engine) -> str:
+    return engine.url  # the module's sidecar (tests/conftest.py) proxies to the engine
 
 
 MESSAGES = [{"role": "user", "content": "Count the sheep, please."}]
@@ -125,16 +112,16 @@ def _check_timing(row: dict, perf: tuple) -> None:
     assert row["tokens_per_s"] is not None and row["tokens_per_s"] > 0
 
 
-def test_engine_chat_json_sdk(engine, proxy):
+def test_engine_chat_json_sdk(engine, sidecar):
     """A JSON chat answer: the row's figures are exactly the engine's usage."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
-    with _client(proxy, headers) as client:
+    with openai_client(sidecar.url, headers, api_key="sk-x") as client:
         resp = client.chat.completions.create(
             model="tiny-llama", messages=MESSAGES, max_tokens=MAX_TOKENS
         )
     perf = engine.perf_after(before)
-    row = proxy.row_for(account, settle=0)
+    row = sidecar.row_for(account, settle=0)
     _report("chat json", row, perf, resp.usage.model_dump())
     assert resp.usage.completion_tokens == MAX_TOKENS
     assert row["usage_source"] == "reported"
@@ -147,19 +134,19 @@ def test_engine_chat_json_sdk(engine, proxy):
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
-def test_engine_chat_stream_sdk(engine, proxy, include_usage):
+def test_engine_chat_stream_sdk(engine, sidecar, include_usage):
     """A stream: the engine omits usage even when asked; the completion estimate is exact."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
     extra = {"stream_options": {"include_usage": True}} if include_usage else {}
-    with _client(proxy, headers) as client:
+    with openai_client(sidecar.url, headers, api_key="sk-x") as client:
         chunks = list(
             client.chat.completions.create(
                 model="tiny-llama", messages=MESSAGES, max_tokens=MAX_TOKENS, stream=True, **extra
             )
         )
     perf = engine.perf_after(before)
-    row = proxy.row_for(account, settle=0)
+    row = sidecar.row_for(account, settle=0)
     _report(f"chat stream include_usage={include_usage}", row, perf, None)
     content = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert all(c.usage is None for c in chunks), "the engine sends no usage in streams"
@@ -173,18 +160,18 @@ def test_engine_chat_stream_sdk(engine, proxy, include_usage):
     _check_timing(row, perf)
 
 
-def test_engine_chat_stream_raw_http_bytes_unchanged(engine, proxy):
+def test_engine_chat_stream_raw_http_bytes_unchanged(engine, sidecar):
     """Raw HTTP without stream_options: what the client reads is what the engine sent."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
     body = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "stream": True}
     with (
         httpx.Client(timeout=30) as http,
-        http.stream("POST", proxy.url + "/v1/chat/completions", json=body, headers=headers) as r,
+        http.stream("POST", sidecar.url + "/v1/chat/completions", json=body, headers=headers) as r,
     ):
         raw = b"".join(r.iter_raw())
     perf = engine.perf_after(before)
-    row = proxy.row_for(account, settle=0)
+    row = sidecar.row_for(account, settle=0)
     events = [e for e in raw.split(b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n") if e.strip()]
     assert events[-1].strip() == b"data: [DONE]"
     assert b'"usage"' not in raw and b'"choices": []' not in raw and b'"choices":[]' not in raw
@@ -194,11 +181,11 @@ def test_engine_chat_stream_raw_http_bytes_unchanged(engine, proxy):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_engine_completions(engine, proxy, stream):
+def test_engine_completions(engine, sidecar, stream):
     """Legacy completions: JSON usage exact, a stream's completion estimate exact."""
-    account, headers = _principal()
+    account, headers = principal("eng")
     before = len(engine.perf_blocks())
-    with _client(proxy, headers) as client:
+    with openai_client(sidecar.url, headers, api_key="sk-x") as client:
         out = client.completions.create(
             model="tiny-llama", prompt="Once upon a time", max_tokens=MAX_TOKENS, stream=stream
         )
@@ -209,7 +196,7 @@ def test_engine_completions(engine, proxy, stream):
         else:
             usage = out.usage
     perf = engine.perf_after(before)
-    row = proxy.row_for(account, settle=0)
+    row = sidecar.row_for(account, settle=0)
     _report(f"completions stream={stream}", row, perf, usage and usage.model_dump())
     assert row["api"] == "openai-completions"
     assert row["completion_tokens"] == MAX_TOKENS

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from spendtap.address import free_port
+from tests.helpers import principal, read_then_hang_up, strip_ids
 from tests.proc import Sidecar, rss_peak_kib
 
 pytestmark = pytest.mark.e2e
@@ -34,8 +35,7 @@ def _body(stream: bool = True, usage: bool = True, tokens: int | None = None) ->
 
 
 def _headers(**sim) -> tuple[str, dict]:
-    account = "acct-" + uuid.uuid4().hex[:8]
-    headers = {"x-helexa-account-id": account, "x-helexa-key-id": "k"}
+    account, headers = principal()
     headers.update({f"x-sim-{k.replace('_', '-')}": str(v) for k, v in sim.items()})
     return account, headers
 
@@ -47,16 +47,7 @@ def _only_row(sidecar, account, timeout=10) -> dict:
 def test_client_disconnect_mid_stream(sidecar):
     """A client that hangs up mid-stream leaves one client_disconnected row."""
     account, headers = _headers(tokens=400, tps=50)
-    with (
-        httpx.Client(timeout=10) as client,
-        client.stream("POST", sidecar.url + CHAT, json=_body(), headers=headers) as resp,
-    ):
-        assert resp.status_code == 200
-        got = 0
-        for chunk in resp.iter_raw():
-            got += len(chunk)
-            if got > 300:
-                break
+    read_then_hang_up(sidecar.url + CHAT, _body(), headers, after_bytes=300)
     row = _only_row(sidecar, account)
     assert row["outcome"] == "client_disconnected"
     assert row["ttft_s"] is not None
@@ -77,19 +68,16 @@ def test_upstream_cut_mid_stream(sidecar):
     assert row["usage_source"] in ("none", "estimated")
 
 
-def test_upstream_down_gives_502_row(tmp_path):
+def test_upstream_down_gives_502_row(start_sidecar):
     """An unreachable upstream yields a clean 502 to the client and an upstream_error row."""
     dead = free_port()
-    proxy = Sidecar(tmp_path, f"http://127.0.0.1:{dead}")
-    try:
-        account, headers = _headers()
-        r = httpx.post(proxy.url + CHAT, json=_body(stream=False), headers=headers, timeout=10)
-        assert r.status_code == 502
-        row = _only_row(proxy, account)
-        assert row["outcome"] == "upstream_error" and row["status"] == 502
-        assert row["prompt_tokens"] is None
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(f"http://127.0.0.1:{dead}")
+    account, headers = _headers()
+    r = httpx.post(proxy.url + CHAT, json=_body(stream=False), headers=headers, timeout=10)
+    assert r.status_code == 502
+    row = _only_row(proxy, account)
+    assert row["outcome"] == "upstream_error" and row["status"] == 502
+    assert row["prompt_tokens"] is None
 
 
 def test_malformed_sse_still_billed(sidecar, sim):
@@ -100,18 +88,10 @@ def test_malformed_sse_still_billed(sidecar, sim):
         through = client.post(sidecar.url + CHAT, json=_body(), headers=headers)
         direct = client.post(sim.url + CHAT, json=_body(), headers=direct_headers)
     assert through.status_code == 200
-    assert _strip_ids(through.content) == _strip_ids(direct.content)
+    assert strip_ids(through.content) == strip_ids(direct.content)
     row = _only_row(sidecar, account)
     assert row["outcome"] == "completed"
     assert row["completion_tokens"] == 10 and row["usage_source"] == "reported"
-
-
-def _strip_ids(body: bytes) -> bytes:
-    """Blank out per-response ids and timestamps so two generations compare equal."""
-    import re
-
-    body = re.sub(rb'"id":\s*"[^"]*"', b'"id":""', body)
-    return re.sub(rb'"created(_at)?":\s*\d+', b'"created":0', body)
 
 
 def test_error_event_in_200_stream(sidecar):
@@ -207,25 +187,22 @@ def test_reset_before_headers(sidecar):
     assert row["outcome"] == "upstream_error" and row["status"] == 502
 
 
-def test_stalled_stream_ends_at_idle_timeout(sim, tmp_path):
+def test_stalled_stream_ends_at_idle_timeout(sim, start_sidecar):
     """A stream that stops sending for longer than the idle timeout ends in one error row."""
-    proxy = Sidecar(tmp_path, sim.url, "tcp_timeout=2")
-    try:
-        account, headers = _headers(tokens=20, fault="stall", stall_ms=8000)
-        t0 = time.monotonic()
-        with (
-            httpx.Client(timeout=30) as client,
-            pytest.raises(httpx.HTTPError),
-            client.stream("POST", proxy.url + CHAT, json=_body(), headers=headers) as resp,
-        ):
-            for _ in resp.iter_raw():
-                pass
-        assert time.monotonic() - t0 < 7
-        row = _only_row(proxy, account)
-        assert row["outcome"] == "upstream_error", row
-        assert row["ttft_s"] is not None
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(sim.url, "tcp_timeout=2")
+    account, headers = _headers(tokens=20, fault="stall", stall_ms=8000)
+    t0 = time.monotonic()
+    with (
+        httpx.Client(timeout=30) as client,
+        pytest.raises(httpx.HTTPError),
+        client.stream("POST", proxy.url + CHAT, json=_body(), headers=headers) as resp,
+    ):
+        for _ in resp.iter_raw():
+            pass
+    assert time.monotonic() - t0 < 7
+    row = _only_row(proxy, account)
+    assert row["outcome"] == "upstream_error", row
+    assert row["ttft_s"] is not None
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,11 @@ import psycopg
 import pytest
 
 from spendtap.store.central import CentralStore, node_identity
+from tests.helpers import metric_value, sim_total, tokens_of, wait_for
 from tests.pg import PASSWORD, PostgresServer
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
-
-
-def sim_total(sim) -> int:
-    return httpx.get(sim.url + "/sim/stats", timeout=5).json()["total"]
 
 
 def chat(url: str, key: str, i: int, timeout: float = 30, **headers: str) -> httpx.Response:
@@ -61,21 +58,6 @@ def central_rows(dsn: str) -> list[dict]:
 def open_reservations(dsn: str) -> int:
     with psycopg.connect(dsn) as conn:
         return conn.execute("SELECT count(*) FROM reservations").fetchone()[0]
-
-
-def tokens(rows, key: str) -> int:
-    return sum(
-        (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in rows if r["key"] == key
-    )
-
-
-def wait_for(predicate, timeout: float = 30, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def all_shipped(dsn: str, proxies) -> bool:
@@ -130,13 +112,13 @@ def test_three_sidecars_share_one_budget(sim, tmp_path, pg_dsn):
         print(
             f"\nthree sidecars: sent {n}, dispatched {dispatched}, served {served}, "
             f"refused {refused}, central spent {status.spent} of cap {cap} "
-            f"(rows sum {tokens(rows, key)}), rows in PostgreSQL {in_pg}, "
+            f"(rows sum {tokens_of(rows, key)}), rows in PostgreSQL {in_pg}, "
             f"local rows {local}, open reservations {open_reservations(pg_dsn)}"
         )
         assert served + refused == n, Counter(codes)
         assert dispatched == served, "every refusal stayed local; every admission reached it"
         assert refused > 0 and served > 0, "the cap must bind for this test to prove anything"
-        assert status.spent == tokens(rows, key) <= cap
+        assert status.spent == tokens_of(rows, key) <= cap
         assert status.reserved == 0
         assert in_pg == local == n
         for p in proxies:
@@ -184,8 +166,8 @@ def test_postgres_stopped_mid_traffic(sim, tmp_path, fail_open):
             slowest_free = max(slowest_free, time.monotonic() - started)
             free.append(r.status_code)
         dispatched = sim_total(sim) - before
-        backlog = [_metric(p, "cortex_central_backlog_rows") for p in proxies]
-        errors = [_metric(p, "cortex_central_ship_errors_total") for p in proxies]
+        backlog = [metric_value(p.metrics(), "cortex_central_backlog_rows") for p in proxies]
+        errors = [metric_value(p.metrics(), "cortex_central_ship_errors_total") for p in proxies]
 
         server.start()
         assert wait_for(lambda: all_shipped(dsn, proxies), 30)
@@ -291,9 +273,9 @@ def test_kill9_sidecar_under_load(sim, tmp_path, pg_dsn, released_by):
             f"{in_pg_at_kill} in PostgreSQL and {open_at_kill} open reservations at the kill; "
             f"after release and restart: rows in PostgreSQL {in_pg} = local {local}, "
             f"open reservations {open_reservations(pg_dsn)}, spent {status.spent} = rows "
-            f"{tokens(rows, key)}"
+            f"{tokens_of(rows, key)}"
         )
-        assert status.spent == tokens(rows, key) and status.reserved == 0
+        assert status.spent == tokens_of(rows, key) and status.reserved == 0
         assert local_at_kill > in_pg_at_kill, "the victim died with rows still to ship"
         assert open_at_kill > 0, "the victim died with reservations open"
     finally:
@@ -319,13 +301,6 @@ def _open_of(dsn: str, node_id: str) -> int:
         return conn.execute(
             "SELECT count(*) FROM reservations WHERE node_id = %s", (node_id,)
         ).fetchone()[0]
-
-
-def _metric(proxy, name: str) -> float:
-    for line in proxy.metrics().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def test_keys_registered_centrally_resolve_on_every_node(sim, tmp_path, pg_dsn):

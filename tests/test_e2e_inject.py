@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 
 import httpx
 import pytest
 
+from tests.helpers import strip_ids
+
 pytestmark = pytest.mark.e2e
-
-
-def _strip_ids(body: bytes) -> bytes:
-    """Blank out per-response ids, timestamps and padding so two generations compare equal."""
-    body = re.sub(rb'"id":\s*"[^"]*"', b'"id":""', body)
-    body = re.sub(rb'"obfuscation":\s*"[^"]*"', b'"obfuscation":""', body)
-    return re.sub(rb'"created(_at)?":\s*\d+', b'"created":0', body)
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -39,7 +33,7 @@ def test_stream_bytes_match_direct(sidecar, sim, path, client_asks):
         )
         direct = client.post(sim.url + path, json=body, headers=sim_headers)
     assert through.status_code == direct.status_code == 200
-    assert _strip_ids(through.content) == _strip_ids(direct.content)
+    assert strip_ids(through.content, padding=True) == strip_ids(direct.content, padding=True)
     assert (b'"usage":{' in through.content) is client_asks
     row = sidecar.row_for(account)
     assert row["usage_source"] == "reported"

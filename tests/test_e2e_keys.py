@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import anthropic
-import httpx
 import openai
 import pytest
 
+from tests.helpers import SPENDTAP_MODULE, sim_total
 from tests.proc import Sidecar
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +20,7 @@ def test_bearer_keys_principal_and_require_auth(sim, tmp_path):
     log = tmp_path / "access.jsonl"
     secret = "sk-test-" + "q" * 40
     added = subprocess.run(
-        [sys.executable, "-m", "spendtap.cli.main", "keys", "add", "--db", str(db),
+        [*SPENDTAP_MODULE, "keys", "add", "--db", str(db),
          "--account", "acme", "--key-id", "acme-ci"],
         input=secret, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -35,7 +34,7 @@ def test_bearer_keys_principal_and_require_auth(sim, tmp_path):
         db=db,
     )
     try:
-        before = httpx.get(sim.url + "/sim/stats").json()["total"]
+        before = sim_total(sim)
         with openai.OpenAI(base_url=proxy.url + "/v1", api_key=secret, max_retries=0) as client:
             client.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "hi"}],
@@ -59,7 +58,7 @@ def test_bearer_keys_principal_and_require_auth(sim, tmp_path):
                 model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}]
             )
         assert refused.value.body["error"]["type"] == "authentication_error"
-        assert httpx.get(sim.url + "/sim/stats").json()["total"] - before == 2
+        assert sim_total(sim) - before == 2
         rows = proxy.rows(expect=4)
         served = [r for r in rows if r["outcome"] == "completed"]
         assert {(r["account"], r["key"]) for r in served} == {("acme", "acme-ci")}

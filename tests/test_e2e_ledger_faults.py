@@ -12,6 +12,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.helpers import metric_value
 from tests.proc import Sidecar, read_rows
 
 pytestmark = pytest.mark.e2e
@@ -55,42 +56,36 @@ def test_foreign_sqlite_file_is_refused(sim, tmp_path):
         Sidecar(tmp_path, sim.url, db=db)
 
 
-def test_locked_ledger_delays_rows_not_traffic(sim, tmp_path):
+def test_locked_ledger_delays_rows_not_traffic(sim, start_sidecar):
     """While another process holds the ledger locked, requests flow; rows land afterwards."""
-    proxy = Sidecar(tmp_path, sim.url, "spendtap_commit_wait_ms=200")
+    proxy = start_sidecar(sim.url, "spendtap_commit_wait_ms=200")
+    _request(proxy, "warm")
+    proxy.row_for("warm")
+    blocker = sqlite3.connect(proxy.db, timeout=1)
+    blocker.execute("BEGIN EXCLUSIVE")
+    accounts = [f"locked-{i}" for i in range(5)]
     try:
-        _request(proxy, "warm")
-        proxy.row_for("warm")
-        blocker = sqlite3.connect(proxy.db, timeout=1)
-        blocker.execute("BEGIN EXCLUSIVE")
-        accounts = [f"locked-{i}" for i in range(5)]
-        try:
-            times = [_request(proxy, a) for a in accounts]
-        finally:
-            blocker.rollback()
-            blocker.close()
-        # Each waited at most the bounded commit wait (0.2 s), never the lock.
-        assert max(times) < 2, times
-        for account in accounts:
-            proxy.row_for(account, timeout=20)
+        times = [_request(proxy, a) for a in accounts]
     finally:
-        proxy.stop()
+        blocker.rollback()
+        blocker.close()
+    # Each waited at most the bounded commit wait (0.2 s), never the lock.
+    assert max(times) < 2, times
+    for account in accounts:
+        proxy.row_for(account, timeout=20)
 
 
-def test_deleted_ledger_is_recreated(sim, tmp_path):
+def test_deleted_ledger_is_recreated(sim, start_sidecar):
     """Deleting the ledger under a running sidecar loses no later row: a new file is made."""
-    proxy = Sidecar(tmp_path, sim.url)
-    try:
-        _request(proxy, "before")
-        proxy.row_for("before")
-        for suffix in ("", "-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(str(proxy.db) + suffix)
-        _request(proxy, "after")
-        row = proxy.row_for("after", timeout=20)
-        assert row["completion_tokens"] == 5
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(sim.url)
+    _request(proxy, "before")
+    proxy.row_for("before")
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(str(proxy.db) + suffix)
+    _request(proxy, "after")
+    row = proxy.row_for("after", timeout=20)
+    assert row["completion_tokens"] == 5
 
 
 @pytest.fixture
@@ -109,35 +104,25 @@ def tiny_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_full_disk_keeps_rows_until_space_returns(sim, tmp_path, tiny_tmpfs):
+def test_full_disk_keeps_rows_until_space_returns(sim, tiny_tmpfs, start_sidecar):
     """On a full disk the traffic keeps flowing and the rows land once space is freed."""
     db = tiny_tmpfs / "ledger.db"
-    proxy = Sidecar(tmp_path, sim.url, "spendtap_commit_wait_ms=200", db=db)
-    try:
-        _request(proxy, "first")
-        proxy.row_for("first")
-        filler = tiny_tmpfs / "filler"
-        with open(filler, "wb") as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        accounts = [f"full-{uuid.uuid4().hex[:6]}-{'x' * 100}" for _ in range(150)]
-        times = [_request(proxy, a) for a in accounts]
-        assert max(times) < 2, times
-        time.sleep(0.5)
-        landed = {r["account"] for r in read_rows(db)}
-        errors = _gauge(proxy.metrics(), "cortex_ledger_write_errors_total")
-        filler.unlink()
-        for account in accounts:
-            proxy.row_for(account, timeout=30, settle=0)
-        print(f"rows on disk while full: {len(landed & set(accounts))} of {len(accounts)}")
-        assert errors > 0, "the disk never filled up: this test proved nothing"
-    finally:
-        proxy.stop()
-
-
-def _gauge(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not exported")
+    proxy = start_sidecar(sim.url, "spendtap_commit_wait_ms=200", db=db)
+    _request(proxy, "first")
+    proxy.row_for("first")
+    filler = tiny_tmpfs / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    accounts = [f"full-{uuid.uuid4().hex[:6]}-{'x' * 100}" for _ in range(150)]
+    times = [_request(proxy, a) for a in accounts]
+    assert max(times) < 2, times
+    time.sleep(0.5)
+    landed = {r["account"] for r in read_rows(db)}
+    errors = metric_value(proxy.metrics(), "cortex_ledger_write_errors_total")
+    filler.unlink()
+    for account in accounts:
+        proxy.row_for(account, timeout=30, settle=0)
+    print(f"rows on disk while full: {len(landed & set(accounts))} of {len(accounts)}")
+    assert errors > 0, "the disk never filled up: this test proved nothing"

@@ -8,17 +8,13 @@ client received), with the model, API, streaming flag and timing.
 from __future__ import annotations
 
 import json
-import uuid
 
 import httpx
 import pytest
 
+from tests.helpers import principal
+
 pytestmark = pytest.mark.e2e
-
-
-def _principal() -> tuple[str, dict]:
-    account = "acct-" + uuid.uuid4().hex[:8]
-    return account, {"x-helexa-account-id": account, "x-helexa-key-id": "key-n"}
 
 
 def _post(sidecar, path: str, body: dict, headers: dict) -> tuple[httpx.Response, bytes]:
@@ -58,7 +54,7 @@ GEMINI_BODY = {
 @pytest.mark.parametrize("encoding", [None, "gzip"])
 def test_gemini_native(sidecar, path, streamed, encoding):
     """Gemini SSE, JSON-array stream and JSON: figures equal the server's, thoughts included."""
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     headers |= {"x-sim-tokens": "9", "x-sim-reasoning-tokens": "4", "x-sim-cached-tokens": "3"}
     if encoding:
         headers["x-sim-encoding"] = encoding
@@ -81,7 +77,7 @@ def test_gemini_native(sidecar, path, streamed, encoding):
 @pytest.mark.parametrize("stream", [True, False])
 def test_ollama_native(sidecar, api, stream):
     """Ollama NDJSON and JSON: counts equal the final object's, decode rate from its durations."""
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     headers |= {"x-sim-tokens": "7"}
     body: dict = {"model": "llama-sim", "options": {"num_predict": 40}}
     if api == "chat":
@@ -114,7 +110,7 @@ def test_ollama_native(sidecar, api, stream):
 
 def test_ollama_embed_has_no_completion(sidecar):
     """/api/embed reports prompt_eval_count only: the row's completion is NULL, never 0."""
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     resp, raw = _post(
         sidecar, "/api/embed", {"model": "emb-sim", "input": ["alpha", "beta gamma"]}, headers
     )
@@ -134,7 +130,7 @@ def test_google_genai_sdk_stream_and_json(sidecar):
     genai = pytest.importorskip("google.genai")
     from google.genai import types
 
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     headers |= {"x-sim-tokens": "11", "x-sim-reasoning-tokens": "5"}
     client = genai.Client(
         api_key="AIza-test", http_options=types.HttpOptions(base_url=sidecar.url, headers=headers)
@@ -153,7 +149,7 @@ def test_google_genai_sdk_stream_and_json(sidecar):
     assert row["prompt_tokens"] == u.prompt_token_count
     assert row["completion_tokens"] == 16 and row["reasoning_tokens"] == 5
 
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     client = genai.Client(
         api_key="AIza-test",
         http_options=types.HttpOptions(
@@ -173,7 +169,7 @@ def test_ollama_sdk_chat_generate_embed(sidecar):
     """The ollama client (streamed chat, JSON generate, embed) through the sidecar."""
     ollama = pytest.importorskip("ollama")
 
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     client = ollama.Client(host=sidecar.url, headers=headers | {"x-sim-tokens": "9"})
     parts = list(
         client.chat(model="llama-sim", messages=[{"role": "user", "content": "Hi"}], stream=True)
@@ -184,13 +180,13 @@ def test_ollama_sdk_chat_generate_embed(sidecar):
     assert row["api"] == "ollama-chat" and row["streamed"] == 1
     assert (row["prompt_tokens"], row["completion_tokens"]) == (final.prompt_eval_count, 9)
 
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     client = ollama.Client(host=sidecar.url, headers=headers | {"x-sim-tokens": "4"})
     out = client.generate(model="llama-sim", prompt="Why?", stream=False)
     row = sidecar.row_for(account, settle=0)
     assert row["streamed"] == 0 and row["completion_tokens"] == out.eval_count == 4
 
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     client = ollama.Client(host=sidecar.url, headers=headers)
     emb = client.embed(model="emb-sim", input=["one", "two three"])
     row = sidecar.row_for(account, settle=0)
@@ -204,7 +200,7 @@ def test_ollama_sdk_chat_generate_embed(sidecar):
 @pytest.mark.parametrize("stream", [True, False])
 def test_llamacpp_native(sidecar, stream):
     """llama.cpp /completion: tokens_evaluated / tokens_predicted, cache and decode timing."""
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     headers |= {"x-sim-tokens": "6", "x-sim-cached-tokens": "3"}
     body = {"prompt": "Once upon a time, there was", "n_predict": 32, "stream": stream}
     resp, raw = _post(sidecar, "/completion", body, headers)
@@ -230,7 +226,7 @@ def test_llamacpp_native(sidecar, stream):
 @pytest.mark.parametrize("stream", [True, False])
 def test_cohere_v2_chat(sidecar, stream):
     """Cohere v2 chat: usage.tokens from message-end (stream) or the answer (JSON)."""
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     headers |= {"x-sim-tokens": "5", "x-sim-cached-tokens": "4"}
     body = {"model": "command-sim", "messages": [{"role": "user", "content": "Hello there"}],
             "stream": stream, "max_tokens": 20}  # fmt: skip
@@ -256,7 +252,7 @@ def test_cohere_sdk_stream(sidecar):
     """The cohere client's v2 chat stream through the sidecar: the row equals its usage."""
     cohere = pytest.importorskip("cohere")
 
-    account, headers = _principal()
+    account, headers = principal(key="key-n")
     co = cohere.ClientV2(api_key="co-test", base_url=sidecar.url)
     events = list(
         co.chat_stream(

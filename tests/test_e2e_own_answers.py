@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import uuid
 
 import anthropic
 import httpx
@@ -19,6 +18,7 @@ import pytest
 
 from spendtap.address import free_port
 from spendtap.proxy.refusals import upstream_failure
+from tests.helpers import anthropic_client, openai_client, principal
 from tests.proc import Sidecar
 
 pytestmark = pytest.mark.e2e
@@ -26,24 +26,15 @@ pytestmark = pytest.mark.e2e
 UNAVAILABLE = "The inference server is unavailable"
 
 
-def _principal() -> tuple[str, dict]:
-    account = "acct-" + uuid.uuid4().hex[:8]
-    return account, {"x-helexa-account-id": account, "x-helexa-key-id": "k"}
-
-
 def _openai_call(url: str, headers: dict):
-    with openai.OpenAI(
-        base_url=url + "/v1", api_key="x", max_retries=0, default_headers=headers
-    ) as client:
+    with openai_client(url, headers, api_key="x") as client:
         return client.chat.completions.create(
             model="sim-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=5
         )
 
 
 def _anthropic_call(url: str, headers: dict):
-    with anthropic.Anthropic(
-        base_url=url, api_key="x", max_retries=0, default_headers=headers
-    ) as client:
+    with anthropic_client(url, headers, api_key="x") as client:
         return client.messages.create(
             model="sim-claude", max_tokens=5, messages=[{"role": "user", "content": "hi"}]
         )
@@ -70,42 +61,36 @@ def _assert_anthropic_502(proxy: Sidecar, headers: dict, hidden: str) -> None:
     assert hidden not in err.response.text
 
 
-def test_unreachable_upstream_sdks_get_their_error_envelope(tmp_path):
+def test_unreachable_upstream_sdks_get_their_error_envelope(start_sidecar):
     """Connection refused: both SDKs raise InternalServerError (502), no address, one row each."""
     dead = free_port()
-    proxy = Sidecar(tmp_path, f"http://127.0.0.1:{dead}")
-    try:
-        account, headers = _principal()
-        _assert_openai_502(proxy, headers, str(dead))
-        row = proxy.row_for(account)
-        assert row["outcome"] == "upstream_error" and row["status"] == 502
-        assert row["api"] == "openai-chat"
-        account, headers = _principal()
-        _assert_anthropic_502(proxy, headers, str(dead))
-        row = proxy.row_for(account)
-        assert row["outcome"] == "upstream_error" and row["status"] == 502
-        assert row["api"] == "anthropic-messages"
-        # The connection stays usable: a second request on one keep-alive client.
-        with httpx.Client(timeout=10) as client:
-            for _ in range(2):
-                r = client.post(proxy.url + "/v1/chat/completions", json={"model": "m"})
-                assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(f"http://127.0.0.1:{dead}")
+    account, headers = principal()
+    _assert_openai_502(proxy, headers, str(dead))
+    row = proxy.row_for(account)
+    assert row["outcome"] == "upstream_error" and row["status"] == 502
+    assert row["api"] == "openai-chat"
+    account, headers = principal()
+    _assert_anthropic_502(proxy, headers, str(dead))
+    row = proxy.row_for(account)
+    assert row["outcome"] == "upstream_error" and row["status"] == 502
+    assert row["api"] == "anthropic-messages"
+    # The connection stays usable: a second request on one keep-alive client.
+    with httpx.Client(timeout=10) as client:
+        for _ in range(2):
+            r = client.post(proxy.url + "/v1/chat/completions", json={"model": "m"})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
 
 
-def test_reset_before_head_is_an_envelope(sim, tmp_path):
+def test_reset_before_head_is_an_envelope(sim, start_sidecar):
     """An upstream that resets before its response head: the same typed 502, one row."""
-    proxy = Sidecar(tmp_path, sim.url)
-    try:
-        account, headers = _principal()
-        _assert_openai_502(proxy, {**headers, "x-sim-fault": "reset"}, str(sim.port))
-        assert proxy.row_for(account)["status"] == 502
-        account, headers = _principal()
-        _assert_anthropic_502(proxy, {**headers, "x-sim-fault": "reset"}, str(sim.port))
-        assert proxy.row_for(account)["outcome"] == "upstream_error"
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(sim.url)
+    account, headers = principal()
+    _assert_openai_502(proxy, {**headers, "x-sim-fault": "reset"}, str(sim.port))
+    assert proxy.row_for(account)["status"] == 502
+    account, headers = principal()
+    _assert_anthropic_502(proxy, {**headers, "x-sim-fault": "reset"}, str(sim.port))
+    assert proxy.row_for(account)["outcome"] == "upstream_error"
 
 
 @pytest.fixture
@@ -132,19 +117,16 @@ def not_tls():
     server.close()
 
 
-def test_tls_failure_is_an_envelope(not_tls, tmp_path):
+def test_tls_failure_is_an_envelope(not_tls, start_sidecar):
     """TLS to a server that does not speak it: a typed 502 naming a TLS failure, one row."""
-    proxy = Sidecar(tmp_path, f"https://127.0.0.1:{not_tls}")
-    try:
-        account, headers = _principal()
-        with pytest.raises(openai.InternalServerError) as raised:
-            _openai_call(proxy.url, headers)
-        assert "TLS" in raised.value.body["message"]
-        assert str(not_tls) not in raised.value.response.text
-        row = proxy.row_for(account)
-        assert row["outcome"] == "upstream_error" and row["status"] == 502
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(f"https://127.0.0.1:{not_tls}")
+    account, headers = principal()
+    with pytest.raises(openai.InternalServerError) as raised:
+        _openai_call(proxy.url, headers)
+    assert "TLS" in raised.value.body["message"]
+    assert str(not_tls) not in raised.value.response.text
+    row = proxy.row_for(account)
+    assert row["outcome"] == "upstream_error" and row["status"] == 502
 
 
 @pytest.mark.parametrize(

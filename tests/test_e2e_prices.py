@@ -9,21 +9,23 @@ and no catalogue has no cost (never 0), the cost metrics count the same dollars,
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from decimal import Decimal
-from pathlib import Path
 
-import anthropic
-import httpx
 import openai
 import pytest
 
+from tests.helpers import (
+    SPENDTAP_SCRIPT,
+    anthropic_client,
+    openai_client,
+    principal,
+    read_then_hang_up,
+)
 from tests.proc import Sidecar, Simulator
 
 pytestmark = pytest.mark.e2e
-SPENDTAP = Path(sys.executable).with_name("spendtap")
 
 PRICES = """
 [models."sim-*"]
@@ -55,10 +57,8 @@ def priced(tmp_path):
 
 def test_rows_carry_their_cost(priced):
     sidecar, prices = priced
-    account = "acct-" + uuid.uuid4().hex[:8]
-    headers = {"x-helexa-account-id": account, "x-helexa-key-id": "key-1"}
-    with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
-                       default_headers=headers, max_retries=0) as client:  # fmt: skip
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         for _ in range(3):
             client.chat.completions.create(
                 model="sim-chat", messages=[{"role": "user", "content": "price me"}],
@@ -69,8 +69,7 @@ def test_rows_carry_their_cost(priced):
             model="house-model-7", messages=[{"role": "user", "content": "and me"}],
             max_tokens=5, extra_headers={"x-sim-tokens": "5"},
         )  # fmt: skip
-    with anthropic.Anthropic(base_url=sidecar.url, api_key="sk-test",
-                             default_headers=headers, max_retries=0) as client:  # fmt: skip
+    with anthropic_client(sidecar.url, headers) as client:
         client.messages.create(
             model="sim-claude", max_tokens=16, messages=[{"role": "user", "content": "hi"}],
             extra_headers={"x-sim-tokens": "16"},
@@ -96,7 +95,8 @@ def test_rows_carry_their_cost(priced):
 
     # The report's total is the exact sum of the rows.
     out = subprocess.run(
-        [str(SPENDTAP), "report", "--db", str(sidecar.db), "--account", account, "-f", "csv"],
+        [str(SPENDTAP_SCRIPT), "report", "--db", str(sidecar.db), "--account", account,
+         "-f", "csv"],
         capture_output=True, text=True, check=True,
     ).stdout.splitlines()  # fmt: skip
     header, values = out[0].split(","), out[1].split(",")
@@ -106,7 +106,7 @@ def test_rows_carry_their_cost(priced):
 
     # Repricing with the same prices changes nothing.
     repriced = subprocess.run(
-        [str(SPENDTAP), "reprice", "--db", str(sidecar.db), "--prices", str(prices)],
+        [str(SPENDTAP_SCRIPT), "reprice", "--db", str(sidecar.db), "--prices", str(prices)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert " 0 changed;" in repriced, repriced
@@ -116,8 +116,7 @@ def test_reprice_after_a_price_change(priced, tmp_path):
     sidecar, _prices = priced
     account = "acct-" + uuid.uuid4().hex[:8]
     headers = {"x-helexa-account-id": account}
-    with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
-                       default_headers=headers, max_retries=0) as client:  # fmt: skip
+    with openai_client(sidecar.url, headers) as client:
         for _ in range(2):
             client.chat.completions.create(
                 model="sim-chat", messages=[{"role": "user", "content": "x"}],
@@ -128,7 +127,7 @@ def test_reprice_after_a_price_change(priced, tmp_path):
     doubled = tmp_path / "doubled.toml"
     doubled.write_text('[models."sim-*"]\ninput = 1.0\ncached_input = 0.1\noutput = 3.0\n'
                        "request = 0.000002\n")  # fmt: skip
-    args = [str(SPENDTAP), "reprice", "--db", str(sidecar.db), "--prices", str(doubled)]
+    args = [str(SPENDTAP_SCRIPT), "reprice", "--db", str(sidecar.db), "--prices", str(doubled)]
     first = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     assert " 2 changed;" in first
     assert f"${Decimal(before) / 10**9:.9f} before, ${Decimal(2 * before) / 10**9:.9f} after" in (
@@ -142,7 +141,7 @@ def test_a_bad_price_file_stops_spendtap_run(tmp_path):
     bad = tmp_path / "prices.toml"
     bad.write_text('[models."m"]\ninput = -1\noutput = 1\n')
     proc = subprocess.run(
-        [str(SPENDTAP), "run", "--upstream", "http://127.0.0.1:9", "--prices", str(bad),
+        [str(SPENDTAP_SCRIPT), "run", "--upstream", "http://127.0.0.1:9", "--prices", str(bad),
          "--db", str(tmp_path / "l.db"), "--metrics", ""],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -170,7 +169,7 @@ def test_money_cap_refuses_at_the_right_request_and_serves_again(tmp_path):
     sim = Simulator(tmp_path)
     db = tmp_path / "ledger.db"
     subprocess.run(
-        [str(SPENDTAP), "budget", "set", "--key", "k-money", "--cap-usd", "0.10",
+        [str(SPENDTAP_SCRIPT), "budget", "set", "--key", "k-money", "--cap-usd", "0.10",
          "--window", "4s", "--db", str(db)],
         check=True, capture_output=True,
     )  # fmt: skip
@@ -178,8 +177,7 @@ def test_money_cap_refuses_at_the_right_request_and_serves_again(tmp_path):
     headers = {"x-helexa-account-id": "acme", "x-helexa-key-id": "k-money"}
     served, refusal = 0, None
     try:
-        with openai.OpenAI(base_url=sidecar.url + "/v1", api_key="sk-test",
-                           default_headers=headers, max_retries=0) as client:  # fmt: skip
+        with openai_client(sidecar.url, headers) as client:
 
             def ask():
                 return client.chat.completions.create(
@@ -235,17 +233,7 @@ def test_a_stream_cut_short_is_priced_on_what_was_observed(priced):
     headers = {"x-helexa-account-id": account, "x-sim-tokens": "400", "x-sim-tps": "50"}
     body = {"model": "sim-chat", "messages": [{"role": "user", "content": "a long one"}],
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    with (
-        httpx.Client(timeout=10) as client,
-        client.stream("POST", sidecar.url + "/v1/chat/completions", json=body,
-                      headers=headers) as resp,  # fmt: skip
-    ):
-        assert resp.status_code == 200
-        got = 0
-        for chunk in resp.iter_raw():
-            got += len(chunk)
-            if got > 600:
-                break
+    read_then_hang_up(sidecar.url + "/v1/chat/completions", body, headers, after_bytes=600)
     row = sidecar.row_for(account)
     assert row["outcome"] == "client_disconnected"
     assert 0 < row["completion_tokens"] < 400

@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import uuid
-
 import anthropic
 import httpx
 import openai
 import pytest
 
+from tests.helpers import openai_client, principal
+
 pytestmark = pytest.mark.e2e
-
-
-def _principal() -> tuple[str, dict]:
-    account = "acct-" + uuid.uuid4().hex[:8]
-    return account, {"x-helexa-account-id": account, "x-helexa-key-id": "key-1"}
 
 
 def _row(sidecar, account: str) -> dict:
     return sidecar.row_for(account, settle=0)
 
 
-def _openai(sidecar, headers, **kw) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=sidecar.url + "/v1",
-        api_key="sk-test",
-        default_headers=headers,
-        max_retries=0,
-        **kw,
-    )
-
-
 def test_openai_chat_stream_with_usage(sidecar):
     """A streamed chat completion with include_usage parses normally and its usage is billed."""
-    account, headers = _principal()
-    with _openai(sidecar, headers) as client:
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         stream = client.chat.completions.create(
             model="sim-chat",
             messages=[{"role": "user", "content": "Say hello to the proxy"}],
@@ -63,8 +48,8 @@ def test_openai_chat_stream_with_usage(sidecar):
 
 def test_openai_chat_stream_usage_injected_and_hidden(sidecar):
     """A client that did not ask for usage gets none, yet the row has the reported usage."""
-    account, headers = _principal()
-    with _openai(sidecar, headers) as client:
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         chunks = list(
             client.chat.completions.create(
                 model="sim-chat",
@@ -80,33 +65,28 @@ def test_openai_chat_stream_usage_injected_and_hidden(sidecar):
     assert row["completion_tokens"] == 6 and row["prompt_tokens"] is not None
 
 
-def test_stream_without_usage_is_estimated_not_zero(sim, tmp_path):
+def test_stream_without_usage_is_estimated_not_zero(sim, start_sidecar):
     """With injection off, a stream that reports no usage is estimated, never a silent 0."""
-    from tests.proc import Sidecar
-
-    proxy = Sidecar(tmp_path, sim.url, "spendtap_inject_usage=false")
-    try:
-        account, headers = _principal()
-        with _openai(proxy, headers) as client:
-            for _ in client.chat.completions.create(
-                model="sim-chat",
-                messages=[{"role": "user", "content": "count to twenty please"}],
-                stream=True,
-                extra_headers={"x-sim-tokens": "20"},
-            ):
-                pass
-        row = _row(proxy, account)
-        assert row["usage_source"] == "estimated"
-        assert row["completion_tokens"] == 20  # one content event per token
-        assert row["prompt_tokens"] and row["prompt_tokens"] > 0
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(sim.url, "spendtap_inject_usage=false")
+    account, headers = principal(key="key-1")
+    with openai_client(proxy.url, headers) as client:
+        for _ in client.chat.completions.create(
+            model="sim-chat",
+            messages=[{"role": "user", "content": "count to twenty please"}],
+            stream=True,
+            extra_headers={"x-sim-tokens": "20"},
+        ):
+            pass
+    row = _row(proxy, account)
+    assert row["usage_source"] == "estimated"
+    assert row["completion_tokens"] == 20  # one content event per token
+    assert row["prompt_tokens"] and row["prompt_tokens"] > 0
 
 
 def test_openai_chat_json(sidecar):
     """A non-streaming chat completion passes through and is billed from its body."""
-    account, headers = _principal()
-    with _openai(sidecar, headers) as client:
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         resp = client.chat.completions.create(
             model="sim-chat",
             messages=[{"role": "user", "content": "one two three"}],
@@ -121,8 +101,8 @@ def test_openai_chat_json(sidecar):
 
 def test_openai_responses_stream(sidecar):
     """A Responses API stream is billed from response.completed."""
-    account, headers = _principal()
-    with _openai(sidecar, headers) as client:
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         final = None
         for event in client.responses.create(
             model="sim-resp",
@@ -141,8 +121,8 @@ def test_openai_responses_stream(sidecar):
 
 def test_openai_embeddings(sidecar):
     """Embeddings are billed for their input tokens, with no completion figure."""
-    account, headers = _principal()
-    with _openai(sidecar, headers) as client:
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         resp = client.embeddings.create(model="sim-embed", input=["a b c", "d e"])
     row = _row(sidecar, account)
     assert row["api"] == "embeddings"
@@ -153,7 +133,7 @@ def test_openai_embeddings(sidecar):
 @pytest.mark.parametrize("cache_read", [0, 40])
 def test_anthropic_stream(sidecar, cache_read):
     """An Anthropic stream merges message_start and message_delta usage, cache reads included."""
-    account, headers = _principal()
+    account, headers = principal(key="key-1")
     with (
         anthropic.Anthropic(
             base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
@@ -181,7 +161,7 @@ def test_anthropic_stream(sidecar, cache_read):
 
 def test_anthropic_json(sidecar):
     """A non-streaming Anthropic message is billed from its usage object."""
-    account, headers = _principal()
+    account, headers = principal(key="key-1")
     with anthropic.Anthropic(
         base_url=sidecar.url, api_key="sk-ant-test", default_headers=headers, max_retries=0
     ) as client:
@@ -198,36 +178,31 @@ def test_anthropic_json(sidecar):
     ) + (msg.usage.cache_creation_input_tokens or 0)
 
 
-def test_regular_proxy_mode(sim, tmp_path):
+def test_regular_proxy_mode(sim, start_sidecar):
     """As an explicit HTTP proxy, spendtap meters the SDK's traffic the same way."""
-    from tests.proc import Sidecar
-
-    proxy = Sidecar(tmp_path, None, mode="regular")
-    try:
-        account, headers = _principal()
-        with openai.OpenAI(
-            base_url=sim.url + "/v1",
-            api_key="sk-test",
-            default_headers=headers,
-            max_retries=0,
-            http_client=openai.DefaultHttpxClient(proxy=proxy.url),
-        ) as client:
-            resp = client.chat.completions.create(
-                model="sim-chat",
-                messages=[{"role": "user", "content": "via proxy"}],
-                extra_headers={"x-sim-tokens": "4"},
-            )
-        row = _row(proxy, account)
-        assert row["completion_tokens"] == resp.usage.completion_tokens == 4
-        assert row["node"] == f"127.0.0.1:{sim.port}"
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(None, mode="regular")
+    account, headers = principal(key="key-1")
+    with openai.OpenAI(
+        base_url=sim.url + "/v1",
+        api_key="sk-test",
+        default_headers=headers,
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(proxy=proxy.url),
+    ) as client:
+        resp = client.chat.completions.create(
+            model="sim-chat",
+            messages=[{"role": "user", "content": "via proxy"}],
+            extra_headers={"x-sim-tokens": "4"},
+        )
+    row = _row(proxy, account)
+    assert row["completion_tokens"] == resp.usage.completion_tokens == 4
+    assert row["node"] == f"127.0.0.1:{sim.port}"
 
 
 def test_metrics_exported(sidecar):
     """After traffic, the Prometheus endpoint exports the seed-compatible metric names."""
-    account, headers = _principal()
-    with _openai(sidecar, headers) as client:
+    account, headers = principal(key="key-1")
+    with openai_client(sidecar.url, headers) as client:
         client.chat.completions.create(
             model="sim-chat", messages=[{"role": "user", "content": "x"}]
         )

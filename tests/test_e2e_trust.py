@@ -14,20 +14,25 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 
-import anthropic
 import httpx
 import openai
 import pytest
 
+from tests.helpers import (
+    SPENDTAP_MODULE,
+    anthropic_client,
+    environ_without_spendtap,
+    metric_value,
+    openai_client,
+    spendtap,
+)
 from tests.proc import Sidecar
 from tests.recorder import USAGE_PROMPT, Recorder
 
 pytestmark = pytest.mark.e2e
 
-SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
 ACCOUNT_H, KEY_H = "x-helexa-account-id", "x-helexa-key-id"
 VICTIM = {ACCOUNT_H: "victim", KEY_H: "vic-key"}
 ATTACKER_SECRET = "sk-test-attacker-" + "a" * 32
@@ -35,18 +40,6 @@ OTHER_SECRET = "sk-test-other-" + "o" * 32
 VICTIM_SECRET = "sk-test-victim-" + "v" * 32
 TRUSTED, UNTRUSTED = "127.0.0.1", "127.0.0.2"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
-
-
-def spendtap(*args: str, db, input: str | None = None) -> str:
-    out = subprocess.run(
-        [*SPENDTAP, *args, "--db", str(db)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        input=input,
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def client_from(address: str) -> httpx.Client:
@@ -57,13 +50,6 @@ def client_from(address: str) -> httpx.Client:
 def post(proxy: Sidecar, source: str, headers: dict, path: str = "/v1/chat/completions"):
     with client_from(source) as client:
         return client.post(proxy.url + path, json=CHAT, headers=headers)
-
-
-def metric(proxy: Sidecar, name: str) -> float:
-    for line in proxy.metrics().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 @pytest.fixture
@@ -88,12 +74,13 @@ def keyed_db(tmp_path):
     return db
 
 
-def test_both_mode_untrusted_headers_cannot_spend_on_anothers_budget(upstream, keyed_db, tmp_path):
+def test_both_mode_untrusted_headers_cannot_spend_on_anothers_budget(
+    upstream, keyed_db, start_sidecar
+):
     """The issue's attacks, in `both` mode with require_auth: headers from an untrusted peer
     neither pass auth, nor escape a cap, nor reach the upstream; a key pays for itself;
     a trusted peer's headers still win."""
-    proxy = Sidecar(
-        tmp_path,
+    proxy = start_sidecar(
         upstream.url,
         "spendtap_principal_source=both",
         "spendtap_require_auth=true",
@@ -101,128 +88,112 @@ def test_both_mode_untrusted_headers_cannot_spend_on_anothers_budget(upstream, k
         db=keyed_db,
         quiet=False,
     )
-    try:
-        # 1. No key, the victim's headers, from an untrusted peer: 401, nothing dispatched.
-        r = post(proxy, UNTRUSTED, VICTIM)
-        assert r.status_code == 401, r.text
-        assert r.json()["error"]["code"] == "invalid_api_key"
-        assert upstream.seen == []
+    # 1. No key, the victim's headers, from an untrusted peer: 401, nothing dispatched.
+    r = post(proxy, UNTRUSTED, VICTIM)
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["code"] == "invalid_api_key"
+    assert upstream.seen == []
 
-        # 2. The attacker's key spends its balance on one request (8 tokens used).
-        r = post(proxy, UNTRUSTED, {"authorization": f"Bearer {ATTACKER_SECRET}"})
-        assert r.status_code == 200, r.text
-        # Now over its cap: with the victim's headers it is still the attacker's key
-        # that pays, and it is refused.
-        r = post(proxy, UNTRUSTED, {"authorization": f"Bearer {ATTACKER_SECRET}", **VICTIM})
-        assert r.status_code == 429, r.text
-        assert r.json()["error"]["code"] == "insufficient_quota"
-        assert len(upstream.seen) == 1
+    # 2. The attacker's key spends its balance on one request (8 tokens used).
+    r = post(proxy, UNTRUSTED, {"authorization": f"Bearer {ATTACKER_SECRET}"})
+    assert r.status_code == 200, r.text
+    # Now over its cap: with the victim's headers it is still the attacker's key
+    # that pays, and it is refused.
+    r = post(proxy, UNTRUSTED, {"authorization": f"Bearer {ATTACKER_SECRET}", **VICTIM})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "insufficient_quota"
+    assert len(upstream.seen) == 1
 
-        # 3. Another valid key with the victim's headers from an untrusted peer: served,
-        #    charged to that key, and the upstream never sees the victim's headers.
-        r = post(proxy, UNTRUSTED, {"authorization": f"Bearer {OTHER_SECRET}", **VICTIM})
-        assert r.status_code == 200, r.text
-        forwarded = upstream.seen[-1]["headers"]
-        assert ACCOUNT_H not in forwarded and KEY_H not in forwarded
+    # 3. Another valid key with the victim's headers from an untrusted peer: served,
+    #    charged to that key, and the upstream never sees the victim's headers.
+    r = post(proxy, UNTRUSTED, {"authorization": f"Bearer {OTHER_SECRET}", **VICTIM})
+    assert r.status_code == 200, r.text
+    forwarded = upstream.seen[-1]["headers"]
+    assert ACCOUNT_H not in forwarded and KEY_H not in forwarded
 
-        # 4. From the trusted peer, the gateway's headers win (as before).
-        r = post(proxy, TRUSTED, {"authorization": f"Bearer {OTHER_SECRET}", **VICTIM})
-        assert r.status_code == 200, r.text
-        assert upstream.seen[-1]["headers"][ACCOUNT_H] == "victim"
+    # 4. From the trusted peer, the gateway's headers win (as before).
+    r = post(proxy, TRUSTED, {"authorization": f"Bearer {OTHER_SECRET}", **VICTIM})
+    assert r.status_code == 200, r.text
+    assert upstream.seen[-1]["headers"][ACCOUNT_H] == "victim"
 
-        rows = proxy.rows(expect=5)
-        by_outcome = [(r["account"], r["key"], r["outcome"]) for r in rows]
-        assert by_outcome == [
-            (None, None, "rejected"),
-            ("mallory", "mal-key", "completed"),
-            ("mallory", "mal-key", "rejected"),
-            ("olive", "olive-key", "completed"),
-            ("victim", "vic-key", "completed"),
-        ]
-        victim_rows = [r for r in rows if r["account"] == "victim"]
-        assert [r["prompt_tokens"] for r in victim_rows] == [USAGE_PROMPT]
-        # Three requests carried unvouched headers (1, the refused 2nd, 3).
-        assert metric(proxy, "cortex_untrusted_principal_headers_total") == 3
-        log = proxy.output()
-        assert log.count(f"principal headers from untrusted peer {UNTRUSTED}") == 1
-    finally:
-        proxy.stop()
+    rows = proxy.rows(expect=5)
+    by_outcome = [(r["account"], r["key"], r["outcome"]) for r in rows]
+    assert by_outcome == [
+        (None, None, "rejected"),
+        ("mallory", "mal-key", "completed"),
+        ("mallory", "mal-key", "rejected"),
+        ("olive", "olive-key", "completed"),
+        ("victim", "vic-key", "completed"),
+    ]
+    victim_rows = [r for r in rows if r["account"] == "victim"]
+    assert [r["prompt_tokens"] for r in victim_rows] == [USAGE_PROMPT]
+    # Three requests carried unvouched headers (1, the refused 2nd, 3).
+    assert metric_value(proxy.metrics(), "cortex_untrusted_principal_headers_total", 0.0) == 3
+    log = proxy.output()
+    assert log.count(f"principal headers from untrusted peer {UNTRUSTED}") == 1
 
 
-def test_headers_mode_spoofed_headers_are_stripped_and_anonymous(upstream, tmp_path):
+def test_headers_mode_spoofed_headers_are_stripped_and_anonymous(upstream, start_sidecar):
     """Default `headers` mode: an untrusted peer's principal headers are ignored (the row is
     anonymous, never charged) and removed before the request goes upstream."""
-    proxy = Sidecar(tmp_path, upstream.url, f"spendtap_trusted_peers={TRUSTED}")
-    try:
-        assert post(proxy, UNTRUSTED, VICTIM).status_code == 200
-        assert post(proxy, TRUSTED, {ACCOUNT_H: "gw-acct", KEY_H: "gw-key"}).status_code == 200
-        first, second = (s["headers"] for s in upstream.seen)
-        assert ACCOUNT_H not in first and KEY_H not in first
-        assert (second[ACCOUNT_H], second[KEY_H]) == ("gw-acct", "gw-key")
-        rows = proxy.rows(expect=2)
-        assert [(r["account"], r["key"]) for r in rows] == [(None, None), ("gw-acct", "gw-key")]
-        assert 'spend_tokens_total{account="victim"' not in proxy.metrics()
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(upstream.url, f"spendtap_trusted_peers={TRUSTED}")
+    assert post(proxy, UNTRUSTED, VICTIM).status_code == 200
+    assert post(proxy, TRUSTED, {ACCOUNT_H: "gw-acct", KEY_H: "gw-key"}).status_code == 200
+    first, second = (s["headers"] for s in upstream.seen)
+    assert ACCOUNT_H not in first and KEY_H not in first
+    assert (second[ACCOUNT_H], second[KEY_H]) == ("gw-acct", "gw-key")
+    rows = proxy.rows(expect=2)
+    assert [(r["account"], r["key"]) for r in rows] == [(None, None), ("gw-acct", "gw-key")]
+    assert 'spend_tokens_total{account="victim"' not in proxy.metrics()
 
 
-def test_require_auth_headers_from_untrusted_peer_is_401(upstream, tmp_path):
+def test_require_auth_headers_from_untrusted_peer_is_401(upstream, start_sidecar):
     """`require_auth` in headers mode: principal headers from an untrusted peer do not meet
     it (401, nothing dispatched); from the trusted peer they do."""
-    proxy = Sidecar(
-        tmp_path, upstream.url, "spendtap_require_auth=true", f"spendtap_trusted_peers={TRUSTED}"
+    proxy = start_sidecar(
+        upstream.url, "spendtap_require_auth=true", f"spendtap_trusted_peers={TRUSTED}"
     )
-    try:
-        r = post(proxy, UNTRUSTED, VICTIM)
-        assert r.status_code == 401 and upstream.seen == []
-        assert post(proxy, TRUSTED, VICTIM).status_code == 200
-        assert len(upstream.seen) == 1
-    finally:
-        proxy.stop()
+    r = post(proxy, UNTRUSTED, VICTIM)
+    assert r.status_code == 401 and upstream.seen == []
+    assert post(proxy, TRUSTED, VICTIM).status_code == 200
+    assert len(upstream.seen) == 1
 
 
-def test_gateway_secret_right_wrong_missing_never_forwarded(upstream, tmp_path):
+def test_gateway_secret_right_wrong_missing_never_forwarded(upstream, tmp_path, start_sidecar):
     """With a gateway secret (from a file), headers count only with the right secret;
     the secret header never reaches the upstream, right or wrong."""
     secret = "gw-" + "s" * 40
     secret_file = tmp_path / "gateway-secret"
     secret_file.write_text(secret + "\n")
-    proxy = Sidecar(tmp_path, upstream.url, f"spendtap_gateway_secret_file={secret_file}")
-    try:
-        cases = [
-            ({"x-spendtap-gateway-secret": secret, **VICTIM}, "victim"),
-            ({"x-spendtap-gateway-secret": secret[:-1] + "x", **VICTIM}, None),
-            (dict(VICTIM), None),
-        ]
-        for headers, _ in cases:
-            # From 127.0.0.2 too: the secret alone vouches (no stable gateway address).
-            assert post(proxy, UNTRUSTED, headers).status_code == 200
-        rows = proxy.rows(expect=3)
-        assert [r["account"] for r in rows] == [expected for _, expected in cases]
-        for seen in upstream.seen:
-            assert "x-spendtap-gateway-secret" not in seen["headers"]
-        assert [ACCOUNT_H in s["headers"] for s in upstream.seen] == [True, False, False]
-        assert secret not in proxy.output()
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(upstream.url, f"spendtap_gateway_secret_file={secret_file}")
+    cases = [
+        ({"x-spendtap-gateway-secret": secret, **VICTIM}, "victim"),
+        ({"x-spendtap-gateway-secret": secret[:-1] + "x", **VICTIM}, None),
+        (dict(VICTIM), None),
+    ]
+    for headers, _ in cases:
+        # From 127.0.0.2 too: the secret alone vouches (no stable gateway address).
+        assert post(proxy, UNTRUSTED, headers).status_code == 200
+    rows = proxy.rows(expect=3)
+    assert [r["account"] for r in rows] == [expected for _, expected in cases]
+    for seen in upstream.seen:
+        assert "x-spendtap-gateway-secret" not in seen["headers"]
+    assert [ACCOUNT_H in s["headers"] for s in upstream.seen] == [True, False, False]
+    assert secret not in proxy.output()
 
 
-def test_gateway_secret_and_peers_both_must_hold(upstream, tmp_path):
+def test_gateway_secret_and_peers_both_must_hold(upstream, start_sidecar):
     """Peers and secret combined: the right secret from an untrusted peer does not count."""
     secret = "gw-" + "p" * 40
-    proxy = Sidecar(
-        tmp_path,
+    proxy = start_sidecar(
         upstream.url,
         f"spendtap_gateway_secret={secret}",
         f"spendtap_trusted_peers={TRUSTED}",
     )
-    try:
-        headers = {"x-spendtap-gateway-secret": secret, **VICTIM}
-        assert post(proxy, UNTRUSTED, headers).status_code == 200
-        assert post(proxy, TRUSTED, headers).status_code == 200
-        assert [r["account"] for r in proxy.rows(expect=2)] == [None, "victim"]
-    finally:
-        proxy.stop()
+    headers = {"x-spendtap-gateway-secret": secret, **VICTIM}
+    assert post(proxy, UNTRUSTED, headers).status_code == 200
+    assert post(proxy, TRUSTED, headers).status_code == 200
+    assert [r["account"] for r in proxy.rows(expect=2)] == [None, "victim"]
 
 
 def test_ipv6_peers(upstream, tmp_path):
@@ -245,83 +216,70 @@ def test_ipv6_peers(upstream, tmp_path):
             proxy.stop()
 
 
-def test_key_swap_openai_and_anthropic(upstream, keyed_db, tmp_path):
+def test_key_swap_openai_and_anthropic(upstream, keyed_db, tmp_path, start_sidecar):
     """Key swap: the upstream sees the operator's credential, never the client's, for both
     API shapes; an unknown key is refused before any swap; SIGHUP reloads the file."""
     operator = "sk-operator-" + "k" * 30
     key_file = tmp_path / "upstream-key"
     key_file.write_text(operator + "\n")
-    proxy = Sidecar(
-        tmp_path,
+    proxy = start_sidecar(
         upstream.url,
         "spendtap_principal_source=bearer",
         f"spendtap_upstream_key_file={key_file}",
         db=keyed_db,
     )
-    try:
-        with openai.OpenAI(
-            base_url=proxy.url + "/v1", api_key=OTHER_SECRET, max_retries=0
-        ) as client:
+    with openai_client(proxy.url, api_key=OTHER_SECRET) as client:
+        client.chat.completions.create(**CHAT)
+    with anthropic_client(proxy.url, api_key=OTHER_SECRET) as c:
+        c.messages.create(model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    openai_seen, anthropic_seen = (s["headers"] for s in upstream.seen)
+    assert openai_seen["authorization"] == f"Bearer {operator}"
+    assert "x-api-key" not in openai_seen
+    assert anthropic_seen["x-api-key"] == operator
+    assert "authorization" not in anthropic_seen
+    for seen in upstream.seen:
+        assert OTHER_SECRET not in repr(seen["headers"])
+
+    with (
+        openai_client(proxy.url, api_key="sk-unknown-" + "u" * 30) as client,
+        pytest.raises(openai.AuthenticationError),
+    ):
+        client.chat.completions.create(**CHAT)
+    assert len(upstream.seen) == 2  # the unknown key never went upstream
+
+    rotated = "sk-operator-rotated-" + "r" * 20
+    key_file.write_text(rotated + "\n")
+    proxy.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    with openai_client(proxy.url, api_key=OTHER_SECRET) as client:
+        while True:
             client.chat.completions.create(**CHAT)
-        with anthropic.Anthropic(base_url=proxy.url, api_key=OTHER_SECRET, max_retries=0) as c:
-            c.messages.create(model="c", max_tokens=5, messages=[{"role": "user", "content": "x"}])
-        openai_seen, anthropic_seen = (s["headers"] for s in upstream.seen)
-        assert openai_seen["authorization"] == f"Bearer {operator}"
-        assert "x-api-key" not in openai_seen
-        assert anthropic_seen["x-api-key"] == operator
-        assert "authorization" not in anthropic_seen
-        for seen in upstream.seen:
-            assert OTHER_SECRET not in repr(seen["headers"])
-
-        with (
-            openai.OpenAI(
-                base_url=proxy.url + "/v1", api_key="sk-unknown-" + "u" * 30, max_retries=0
-            ) as client,
-            pytest.raises(openai.AuthenticationError),
-        ):
-            client.chat.completions.create(**CHAT)
-        assert len(upstream.seen) == 2  # the unknown key never went upstream
-
-        rotated = "sk-operator-rotated-" + "r" * 20
-        key_file.write_text(rotated + "\n")
-        proxy.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        with openai.OpenAI(
-            base_url=proxy.url + "/v1", api_key=OTHER_SECRET, max_retries=0
-        ) as client:
-            while True:
-                client.chat.completions.create(**CHAT)
-                if upstream.seen[-1]["headers"]["authorization"] == f"Bearer {rotated}":
-                    break
-                assert time.monotonic() < deadline, "SIGHUP did not reload the key file"
-                time.sleep(0.1)
-        assert proxy.proc.poll() is None  # SIGHUP reloads; it does not stop the sidecar
-        rows = proxy.rows(expect=len(upstream.seen) + 1)
-        assert [(r["key"], r["status"]) for r in rows[:3]] == [
-            ("olive-key", 200),
-            ("olive-key", 200),
-            (None, 401),
-        ]
-        assert {(r["key"], r["status"]) for r in rows[3:]} == {("olive-key", 200)}
-        log = proxy.output()
-        assert operator not in log and rotated not in log and OTHER_SECRET not in log
-    finally:
-        proxy.stop()
+            if upstream.seen[-1]["headers"]["authorization"] == f"Bearer {rotated}":
+                break
+            assert time.monotonic() < deadline, "SIGHUP did not reload the key file"
+            time.sleep(0.1)
+    assert proxy.proc.poll() is None  # SIGHUP reloads; it does not stop the sidecar
+    rows = proxy.rows(expect=len(upstream.seen) + 1)
+    assert [(r["key"], r["status"]) for r in rows[:3]] == [
+        ("olive-key", 200),
+        ("olive-key", 200),
+        (None, 401),
+    ]
+    assert {(r["key"], r["status"]) for r in rows[3:]} == {("olive-key", 200)}
+    log = proxy.output()
+    assert operator not in log and rotated not in log and OTHER_SECRET not in log
 
 
-def test_files_that_hold_spend_are_private_under_umask_000(upstream, tmp_path):
+def test_files_that_hold_spend_are_private_under_umask_000(upstream, tmp_path, start_sidecar):
     """The ledger, its -wal and -shm, and the access log are created 0600 even with umask 000."""
     log = tmp_path / "access.jsonl"
     db = tmp_path / "private.db"
-    proxy = Sidecar(tmp_path, upstream.url, f"spendtap_access_log={log}", db=db, umask=0)
-    try:
-        assert post(proxy, TRUSTED, {ACCOUNT_H: "a", KEY_H: "k"}).status_code == 200
-        proxy.rows(expect=1)
-        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), log):
-            assert path.exists(), path
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600, (path, oct(path.stat().st_mode))
-    finally:
-        proxy.stop()
+    proxy = start_sidecar(upstream.url, f"spendtap_access_log={log}", db=db, umask=0)
+    assert post(proxy, TRUSTED, {ACCOUNT_H: "a", KEY_H: "k"}).status_code == 200
+    proxy.rows(expect=1)
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"), log):
+        assert path.exists(), path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, (path, oct(path.stat().st_mode))
 
 
 def test_cli_created_ledger_is_private(tmp_path):
@@ -339,13 +297,12 @@ def test_cli_created_ledger_is_private(tmp_path):
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 30):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SPENDTAP_")}
     return subprocess.run(
-        [*SPENDTAP, "run", *args],
+        [*SPENDTAP_MODULE, "run", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**clean, **(env or {})},
+        env={**environ_without_spendtap(), **(env or {})},
     )
 
 
@@ -366,7 +323,7 @@ def test_run_refuses_beyond_loopback_without_trust(tmp_path, upstream):
     assert transparent.returncode == 1 and "transparent mode" in transparent.stderr
 
     proc = subprocess.Popen(
-        [*SPENDTAP, "run", "--upstream", upstream.url, "--listen", f"0.0.0.0:{port}",
+        [*SPENDTAP_MODULE, "run", "--upstream", upstream.url, "--listen", f"0.0.0.0:{port}",
          "--trusted-peers", TRUSTED, "--db", str(tmp_path / "l.db"), "--metrics", ""],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip

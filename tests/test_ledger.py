@@ -20,44 +20,12 @@ from spendtap.store.ledger import (
     normalize_row,
     run_migrations,
 )
-
-
-def row(id_: str, ts: str = "2025-01-31T12:00:00.000Z", **fields) -> dict:
-    base = {
-        "id": id_,
-        "ts": ts,
-        "account": "acme",
-        "key": "k1",
-        "model": "m1",
-        "node": "n1",
-        "api": "openai-chat",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "streamed": True,
-        "status": 200,
-        "outcome": "completed",
-        "prompt_tokens": 10,
-        "completion_tokens": 5,
-        "usage_source": "reported",
-        "ttft_s": 0.5,
-        "duration_s": 1.0,
-        "tokens_per_s": 10.0,
-        "response_bytes": 100,
-    }
-    base.update(fields)
-    return base
+from tests.helpers import ledger_row
 
 
 @pytest.fixture
 def memory_ledger():
     ledger = Ledger(sqlite_utils.Database(memory=True))
-    yield ledger
-    ledger.close()
-
-
-@pytest.fixture
-def file_ledger(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.db")
     yield ledger
     ledger.close()
 
@@ -103,7 +71,7 @@ def test_reopen_keeps_data(tmp_path):
     """Closing and reopening a ledger file keeps its rows."""
     path = tmp_path / "ledger.db"
     with Ledger(path) as ledger:
-        ledger.insert_rows([row("a"), row("b")])
+        ledger.insert_rows([ledger_row("a"), ledger_row("b")])
     with Ledger(path) as ledger:
         assert ledger.count() == 2
     with Ledger.open_existing(path) as ledger:
@@ -217,8 +185,8 @@ def test_exception_hierarchy():
 
 def test_insert_is_idempotent_on_id(ledger):
     """A row re-inserted with the same id is ignored, never duplicated or overwritten."""
-    assert ledger.insert_rows([row("a"), row("b")]) == 2
-    assert ledger.insert_rows([row("a", prompt_tokens=999), row("c")]) == 1
+    assert ledger.insert_rows([ledger_row("a"), ledger_row("b")]) == 2
+    assert ledger.insert_rows([ledger_row("a", prompt_tokens=999), ledger_row("c")]) == 1
     assert ledger.count() == 3
     assert next(ledger.requests(account="acme", limit=1, order="asc"))["prompt_tokens"] == 10
 
@@ -226,13 +194,13 @@ def test_insert_is_idempotent_on_id(ledger):
 def test_insert_is_one_transaction(ledger):
     """A batch with an invalid row writes nothing at all."""
     with pytest.raises(ValueError, match="outcome must be one of"):
-        ledger.insert_rows([row("a"), row("b", outcome="exploded")])
+        ledger.insert_rows([ledger_row("a"), ledger_row("b", outcome="exploded")])
     assert ledger.count() == 0
 
 
 def test_insert_round_trips_every_column(ledger):
     """Every column comes back as written, streamed as a bool, missing ones as None."""
-    full = row(
+    full = ledger_row(
         "x",
         cached_tokens=3,
         cache_creation_tokens=2,
@@ -328,9 +296,9 @@ def test_rows_round_trip(rows):
 def sample(ledger):
     ledger.insert_rows(
         [
-            row("r1", "2025-01-30T23:59:59.999Z", account="acme", key="k1", model="m1"),
-            row("r2", "2025-01-31T00:00:00.000Z", account="acme", key="k2", model="m2"),
-            row(
+            ledger_row("r1", "2025-01-30T23:59:59.999Z", account="acme", key="k1", model="m1"),
+            ledger_row("r2", "2025-01-31T00:00:00.000Z", account="acme", key="k2", model="m2"),
+            ledger_row(
                 "r3",
                 "2025-01-31T01:30:00.000Z",
                 account="beta",
@@ -345,7 +313,7 @@ def sample(ledger):
                 ttft_s=None,
                 tokens_per_s=None,
             ),
-            row(
+            ledger_row(
                 "r4",
                 "2025-01-31T01:45:00.000Z",
                 account=None,
@@ -576,7 +544,7 @@ def test_reader_sees_writer_commits(tmp_path):
     path = tmp_path / "ledger.db"
     with Ledger(path) as writer, Ledger.open_existing(path) as reader:
         assert reader.count() == 0
-        writer.insert_rows([row("a")])
+        writer.insert_rows([ledger_row("a")])
         assert reader.count() == 1
 
 
@@ -588,10 +556,10 @@ def test_locked_insert_raises_operational_error(tmp_path):
         blocker.execute("BEGIN EXCLUSIVE")
         try:
             with pytest.raises(sqlite3.OperationalError, match="locked"):
-                ledger.insert_rows([row("a")])
+                ledger.insert_rows([ledger_row("a")])
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()
         assert ledger.count() == 0
-        ledger.insert_rows([row("a")])
+        ledger.insert_rows([ledger_row("a")])
         assert ledger.count() == 1

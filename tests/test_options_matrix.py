@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -31,11 +30,11 @@ import pytest
 
 from spendtap.address import free_port
 from spendtap.options import OPTIONS, OptionError, check_settings, take_deferred
+from tests.helpers import SPENDTAP_SCRIPT, environ_without_spendtap
 from tests.proc import ADDON
 from tests.recorder import Recorder
 
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
-SPENDTAP = Path(sys.executable).with_name("spendtap")
 BAD_SECRET = "tooshort-x1"
 
 # option -> (bad value, checked when): "parse" values are refused by the option table
@@ -179,14 +178,21 @@ def recorder():
 
 
 def _env(tmp: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPENDTAP_")}
+    env = environ_without_spendtap()
     env["HOME"] = str(tmp)
     return env
 
 
 def _spendtap_run(tmp: Path, recorder: Recorder, name: str, bad: str, channel: str) -> str:
     port = free_port()
-    args = [str(SPENDTAP), "run", "--upstream", recorder.url, "--listen", f"127.0.0.1:{port}"]
+    args = [
+        str(SPENDTAP_SCRIPT),
+        "run",
+        "--upstream",
+        recorder.url,
+        "--listen",
+        f"127.0.0.1:{port}",
+    ]
     env = _env(tmp)
     items = [f"{name}={bad}", *NEEDS.get(name, [])]
     if name != "spendtap_db":

@@ -23,8 +23,7 @@ import pytest
 from spendtap.store.budgets import Budgets
 from spendtap.store.keys import Keys
 from spendtap.store.ledger import Ledger
-
-SPENDTAP = [sys.executable, "-m", "spendtap.cli.main"]
+from tests.helpers import SPENDTAP_MODULE
 
 READERS = [
     ["report", "-f", "json"],
@@ -213,7 +212,7 @@ def test_backup_copy_in_a_writable_directory(tmp_path):
     shutil.copytree(live, backup)
     main_before = (backup / "ledger.db").read_bytes()
     out = subprocess.run(
-        [*SPENDTAP, "report", "-f", "json", "--db", str(backup / "ledger.db")],
+        [*SPENDTAP_MODULE, "report", "-f", "json", "--db", str(backup / "ledger.db")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

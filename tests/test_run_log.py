@@ -9,12 +9,12 @@ simulator and read what it printed.
 from __future__ import annotations
 
 import signal
-import sys
 
 import httpx
 import pytest
 
 from spendtap.address import free_port, wait_for_port
+from tests.helpers import SPENDTAP_MODULE
 from tests.proc import Proc
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ PER_FLOW = ("client connect", "server connect", "Streaming response", "client di
 def _run(tmp_path, upstream: str, *extra: str) -> tuple[str, int, list[int]]:
     port, metrics = free_port(), free_port()
     proc = Proc(
-        [sys.executable, "-m", "spendtap.cli.main", "run", "--upstream", upstream,
+        [*SPENDTAP_MODULE, "run", "--upstream", upstream,
          "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{metrics}",
          "--db", str(tmp_path / f"ledger-{port}.db"), *extra],
         tmp_path / f"run-{port}.log",

@@ -415,6 +415,25 @@ def test_non_json_body_is_harmless():
     assert r.usage == Usage() and r.parse_errors == 0
 
 
+def test_json_document_is_read_as_an_event_is():
+    """A whole JSON body is read by the code that reads a parsed event: a failed Responses
+    document names its model (inside ``response``) and its error like the event would."""
+    doc = {
+        "type": "response.failed",
+        "response": {
+            "model": "gpt-x",
+            "status": "failed",
+            "error": {"code": "server_error", "message": "The model failed"},
+            "usage": {"input_tokens": 12, "output_tokens": 3},
+        },
+    }
+    r = scan(OPENAI_RESPONSES, "application/json", [json.dumps(doc).encode()])
+    assert not r.streamed_sse
+    assert r.response_model == "gpt-x"
+    assert r.error == "server_error: The model failed"
+    assert r.usage == Usage(prompt_tokens=12, completion_tokens=3)
+
+
 def test_large_pretty_json_uses_head_and_tail():
     """A pretty-printed JSON body beyond the limit: model from its head, usage from its tail."""
     doc = {

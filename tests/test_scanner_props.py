@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 from hypothesis import HealthCheck, given, settings
@@ -11,14 +10,10 @@ from hypothesis import strategies as st
 from spendtap.metering.scanner import ResponseScanner
 from spendtap.metering.usage import APIS, EMBEDDINGS, OPENAI_CHAT, Usage
 from tests.corpus_cases import ENCODINGS, encode, load_cases, scan
+from tests.helpers import cut
 
 CASES = load_cases()
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def cut(body: bytes, points: list[int]) -> list[bytes]:
-    idx = sorted({p % (len(body) + 1) for p in points} | {0, len(body)})
-    return [body[a:b] for a, b in itertools.pairwise(idx)]
 
 
 @st.composite

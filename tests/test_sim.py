@@ -22,12 +22,11 @@ import httpx2
 import openai
 import pytest
 import zstandard
-from click.testing import CliRunner
 
 from spendtap.address import parse_listen
-from spendtap.cli.simulate import simulate
 from spendtap.sim import SimServer, run_in_thread
 from spendtap.sim.apis import completion_text
+from tests.helpers import invoke
 
 MESSAGES = [{"role": "user", "content": "hello there"}]  # 11 chars -> 3 tokens
 CHAT_PROMPT = 3 + 4 + 3  # priming + one message + its text
@@ -687,7 +686,7 @@ def test_parse_listen_forms() -> None:
 
 def test_cli_help_has_an_example() -> None:
     """`spendtap simulate --help` documents the command with an example."""
-    result = CliRunner().invoke(simulate, ["--help"])
+    result = invoke("simulate", "--help")
     assert result.exit_code == 0
     assert "spendtap simulate --listen 127.0.0.1:8000 --ttft-ms 200" in result.output
 

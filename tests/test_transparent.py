@@ -36,12 +36,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SPENDTAP_SCRIPT
 from tests.proc import REPO, Proc, read_rows
 
 pytestmark = pytest.mark.e2e
 
 REDIRECT = REPO / "deploy" / "transparent" / "redirect.sh"
-SPENDTAP = Path(sys.executable).with_name("spendtap")
 CLIENT_IP, SERVER_IP = "10.213.77.1", "10.213.77.2"
 SERVER_PORT, PROXY_PORT = 8000, 8080
 PROXY_UID = 65534
@@ -182,7 +182,7 @@ def topology():
             ["ip", "netns", "exec", SERVER_NS,
              "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
              "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
-             str(SPENDTAP), "run"],
+             str(SPENDTAP_SCRIPT), "run"],
             workdir / "spendtap.log",
             env=env,
         )  # fmt: skip

@@ -14,19 +14,7 @@ import pytest
 
 from spendtap.store.ledger import Ledger, NotALedger
 from spendtap.store.writer import LedgerWriter
-
-
-def row(id_: str, **fields) -> dict:
-    return {
-        "id": id_,
-        "ts": "2025-01-31T12:00:00.000Z",
-        "account": "acme",
-        "model": "m1",
-        "outcome": "completed",
-        "prompt_tokens": 1,
-        "completion_tokens": 2,
-        "usage_source": "reported",
-    } | fields
+from tests.helpers import ledger_row, wait_for
 
 
 def stored_ids(path) -> list[str]:
@@ -35,15 +23,6 @@ def stored_ids(path) -> list[str]:
         return [r[0] for r in conn.execute("SELECT id FROM requests ORDER BY rowid")]
     finally:
         conn.close()
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def messages(caplog, text: str) -> list[str]:
@@ -90,7 +69,7 @@ def test_many_threads_all_rows_written_exactly_once(make_writer, db_path):
 
     def produce(t: int) -> None:
         for i in range(per_thread):
-            writer.submit(row(f"t{t}-{i}"))
+            writer.submit(ledger_row(f"t{t}-{i}"))
 
     threads = [threading.Thread(target=produce, args=(t,)) for t in range(threads_n)]
     for t in threads:
@@ -112,8 +91,8 @@ def test_many_threads_all_rows_written_exactly_once(make_writer, db_path):
 def test_resubmitted_id_is_stored_once(make_writer, db_path):
     """Submitting the same flow id twice stores one row."""
     writer = make_writer()
-    writer.submit(row("same", prompt_tokens=1))
-    writer.submit(row("same", prompt_tokens=2))
+    writer.submit(ledger_row("same", prompt_tokens=1))
+    writer.submit(ledger_row("same", prompt_tokens=2))
     assert writer.flush(timeout=10)
     assert stored_ids(db_path) == ["same"]
 
@@ -137,7 +116,7 @@ def test_on_commit_runs_after_commit(make_writer, db_path):
         return on_commit
 
     for i in range(200):
-        writer.submit(row(f"r{i}"), callback(f"r{i}"))
+        writer.submit(ledger_row(f"r{i}"), callback(f"r{i}"))
     assert writer.flush(timeout=10)
     assert len(seen) == 200
     assert all(seen.values())
@@ -150,9 +129,9 @@ def test_callback_errors_are_logged_not_fatal(make_writer, db_path, caplog):
     def bad() -> None:
         raise RuntimeError("callback bug")
 
-    writer.submit(row("a"), bad)
+    writer.submit(ledger_row("a"), bad)
     assert writer.flush(timeout=10)
-    writer.submit(row("b"))
+    writer.submit(ledger_row("b"))
     assert writer.flush(timeout=10)
     assert stored_ids(db_path) == ["a", "b"]
     assert writer.callback_errors == 1
@@ -163,7 +142,7 @@ def test_close_drains(make_writer, db_path):
     """close() commits everything accepted before it, then stops the thread."""
     writer = make_writer(max_delay_s=0.05)
     for i in range(5000):
-        writer.submit(row(f"r{i}"))
+        writer.submit(ledger_row(f"r{i}"))
     assert writer.close(timeout=30) is True
     assert len(stored_ids(db_path)) == 5000
     assert writer.queue_depth == 0
@@ -174,8 +153,8 @@ def test_submit_after_close_is_counted(make_writer, db_path, caplog):
     """A row submitted after close is dropped, counted and logged once, never raised."""
     writer = make_writer()
     writer.close(timeout=5)
-    writer.submit(row("late1"))
-    writer.submit(row("late2"))
+    writer.submit(ledger_row("late1"))
+    writer.submit(ledger_row("late2"))
     assert writer.dropped_rows == 2
     assert len(messages(caplog, "after the writer closed")) == 1
     assert stored_ids(db_path) == []
@@ -186,7 +165,7 @@ def test_invalid_row_is_refused_at_submit(make_writer, db_path, caplog):
     writer = make_writer()
     writer.submit({"id": "bad", "ts": "2025-01-31", "body": "never stored"})
     writer.submit("not even a dict")  # type: ignore[arg-type]
-    writer.submit(row("good"))
+    writer.submit(ledger_row("good"))
     assert writer.flush(timeout=10)
     assert stored_ids(db_path) == ["good"]
     assert writer.dropped_rows == 2
@@ -206,13 +185,13 @@ def test_start_fails_on_a_file_that_is_not_a_ledger(tmp_path, logger):
 def test_locked_database_delays_but_loses_nothing(make_writer, db_path):
     """Another connection holding BEGIN EXCLUSIVE for a second only delays the rows."""
     writer = make_writer()
-    writer.submit(row("before"))
+    writer.submit(ledger_row("before"))
     assert writer.flush(timeout=10)
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         for i in range(100):
-            writer.submit(row(f"r{i}"))
+            writer.submit(ledger_row(f"r{i}"))
         assert writer.flush(timeout=0.5) is False
     finally:
         time.sleep(0.5)
@@ -230,8 +209,8 @@ def test_lock_beyond_busy_timeout_is_one_failure_episode(make_writer, db_path, c
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         for i in range(50):
-            writer.submit(row(f"r{i}"))
-        assert wait_until(lambda: writer.write_errors >= 3)
+            writer.submit(ledger_row(f"r{i}"))
+        assert wait_for(lambda: writer.write_errors >= 3)
         assert writer.failing
         assert writer.queue_depth == 50
     finally:
@@ -252,14 +231,14 @@ def test_unusable_path_keeps_rows_until_recovery(make_writer, db_path, caplog):
     permission bypasses: the path stops being a file SQLite can open at all.
     """
     writer = make_writer()
-    writer.submit(row("before"))
+    writer.submit(ledger_row("before"))
     assert writer.flush(timeout=10)
     remove_ledger_files(db_path)
     os.mkdir(db_path)
     try:
         for i in range(100):
-            writer.submit(row(f"r{i}"))
-        assert wait_until(lambda: writer.write_errors >= 3)
+            writer.submit(ledger_row(f"r{i}"))
+        assert wait_for(lambda: writer.write_errors >= 3)
         assert writer.failing
         assert writer.queue_depth == 100
         assert writer.flush(timeout=0.2) is False
@@ -276,11 +255,11 @@ def test_unusable_path_keeps_rows_until_recovery(make_writer, db_path, caplog):
 def test_deleted_file_is_recreated_not_written_to_a_dead_inode(make_writer, db_path):
     """Rows written after the ledger file is deleted land in a new file, not the unlinked one."""
     writer = make_writer()
-    writer.submit(row("before"))
+    writer.submit(ledger_row("before"))
     assert writer.flush(timeout=10)
     remove_ledger_files(db_path)
     for i in range(10):
-        writer.submit(row(f"r{i}"))
+        writer.submit(ledger_row(f"r{i}"))
     assert writer.flush(timeout=10)
     assert stored_ids(db_path) == [f"r{i}" for i in range(10)]
     with Ledger.open_existing(db_path) as ledger:
@@ -290,15 +269,15 @@ def test_deleted_file_is_recreated_not_written_to_a_dead_inode(make_writer, db_p
 def test_max_pending_drops_the_oldest(make_writer, db_path, caplog):
     """Past max_pending the oldest rows are dropped, counted and logged once; the rest land."""
     writer = make_writer(max_pending=10)
-    writer.submit(row("before"))
+    writer.submit(ledger_row("before"))
     assert writer.flush(timeout=10)
     remove_ledger_files(db_path)
     os.mkdir(db_path)
     try:
-        writer.submit(row("r0"))
-        assert wait_until(lambda: writer.write_errors >= 1)
+        writer.submit(ledger_row("r0"))
+        assert wait_for(lambda: writer.write_errors >= 1)
         for i in range(1, 25):
-            writer.submit(row(f"r{i}"))
+            writer.submit(ledger_row(f"r{i}"))
         assert writer.queue_depth == 10
         assert writer.dropped_rows == 15
     finally:
@@ -315,8 +294,8 @@ def test_stuck_when_rows_wait_too_long(make_writer, db_path):
     remove_ledger_files(db_path)
     os.mkdir(db_path)
     try:
-        writer.submit(row("r"))
-        assert wait_until(lambda: writer.stuck, timeout=5)
+        writer.submit(ledger_row("r"))
+        assert wait_for(lambda: writer.stuck, timeout=5)
     finally:
         shutil.rmtree(db_path)
     assert writer.flush(timeout=10)
@@ -330,7 +309,7 @@ def test_close_gives_up_at_its_deadline(make_writer, db_path, caplog):
     os.mkdir(db_path)
     try:
         for i in range(3):
-            writer.submit(row(f"r{i}"))
+            writer.submit(ledger_row(f"r{i}"))
         started = time.monotonic()
         assert writer.close(timeout=0.5) is False
         assert time.monotonic() - started < 5

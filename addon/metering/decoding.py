@@ -37,12 +37,10 @@ from collections.abc import Iterator
 import brotli
 import zstandard
 
-__all__ = ["SUPPORTED", "DecodeError", "Decoder", "make_decoder"]
+__all__ = ["DecodeError", "Decoder", "make_decoder"]
 
 PIECE_SIZE = 64 << 10
 _ZSTD_SLICE = 256
-
-SUPPORTED = ("identity", "gzip", "x-gzip", "deflate", "br", "zstd")
 
 
 class DecodeError(Exception):

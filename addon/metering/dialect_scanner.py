@@ -24,17 +24,13 @@ from __future__ import annotations
 
 from json import loads as _loads
 
-from spendtap.metering.decoding import DecodeError
 from spendtap.metering.dialect_registry import EXTRACTORS
-from spendtap.metering.dialects import Extractor, text_chars
+from spendtap.metering.dialects import MAX_ERROR_LEN, Extractor, text_chars
 from spendtap.metering.framing import JSONSequence, Oversized
 from spendtap.metering.scanner import (
     _BOM,
     _SSE,
-    _SSE_PREFIXES,
     _UNDECIDED,
-    _WS,
-    MAX_ERROR_LEN,
     ResponseScanner,
     ScanResult,
 )
@@ -59,6 +55,8 @@ class DialectScanner(ResponseScanner):
     """Scan one native-API response body with its family's extractor."""
 
     __slots__ = ("_array", "_ex", "_objects", "_seq", "_seq_first", "_seq_last", "_seq_n")
+
+    _DOCUMENT = _SEQ
 
     def __init__(
         self,
@@ -104,34 +102,11 @@ class DialectScanner(ResponseScanner):
             return
         super()._scan(data, now)
 
-    def _detect(self, data: bytes, now: float, final: bool) -> None:
-        pre = self._pre + data
-        s = pre[3:] if pre.startswith(_BOM) else pre
-        s = s.lstrip(_WS)
-        if not s:
-            if not final and len(pre) < 4096:
-                self._pre = pre
-                return
-            mode = _SSE if self._ctype_sse else _SEQ
-        elif s[0] in b"{[":
-            mode = _SEQ
-            self._array = s[0] == 91
-        elif s.startswith(_SSE_PREFIXES):
-            mode = _SSE
-        elif not final and len(s) < 6 and any(p.startswith(s) for p in _SSE_PREFIXES):
-            self._pre = pre
-            return
-        else:
-            mode = _SSE if self._ctype_sse else _SEQ
-        self._pre = b""
-        self._mode = mode
-        if mode == _SSE:
-            for t, d, tail in self._parser.feed(pre):
-                self._event(t, d, tail, now)
-        else:
-            body = pre[3:] if pre.startswith(_BOM) else pre
-            for obj in self._seq.feed(body):
-                self._object_seq(obj, now)
+    def _start_document(self, pre: bytes, s: bytes, now: float) -> None:
+        self._array = s[:1] == b"["
+        body = pre[3:] if pre.startswith(_BOM) else pre
+        for obj in self._seq.feed(body):
+            self._object_seq(obj, now)
 
     # -- objects ----------------------------------------------------------------------
 
@@ -180,39 +155,21 @@ class DialectScanner(ResponseScanner):
         except Exception:
             self._internal += 1
 
-    # -- result -------------------------------------------------------------------------
+    # -- result (ResponseScanner.finish calls these once) ---------------------------------
 
-    def finish(self, now: float) -> ScanResult:
-        if self._result is not None:
-            return self._result
-        at = self._last_bytes_at if self._last_bytes_at is not None else now
-        if not self._stopped:
-            try:
-                if self._decoder is not None:
-                    for piece in self._decoder.iter_flush():
-                        self._scan(piece, at)
-                if self._mode == _UNDECIDED:
-                    self._detect(b"", at, final=True)
-                if self._mode == _SSE:
-                    for t, d, tail in self._parser.close():
-                        self._event(t, d, tail, at)
-                elif self._mode == _SEQ:
-                    for obj in self._seq.close():
-                        if isinstance(obj, Oversized):
-                            self._objects += 1
-                            self._ex.read_oversized(obj.head, obj.tail)
-                        else:
-                            self._object_seq(obj, at)
-            except DecodeError as e:
-                self._decode_error = str(e)[:MAX_ERROR_LEN]
-            except Exception:
-                self._internal += 1
-        self._stopped = True
+    def _close_framing(self, at: float) -> None:
+        if self._mode != _SEQ:
+            super()._close_framing(at)
+            return
+        for obj in self._seq.close():
+            if isinstance(obj, Oversized):
+                self._objects += 1
+                self._ex.read_oversized(obj.head, obj.tail)
+            else:
+                self._object_seq(obj, at)
+
+    def _build(self) -> ScanResult:
         self._parse_errors += self._seq.errors
-        r = self._result = self._build_dialect()
-        return r
-
-    def _build_dialect(self) -> ScanResult:
         ex = self._ex
         try:
             usage = ex.usage()

@@ -80,9 +80,21 @@ def num_or_none(v: Any) -> float | None:
     return None
 
 
-def error_summary(e: Any) -> str | None:
+# The keys that name an error's kind, the first one set wins: Google's shape has a
+# ``status`` name beside its numeric ``code``; the OpenAI and Anthropic shapes
+# (spendtap.metering.scanner) are read with ``("type", "code")``.
+NATIVE_ERROR_KINDS = ("type", "status", "code")
+
+
+def error_summary(e: Any, kinds: tuple[str, ...] = NATIVE_ERROR_KINDS) -> str | None:
+    """``kind: message`` of an error object (JSON when either is structured), or a string
+    error as it is; at most ``MAX_ERROR_LEN`` characters; None for anything else."""
     if isinstance(e, dict):
-        kind = e.get("type") or e.get("status") or e.get("code")
+        kind = None
+        for k in kinds:
+            kind = e.get(k)
+            if kind:
+                break
         msg = e.get("message")
         if isinstance(kind, dict | list) or isinstance(msg, dict | list):
             text = json.dumps(e, separators=(",", ":"))

@@ -44,7 +44,7 @@ from typing import Any
 
 from spendtap.metering.decoding import DecodeError, Decoder, is_identity, make_decoder
 from spendtap.metering.dialect_llamacpp import timings_of
-from spendtap.metering.dialects import ServerTiming, text_chars
+from spendtap.metering.dialects import MAX_ERROR_LEN, ServerTiming, error_summary, text_chars
 from spendtap.metering.sse import SSEParser
 from spendtap.metering.usage import NONE, REPORTED, Usage
 from spendtap.metering.usage_shapes import (
@@ -61,7 +61,6 @@ from spendtap.metering.usage_shapes import (
 
 __all__ = ["ResponseScanner", "ScanResult", "last_usage_object"]
 
-MAX_ERROR_LEN = 300
 # Events parsed in full while waiting for the first content event, at most.
 PHASE1_MAX_EVENTS = 256
 
@@ -128,20 +127,12 @@ class ScanResult:
     framing: str | None = None
 
 
+# An error's kind in the OpenAI and Anthropic shapes (no Google ``status``).
+_ERROR_KINDS = ("type", "code")
+
+
 def _error_summary(e: Any) -> str | None:
-    if isinstance(e, dict):
-        kind = e.get("type") or e.get("code")
-        msg = e.get("message")
-        if isinstance(kind, dict | list) or isinstance(msg, dict | list):
-            text = json.dumps(e, separators=(",", ":"))
-        else:
-            parts = [str(p) for p in (kind, msg) if p not in (None, "")]
-            text = ": ".join(parts) if parts else json.dumps(e, separators=(",", ":"))
-    elif isinstance(e, str):
-        text = e
-    else:
-        return None
-    return text[:MAX_ERROR_LEN] or "error"
+    return error_summary(e, _ERROR_KINDS)
 
 
 _TEXT_KEYS = frozenset(
@@ -185,6 +176,10 @@ def last_usage_object(buf: bytes) -> dict | None:
 
 class ResponseScanner:
     """Scan one response body for reported usage, model, errors and content timing."""
+
+    # The mode of a body that is not an event stream (the dialect scanner reads JSON
+    # sequences instead of one document).
+    _DOCUMENT = _JSON
 
     __slots__ = (
         "_an",
@@ -336,31 +331,40 @@ class ResponseScanner:
             self._detect(data, now, final=False)
 
     def _detect(self, data: bytes, now: float, final: bool) -> None:
-        """Choose SSE or JSON from the first non-blank bytes (and the content type)."""
+        """Choose SSE or a document from the first non-blank bytes (and the content type).
+
+        Runs only until the mode is chosen (the first chunk or few of a response).
+        """
         pre = self._pre + data
         s = pre[3:] if pre.startswith(_BOM) else pre
         s = s.lstrip(_WS)
+        doc = self._DOCUMENT
         if not s:
             if not final and len(pre) < 4096:
                 self._pre = pre
                 return
-            mode = _SSE if self._ctype_sse else _JSON
+            mode = _SSE if self._ctype_sse else doc
         elif s[0] in b"{[":
-            mode = _JSON
+            mode = doc
         elif s.startswith(_SSE_PREFIXES):
             mode = _SSE
         elif not final and len(s) < 6 and any(p.startswith(s) for p in _SSE_PREFIXES):
             self._pre = pre
             return
         else:
-            mode = _SSE if self._ctype_sse else _JSON
+            mode = _SSE if self._ctype_sse else doc
         self._pre = b""
         self._mode = mode
         if mode == _SSE:
             for t, d, tail in self._parser.feed(pre):
                 self._event(t, d, tail, now)
         else:
-            self._json_add(pre)
+            self._start_document(pre, s, now)
+
+    def _start_document(self, pre: bytes, s: bytes, now: float) -> None:
+        """The first bytes of a body that is not an event stream (``s``: without BOM and
+        leading blanks)."""
+        self._json_add(pre)
 
     # -- SSE ----------------------------------------------------------------------
 
@@ -643,20 +647,11 @@ class ResponseScanner:
         t = obj.get("type")
         if type(t) is not str:
             t = "response" if obj.get("object") == "response" else None
-        m = obj.get("model")
-        if type(m) is str and m:
-            self._model = m[:256]
-        self._object_usage(obj, t)
-        tm = obj.get("timings")
-        if type(tm) is dict:
-            self._timings = tm
+        # A whole document is read as one event is (model, usage, timings, error); its
+        # content-ness does not matter, the body's own bytes time it.
+        self._object(obj, t)
         if self._fam == 0:
             self._json_text_chars = generated_text_chars(obj)
-        e = obj.get("error")
-        if e and not isinstance(e, bool):
-            self._error = _error_summary(e)
-        elif t == "error":
-            self._error = _error_summary(obj)
 
     # -- result -------------------------------------------------------------------
 
@@ -672,11 +667,7 @@ class ResponseScanner:
                         self._scan(piece, at)
                 if self._mode == _UNDECIDED:
                     self._detect(b"", at, final=True)
-                if self._mode == _SSE:
-                    for t, d, tail in self._parser.close():
-                        self._event(t, d, tail, at)
-                elif self._mode == _JSON:
-                    self._finish_json()
+                self._close_framing(at)
             except DecodeError as e:
                 self._decode_error = str(e)[:MAX_ERROR_LEN]
             except Exception:
@@ -684,6 +675,15 @@ class ResponseScanner:
         self._stopped = True
         r = self._result = self._build()
         return r
+
+    def _close_framing(self, at: float) -> None:
+        """The end of the body: the last event, or the JSON document (once per response;
+        the dialect scanner closes its JSON sequences here)."""
+        if self._mode == _SSE:
+            for t, d, tail in self._parser.close():
+                self._event(t, d, tail, at)
+        elif self._mode == _JSON:
+            self._finish_json()
 
     def _build(self) -> ScanResult:
         if self._fam == _AN:

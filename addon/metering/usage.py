@@ -58,14 +58,6 @@ REPORTED = "reported"
 ESTIMATED = "estimated"
 NONE = "none"
 
-FIELDS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-)
-
 
 @dataclass(slots=True)
 class Usage:
