@@ -180,9 +180,9 @@ def bench_scanner(quick: bool) -> dict:
 async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path) -> dict:
     from mitmproxy.test import taddons, tflow, tutils
 
-    from spendtap.proxy.hooks import SpendTap
+    from spendtap.proxy.addons import default_addons
 
-    addon = SpendTap()
+    addons = default_addons()
     out: dict = {}
     req_body = json.dumps(
         {
@@ -198,7 +198,8 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
             return await x
         return x
 
-    with taddons.context(addon) as tctx:
+    with taddons.context(*addons) as tctx:
+        addon = tctx.master.addons.get("spendtap-metering")  # the flow hooks
         tctx.configure(
             addon, spendtap_db=str(tmp / "micro-ledger.db"), spendtap_metrics="",
             spendtap_commit_wait_ms=0, listen_host="127.0.0.1",
@@ -271,7 +272,8 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
                 "python_call_baseline_us": round(statistics.median(baseline) * 1e6, 3),
             }
         out["hooks_us_per_request"] = round(t_hooks / max(1, n_hooks) * 1e6, 1)
-        await maybe(addon.done())
+        for each in addons:  # in order: rows in flight, then the writer, then the rest
+            await maybe(each.done())
     return out
 
 
