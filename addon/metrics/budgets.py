@@ -83,7 +83,11 @@ class BudgetCollector(Collector):
         busy_timeout_s: float = 1.0,
         central: Callable[[], Any] | None = None,
     ):
-        self._path = path if callable(path) else (lambda fixed=os.fspath(path): fixed)
+        if callable(path):
+            self._path = path
+        else:
+            fixed = os.fspath(path)
+            self._path = lambda: fixed
         self._p = prefix + "_" if prefix else ""
         self._clock = clock
         self.busy_timeout_s = busy_timeout_s
