@@ -8,9 +8,10 @@ setting spendtap cannot honour into a stop at start, or into a refusal (503) of 
 request where nothing could stop the process.
 
 ``SpendtapAddon`` is the base of the other addons (see ``spendtap.proxy.addons``): each
-declares its own share of the option table in ``load``, checks its own options in
+declares its own share of the option table in ``load``, reacts to its options in
 ``configure`` and hands every problem to ``FailClosed``: at start it stops the sidecar,
-at run time mitmproxy rolls the change back and the old settings stay.
+at run time mitmproxy rolls the change back and the old settings stay. The values
+themselves are checked against the table by ``FailClosed``, first in the list.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class FailClosed:
         problems = take_deferred(loader.master.options.deferred)
         if problems:
             self.refuse_to_meter("; ".join(problems))
+
+    def configure(self, updated: set[str]) -> None:
+        # First in the list: every changed value is checked against the table before any
+        # addon acts on one, so a change with one bad value changes nothing.
+        try:
+            for name in sorted(updated):
+                if name in BY_NAME:
+                    BY_NAME[name].validate(getattr(ctx.options, name))
+        except OptionError as e:
+            self.reject(str(e))
 
     def running(self) -> None:
         self.is_running = True
@@ -91,12 +102,10 @@ class SpendtapAddon:
             loader.add_option(option.name, option.type, option.default, option.help, option.choices)
 
     def configure(self, updated: set[str]) -> None:
+        if self.fail_closed.misconfiguration is not None:
+            return
         try:
-            for name in self.OPTIONS:
-                if name in updated:
-                    BY_NAME[name].validate(getattr(ctx.options, name))
-            if self.fail_closed.misconfiguration is None:
-                self.reconfigure(updated)
+            self.reconfigure(updated)
         except (OptionError, exceptions.OptionsError) as e:
             self.fail_closed.reject(str(e))
 
