@@ -118,16 +118,16 @@ class Metering(SpendtapAddon):
         except Exception:
             self._count_error("request", "could not read the request")
             return
-        gate = self.gatekeeper.gate
         try:
-            who = await gate.principal(req.headers, info.api, peer)
+            who = await self.gatekeeper.gate.principal(req.headers, info.api, peer)
         except Exception:
             # Who pays cannot be told (the key store failed): refuse rather than
             # forward a request nobody vouched for.
             self._count_error("principal", "could not name the principal")
             who = Principal(refusal=service_unavailable(info.api))
         try:
-            self._guard_headers(req.headers, who, peer, gate)
+            # The gate is read again after each await: a run-time change may have rebuilt it.
+            self._guard_headers(req.headers, who, peer, self.gatekeeper.gate)
             credential = self.guard.credential
             if who.swap_credential and credential is not None:
                 credential.apply(req.headers, info.api)
@@ -153,7 +153,9 @@ class Metering(SpendtapAddon):
             self._refuse(flow, meter, refusal, reason)
             return
         try:
-            admission = await gate.admit(flow.id, body, info, account, key, node=meter.node)
+            admission = await self.gatekeeper.gate.admit(
+                flow.id, body, info, account, key, node=meter.node
+            )
         except Exception:
             self._count_error("budget", "could not check the budget")
             if opts.spendtap_fail_open:
