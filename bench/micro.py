@@ -178,11 +178,12 @@ def bench_scanner(quick: bool) -> dict:
 
 
 async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path) -> dict:
+    from mitmproxy import hooks
     from mitmproxy.test import taddons, tflow, tutils
 
-    from spendtap.proxy.addons import default_addons
+    from spendtap.proxy.addons import SpendtapAddons
 
-    addons = default_addons()
+    spendtap = SpendtapAddons()
     out: dict = {}
     req_body = json.dumps(
         {
@@ -198,7 +199,7 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
             return await x
         return x
 
-    with taddons.context(*addons) as tctx:
+    with taddons.context(spendtap) as tctx:
         addon = tctx.master.addons.get("spendtap-metering")  # the flow hooks
         tctx.configure(
             addon, spendtap_db=str(tmp / "micro-ledger.db"), spendtap_metrics="",
@@ -272,8 +273,8 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
                 "python_call_baseline_us": round(statistics.median(baseline) * 1e6, 3),
             }
         out["hooks_us_per_request"] = round(t_hooks / max(1, n_hooks) * 1e6, 1)
-        for each in addons:  # in order: rows in flight, then the writer, then the rest
-            await maybe(each.done())
+        # Every addon's done, in order: rows in flight, then the writer, then the rest.
+        await tctx.master.addons.invoke_addon(spendtap, hooks.DoneHook())
     return out
 
 

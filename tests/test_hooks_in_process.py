@@ -20,7 +20,7 @@ from mitmproxy import exceptions, hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from spendtap.options import BY_NAME
-from spendtap.proxy.addons import default_addons
+from spendtap.proxy.addons import SpendtapAddons, default_addons
 from spendtap.proxy.failclosed import FailClosed, SpendtapAddon
 from spendtap.proxy.gatekeeper import Gatekeeper
 from spendtap.proxy.guard import Guard
@@ -51,25 +51,16 @@ class Sidecar:
         await self.tctx.master.addons.trigger_event(hooks.RunningHook())
 
 
-class Script:
-    """What mitmdump registers for ``-s spendtap.py``: one object whose ``addons`` is the
-    list, so every addon loads (and declares its options) before any is configured."""
-
-    name = "spendtap-script"
-
-    def __init__(self, addons: list):
-        self.addons = addons
-
-
 @contextlib.asynccontextmanager
 async def sidecar(tmp_path, *, deferred: tuple[str, ...] = (), **options):
     """The addon list loaded and configured as mitmdump would (``deferred``: ``--set``
     values given before the addons registered their options); shut down at the end."""
-    addons = default_addons()
+    spendtap = SpendtapAddons()
+    addons = spendtap.addons
     with taddons.context() as tctx:
         for item in deferred:
             tctx.options.set(item, defer=True)
-        tctx.master.addons.add(Script(addons))
+        tctx.master.addons.add(spendtap)
         settings = {
             "spendtap_db": str(tmp_path / "ledger.db"),
             "spendtap_metrics": "",

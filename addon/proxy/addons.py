@@ -39,3 +39,20 @@ def default_addons() -> list:
     monitoring.watch(recording, gatekeeper)
     metering = Metering(fail_closed, guard, recording, gatekeeper, monitoring)
     return [fail_closed, metering, guard, recording, gatekeeper, monitoring]
+
+
+class SpendtapAddons:
+    """``default_addons()`` as one addon, for harnesses that add addons one at a time
+    (``mitmproxy.test.taddons.context``).
+
+    mitmproxy loads an addon's ``addons`` together with it, every one declaring its
+    options before any is configured: what mitmdump does with the entry script's list.
+    Added one by one instead, the addons in place would be configured by the options
+    each next one declares, before the rest exist (with mitmproxy's default listen
+    host, the guard would refuse the start).
+    """
+
+    name = "spendtap"
+
+    def __init__(self) -> None:
+        self.addons = default_addons()
