@@ -1,9 +1,9 @@
 """The table of spendtap's own options: names, types, defaults, help and validation.
 
-One table serves the addon (``hooks`` declares every option from it), ``spendtap
-run`` (which checks every ``spendtap_*`` setting against it before mitmdump
-starts) and the addon's own guard against values mitmproxy would otherwise turn
-into a silently dropped script.
+One table serves the addons (each declares its own options from it; see
+``spendtap.proxy.addons``), ``spendtap run`` (which checks every ``spendtap_*``
+setting against it before mitmdump starts) and the addons' own guard against values
+mitmproxy would otherwise turn into a silently dropped script.
 
 Why the guard: mitmproxy defers ``--set`` values for options a script has not
 registered yet. When one of them then fails to parse, mitmproxy drops the whole

@@ -21,11 +21,11 @@ def _import_package():
         if cached is not None and not hasattr(cached, "__path__"):
             del sys.modules["spendtap"]  # a stale import of this file, not the package
         try:
-            import spendtap.proxy.hooks
+            import spendtap.proxy.addons
 
-            return spendtap.proxy.hooks
+            return spendtap.proxy.addons
         except ModuleNotFoundError as e:
-            if e.name not in ("spendtap", "spendtap.proxy", "spendtap.proxy.hooks"):
+            if e.name not in ("spendtap", "spendtap.proxy", "spendtap.proxy.addons"):
                 raise
         spec = importlib.util.spec_from_file_location(
             "spendtap", os.path.join(_here, "__init__.py"), submodule_search_locations=[_here]
@@ -33,11 +33,12 @@ def _import_package():
         package = importlib.util.module_from_spec(spec)
         sys.modules["spendtap"] = package
         spec.loader.exec_module(package)
-        import spendtap.proxy.hooks
+        import spendtap.proxy.addons
 
-        return spendtap.proxy.hooks
+        return spendtap.proxy.addons
     finally:
         sys.path[:] = saved
 
 
-addons = [_import_package().SpendTap()]
+# mitmproxy loads every addon of this list, in order (see spendtap.proxy.addons).
+addons = _import_package().default_addons()

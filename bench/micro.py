@@ -179,11 +179,12 @@ def bench_scanner(quick: bool) -> dict:
 
 
 async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path) -> dict:
+    from mitmproxy import hooks
     from mitmproxy.test import taddons, tflow, tutils
 
-    from spendtap.proxy.hooks import SpendTap
+    from spendtap.proxy.addons import SpendtapAddons
 
-    addon = SpendTap()
+    spendtap = SpendtapAddons()
     out: dict = {}
     req_body = json.dumps(
         {
@@ -199,7 +200,8 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
             return await x
         return x
 
-    with taddons.context(addon) as tctx:
+    with taddons.context(spendtap) as tctx:
+        addon = tctx.master.addons.get("spendtap-metering")  # the flow hooks
         tctx.configure(
             addon, spendtap_db=str(tmp / "micro-ledger.db"), spendtap_metrics="",
             spendtap_commit_wait_ms=0, listen_host="127.0.0.1",
@@ -272,7 +274,8 @@ async def _hooks_bench(chunk_sets: dict[str, list[bytes]], flows: int, tmp: Path
                 "python_call_baseline_us": round(statistics.median(baseline) * 1e6, 3),
             }
         out["hooks_us_per_request"] = round(t_hooks / max(1, n_hooks) * 1e6, 1)
-        await maybe(addon.done())
+        # Every addon's done, in order: rows in flight, then the writer, then the rest.
+        await tctx.master.addons.invoke_addon(spendtap, hooks.DoneHook())
     return out
 
 

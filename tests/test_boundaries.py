@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 
 ADDON = Path(__file__).resolve().parent.parent / "addon"
-# The hook layer: the only modules that may import mitmproxy.
-HOOK_LAYER = {"proxy/hooks.py", "proxy/errorpage.py"}
+# The hook layer: the only modules that may import mitmproxy (spendtap's addons, and the
+# error page patch). spendtap.proxy.addons only lists them and imports none of mitmproxy.
+HOOK_LAYER = {
+    "proxy/failclosed.py",
+    "proxy/hooks.py",
+    "proxy/guard.py",
+    "proxy/recording.py",
+    "proxy/gatekeeper.py",
+    "proxy/monitoring.py",
+    "proxy/errorpage.py",
+}
 
 
 def _imported_roots(path: Path) -> set[str]:

@@ -263,13 +263,14 @@ def test_a_bad_deferred_option_refuses_every_request_in_process(tmp_path):
     so even a mitmproxy that kept running would forward nothing unmetered."""
     from mitmproxy.test import taddons, tflow, tutils
 
-    from spendtap.proxy.hooks import SpendTap
+    from spendtap.proxy.addons import default_addons
 
     async def go():
         with taddons.context() as tctx:
             tctx.options.set("spendtap_require_auth=yes", defer=True)
-            addon = SpendTap()
-            tctx.master.addons.add(addon)
+            addons = default_addons()
+            tctx.master.addons.add(*addons)
+            addon = tctx.master.addons.get("spendtap-metering")
             tctx.configure(addon, spendtap_db=str(tmp_path / "l.db"), spendtap_metrics="",
                            listen_host="127.0.0.1")  # fmt: skip
             assert "spendtap_require_auth" not in tctx.options.deferred

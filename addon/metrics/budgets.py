@@ -1,10 +1,12 @@
 """Budget figures for Prometheus, read from the ledger at scrape time.
 
 ``BudgetCollector(path, prefix)`` is a ``prometheus_client`` custom collector:
-each scrape opens a short-lived read-only connection to the ledger, reads
-every budget's cap, spent, reserved and remaining tokens and the number of open
-reservations, and closes it. Nothing is cached or updated by hand, so the
-figures agree with ``spendtap budget show`` whichever process changed them.
+``path`` is the ledger's path, or a callable returning it at each scrape (so the
+gauges follow a ledger that changes at run time). Each scrape opens a short-lived
+read-only connection to the ledger, reads every budget's cap, spent, reserved
+and remaining tokens and the number of open reservations, and closes it. Nothing
+is cached or updated by hand, so the figures agree with ``spendtap budget show``
+whichever process changed them.
 
 Series are labelled ``scope`` (key or account) and ``principal``; they are as
 many as the budgets an operator set, so bounded. A ledger that does not exist
@@ -74,19 +76,29 @@ class BudgetCollector(Collector):
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Callable[[], str | os.PathLike[str] | None],
         prefix: str = DEFAULT_METRICS_PREFIX,
         *,
         clock: Callable[[], float] = time.time,
         busy_timeout_s: float = 1.0,
         central: Callable[[], Any] | None = None,
     ):
-        self.path = os.fspath(path)
+        if callable(path):
+            self._path = path
+        else:
+            fixed = os.fspath(path)
+            self._path = lambda: fixed
         self._p = prefix + "_" if prefix else ""
         self._clock = clock
         self.busy_timeout_s = busy_timeout_s
         self.scrape_errors = 0
         self._central = central
+
+    @property
+    def path(self) -> str | None:
+        """The ledger this scrape reads (None: no ledger yet)."""
+        path = self._path()
+        return None if path is None else os.fspath(path)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         p = self._p
@@ -109,25 +121,28 @@ class BudgetCollector(Collector):
                 statuses = store.statuses(self._clock())
                 count = store.open_reservation_count()
             except Exception:
-                yield from self._failed()
+                yield from self._failed("the central store")
                 return
             yield from self._emit(families, money, open_family, statuses, count)
             return
+        path = self.path
         try:
-            conn = open_readonly(self.path, self.busy_timeout_s)
+            conn = open_readonly(path, self.busy_timeout_s) if path is not None else None
         except LedgerNotFound:
+            conn = None
+        except Exception:
+            yield from self._failed(path)
+            return
+        if conn is None:  # no ledger yet: nothing reserved, no budgets
             open_family.add_metric([], 0)
             yield from (*families.values(), *money.values(), open_family, self._errors())
-            return
-        except Exception:
-            yield from self._failed()
             return
         try:
             conn.execute("BEGIN")  # one snapshot for every figure
             statuses = read_statuses(conn, self._clock())
             count = open_reservation_count(conn)
         except Exception:
-            yield from self._failed()
+            yield from self._failed(path)
             return
         finally:
             with contextlib.suppress(Exception):
@@ -160,7 +175,7 @@ class BudgetCollector(Collector):
         family.add_metric([], self.scrape_errors)
         return family
 
-    def _failed(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def _failed(self, where: str | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         self.scrape_errors += 1
-        logger.warning("spendtap: could not read budgets from %s", self.path, exc_info=True)
+        logger.warning("spendtap: could not read budgets from %s", where, exc_info=True)
         yield self._errors()

@@ -1,2 +1,2 @@
-"""The mitmproxy side: the addon's hooks and the request-path decisions they call
-(principals, trust, budgets admission, spendtap's own answers)."""
+"""The mitmproxy side: spendtap's addons (listed in ``addons``) and the request-path
+decisions they call (principals, trust, budgets admission, spendtap's own answers)."""

@@ -1,0 +1,113 @@
+"""The recording addon: where finished rows go, priced.
+
+It owns the prices (``spendtap.pricing``), the ledger and its single writer thread
+(``spendtap.store.writer``) and the optional JSONL access log. The ledger is created
+and migrated when it is configured, so a bad path stops the sidecar before it listens
+anywhere (the metrics port comes later in the addon list).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx, exceptions
+
+from spendtap.paths import default_db_path
+from spendtap.pricing import PriceFileError, Pricer
+from spendtap.proxy.accesslog import AccessLog
+from spendtap.proxy.failclosed import SpendtapAddon
+from spendtap.store.ledger import Ledger, LedgerError
+from spendtap.store.writer import LedgerWriter
+
+logger = logging.getLogger("spendtap")
+
+
+class Recording(SpendtapAddon):
+    name = "spendtap-recording"
+    OPTIONS = ("spendtap_db", "spendtap_prices", "spendtap_access_log")
+
+    def __init__(self, fail_closed, monitoring) -> None:
+        super().__init__(fail_closed)
+        # Committed rows' costs go to the metrics (read through it: they may be rebuilt).
+        self.monitoring = monitoring
+        self.pricer: Pricer | None = None
+        self.writer: LedgerWriter | None = None
+        self.db_path: str | None = None
+        self.access_log: AccessLog | None = None
+
+    def reconfigure(self, updated: set[str]) -> None:
+        if "spendtap_prices" in updated or self.pricer is None:
+            self._configure_prices()
+        if "spendtap_db" in updated or self.writer is None:
+            self._configure_ledger()
+        if "spendtap_access_log" in updated:
+            self._configure_access_log()
+
+    def _configure_prices(self) -> None:
+        path = ctx.options.spendtap_prices
+        try:
+            self.pricer = Pricer.from_path(path or None)
+        except PriceFileError as e:
+            raise exceptions.OptionsError(f"spendtap_prices: {e}") from e
+        if path:
+            models = len(self.pricer.price_file.exact) + len(self.pricer.price_file.globs)
+            logger.info(f"spendtap: prices from {path} ({models} entries), then the catalogue")
+
+    def _configure_ledger(self) -> None:
+        path = ctx.options.spendtap_db or str(default_db_path())
+        if path == self.db_path and self.writer is not None:
+            return
+        try:
+            Ledger(path).close()  # create and migrate now, so a bad path fails at start
+        except Exception as e:  # LedgerError, OSError, sqlite3.DatabaseError (a corrupt file)
+            message = (
+                f"spendtap_db: {e}" if isinstance(e, LedgerError) else f"spendtap_db: {path}: {e}"
+            )
+            raise exceptions.OptionsError(message) from e
+        if self.writer is not None:
+            self.writer.close(timeout=10)
+        self.writer = LedgerWriter(
+            path, logger=logger, price_row=self._price_row, after_commit=self._observe_costs
+        )
+        self.writer.start()
+        self.db_path = path
+        logger.info(f"spendtap: metering to ledger {path}")
+
+    def _configure_access_log(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+        path = ctx.options.spendtap_access_log
+        if path:
+            try:
+                self.access_log = AccessLog(path)
+            except OSError as e:
+                raise exceptions.OptionsError(f"spendtap_access_log: {e}") from e
+
+    def _price_row(self, row: dict) -> None:
+        # The writer's thread: the pricer in use when the row is written.
+        self.pricer.apply(row)
+
+    def _observe_costs(self, rows: list[dict]) -> None:
+        metrics = self.monitoring.metrics
+        if metrics is not None:
+            for row in rows:
+                metrics.observe_cost(row)
+
+    def submit(self, row: dict, on_commit=None) -> bool:
+        """Queue a row for the ledger; False when there is no writer to take it."""
+        if self.writer is None:
+            return False
+        self.writer.submit(row, on_commit)
+        return True
+
+    def log_access(self, row: dict) -> None:
+        if self.access_log is not None:
+            self.access_log.write(row)
+
+    def done(self) -> None:
+        # After the flow hooks' done (earlier in the list) submitted the rows in flight.
+        if self.writer is not None:
+            self.writer.close(timeout=30)
+        if self.access_log is not None:
+            self.access_log.close()
