@@ -70,7 +70,13 @@ from typing import Any
 
 from spendtap.metering.usage import INPUT_ONLY_APIS, OTHER
 from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
-from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
+from spendtap.store.errors import boundary_class, storage_boundary
+from spendtap.store.ledger import (
+    LedgerError,
+    LedgerNotFound,
+    store_connection,
+    transaction,
+)
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 
 __all__ = [
@@ -580,6 +586,7 @@ def _all_budgets(conn: sqlite3.Connection) -> list[Budget]:
     return sorted(out, key=lambda b: (b.scope != "key", b.principal, b.unit != TOKENS))
 
 
+@storage_boundary
 def read_statuses(
     conn: sqlite3.Connection, now: float | datetime | None = None
 ) -> list[BudgetStatus]:
@@ -588,6 +595,7 @@ def read_statuses(
     return [_status(conn, b, t) for b in _all_budgets(conn)]
 
 
+@storage_boundary
 def open_reservation_count(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT count(*) FROM reservations").fetchone()[0]
 
@@ -595,6 +603,7 @@ def open_reservation_count(conn: sqlite3.Connection) -> int:
 # -- the store ------------------------------------------------------------------------
 
 
+@boundary_class
 class Budgets:
     """Budgets and reservations in the ledger at ``path``.
 
@@ -602,8 +611,8 @@ class Budgets:
     be used from one worker thread; a lock makes other threads safe but
     serialized. ``create`` False opens only an existing ledger
     (``LedgerNotFound`` otherwise). Reading and management methods raise
-    ``sqlite3.Error``/``LedgerError``; ``reserve`` and ``release`` turn
-    database failures into ``BudgetUnavailable``.
+    ``LedgerError`` (SQLite's failures as ``StorageError``); ``reserve`` and
+    ``release`` turn database failures into ``BudgetUnavailable``.
     """
 
     def __init__(
@@ -617,26 +626,9 @@ class Budgets:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self._lock = threading.Lock()
-        if readonly:
-            # For show, list and reservations: works on a read-only mount or a copy.
-            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
-            self._conn, _note = connect_readonly(
-                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
-            )
-            self._conn.isolation_level = None
-            return
-        # Create (or check) and migrate through the ledger, then keep a plain
-        # autocommit connection so that every transaction here is explicit.
-        opener = Ledger if create else Ledger.open_existing
-        opener(self.path, busy_timeout_s=busy_timeout_s).close()
-        self._conn = sqlite3.connect(
-            self.path,
-            timeout=busy_timeout_s,
-            isolation_level=None,
-            check_same_thread=False,
+        self._conn = store_connection(
+            self.path, busy_timeout_s=busy_timeout_s, create=create, readonly=readonly
         )
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
 
     def close(self) -> None:
         with self._lock:
@@ -654,16 +646,8 @@ class Budgets:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
 
     # -- configuration --------------------------------------------------------------
 
@@ -1021,6 +1005,7 @@ def _binding(refusals: list[Decision]) -> Decision:
     )
 
 
+@storage_boundary
 def open_readonly(path: str | os.PathLike[str], busy_timeout_s: float = 1.0) -> sqlite3.Connection:
     """A read-only connection to an existing ledger (``LedgerNotFound`` if there is none)."""
     p = Path(path)

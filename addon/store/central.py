@@ -30,9 +30,12 @@ How the guarantees carry over from one node to a fleet:
 
 Exceptions::
 
-    LedgerError (spendtap.store.ledger)
-     +-- CentralError           the central store failed (message names no password)
-     |    +-- NotCentral        the database is someone else's (no spendtap migrations)
+    LedgerError (spendtap.store.errors)
+     +-- StorageError
+     |    +-- CentralError      the central store failed (message names no password)
+     |         +-- NotCentral   the database is someone else's (no spendtap migrations)
+     |         +-- CentralBusy, CentralUnwritable, CentralCorrupt: also LedgerBusy,
+     |             LedgerUnwritable, LedgerCorrupt (the kind of PostgreSQL's SQLSTATE)
      +-- BudgetUnavailable      (spendtap.store.budgets) PostgreSQL cannot answer a reserve now
 
 Every connection has a bounded connect timeout and statement timeout; callers
@@ -70,12 +73,19 @@ from spendtap.store.budgets import (
     _epoch,
     _ts_epoch,
 )
+from spendtap.store.errors import (
+    LedgerBusy,
+    LedgerCorrupt,
+    LedgerUnwritable,
+    StorageError,
+    boundary_class,
+    storage_error,
+)
 from spendtap.store.ledger import (
     COLUMNS,
     OUTCOMES,
     REPORT_BY,
     REPORT_SORT,
-    LedgerError,
     _row_out,
     normalize_row,
     usd,
@@ -97,8 +107,28 @@ _SPEND = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
 _BUDGET_COLUMNS = "scope, principal, cap_tokens, window_s, since, created_at, updated_at"
 
 
-class CentralError(LedgerError):
+class CentralError(StorageError):
     """The central store failed; the message is one line and never holds a password."""
+
+
+class CentralBusy(CentralError, LedgerBusy):
+    """PostgreSQL could not take a lock or serialize the transaction: try again later."""
+
+
+class CentralUnwritable(CentralError, LedgerUnwritable):
+    """PostgreSQL is out of disk or memory, or the transaction is read-only."""
+
+
+class CentralCorrupt(CentralError, LedgerCorrupt):
+    """PostgreSQL reports corrupted data or an index it cannot read."""
+
+
+# The store's kind of a driver error (``errors.storage_error``), as a central error.
+_CENTRAL_KINDS: dict[type[StorageError], type[CentralError]] = {
+    LedgerBusy: CentralBusy,
+    LedgerUnwritable: CentralUnwritable,
+    LedgerCorrupt: CentralCorrupt,
+}
 
 
 class NotCentral(CentralError):
@@ -362,6 +392,7 @@ def _dsn_kwargs(timeout_s: float) -> dict[str, Any]:
     }
 
 
+@boundary_class
 class CentralStore:
     """The fleet's store in the PostgreSQL database ``dsn``.
 
@@ -432,7 +463,9 @@ class CentralStore:
 
     def _error(self, e: BaseException) -> CentralError:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CentralError(f"central store {self.where}: {text}")
+        mapped = storage_error(e)
+        kind = _CENTRAL_KINDS.get(type(mapped), CentralError)
+        return kind(f"central store {self.where}: {text}")
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -1221,6 +1254,7 @@ def _refusal(conn: Any, budget: Budget, spent: int, reserved: int, tokens: int, 
     )
 
 
+@boundary_class
 class CentralKeys:
     """Bearer keys registered in the central store: they resolve on every node.
 

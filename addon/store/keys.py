@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spendtap.store.ledger import Ledger, LedgerError, connect_readonly
+from spendtap.store.errors import boundary_class
+from spendtap.store.ledger import LedgerError, store_connection, transaction
 from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
@@ -157,6 +158,7 @@ def new_record(account: str, key_id: str, secret: str, *, now: float | None = No
     )
 
 
+@boundary_class
 class Keys:
     """The ``api_keys`` table of the ledger at ``path``.
 
@@ -174,18 +176,9 @@ class Keys:
     ):
         self.path = Path(path)
         self._lock = threading.Lock()
-        if readonly:
-            # For keys list: works on a read-only mount or a copy.
-            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
-            self._conn, _note = connect_readonly(
-                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
-            )
-            self._conn.isolation_level = None
-            return
-        opener = Ledger if create else Ledger.open_existing
-        opener(self.path, busy_timeout_s=busy_timeout_s).close()
-        self._conn = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        # Read-only for keys list: works on a read-only mount or a copy.
+        self._conn = store_connection(
+            self.path, busy_timeout_s=busy_timeout_s, create=create, readonly=readonly
         )
 
     def close(self) -> None:
@@ -269,9 +262,8 @@ class Keys:
             fp = (fingerprint_prefix or "").lower()
             if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
                 raise ValueError("a fingerprint prefix is at least 8 hex digits")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                matches = self._conn.execute(
+            with transaction(self._conn) as conn:
+                matches = conn.execute(
                     "SELECT fingerprint FROM api_keys "
                     "WHERE substr(fingerprint, 1, ?) = ? AND revoked_at IS NULL",
                     (len(fp), fp),
@@ -279,12 +271,7 @@ class Keys:
                 if len(matches) > 1:
                     raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
                 for (full,) in matches:
-                    self._conn.execute(
+                    conn.execute(
                         "UPDATE api_keys SET revoked_at = ? WHERE fingerprint = ?", (stamp, full)
                     )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
             return len(matches)

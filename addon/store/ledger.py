@@ -11,12 +11,14 @@ migration is never edited: a change is a new function at the end of the list.
 Other modules that keep tables in the same file can run their own list through
 ``run_migrations`` (with their own prefix, such as ``budget_m001_...``).
 
-Exceptions::
+Exceptions (defined in ``spendtap.store.errors``, re-exported here)::
 
     LedgerError                  any ledger problem the caller should report
      +-- LedgerNotFound          a read-only open of a path that does not exist
      +-- NotALedger              the file is not SQLite, or is SQLite without
-                                 spendtap's migrations table (someone else's database)
+     |                           spendtap's migrations table (someone else's database)
+     +-- StorageError            SQLite failed: LedgerBusy, LedgerUnwritable,
+                                 LedgerCorrupt, RowRefused (never a bare sqlite3 error)
 
 A corrupt or foreign file is an error, never silently replaced.
 
@@ -43,6 +45,19 @@ from typing import Any
 
 import sqlite_utils
 
+from spendtap.store.errors import (
+    LedgerBusy,
+    LedgerCorrupt,
+    LedgerError,
+    LedgerNotFound,
+    LedgerUnwritable,
+    NotALedger,
+    RowRefused,
+    StorageError,
+    boundary_class,
+    storage_boundary,
+    storage_error,
+)
 from spendtap.timeparse import normalize_ts
 
 __all__ = [
@@ -52,9 +67,14 @@ __all__ = [
     "REPORT_BY",
     "USAGE_SOURCES",
     "Ledger",
+    "LedgerBusy",
+    "LedgerCorrupt",
     "LedgerError",
     "LedgerNotFound",
+    "LedgerUnwritable",
     "NotALedger",
+    "RowRefused",
+    "StorageError",
     "normalize_row",
     "run_migrations",
 ]
@@ -108,18 +128,6 @@ ROW_FIELDS = tuple("cost_usd" if c == "cost_nusd" else c for c in COLUMNS)
 
 MAX_ERROR_LEN = 200
 MAX_TEXT_LEN = 512
-
-
-class LedgerError(Exception):
-    """A ledger problem the caller should report (the base of this module's errors)."""
-
-
-class LedgerNotFound(LedgerError):
-    """A ledger opened for reading does not exist (reading never creates one)."""
-
-
-class NotALedger(LedgerError):
-    """The file is not SQLite, or is SQLite without spendtap's migrations table."""
 
 
 # -- migrations (append-only: never edit a shipped one) -------------------------
@@ -357,6 +365,21 @@ def _user_tables(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled back
+    when it raises (the write lock is taken at the start, so reads inside see what the
+    writes will change)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def run_migrations(
     db: sqlite_utils.Database,
     migrations: Sequence[Callable[[sqlite_utils.Database], None]],
@@ -373,8 +396,7 @@ def run_migrations(
     conn = db.conn
     if conn.in_transaction:
         raise LedgerError("cannot migrate inside an open transaction")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         tables = _user_tables(conn)
         if MIGRATIONS_TABLE not in tables:
             if tables and not adopt_foreign:
@@ -398,11 +420,6 @@ def run_migrations(
                 (name,),
             )
             applied.append(name)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return applied
 
 
@@ -555,6 +572,7 @@ def readonly_reason(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+@storage_boundary
 def connect_readonly(
     path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, check_same_thread: bool = True
 ) -> tuple[sqlite3.Connection, str | None]:
@@ -628,6 +646,33 @@ def _uri_path(path: Path) -> str:
     return quote(str(path.absolute()), safe="/")
 
 
+def store_connection(
+    path: Path, *, busy_timeout_s: float, create: bool, readonly: bool
+) -> sqlite3.Connection:
+    """The connection of a store that keeps its tables in the ledger (budgets, keys).
+
+    The ledger is opened first, which creates and migrates it (``create``), or checks
+    that it exists and is a ledger; the store then keeps a plain autocommit connection
+    of its own, so every transaction it makes is explicit (``transaction``) and it may
+    be shared between threads behind the store's lock. ``readonly`` opens a read-only
+    one that works on a read-only mount or a backup copy.
+    """
+    if readonly:
+        Ledger.open_existing(path, busy_timeout_s=busy_timeout_s, readonly=True).close()
+        conn, _note = connect_readonly(path, busy_timeout_s=busy_timeout_s, check_same_thread=False)
+        conn.isolation_level = None
+        return conn
+    opener = Ledger if create else Ledger.open_existing
+    opener(path, busy_timeout_s=busy_timeout_s).close()
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+@boundary_class
 class Ledger:
     """The request ledger in one SQLite database (a file or an open ``Database``).
 
@@ -713,7 +758,8 @@ class Ledger:
             raise NotALedger(f"{where} is not a spendtap ledger: {e}") from None
         except sqlite3.DatabaseError as e:
             if isinstance(e, sqlite3.OperationalError):
-                raise LedgerError(f"cannot open the ledger {where}: {e}") from e
+                # Locked, read-only, I/O: the kind says which, the message where.
+                raise storage_error(e, f"cannot open the ledger {where}: ") from e
             raise NotALedger(f"{where} is not a spendtap ledger: {e}") from e
 
     def _pending_migrations(self) -> bool:
@@ -746,26 +792,19 @@ class Ledger:
 
         Every row is validated first (``normalize_row``), so a bad row raises
         ``ValueError``/``TypeError`` before anything is written. Returns the number
-        of rows actually inserted. ``sqlite3.OperationalError`` (locked, read-only,
-        disk full) propagates with nothing written.
+        of rows actually inserted. ``LedgerBusy``/``LedgerUnwritable`` (locked,
+        read-only, disk full) and ``RowRefused`` propagate with nothing written.
         """
         prepared = list(rows) if normalized else [normalize_row(r) for r in rows]
         if not prepared:
             return 0
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db.conn) as conn:
             # rowcount counts the rows inserted, not the triggers' budget updates.
             inserted = conn.executemany(_INSERT_SQL, prepared).rowcount
             # Settle: the row's usage becomes spend (the triggers) in the same
             # commit that drops its reservation, so no instant counts it twice
             # or not at all. A row without a reservation deletes nothing.
             conn.executemany(_SETTLE_SQL, [(r["id"],) for r in prepared])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return inserted
 
     # -- reading ------------------------------------------------------------------
@@ -861,20 +900,12 @@ class Ledger:
         returns how many rows changed (a row already holding those values is untouched)."""
         if not updates:
             return 0
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            changed = conn.executemany(
+        with transaction(self.db.conn) as conn:
+            return conn.executemany(
                 "UPDATE requests SET cost_nusd = ?, price_source = ? WHERE id = ? "
                 "AND (cost_nusd IS NOT ? OR price_source IS NOT ?)",
                 [(c, src, rid, c, src) for rid, c, src in updates],
             ).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return changed
 
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
