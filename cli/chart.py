@@ -14,7 +14,6 @@ series from the ledger, picks the bucket size and prints.
 from __future__ import annotations
 
 import math
-import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -170,7 +169,7 @@ def draw_report_chart(
         series = ledger.spend_series(
             by, bucket_s, since=since, until=until, metric=metric, **chosen
         )
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +100,7 @@ def export_command(
         if progress:
             rows = _with_progress(rows, total)
         write_rows(rows, fmt, ROW_FIELDS)
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

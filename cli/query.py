@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,7 +128,7 @@ def time_range(since: str | None, until: str | None) -> tuple[str | None, str | 
 def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
     try:
         yield from rows
-    except sqlite3.Error as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
 
 
@@ -182,7 +181,7 @@ def requests_command(
             limit=limit or None,
         )
         write_rows(_rows_or_fail(rows), fmt, ROW_FIELDS, table_columns=REQUESTS_TABLE)
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()
@@ -281,7 +280,7 @@ def report_command(
             by, since=start, until=end, account=account, key=key, model=model, node=node,
             sort=sort,
         )  # fmt: skip
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

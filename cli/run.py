@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,7 +18,7 @@ from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
 from spendtap.proxy.trust import read_secret_file
-from spendtap.store.ledger import Ledger, LedgerError
+from spendtap.store.ledger import Ledger, LedgerError, StorageError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -279,10 +278,10 @@ def run(
         # clear line rather than a traceback from inside mitmdump.
         try:
             Ledger(db).close()
+        except (OSError, StorageError) as e:  # the system's own words: say where
+            raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
         except LedgerError as e:
             raise click.ClickException(str(e)) from None
-        except (OSError, sqlite3.Error) as e:
-            raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
         if settings.prices:
             try:
                 PriceFile.load(settings.prices)

@@ -130,13 +130,12 @@ def _driver_kind(e: BaseException) -> type[StorageError] | None:
     return None
 
 
-def storage_error(e: BaseException, prefix: str = "") -> StorageError | None:
-    """The store's exception for a driver's ``e`` (its message after ``prefix``), None if
-    ``e`` is not a driver's exception."""
+def storage_error(e: BaseException) -> StorageError | None:
+    """The store's exception for a driver's ``e`` (same message), None if ``e`` is not one."""
     kind = _driver_kind(e)
     if kind is None:
         return None
-    mapped = kind(f"{prefix}{e}")
+    mapped = kind(str(e))
     mapped.__cause__ = e
     return mapped
 

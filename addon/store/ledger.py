@@ -55,8 +55,8 @@ from spendtap.store.errors import (
     RowRefused,
     StorageError,
     boundary_class,
+    mapped_errors,
     storage_boundary,
-    storage_error,
 )
 from spendtap.timeparse import normalize_ts
 
@@ -71,6 +71,7 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerError",
     "LedgerNotFound",
+    "LedgerProbe",
     "LedgerUnwritable",
     "NotALedger",
     "RowRefused",
@@ -619,6 +620,39 @@ def connect_readonly(
     return con, note
 
 
+@boundary_class
+class LedgerProbe:
+    """What ``spendtap doctor`` reads of a ledger file, read-only (``connect_readonly``).
+
+    Each read is its own method so a caller can tell which step failed: a file that is
+    not SQLite fails at ``tables`` with ``LedgerCorrupt``. ``note`` is the snapshot note
+    of ``connect_readonly``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0):
+        self._con, self.note = connect_readonly(path, busy_timeout_s=busy_timeout_s)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def tables(self) -> set[str]:
+        """Every table's name (reading the schema is what detects a file that is not SQLite)."""
+        return {
+            r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+
+    def applied_migrations(self) -> set[str]:
+        return {r[0] for r in self._con.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+
+    def last_row(self) -> tuple[str | None, int]:
+        """The ``ts`` of the newest row (None when there is none) and the number of rows."""
+        return self._con.execute("SELECT max(ts), count(*) FROM requests").fetchone()
+
+    def open_reservations(self) -> tuple[int, str | None]:
+        """How many reservations are open, and when the oldest was made."""
+        return self._con.execute("SELECT count(*), min(created_at) FROM reservations").fetchone()
+
+
 PRIVATE_FILE_MODE = 0o600
 
 
@@ -758,8 +792,9 @@ class Ledger:
             raise NotALedger(f"{where} is not a spendtap ledger: {e}") from None
         except sqlite3.DatabaseError as e:
             if isinstance(e, sqlite3.OperationalError):
-                # Locked, read-only, I/O: the kind says which, the message where.
-                raise storage_error(e, f"cannot open the ledger {where}: ") from e
+                # Worded here, whatever it was (locked, read-only, I/O): callers show it
+                # as it is, where a bare StorageError is the driver's words alone.
+                raise LedgerError(f"cannot open the ledger {where}: {e}") from e
             raise NotALedger(f"{where} is not a spendtap ledger: {e}") from e
 
     def _pending_migrations(self) -> bool:
@@ -906,6 +941,18 @@ class Ledger:
                 "AND (cost_nusd IS NOT ? OR price_source IS NOT ?)",
                 [(c, src, rid, c, src) for rid, c, src in updates],
             ).rowcount
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside the block see one state of the ledger (a read transaction)."""
+        conn = self.db.conn
+        with mapped_errors():  # a context manager: the class decorator cannot reach it
+            conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with mapped_errors():
+                conn.execute("COMMIT")
 
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
