@@ -141,11 +141,11 @@ def draw_report_chart(
     ascii_only: bool = False,
     metric: str = "tokens",
 ) -> None:
-    """Print the spend chart of ``report --chart``; ClickException on bad options."""
+    """Print the spend chart of ``report --chart``; a usage error on bad options."""
     if fmt != "table":
-        raise click.ClickException("--chart draws on the terminal; it does not take --format")
+        raise click.UsageError("--chart draws on the terminal; it does not take --format")
     if by not in ("account", "key", "model", "node"):
-        raise click.ClickException("--chart draws per account, key, model or node, not per " + by)
+        raise click.UsageError("--chart draws per account, key, model or node, not per " + by)
     if not ascii_only:
         ascii_only = not can_draw_unicode(sys.stdout.encoding)
     chosen = {k: v for k, v in filters.items() if v is not None}

@@ -39,7 +39,7 @@ import click
 
 from spendtap.address import parse_listen
 from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
-from spendtap.cli.numbers import seconds
+from spendtap.cli.numbers import bad_value, seconds
 from spendtap.cli.paths import db_option
 from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
@@ -459,8 +459,12 @@ def doctor(db_path, metrics, upstream, config_path, central, timeout):
         try:
             base = metrics_url(metrics)
         except ValueError as e:
-            where = "'--metrics'" if from_option else "the configured metrics address"
-            raise click.ClickException(f"Invalid value for {where}: {e}") from None
+            if from_option:
+                raise bad_value("metrics", str(e)) from None
+            # Not an option: the config file's value is an error of the setting (exit 1).
+            raise click.ClickException(
+                f"Invalid value for the configured metrics address: {e}"
+            ) from None
     report = Report(click.echo)
     db = db_path
     if click.get_current_context().get_parameter_source(

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from spendtap.cli.output import Choice, write_rows
+from spendtap.cli.output import write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.cli.query import filter_options, time_options, time_range
 from spendtap.store.ledger import ROW_FIELDS, LedgerError
@@ -37,7 +37,7 @@ def _with_progress(rows: Iterator[dict[str, Any]], total: int) -> Iterator[dict[
     "-f",
     "--format",
     "fmt",
-    type=Choice(("jsonl", "csv")),
+    type=click.Choice(("jsonl", "csv")),
     default="jsonl",
     show_default=True,
     help="JSON lines or CSV with a header line; every column of every row.",

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from spendtap.cli.chart import draw_report_chart
-from spendtap.cli.numbers import count
-from spendtap.cli.output import Choice, output_options, write_rows
+from spendtap.cli.numbers import bad_value, count
+from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.store.ledger import OUTCOMES, REPORT_BY, REPORT_SORT, ROW_FIELDS, LedgerError
 from spendtap.timeparse import format_ts, parse_when
@@ -94,7 +94,7 @@ def filter_options(outcome: bool):
         if outcome:
             fn = click.option(
                 "--outcome",
-                type=Choice((*OUTCOMES, REFUSED)),
+                type=click.Choice((*OUTCOMES, REFUSED)),
                 callback=_outcome,
                 help="Only requests with this outcome; refused is the same as rejected "
                 "(answered by spendtap itself: budget, auth or ledger refusals).",
@@ -108,20 +108,20 @@ def filter_options(outcome: bool):
 
 
 def time_range(since: str | None, until: str | None) -> tuple[str | None, str | None]:
-    """Parse ``--since``/``--until`` against one ``now``; ClickException on bad input."""
+    """Parse ``--since``/``--until`` against one ``now``; a usage error on bad input."""
     now = datetime.now(UTC)
     bounds: dict[str, str | None] = {}
-    for name, text in (("--since", since), ("--until", until)):
+    for name, text in (("since", since), ("until", until)):
         if text is None:
             bounds[name] = None
             continue
         try:
             bounds[name] = format_ts(parse_when(text, now))
         except ValueError as e:
-            raise click.ClickException(f"Invalid value for '{name}': {e}") from None
-    start, end = bounds["--since"], bounds["--until"]
+            raise bad_value(name, str(e)) from None
+    start, end = bounds["since"], bounds["until"]
     if start is not None and end is not None and end <= start:
-        raise click.ClickException(f"--until ({end}) must be later than --since ({start})")
+        raise click.UsageError(f"--until ({end}) must be later than --since ({start})")
     return start, end
 
 
@@ -190,7 +190,7 @@ def requests_command(
 @click.command(name="report")
 @click.option(
     "--by",
-    type=Choice(REPORT_BY),
+    type=click.Choice(REPORT_BY),
     default="account",
     show_default=True,
     help="Group totals by a row field (account, key, model, node, api, path, outcome, "
@@ -198,14 +198,14 @@ def requests_command(
 )
 @click.option(
     "--sort",
-    type=Choice(REPORT_SORT),
+    type=click.Choice(REPORT_SORT),
     default=None,
     help="Order groups by tokens, cost or requests, most first [default: tokens; "
     "days and hours in time order].",
 )
 @click.option(
     "--metric",
-    type=Choice(("tokens", "cost")),
+    type=click.Choice(("tokens", "cost")),
     default="tokens",
     show_default=True,
     help="What --chart draws: tokens, or spend in dollars.",
@@ -271,9 +271,9 @@ def report_command(
         )
         return
     if metric != "tokens":
-        raise click.ClickException("--metric only applies to --chart")
+        raise click.UsageError("--metric only applies to --chart")
     if ascii_only:
-        raise click.ClickException("--ascii only applies to --chart")
+        raise click.UsageError("--ascii only applies to --chart")
     ledger = open_ledger(db_path)
     try:
         rows = ledger.report(

@@ -26,6 +26,13 @@ def run(db, *args, input=None):
     return CliRunner().invoke(cli, [*args, "--db", str(db)], input=input)
 
 
+def usage_error(result) -> str:
+    """click's usage error: exit 2, the usage, then its one Error line (returned)."""
+    assert result.exit_code == 2 and result.output.startswith("Usage: "), result.output
+    assert result.output.count("Error:") == 1, result.output
+    return result.output.splitlines()[-1]
+
+
 def test_budget_set_show_list_rm(db):
     """A budget is set, shown with its figures, listed and removed."""
     result = run(db, "budget", "set", "--key", "k1", "--cap", "1000", "--window", "1h")
@@ -95,12 +102,23 @@ def test_budget_reset(db):
             ["budget", "set", "--key", "k", "--cap", "5", "--window", "soon"],
             "invalid window 'soon'",
         ),
+    ],
+)
+def test_budget_usage_errors(db, args, message):
+    """Options that conflict or a value out of range or form: click's usage error, exit 2."""
+    Ledger(db).close()
+    assert message in usage_error(run(db, *args))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["budget", "show", "--key", "nope"], "no budget for key nope"),
         (["budget", "rm", "--account", "nope"], "no budget for account nope"),
     ],
 )
 def test_budget_errors(db, args, message):
-    """Bad budget commands fail with one line and exit 1."""
+    """A budget that is not there: one line, exit 1."""
     Ledger(db).close()
     result = run(db, *args)
     assert result.exit_code == 1
@@ -153,7 +171,7 @@ def test_reservations_and_sweep(db):
         == "id,account,key,tokens,usd,created_at,age_s,owner\n"
     )
     result = run(db, "sweep", "--older-than", "soon")
-    assert result.exit_code == 1 and "Invalid value for '--older-than'" in result.output
+    assert usage_error(result).startswith("Error: Invalid value for '--older-than': ")
 
 
 def test_keys_add_from_stdin_list_rm(db):
@@ -199,7 +217,6 @@ def test_keys_add_generates_and_prints_once(db):
     [
         (["keys", "add", "--account", "a", "--key-id", "k"], "", "no secret on stdin and it"),
         (["keys", "add", "--account", "a", "--key-id", "k"], "short", "at least 16 characters"),
-        (["keys", "rm"], None, "give exactly one of --key-id and --fingerprint"),
         (["keys", "rm", "--key-id", "ghost"], None, "no active key with key id ghost"),
         (["keys", "rm", "--fingerprint", "xyz"], None, "at least 8 hex digits"),
     ],
@@ -210,6 +227,12 @@ def test_keys_errors(db, args, stdin, message):
     result = run(db, *args, input=stdin)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
+
+
+def test_keys_rm_needs_one_selector(db):
+    """Neither --key-id nor --fingerprint: click's usage error, exit 2."""
+    Ledger(db).close()
+    assert "give exactly one of --key-id and --fingerprint" in usage_error(run(db, "keys", "rm"))
 
 
 def test_keys_add_duplicate(db):
@@ -261,7 +284,7 @@ def test_money_budget_set_show_rm(db):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cap-usd", "-1"], "expected an amount in dollars >= 0"),
+        (["--cap-usd", "-1"], "Invalid value for '--cap-usd': expected an amount in dollars >= 0"),
         (["--cap-usd", "lots"], "expected an amount in dollars"),
         (["--cap-usd", "0.0000000001"], "at most 9 decimal places"),
         (["--cap-usd", "99999999999999"], "at most 9223372036.854775807 dollars"),
@@ -271,7 +294,6 @@ def test_money_budget_set_show_rm(db):
     ],
 )
 def test_money_budget_errors(db, args, message):
-    result = run(db, "budget", "set", "--key", "k1", "--window", "1d", *args)
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: ") and message in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    """A bad amount or conflicting caps: click's usage error, exit 2, one Error line."""
+    error = usage_error(run(db, "budget", "set", "--key", "k1", "--window", "1d", *args))
+    assert error.startswith("Error: ") and message in error

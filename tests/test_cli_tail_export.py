@@ -45,6 +45,13 @@ def run(db, *args):
     return CliRunner().invoke(cli, [*args, "--db", str(db)])
 
 
+def usage_error(result) -> str:
+    """click's usage error: exit 2, the usage, then its one Error line (returned)."""
+    assert result.exit_code == 2 and result.output.startswith("Usage: "), result.output
+    assert result.output.count("Error:") == 1, result.output
+    return result.output.splitlines()[-1]
+
+
 # -- tail -----------------------------------------------------------------------------
 
 
@@ -112,9 +119,8 @@ def test_tail_table_streams_header_once(db):
     ],
 )
 def test_tail_errors(db, args, message):
-    """Bad tail options are one error line and exit 1."""
-    result = run(db, *args)
-    assert result.exit_code == 1 and message in result.output
+    """Bad tail options are click's usage errors, exit 2."""
+    assert message in usage_error(run(db, *args))
 
 
 def test_tail_needs_a_ledger(tmp_path):
@@ -163,9 +169,8 @@ def test_export_progress_goes_to_stderr(db):
     ],
 )
 def test_export_errors(db, args, message):
-    """Bad export options are one error line and exit 1."""
-    result = run(db, *args)
-    assert result.exit_code == 1 and message in result.output
+    """Bad export options are click's usage errors, exit 2."""
+    assert message in usage_error(run(db, *args))
 
 
 # -- report --chart -------------------------------------------------------------------------
@@ -201,9 +206,8 @@ def test_report_chart_ascii_and_by_key(db):
     ],
 )
 def test_report_chart_errors(db, args, message):
-    """Conflicting chart options are refused with one line."""
-    result = run(db, *args)
-    assert result.exit_code == 1 and message in result.output
+    """Conflicting chart options are click's usage errors, exit 2."""
+    assert message in usage_error(run(db, *args))
 
 
 def test_report_chart_empty_range(db):
