@@ -55,10 +55,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from spendtap.options import redact_url
+from spendtap.store import queries
 from spendtap.store.budgets import (
     EPOCH_TS,
     RESERVED_RETRY_S,
@@ -83,14 +83,10 @@ from spendtap.store.errors import (
 )
 from spendtap.store.ledger import (
     COLUMNS,
-    OUTCOMES,
-    REPORT_BY,
-    REPORT_SORT,
     _row_out,
     normalize_row,
-    usd,
 )
-from spendtap.timeparse import normalize_ts, ts_from_epoch
+from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
     "CentralError",
@@ -912,39 +908,6 @@ class CentralStore:
 
     # -- the fleet ledger (the reading half of ``spendtap.store.ledger.Ledger``) ----------------
 
-    @staticmethod
-    def _where(
-        *,
-        since: str | datetime | None,
-        until: str | datetime | None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-    ) -> tuple[list[str], dict[str, Any]]:
-        clauses: list[str] = []
-        params: dict[str, Any] = {}
-        if since is not None:
-            clauses.append("ts >= %(since)s")
-            params["since"] = normalize_ts(since)
-        if until is not None:
-            clauses.append("ts < %(until)s")
-            params["until"] = normalize_ts(until)
-        if outcome is not None and outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-        for name, value in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        ):
-            if value is not None:
-                clauses.append(f"{name} = %({name})s")
-                params[name] = value
-        return clauses, params
-
     def requests(
         self,
         since: str | datetime | None = None,
@@ -960,28 +923,11 @@ class CentralStore:
         include_rowid: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """Fleet rows, as ``Ledger.requests`` gives them; the "rowid" is the arrival sequence."""
-        if order not in ("asc", "desc"):
-            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be zero or more, not {limit}")
-        clauses, params = self._where(
-            since=since, until=until, account=account, key=key, model=model, node=node,
-            outcome=outcome,
+        sql, params = queries.requests_sql(
+            queries.POSTGRES, since=since, until=until, account=account, key=key, model=model,
+            node=node, outcome=outcome, limit=limit, after_rowid=after_rowid, order=order,
+            include_rowid=include_rowid,
         )  # fmt: skip
-        if after_rowid is not None:
-            clauses.append("seq > %(after)s")
-            params["after"] = after_rowid
-            order_by = f"seq {order}"
-        else:
-            order_by = f"ts {order}, seq {order}"
-        columns = ", ".join(("seq AS rowid", *COLUMNS) if include_rowid else COLUMNS)
-        sql = f"SELECT {columns} FROM requests"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += f" ORDER BY {order_by}"
-        if limit is not None:
-            sql += " LIMIT %(limit)s"
-            params["limit"] = limit
         return iter([_row_out(r) for r in self._query(sql, params)])
 
     def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
@@ -1004,22 +950,14 @@ class CentralStore:
             return conn.execute("SELECT coalesce(max(seq), 0) FROM requests").fetchone()[0]
 
     def count(self, **filters: Any) -> int:
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql, params = queries.count_sql(queries.POSTGRES, **filters)
         with self._connection() as conn:
-            return conn.execute(f"SELECT count(*) FROM requests{where}", params).fetchone()[0]
+            return conn.execute(sql, params).fetchone()[0]
 
     def time_span(self, **filters: Any) -> tuple[str, str] | None:
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        sql, params = queries.time_span_sql(queries.POSTGRES, **filters)
         with self._connection() as conn:
-            first, last = conn.execute(
-                f"SELECT min(ts), max(ts) FROM requests{where}", params
-            ).fetchone()
+            first, last = conn.execute(sql, params).fetchone()
         return None if first is None else (first, last)
 
     def spend_series(
@@ -1032,30 +970,14 @@ class CentralStore:
         **filters: Any,
     ) -> list[dict[str, Any]]:
         """As ``Ledger.spend_series``: tokens or nano-dollars per group and time bucket."""
-        if metric not in ("tokens", "cost"):
-            raise ValueError(f"metric must be tokens or cost, not {metric!r}")
-        if by not in ("account", "key", "model", "node"):
-            raise ValueError(f"by must be account, key, model or node, not {by!r}")
-        if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
-            raise ValueError(f"bucket_s must be a positive whole number, not {bucket_s!r}")
-        clauses, params = self._where(since=since, until=until, **filters)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        params["bucket"] = bucket_s
-        value = "coalesce(sum(cost_nusd), 0)" if metric == "cost" else f"coalesce(sum({_SPEND}), 0)"
-        sql = f"""
-            SELECT {by} AS grp,
-                   (extract(epoch FROM substr(ts, 1, 19)::timestamp)::bigint
-                       / %(bucket)s) * %(bucket)s AS bucket,
-                   {value}::bigint AS value
-            FROM requests{where}
-            GROUP BY grp, bucket
-        """
-        sql = f'SELECT * FROM ({sql}) AS series ORDER BY grp COLLATE "C" NULLS FIRST, bucket'
-
+        sql, params = queries.spend_series_sql(
+            queries.POSTGRES, by, bucket_s, metric, since=since, until=until, **filters
+        )
         return [
-            {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"])}
+            {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"]),
+             "refused": r["refused"]}
             for r in self._query(sql, params)
-        ]
+        ]  # fmt: skip
 
     def report(
         self,
@@ -1070,68 +992,11 @@ class CentralStore:
         sort: str | None = None,
     ) -> list[dict[str, Any]]:
         """Usage and cost totals over the fleet, exactly as ``Ledger.report`` computes them."""
-        if by not in REPORT_BY:
-            raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
-        if sort is not None and sort not in REPORT_SORT:
-            raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
-        if by == "day":
-            group = "substr(ts, 1, 10)"
-        elif by == "hour":
-            group = "substr(ts, 1, 13) || ':00:00Z'"
-        else:
-            group = by
-        clauses, params = self._where(
-            since=since, until=until, account=account, key=key, model=model, node=node,
-            outcome=outcome,
+        sql, params = queries.report_sql(
+            queries.POSTGRES, by, sort, since=since, until=until, account=account, key=key,
+            model=model, node=node, outcome=outcome,
         )  # fmt: skip
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        # SQLite orders NULLs first ascending and last descending; say so, and compare text
-        # bytewise ("C") as SQLite does.
-        tie = 'requests DESC, grp IS NULL, grp COLLATE "C"'
-        if sort == "cost":
-            order_by = f"cost_nusd IS NULL, cost_nusd DESC, total_tokens DESC NULLS LAST, {tie}"
-        elif sort == "requests":
-            order_by = 'requests DESC, total_tokens DESC NULLS LAST, grp IS NULL, grp COLLATE "C"'
-        elif sort == "tokens" or by not in ("day", "hour"):
-            order_by = f"total_tokens IS NULL, total_tokens DESC, {tie}"
-        else:
-            order_by = 'grp COLLATE "C" NULLS FIRST'
-        sql = f"""
-            SELECT
-                {group} AS grp,
-                count(*) AS requests,
-                sum(prompt_tokens)::bigint AS prompt_tokens,
-                sum(completion_tokens)::bigint AS completion_tokens,
-                sum(cached_tokens)::bigint AS cached_tokens,
-                sum(cache_creation_tokens)::bigint AS cache_creation_tokens,
-                sum(reasoning_tokens)::bigint AS reasoning_tokens,
-                CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
-                     ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
-                END::bigint AS total_tokens,
-                count(*) FILTER (WHERE outcome NOT IN ('completed', 'rejected')) AS errors,
-                count(*) FILTER (WHERE outcome = 'rejected') AS refused,
-                count(*) FILTER (
-                    WHERE (usage_source IS NULL OR usage_source = 'none')
-                    AND outcome != 'rejected'
-                ) AS usage_missing,
-                round(avg(ttft_s)::numeric, 4)::float AS avg_ttft_s,
-                round(avg(tokens_per_s)::numeric, 2)::float AS avg_tokens_per_s,
-                sum(cost_nusd) AS cost_nusd,
-                count(cost_nusd) AS priced,
-                count(*) FILTER (WHERE price_source = 'none') AS unpriced
-            FROM requests{where}
-            GROUP BY grp
-        """
-        # PostgreSQL orders by expressions of output names only from an outer query.
-        sql = f"SELECT * FROM ({sql}) AS totals ORDER BY {order_by}"
-        out = []
-        for r in self._query(sql, params):
-            row = {by: r.pop("grp"), **r}
-            nusd, priced = row.pop("cost_nusd"), row.pop("priced")
-            row["cost_usd"] = usd(None if nusd is None else int(nusd))
-            row["avg_cost_usd"] = usd(Decimal(int(nusd)) / priced) if priced else None
-            out.append(row)
-        return out
+        return [queries.report_row(by, r) for r in self._query(sql, params)]
 
     def count_rows(self) -> int:
         with self._connection() as conn:

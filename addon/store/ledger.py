@@ -45,6 +45,7 @@ from typing import Any
 
 import sqlite_utils
 
+from spendtap.store import queries  # reads only ledger's names, when a query is built
 from spendtap.store.errors import (
     LedgerBusy,
     LedgerCorrupt,
@@ -842,40 +843,7 @@ class Ledger:
             conn.executemany(_SETTLE_SQL, [(r["id"],) for r in prepared])
         return inserted
 
-    # -- reading ------------------------------------------------------------------
-
-    def _where(
-        self,
-        *,
-        since: str | datetime | None,
-        until: str | datetime | None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-    ) -> tuple[list[str], dict[str, Any]]:
-        clauses: list[str] = []
-        params: dict[str, Any] = {}
-        if since is not None:
-            clauses.append("ts >= :since")
-            params["since"] = normalize_ts(since)
-        if until is not None:
-            clauses.append("ts < :until")
-            params["until"] = normalize_ts(until)
-        if outcome is not None and outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-        for name, value in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        ):
-            if value is not None:
-                clauses.append(f"{name} = :{name}")
-                params[name] = value
-        return clauses, params
+    # -- reading (the SQL is built in ``queries``, shared with the central store) ---
 
     def requests(
         self,
@@ -899,33 +867,11 @@ class Ledger:
         following the ledger live); ``include_rowid`` adds each row's ``rowid``.
         The query runs (and raises) when called; rows are fetched lazily.
         """
-        if order not in ("asc", "desc"):
-            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be zero or more, not {limit}")
-        clauses, params = self._where(
-            since=since,
-            until=until,
-            account=account,
-            key=key,
-            model=model,
-            node=node,
-            outcome=outcome,
-        )
-        if after_rowid is not None:
-            clauses.append("rowid > :after_rowid")
-            params["after_rowid"] = after_rowid
-            order_by = f"rowid {order}"
-        else:
-            order_by = f"ts {order}, rowid {order}"
-        columns = ", ".join(("rowid", *COLUMNS) if include_rowid else COLUMNS)
-        sql = f"SELECT {columns} FROM requests"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += f" ORDER BY {order_by}"
-        if limit is not None:
-            sql += " LIMIT :limit"
-            params["limit"] = limit
+        sql, params = queries.requests_sql(
+            queries.SQLITE, since=since, until=until, account=account, key=key, model=model,
+            node=node, outcome=outcome, limit=limit, after_rowid=after_rowid, order=order,
+            include_rowid=include_rowid,
+        )  # fmt: skip
         cursor = self.db.conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
         return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
@@ -976,30 +922,9 @@ class Ledger:
         ``value`` and ``refused`` (requests spendtap refused, which spend
         nothing); ordered by group, then bucket. Filters as in ``requests()``.
         """
-        if metric not in ("tokens", "cost"):
-            raise ValueError(f"metric must be tokens or cost, not {metric!r}")
-        if by not in ("account", "key", "model", "node"):
-            raise ValueError(f"by must be account, key, model or node, not {by!r}")
-        if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
-            raise ValueError(f"bucket_s must be a positive whole number, not {bucket_s!r}")
-        clauses, params = self._where(since=since, until=until, **filters)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        params["bucket"] = bucket_s
-        value = (
-            "coalesce(sum(cost_nusd), 0)"
-            if metric == "cost"
-            else "coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)"
+        sql, params = queries.spend_series_sql(
+            queries.SQLITE, by, bucket_s, metric, since=since, until=until, **filters
         )
-        sql = f"""
-            SELECT {by} AS grp,
-                   CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) / :bucket * :bucket
-                       AS bucket,
-                   {value} AS value,
-                   sum(outcome = 'rejected') AS refused
-            FROM requests{where}
-            GROUP BY grp, bucket
-            ORDER BY grp, bucket
-        """
         return [
             {by: grp, "bucket": bucket, "value": value, "refused": refused}
             for grp, bucket, value, refused in self.db.conn.execute(sql, params)
@@ -1007,22 +932,13 @@ class Ledger:
 
     def time_span(self, **filters: Any) -> tuple[str, str] | None:
         """The first and last ``ts`` of the rows matching the filters, None if none do."""
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        row = self.db.conn.execute(f"SELECT min(ts), max(ts) FROM requests{where}", params)
-        first, last = row.fetchone()
+        sql, params = queries.time_span_sql(queries.SQLITE, **filters)
+        first, last = self.db.conn.execute(sql, params).fetchone()
         return None if first is None else (first, last)
 
     def count(self, **filters: Any) -> int:
         """How many request rows match the filters of ``requests()``."""
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        sql = "SELECT count(*) FROM requests"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
+        sql, params = queries.count_sql(queries.SQLITE, **filters)
         return self.db.conn.execute(sql, params).fetchone()[0]
 
     def report(
@@ -1054,69 +970,10 @@ class Ledger:
         ``sort`` says ``tokens``, ``cost`` or ``requests`` (most first); the others
         by total tokens unless ``sort`` says otherwise.
         """
-        if by not in REPORT_BY:
-            raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
-        if sort is not None and sort not in REPORT_SORT:
-            raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
-        if by == "day":
-            group = "substr(ts, 1, 10)"
-        elif by == "hour":
-            group = "substr(ts, 1, 13) || ':00:00Z'"
-        else:
-            group = by
-        clauses, params = self._where(
-            since=since,
-            until=until,
-            account=account,
-            key=key,
-            model=model,
-            node=node,
-            outcome=outcome,
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        tie = "requests DESC, grp IS NULL, grp"
-        if sort == "cost":
-            order_by = f"cost_nusd IS NULL, cost_nusd DESC, total_tokens DESC, {tie}"
-        elif sort == "requests":
-            order_by = "requests DESC, total_tokens DESC, grp IS NULL, grp"
-        elif sort == "tokens" or by not in ("day", "hour"):
-            order_by = f"total_tokens IS NULL, total_tokens DESC, {tie}"
-        else:
-            order_by = "grp"
-        sql = f"""
-            SELECT
-                {group} AS grp,
-                count(*) AS requests,
-                sum(prompt_tokens) AS prompt_tokens,
-                sum(completion_tokens) AS completion_tokens,
-                sum(cached_tokens) AS cached_tokens,
-                sum(cache_creation_tokens) AS cache_creation_tokens,
-                sum(reasoning_tokens) AS reasoning_tokens,
-                CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
-                     ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
-                END AS total_tokens,
-                sum(outcome NOT IN ('completed', 'rejected')) AS errors,
-                sum(outcome = 'rejected') AS refused,
-                sum((usage_source IS NULL OR usage_source = 'none') AND outcome != 'rejected')
-                    AS usage_missing,
-                round(avg(ttft_s), 4) AS avg_ttft_s,
-                round(avg(tokens_per_s), 2) AS avg_tokens_per_s,
-                sum(cost_nusd) AS cost_nusd,
-                count(cost_nusd) AS priced,
-                coalesce(sum(price_source = 'none'), 0) AS unpriced
-            FROM requests{where}
-            GROUP BY grp
-            ORDER BY {order_by}
-        """
+        sql, params = queries.report_sql(
+            queries.SQLITE, by, sort, since=since, until=until, account=account, key=key,
+            model=model, node=node, outcome=outcome,
+        )  # fmt: skip
         cursor = self.db.conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
-        names[0] = by
-        out = []
-        for r in cursor:
-            row = dict(zip(names, r, strict=True))
-            nusd, priced = row.pop("cost_nusd"), row.pop("priced")
-            # Sums of whole nano-dollars: exact, whatever the number of rows.
-            row["cost_usd"] = usd(nusd)
-            row["avg_cost_usd"] = usd(Decimal(nusd) / priced) if priced else None
-            out.append(row)
-        return out
+        return [queries.report_row(by, dict(zip(names, r, strict=True))) for r in cursor]
