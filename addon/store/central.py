@@ -83,7 +83,6 @@ from spendtap.store.errors import (
 )
 from spendtap.store.ledger import (
     COLUMNS,
-    _row_out,
     normalize_row,
 )
 from spendtap.timeparse import ts_from_epoch
@@ -389,7 +388,7 @@ def _dsn_kwargs(timeout_s: float) -> dict[str, Any]:
 
 
 @boundary_class
-class CentralStore:
+class CentralStore(queries.LedgerReads):
     """The fleet's store in the PostgreSQL database ``dsn``.
 
     ``pool_size`` > 0 keeps a ``psycopg_pool.ConnectionPool`` (the sidecar);
@@ -891,8 +890,8 @@ class CentralStore:
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node's lease: node_id, host, pid, heartbeat age, lease, expired, cursor."""
-        with self._connection() as conn:
-            cur = conn.execute(
+        return list(
+            self._rows(
                 """
                 SELECT n.node_id, host, pid, owner,
                        extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age_s,
@@ -903,32 +902,11 @@ class CentralStore:
                 ORDER BY n.node_id
                 """
             )
-            names = [d.name for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur]
+        )
 
-    # -- the fleet ledger (the reading half of ``spendtap.store.ledger.Ledger``) ----------------
+    # -- the fleet ledger (its reading half is ``queries.LedgerReads``, as a node's) -------
 
-    def requests(
-        self,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        limit: int | None = None,
-        after_rowid: int | None = None,
-        order: str = "desc",
-        include_rowid: bool = False,
-    ) -> Iterator[dict[str, Any]]:
-        """Fleet rows, as ``Ledger.requests`` gives them; the "rowid" is the arrival sequence."""
-        sql, params = queries.requests_sql(
-            queries.POSTGRES, since=since, until=until, account=account, key=key, model=model,
-            node=node, outcome=outcome, limit=limit, after_rowid=after_rowid, order=order,
-            include_rowid=include_rowid,
-        )  # fmt: skip
-        return iter([_row_out(r) for r in self._query(sql, params)])
+    dialect = queries.POSTGRES
 
     def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
         """Store ``(id, cost_nusd, price_source)`` for existing rows (``spendtap reprice``)."""
@@ -949,65 +927,16 @@ class CentralStore:
         with self._connection() as conn:
             return conn.execute("SELECT coalesce(max(seq), 0) FROM requests").fetchone()[0]
 
-    def count(self, **filters: Any) -> int:
-        sql, params = queries.count_sql(queries.POSTGRES, **filters)
-        with self._connection() as conn:
-            return conn.execute(sql, params).fetchone()[0]
-
-    def time_span(self, **filters: Any) -> tuple[str, str] | None:
-        sql, params = queries.time_span_sql(queries.POSTGRES, **filters)
-        with self._connection() as conn:
-            first, last = conn.execute(sql, params).fetchone()
-        return None if first is None else (first, last)
-
-    def spend_series(
-        self,
-        by: str,
-        bucket_s: int,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        metric: str = "tokens",
-        **filters: Any,
-    ) -> list[dict[str, Any]]:
-        """As ``Ledger.spend_series``: tokens or nano-dollars per group and time bucket."""
-        sql, params = queries.spend_series_sql(
-            queries.POSTGRES, by, bucket_s, metric, since=since, until=until, **filters
-        )
-        return [
-            {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"]),
-             "refused": r["refused"]}
-            for r in self._query(sql, params)
-        ]  # fmt: skip
-
-    def report(
-        self,
-        by: str,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        sort: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Usage and cost totals over the fleet, exactly as ``Ledger.report`` computes them."""
-        sql, params = queries.report_sql(
-            queries.POSTGRES, by, sort, since=since, until=until, account=account, key=key,
-            model=model, node=node, outcome=outcome,
-        )  # fmt: skip
-        return [queries.report_row(by, r) for r in self._query(sql, params)]
-
     def count_rows(self) -> int:
         with self._connection() as conn:
             return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
 
-    def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        """Rows of a read-only query, as dicts."""
+    def _rows(self, sql: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows of a read-only query, as dicts: all fetched before the connection goes back."""
         with self._connection() as conn:
             cur = conn.execute(sql, params)
             names = [d.name for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur]
+            return iter([dict(zip(names, r, strict=True)) for r in cur])
 
 
 # A pooled connection used within this many seconds is taken as alive without a round

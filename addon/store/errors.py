@@ -167,6 +167,7 @@ def storage_boundary[F: Callable[..., Any]](func: F) -> F:
             return _mapped_iter(result)
         return result
 
+    wrapper._storage_boundary = True  # type: ignore[attr-defined]  # never wrapped twice
     return wrapper  # type: ignore[return-value]
 
 
@@ -176,12 +177,18 @@ def _mapped_iter(rows: Iterator[Any]) -> Iterator[Any]:
 
 
 def boundary_class(cls: type) -> type:
-    """``storage_boundary`` on the constructor and every public method of ``cls``."""
-    for name, value in list(vars(cls).items()):
-        if name.startswith("_") and name != "__init__":
-            continue
-        if isinstance(value, classmethod | staticmethod):
-            setattr(cls, name, type(value)(storage_boundary(value.__func__)))
-        elif inspect.isfunction(value):
-            setattr(cls, name, storage_boundary(value))
+    """``storage_boundary`` on the constructor and every public method of ``cls``, its
+    inherited ones included (``LedgerReads``: the same methods on two stores)."""
+    seen: set[str] = set()
+    for klass in cls.__mro__[:-1]:  # not object's
+        for name, value in vars(klass).items():
+            if name in seen or (name.startswith("_") and name != "__init__"):
+                continue
+            seen.add(name)
+            if isinstance(value, classmethod | staticmethod):
+                func = value.__func__
+                if not getattr(func, "_storage_boundary", False):
+                    setattr(cls, name, type(value)(storage_boundary(func)))
+            elif inspect.isfunction(value) and not getattr(value, "_storage_boundary", False):
+                setattr(cls, name, storage_boundary(value))
     return cls

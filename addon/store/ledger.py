@@ -34,18 +34,15 @@ This module imports neither click nor mitmproxy.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from spendtap.store import queries  # reads only ledger's names, when a query is built
+from spendtap.store import queries
 from spendtap.store.errors import (
     LedgerBusy,
     LedgerCorrupt,
@@ -59,7 +56,66 @@ from spendtap.store.errors import (
     mapped_errors,
     storage_boundary,
 )
-from spendtap.timeparse import normalize_ts
+from spendtap.store.rows import (
+    CLIENT_DISCONNECTED as CLIENT_DISCONNECTED,
+)
+from spendtap.store.rows import (
+    COLUMNS as COLUMNS,
+)
+from spendtap.store.rows import (  # the row's vocabulary, re-exported
+    COMPLETED as COMPLETED,
+)
+from spendtap.store.rows import (
+    MAX_ERROR_LEN as MAX_ERROR_LEN,
+)
+from spendtap.store.rows import (
+    MAX_TEXT_LEN as MAX_TEXT_LEN,
+)
+from spendtap.store.rows import (
+    NANO as NANO,
+)
+from spendtap.store.rows import (
+    OUTCOMES as OUTCOMES,
+)
+from spendtap.store.rows import (
+    REAL_COLUMNS as REAL_COLUMNS,
+)
+from spendtap.store.rows import (
+    REJECTED as REJECTED,
+)
+from spendtap.store.rows import (
+    REPORT_BY as REPORT_BY,
+)
+from spendtap.store.rows import (
+    REPORT_SORT as REPORT_SORT,
+)
+from spendtap.store.rows import (
+    ROW_FIELDS as ROW_FIELDS,
+)
+from spendtap.store.rows import (
+    SERVER_TIMING_COLUMNS as SERVER_TIMING_COLUMNS,
+)
+from spendtap.store.rows import (
+    TEXT_COLUMNS as TEXT_COLUMNS,
+)
+from spendtap.store.rows import (
+    TOKEN_COLUMNS as TOKEN_COLUMNS,
+)
+from spendtap.store.rows import (
+    UPSTREAM_ERROR as UPSTREAM_ERROR,
+)
+from spendtap.store.rows import (
+    USAGE_SOURCES as USAGE_SOURCES,
+)
+from spendtap.store.rows import (
+    _row_out as _row_out,
+)
+from spendtap.store.rows import (
+    normalize_row as normalize_row,
+)
+from spendtap.store.rows import (
+    usd as usd,
+)
 
 __all__ = [
     "COLUMNS",
@@ -82,55 +138,6 @@ __all__ = [
 ]
 
 MIGRATIONS_TABLE = "_spendtap_migrations"
-
-COMPLETED = "completed"
-CLIENT_DISCONNECTED = "client_disconnected"
-UPSTREAM_ERROR = "upstream_error"
-REJECTED = "rejected"
-OUTCOMES = (COMPLETED, CLIENT_DISCONNECTED, UPSTREAM_ERROR, REJECTED)
-USAGE_SOURCES = ("reported", "estimated", "none")
-REPORT_BY = (
-    "account", "key", "model", "node", "api", "path", "outcome", "price_source", "day", "hour",
-)  # fmt: skip
-REPORT_SORT = ("tokens", "cost", "requests")
-
-TEXT_COLUMNS = ("account", "key", "model", "node", "api", "method", "path")
-TOKEN_COLUMNS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-)
-REAL_COLUMNS = ("ttft_s", "duration_s", "tokens_per_s")
-# The server's own timing of the request, when it reports one (Ollama's nanosecond
-# durations, llama.cpp's ``timings``): prompt evaluation and decoding, in seconds.
-SERVER_TIMING_COLUMNS = ("server_prompt_s", "server_decode_s")
-
-# Every column of ``requests``, in table order: the keys of a row dict.
-COLUMNS = (
-    "id",
-    "ts",
-    *TEXT_COLUMNS,
-    "streamed",
-    "status",
-    "outcome",
-    *TOKEN_COLUMNS,
-    "usage_source",
-    *REAL_COLUMNS,
-    "error",
-    "response_bytes",
-    "cost_nusd",
-    "price_source",
-    *SERVER_TIMING_COLUMNS,
-)
-# What readers see of a row: the cost in dollars (a Decimal, exact) instead of the
-# stored integer nano-dollars.
-ROW_FIELDS = tuple("cost_usd" if c == "cost_nusd" else c for c in COLUMNS)
-
-MAX_ERROR_LEN = 200
-MAX_TEXT_LEN = 512
-
 
 # -- migrations (append-only: never edit a shipped one) -------------------------
 
@@ -428,83 +435,6 @@ def run_migrations(
 # -- rows -----------------------------------------------------------------------
 
 
-def _text(name: str, value: Any, limit: int = MAX_TEXT_LEN) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be text or None, not {type(value).__name__}")
-    return value[:limit]
-
-
-def _int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer or None, not {type(value).__name__}")
-    return value
-
-
-def _real(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate one request row and return it with exactly ``COLUMNS`` as keys.
-
-    Missing columns are NULL (``id`` and ``ts`` are required). ``ts`` may be
-    ledger text, any ISO 8601 text, a ``datetime`` or a Unix time. ``error`` is
-    cut to its first line and 200 characters. Raises ``ValueError`` or
-    ``TypeError`` on an unknown column or a value of the wrong type.
-    """
-    unknown = set(row) - set(COLUMNS) - {"cost_usd"}  # cost_usd: derived, as read
-    if unknown:
-        raise ValueError(f"unknown ledger column(s): {', '.join(sorted(unknown))}")
-    rid = row.get("id")
-    if not isinstance(rid, str) or not rid:
-        raise ValueError("a ledger row needs a non-empty text id")
-    if row.get("ts") is None:
-        raise ValueError("a ledger row needs a ts")
-    out: dict[str, Any] = {"id": rid[:MAX_TEXT_LEN], "ts": normalize_ts(row["ts"])}
-    for name in TEXT_COLUMNS:
-        out[name] = _text(name, row.get(name))
-    streamed = row.get("streamed")
-    if streamed is not None and not isinstance(streamed, bool | int):
-        raise TypeError(f"streamed must be a bool or None, not {type(streamed).__name__}")
-    out["streamed"] = None if streamed is None else int(bool(streamed))
-    out["status"] = _int("status", row.get("status"))
-    outcome = row.get("outcome")
-    if outcome is not None and outcome not in OUTCOMES:
-        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-    out["outcome"] = outcome
-    for name in TOKEN_COLUMNS:
-        out[name] = _int(name, row.get(name))
-    source = row.get("usage_source")
-    if source is not None and source not in USAGE_SOURCES:
-        raise ValueError(f"usage_source must be one of {', '.join(USAGE_SOURCES)}, not {source!r}")
-    out["usage_source"] = source
-    for name in REAL_COLUMNS:
-        out[name] = _real(name, row.get(name))
-    error = _text("error", row.get("error"), limit=10 * MAX_ERROR_LEN)
-    if error is not None:
-        lines = error.strip().splitlines()
-        error = lines[0][:MAX_ERROR_LEN] if lines else ""
-    out["error"] = error
-    out["response_bytes"] = _int("response_bytes", row.get("response_bytes"))
-    cost = _int("cost_nusd", row.get("cost_nusd"))
-    if cost is not None and cost < 0:
-        raise ValueError(f"cost_nusd must be zero or more, not {cost}")
-    out["cost_nusd"] = cost
-    out["price_source"] = _text("price_source", row.get("price_source"))
-    for name in SERVER_TIMING_COLUMNS:
-        out[name] = _real(name, row.get(name))
-    return out
-
-
 _INSERT_SQL = (
     f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in COLUMNS)})"
@@ -512,24 +442,6 @@ _INSERT_SQL = (
 
 
 _SETTLE_SQL = "DELETE FROM reservations WHERE id = ?"
-
-
-NANO = Decimal("1e-9")
-
-
-def usd(nusd: int | float | None) -> Decimal | None:
-    """Stored nano-dollars as exact dollars (9 decimal places; an average rounds half-even)."""
-    if nusd is None:
-        return None
-    return (Decimal(nusd) / 10**9).quantize(NANO, rounding=ROUND_HALF_EVEN)
-
-
-def _row_out(row: dict[str, Any]) -> dict[str, Any]:
-    if row.get("streamed") is not None:
-        row["streamed"] = bool(row["streamed"])
-    if "cost_nusd" in row:
-        row["cost_usd"] = usd(row["cost_nusd"])
-    return row
 
 
 # -- the ledger -------------------------------------------------------------------
@@ -708,7 +620,7 @@ def store_connection(
 
 
 @boundary_class
-class Ledger:
+class Ledger(queries.LedgerReads):
     """The request ledger in one SQLite database (a file or an open ``Database``).
 
     ``Ledger(path)`` creates the file if needed (and its directory), sets WAL
@@ -843,38 +755,14 @@ class Ledger:
             conn.executemany(_SETTLE_SQL, [(r["id"],) for r in prepared])
         return inserted
 
-    # -- reading (the SQL is built in ``queries``, shared with the central store) ---
+    # -- reading (``queries.LedgerReads``: the same methods as the central store's) --
 
-    def requests(
-        self,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        limit: int | None = None,
-        after_rowid: int | None = None,
-        order: str = "desc",
-        include_rowid: bool = False,
-    ) -> Iterator[dict[str, Any]]:
-        """Request rows as dicts (keys ``COLUMNS``; ``streamed`` a bool).
+    dialect = queries.SQLITE
 
-        ``since`` is inclusive, ``until`` exclusive. Rows are ordered by ``ts``
-        (then insertion), newest first unless ``order="asc"``. With ``after_rowid``
-        only rows inserted after that rowid are returned, in insertion order (for
-        following the ledger live); ``include_rowid`` adds each row's ``rowid``.
-        The query runs (and raises) when called; rows are fetched lazily.
-        """
-        sql, params = queries.requests_sql(
-            queries.SQLITE, since=since, until=until, account=account, key=key, model=model,
-            node=node, outcome=outcome, limit=limit, after_rowid=after_rowid, order=order,
-            include_rowid=include_rowid,
-        )  # fmt: skip
+    def _rows(self, sql: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         cursor = self.db.conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
-        return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
+        return (dict(zip(names, r, strict=True)) for r in cursor)
 
     def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
         """Store ``(id, cost_nusd, price_source)`` for existing rows, in one transaction;
@@ -903,77 +791,3 @@ class Ledger:
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
         return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0]
-
-    def spend_series(
-        self,
-        by: str,
-        bucket_s: int,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        metric: str = "tokens",
-        **filters: Any,
-    ) -> list[dict[str, Any]]:
-        """Tokens spent (prompt + completion), or with ``metric="cost"`` nano-dollars,
-        per ``by`` group and time bucket.
-
-        ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
-        group under ``by`` (None for rows without one), ``bucket`` (the Unix time
-        at which its ``bucket_s``-second bucket starts, aligned to the epoch),
-        ``value`` and ``refused`` (requests spendtap refused, which spend
-        nothing); ordered by group, then bucket. Filters as in ``requests()``.
-        """
-        sql, params = queries.spend_series_sql(
-            queries.SQLITE, by, bucket_s, metric, since=since, until=until, **filters
-        )
-        return [
-            {by: grp, "bucket": bucket, "value": value, "refused": refused}
-            for grp, bucket, value, refused in self.db.conn.execute(sql, params)
-        ]
-
-    def time_span(self, **filters: Any) -> tuple[str, str] | None:
-        """The first and last ``ts`` of the rows matching the filters, None if none do."""
-        sql, params = queries.time_span_sql(queries.SQLITE, **filters)
-        first, last = self.db.conn.execute(sql, params).fetchone()
-        return None if first is None else (first, last)
-
-    def count(self, **filters: Any) -> int:
-        """How many request rows match the filters of ``requests()``."""
-        sql, params = queries.count_sql(queries.SQLITE, **filters)
-        return self.db.conn.execute(sql, params).fetchone()[0]
-
-    def report(
-        self,
-        by: str,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        sort: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Usage and cost totals grouped by a row field (``REPORT_BY``), ``day`` or ``hour``.
-
-        Each dict has the group value under the name of ``by`` (``None`` for
-        anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
-        both UTC), then ``requests``, the token sums (NULL when no row of the
-        group reported the figure), ``total_tokens``, ``errors`` (upstream errors
-        and client disconnects), ``refused`` (requests spendtap answered itself:
-        budget, auth and ledger refusals, and an SDK's retries of them),
-        ``usage_missing`` (served requests with no usage reported or estimated;
-        refusals are never in it, nor in ``errors``),
-        ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them),
-        ``unpriced`` (rows with usage but no known price), ``cost_usd`` (the exact sum
-        of the priced rows' costs, a ``Decimal``; None when none is priced) and
-        ``avg_cost_usd`` (over the priced rows). Time groups are in time order unless
-        ``sort`` says ``tokens``, ``cost`` or ``requests`` (most first); the others
-        by total tokens unless ``sort`` says otherwise.
-        """
-        sql, params = queries.report_sql(
-            queries.SQLITE, by, sort, since=since, until=until, account=account, key=key,
-            model=model, node=node, outcome=outcome,
-        )  # fmt: skip
-        cursor = self.db.conn.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        return [queries.report_row(by, dict(zip(names, r, strict=True))) for r in cursor]

@@ -7,29 +7,29 @@ dialect (placeholders, the arrival-order column, integer casts, collation and wh
 NULLs sort, turning a timestamp into epoch seconds), which ``Dialect`` holds; so a
 figure the report gains, or a filter, is written once and both backends agree.
 
-Each builder validates its arguments (``ValueError``) and returns ``(sql, params)``
-for the backend to run; nothing here touches a connection.
+Each builder validates its arguments (``ValueError``) and returns ``(sql, params)``;
+``LedgerReads`` is the reading half of both stores, over the one method each backend
+provides to run a query (``_rows``).
 
 This module imports neither click nor mitmproxy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-# The module, not its names: ``ledger`` imports this module while it loads, and the
-# names are read only when a query is built.
-from spendtap.store import ledger
+from spendtap.store.rows import COLUMNS, OUTCOMES, REPORT_BY, REPORT_SORT, _row_out, usd
 from spendtap.timeparse import normalize_ts
 
 __all__ = [
     "POSTGRES",
     "SQLITE",
     "Dialect",
+    "LedgerReads",
     "count_sql",
     "report_row",
     "report_sql",
@@ -104,8 +104,8 @@ def where(
     if unknown:
         raise TypeError(f"unknown filter(s): {', '.join(sorted(unknown))}")
     outcome = filters.get("outcome")
-    if outcome is not None and outcome not in ledger.OUTCOMES:
-        raise ValueError(f"outcome must be one of {', '.join(ledger.OUTCOMES)}, not {outcome!r}")
+    if outcome is not None and outcome not in OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
     clauses: list[str] = []
     params: Params = {}
     if since is not None:
@@ -147,7 +147,7 @@ def requests_sql(
         order_by = f"{d.seq} {order}"
     else:
         order_by = f"ts {order}, {d.seq} {order}"
-    columns = ", ".join((f"{d.seq} AS rowid", *ledger.COLUMNS) if include_rowid else ledger.COLUMNS)
+    columns = ", ".join((f"{d.seq} AS rowid", *COLUMNS) if include_rowid else COLUMNS)
     sql = f"SELECT {columns} {_from_requests(clauses)} ORDER BY {order_by}"
     if limit is not None:
         sql += f" LIMIT {d.p('limit')}"
@@ -158,13 +158,13 @@ def requests_sql(
 def count_sql(d: Dialect, **filters: Any) -> tuple[str, Params]:
     """How many rows match."""
     clauses, params = where(d, **filters)
-    return f"SELECT count(*) {_from_requests(clauses)}", params
+    return f"SELECT count(*) AS n {_from_requests(clauses)}", params
 
 
 def time_span_sql(d: Dialect, **filters: Any) -> tuple[str, Params]:
     """The first and last ``ts`` of the rows that match."""
     clauses, params = where(d, **filters)
-    return f"SELECT min(ts), max(ts) {_from_requests(clauses)}", params
+    return f"SELECT min(ts) AS first, max(ts) AS last {_from_requests(clauses)}", params
 
 
 def spend_series_sql(
@@ -198,10 +198,10 @@ def report_sql(d: Dialect, by: str, sort: str | None = None, **filters: Any) -> 
     """Usage and cost totals grouped by ``by`` (see ``Ledger.report``); the group is ``grp``,
     the cost in nano-dollars ``cost_nusd`` with ``priced`` rows (``report_row`` finishes a
     row)."""
-    if by not in ledger.REPORT_BY:
-        raise ValueError(f"by must be one of {', '.join(ledger.REPORT_BY)}, not {by!r}")
-    if sort is not None and sort not in ledger.REPORT_SORT:
-        raise ValueError(f"sort must be one of {', '.join(ledger.REPORT_SORT)}, not {sort!r}")
+    if by not in REPORT_BY:
+        raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
+    if sort is not None and sort not in REPORT_SORT:
+        raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
     if by == "day":
         group = "substr(ts, 1, 10)"
     elif by == "hour":
@@ -260,6 +260,120 @@ def report_row(by: str, row: Mapping[str, Any]) -> dict[str, Any]:
     nusd, priced = out.pop("cost_nusd"), out.pop("priced")
     # Sums of whole nano-dollars: exact, whatever the number of rows (PostgreSQL's sum
     # of a bigint is a numeric, hence int()).
-    out["cost_usd"] = ledger.usd(None if nusd is None else int(nusd))
-    out["avg_cost_usd"] = ledger.usd(Decimal(int(nusd)) / priced) if priced else None
+    out["cost_usd"] = usd(None if nusd is None else int(nusd))
+    out["avg_cost_usd"] = usd(Decimal(int(nusd)) / priced) if priced else None
     return out
+
+
+class LedgerReads:
+    """The reading methods of a store of request rows (``Ledger``, ``CentralStore``): one
+    signature and one meaning for both, each query built for the store's ``dialect`` and
+    run by its ``_rows``."""
+
+    dialect: Dialect
+
+    def _rows(self, sql: str, params: Params) -> Iterator[dict[str, Any]]:
+        """Run a query now; its rows as dicts by column name (fetched lazily or not)."""
+        raise NotImplementedError
+
+    def requests(
+        self,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+        limit: int | None = None,
+        after_rowid: int | None = None,
+        order: str = "desc",
+        include_rowid: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """Request rows as dicts (keys ``COLUMNS``; ``streamed`` a bool; ``cost_usd`` too).
+
+        ``since`` is inclusive, ``until`` exclusive. Rows are ordered by ``ts`` (then
+        arrival), newest first unless ``order="asc"``. With ``after_rowid`` only rows
+        that arrived after that mark are returned, in arrival order (for following the
+        ledger live); ``include_rowid`` adds each row's ``rowid`` (the central store's
+        arrival sequence). The query runs (and raises) when called.
+        """
+        sql, params = requests_sql(
+            self.dialect, since=since, until=until, account=account, key=key, model=model,
+            node=node, outcome=outcome, limit=limit, after_rowid=after_rowid, order=order,
+            include_rowid=include_rowid,
+        )  # fmt: skip
+        return (_row_out(row) for row in self._rows(sql, params))
+
+    def count(self, **filters: Any) -> int:
+        """How many request rows match the filters of ``requests()``."""
+        sql, params = count_sql(self.dialect, **filters)
+        return next(self._rows(sql, params))["n"]
+
+    def time_span(self, **filters: Any) -> tuple[str, str] | None:
+        """The first and last ``ts`` of the rows matching the filters, None if none do."""
+        sql, params = time_span_sql(self.dialect, **filters)
+        row = next(self._rows(sql, params))
+        return None if row["first"] is None else (row["first"], row["last"])
+
+    def spend_series(
+        self,
+        by: str,
+        bucket_s: int,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        metric: str = "tokens",
+        **filters: Any,
+    ) -> list[dict[str, Any]]:
+        """Tokens spent (prompt + completion), or with ``metric="cost"`` nano-dollars,
+        per ``by`` group and time bucket.
+
+        ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
+        group under ``by`` (None for rows without one), ``bucket`` (the Unix time
+        at which its ``bucket_s``-second bucket starts, aligned to the epoch),
+        ``value`` and ``refused`` (requests spendtap refused, which spend
+        nothing); ordered by group, then bucket. Filters as in ``requests()``.
+        """
+        sql, params = spend_series_sql(
+            self.dialect, by, bucket_s, metric, since=since, until=until, **filters
+        )
+        return [
+            {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"]),
+             "refused": int(r["refused"])}
+            for r in self._rows(sql, params)
+        ]  # fmt: skip
+
+    def report(
+        self,
+        by: str,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        account: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        node: str | None = None,
+        outcome: str | None = None,
+        sort: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Usage and cost totals grouped by a row field (``REPORT_BY``), ``day`` or ``hour``.
+
+        Each dict has the group value under the name of ``by`` (``None`` for
+        anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
+        both UTC), then ``requests``, the token sums (NULL when no row of the
+        group reported the figure), ``total_tokens``, ``errors`` (upstream errors
+        and client disconnects), ``refused`` (requests spendtap answered itself:
+        budget, auth and ledger refusals, and an SDK's retries of them),
+        ``usage_missing`` (served requests with no usage reported or estimated;
+        refusals are never in it, nor in ``errors``),
+        ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them),
+        ``unpriced`` (rows with usage but no known price), ``cost_usd`` (the exact sum
+        of the priced rows' costs, a ``Decimal``; None when none is priced) and
+        ``avg_cost_usd`` (over the priced rows). Time groups are in time order unless
+        ``sort`` says ``tokens``, ``cost`` or ``requests`` (most first); the others
+        by total tokens unless ``sort`` says otherwise.
+        """
+        sql, params = report_sql(
+            self.dialect, by, sort, since=since, until=until, account=account, key=key,
+            model=model, node=node, outcome=outcome,
+        )  # fmt: skip
+        return [report_row(by, r) for r in self._rows(sql, params)]
