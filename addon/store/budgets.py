@@ -89,6 +89,9 @@ __all__ = [
     "BudgetUnavailable",
     "Budgets",
     "Decision",
+    "check_cap",
+    "check_principal",
+    "counting_since",
     "format_window",
     "open_readonly",
     "open_reservation_count",
@@ -603,6 +606,37 @@ def open_reservation_count(conn: sqlite3.Connection) -> int:
 # -- the store ------------------------------------------------------------------------
 
 
+def check_principal(scope: str, principal: str) -> None:
+    """A budget's scope and principal, checked alike by both stores."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be key or account, not {scope!r}")
+    if not isinstance(principal, str) or not principal:
+        raise ValueError("a budget needs a non-empty principal")
+
+
+def check_cap(cap: int, window_s: int | None, unit: str = TOKENS) -> None:
+    """A cap (tokens, or whole nano-dollars) and a window (None: a balance), checked alike
+    by both stores (the largest cap is what both databases' integers hold)."""
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        what = "nano-dollars" if unit == USD else "tokens"
+        raise ValueError(f"cap must be a whole number of {what} >= 0, not {cap!r}")
+    if cap > MAX_CAP:
+        raise ValueError(f"cap must be at most {MAX_CAP}, not {cap}")
+    if window_s is not None and (
+        isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
+    ):
+        raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+
+
+def counting_since(old: Budget | None, window_s: int | None, *, reset: bool, now_ts: str) -> str:
+    """Where a budget being set counts spend from: ``now`` for a reset and for a new
+    balance (or a budget turned into one), the epoch for a new rolling window (its spend
+    already in the window counts), else where it counted from before."""
+    if reset or (window_s is None and (old is None or old.window_s is not None)):
+        return now_ts
+    return EPOCH_TS if old is None else old.since
+
+
 @boundary_class
 class Budgets:
     """Budgets and reservations in the ledger at ``path``.
@@ -655,10 +689,7 @@ class Budgets:
     def _check(scope: str, principal: str, unit: str = TOKENS) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit must be tokens or usd, not {unit!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be key or account, not {scope!r}")
-        if not isinstance(principal, str) or not principal:
-            raise ValueError("a budget needs a non-empty principal")
+        check_principal(scope, principal)
 
     def set(
         self,
@@ -680,25 +711,12 @@ class Budgets:
         ``reset`` starts counting afresh from ``now`` for either kind.
         """
         self._check(scope, principal, unit)
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            what = "nano-dollars" if unit == USD else "tokens"
-            raise ValueError(f"cap must be a whole number of {what} >= 0, not {cap!r}")
-        if cap > MAX_CAP:
-            raise ValueError(f"cap must be at most {MAX_CAP}, not {cap}")
-        if window_s is not None and (
-            isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
-        ):
-            raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+        check_cap(cap, window_s, unit)
         now_ts = ts_from_epoch(_epoch(now))
         table = _UNITS[unit]
         with self._write() as conn:
             old = self._get(conn, scope, principal, unit)
-            if reset or (window_s is None and (old is None or old.window_s is not None)):
-                since = now_ts
-            elif old is None:
-                since = EPOCH_TS
-            else:
-                since = old.since
+            since = counting_since(old, window_s, reset=reset, now_ts=now_ts)
             column = _COLUMN[scope]
             # A one-off count of the rows since `since`; the triggers keep it from here on.
             spent_since = conn.execute(

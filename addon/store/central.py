@@ -60,9 +60,7 @@ from typing import Any
 from spendtap.options import redact_url
 from spendtap.store import queries
 from spendtap.store.budgets import (
-    EPOCH_TS,
     RESERVED_RETRY_S,
-    SCOPES,
     TOKENS,
     UNBUDGETED,
     Budget,
@@ -72,6 +70,9 @@ from spendtap.store.budgets import (
     _binding,
     _epoch,
     _ts_epoch,
+    check_cap,
+    check_principal,
+    counting_since,
 )
 from spendtap.store.errors import (
     LedgerBusy,
@@ -544,10 +545,7 @@ class CentralStore(queries.LedgerReads):
                 "money caps (--cap-usd) are not enforced by the central store yet; "
                 "set a token cap for the fleet"
             )
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be key or account, not {scope!r}")
-        if not isinstance(principal, str) or not principal:
-            raise ValueError("a budget needs a non-empty principal")
+        check_principal(scope, principal)
 
     def set(
         self,
@@ -562,22 +560,12 @@ class CentralStore(queries.LedgerReads):
     ) -> Budget:
         """Create or change a fleet budget (same semantics as ``Budgets.set``; tokens only)."""
         self._check(scope, principal, unit)
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            raise ValueError(f"cap must be a whole number of tokens >= 0, not {cap!r}")
-        if window_s is not None and (
-            isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
-        ):
-            raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+        check_cap(cap, window_s)
         now_ts = ts_from_epoch(_epoch(now))
         column = _COLUMN[scope]
         with self._connection() as conn, conn.transaction():
             old = self._get(conn, scope, principal, lock=True)
-            if reset or (window_s is None and (old is None or old.window_s is not None)):
-                since = now_ts
-            elif old is None:
-                since = EPOCH_TS
-            else:
-                since = old.since
+            since = counting_since(old, window_s, reset=reset, now_ts=now_ts)
             spent_since = conn.execute(
                 f"SELECT coalesce(sum({_SPEND}), 0) FROM requests WHERE {column} = %s AND ts >= %s",
                 (principal, since),
