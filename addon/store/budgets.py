@@ -54,13 +54,11 @@ This module imports neither click nor mitmproxy.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,8 +72,7 @@ from spendtap.store.errors import boundary_class, storage_boundary
 from spendtap.store.ledger import (
     LedgerError,
     LedgerNotFound,
-    store_connection,
-    transaction,
+    LedgerTables,
 )
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 
@@ -638,7 +635,7 @@ def counting_since(old: Budget | None, window_s: int | None, *, reset: bool, now
 
 
 @boundary_class
-class Budgets:
+class Budgets(LedgerTables):
     """Budgets and reservations in the ledger at ``path``.
 
     Owns one SQLite connection (WAL, busy timeout ``busy_timeout_s``). Meant to
@@ -649,39 +646,8 @@ class Budgets:
     ``release`` turn database failures into ``BudgetUnavailable``.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        busy_timeout_s: float = 5.0,
-        create: bool = True,
-        readonly: bool = False,
-    ):
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        self._conn = store_connection(
-            self.path, busy_timeout_s=busy_timeout_s, create=create, readonly=readonly
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Budgets:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"<Budgets {self.path}>"
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
-        with self._lock, transaction(self._conn) as conn:
-            yield conn
 
     # -- configuration --------------------------------------------------------------
 

@@ -84,6 +84,7 @@ from spendtap.store.errors import (
 )
 from spendtap.store.ledger import (
     COLUMNS,
+    Closing,
     normalize_row,
 )
 from spendtap.timeparse import ts_from_epoch
@@ -389,7 +390,7 @@ def _dsn_kwargs(timeout_s: float) -> dict[str, Any]:
 
 
 @boundary_class
-class CentralStore(queries.LedgerReads):
+class CentralStore(queries.LedgerReads, Closing):
     """The fleet's store in the PostgreSQL database ``dsn``.
 
     ``pool_size`` > 0 keeps a ``psycopg_pool.ConnectionPool`` (the sidecar);
@@ -448,12 +449,6 @@ class CentralStore(queries.LedgerReads):
                 with contextlib.suppress(Exception):
                     self._conn.close()
                 self._conn = None
-
-    def __enter__(self) -> CentralStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- connections ---------------------------------------------------------------
 
@@ -1037,7 +1032,7 @@ def _refusal(conn: Any, budget: Budget, spent: int, reserved: int, tokens: int, 
 
 
 @boundary_class
-class CentralKeys:
+class CentralKeys(Closing):
     """Bearer keys registered in the central store: they resolve on every node.
 
     The same interface as ``spendtap.store.keys.Keys`` (add, resolve, list, revoke).
@@ -1058,12 +1053,6 @@ class CentralKeys:
 
     def close(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> CentralKeys:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> Any:
         from spendtap.store.keys import DuplicateKey, new_record

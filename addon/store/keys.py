@@ -25,18 +25,15 @@ This module imports neither click nor mitmproxy.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from spendtap.store.errors import boundary_class
-from spendtap.store.ledger import LedgerError, store_connection, transaction
+from spendtap.store.ledger import LedgerError, LedgerTables, transaction
 from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
@@ -159,37 +156,13 @@ def new_record(account: str, key_id: str, secret: str, *, now: float | None = No
 
 
 @boundary_class
-class Keys:
+class Keys(LedgerTables):
     """The ``api_keys`` table of the ledger at ``path``.
 
     Owns one SQLite connection; safe to share between threads (serialized).
-    ``create`` False opens only an existing ledger (``LedgerNotFound``).
+    ``create`` False opens only an existing ledger (``LedgerNotFound``); ``readonly``
+    (for keys list) works on a read-only mount or a copy.
     """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        busy_timeout_s: float = 5.0,
-        create: bool = True,
-        readonly: bool = False,
-    ):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        # Read-only for keys list: works on a read-only mount or a copy.
-        self._conn = store_connection(
-            self.path, busy_timeout_s=busy_timeout_s, create=create, readonly=readonly
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Keys:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> ApiKey:
         """Register ``secret`` as a key of ``account`` named ``key_id``; returns the record.

@@ -36,9 +36,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import sqlite_utils
 
@@ -533,8 +534,21 @@ def connect_readonly(
     return con, note
 
 
+class Closing:
+    """A store used as ``with Store(...) as store:``, closed when the block ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @boundary_class
-class LedgerProbe:
+class LedgerProbe(Closing):
     """What ``spendtap doctor`` reads of a ledger file, read-only (``connect_readonly``).
 
     Each read is its own method so a caller can tell which step failed: a file that is
@@ -619,8 +633,38 @@ def store_connection(
     return conn
 
 
+class LedgerTables(Closing):
+    """A store that keeps its tables in the ledger file (``Budgets``, ``Keys``): one
+    connection of its own (``store_connection``) behind a lock, so threads may share it."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        create: bool = True,
+        readonly: bool = False,
+    ):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn = store_connection(
+            self.path, busy_timeout_s=busy_timeout_s, create=create, readonly=readonly
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction under the lock (``transaction``)."""
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
+
+
 @boundary_class
-class Ledger(queries.LedgerReads):
+class Ledger(queries.LedgerReads, Closing):
     """The request ledger in one SQLite database (a file or an open ``Database``).
 
     ``Ledger(path)`` creates the file if needed (and its directory), sets WAL
@@ -716,12 +760,6 @@ class Ledger(queries.LedgerReads):
 
     def close(self) -> None:
         self.db.close()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Ledger {self.path or 'in-memory'}>"
