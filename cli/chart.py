@@ -148,7 +148,7 @@ def draw_report_chart(
         raise click.UsageError("--chart draws per account, key, model or node, not per " + by)
     if not ascii_only:
         ascii_only = not can_draw_unicode(sys.stdout.encoding)
-    chosen = {k: v for k, v in filters.items() if v is not None}
+    chosen = filters  # only those given (query.filter_options)
     ledger = open_ledger(db_path)
     try:
         if since is not None:

@@ -11,7 +11,7 @@ import click
 
 from spendtap.cli.output import write_rows
 from spendtap.cli.paths import db_option, open_ledger
-from spendtap.cli.query import filter_options, time_options, time_range
+from spendtap.cli.query import filter_options, time_options
 from spendtap.store.ledger import ROW_FIELDS, LedgerError
 
 # Below this many rows an export is quick: no progress bar.
@@ -55,11 +55,7 @@ def export_command(
     fmt: str,
     since: str | None,
     until: str | None,
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
-    outcome: str | None,
+    filters: dict[str, str],
     progress: bool | None,
     db_path: Path,
 ) -> None:
@@ -74,29 +70,17 @@ def export_command(
         spendtap export --since 2025-01-01 --until 2025-02-01 > jan.jsonl
         spendtap export -f csv --since 24h --account acme > acme.csv
     """
-    start, end = time_range(since, until)
-    filters = {
-        k: v
-        for k, v in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        )
-        if v is not None
-    }
     ledger = open_ledger(db_path)
     try:
         rows: Iterator[dict[str, Any]] = ledger.requests(
-            since=start, until=end, order="asc", **filters
+            since=since, until=until, order="asc", **filters
         )
         if progress is None:
             progress = sys.stderr.isatty() and not sys.stdout.isatty()
-            total = ledger.count(since=start, until=end, **filters) if progress else 0
+            total = ledger.count(since=since, until=until, **filters) if progress else 0
             progress = progress and total > PROGRESS_MIN_ROWS
         elif progress:
-            total = ledger.count(since=start, until=end, **filters)
+            total = ledger.count(since=since, until=until, **filters)
         if progress:
             rows = _with_progress(rows, total)
         write_rows(rows, fmt, ROW_FIELDS)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,8 +66,16 @@ REPORT_TABLE_HEADERS = {
 }
 
 
-def time_options(fn):
-    """``--since`` and ``--until``, passed as text and parsed by ``time_range``."""
+def time_options(command):
+    """``--since`` and ``--until``, parsed by ``time_range`` against one ``now`` before the
+    command runs: it gets them as ledger timestamps (or None)."""
+
+    @functools.wraps(command)
+    def parsed(*args: Any, since: str | None, until: str | None, **kwargs: Any) -> Any:
+        since, until = time_range(since, until)
+        return command(*args, since=since, until=until, **kwargs)
+
+    fn = parsed
     fn = click.option(
         "--until",
         metavar="WHEN",
@@ -86,11 +96,22 @@ def _outcome(_ctx, _param, value: str | None) -> str | None:
     return "rejected" if value == REFUSED else value
 
 
+FILTERS = ("account", "key", "model", "node")
+
+
 def filter_options(outcome: bool):
     """The row filters every ledger command shares: --account, --key, --model, --node
-    (and --outcome where it makes sense)."""
+    (and --outcome where it makes sense), passed to the command as one ``filters`` dict
+    of those given, ready for the ledger's ``requests``, ``count`` and ``report``."""
+    names = (*FILTERS, "outcome") if outcome else FILTERS
 
-    def decorate(fn):
+    def decorate(command):
+        @functools.wraps(command)
+        def collected(*args: Any, **kwargs: Any) -> Any:
+            chosen = {n: v for n in names if (v := kwargs.pop(n)) is not None}
+            return command(*args, filters=chosen, **kwargs)
+
+        fn = collected
         if outcome:
             fn = click.option(
                 "--outcome",
@@ -147,11 +168,7 @@ def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
 def requests_command(
     since: str | None,
     until: str | None,
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
-    outcome: str | None,
+    filters: dict[str, str],
     limit: int,
     db_path: Path,
     fmt: str,
@@ -167,19 +184,9 @@ def requests_command(
         spendtap requests --since 1h --outcome refused
         spendtap requests --since 2025-01-01 --until 2025-02-01 --limit 0 -f csv > jan.csv
     """
-    start, end = time_range(since, until)
     ledger = open_ledger(db_path)
     try:
-        rows = ledger.requests(
-            since=start,
-            until=end,
-            account=account,
-            key=key,
-            model=model,
-            node=node,
-            outcome=outcome,
-            limit=limit or None,
-        )
+        rows = ledger.requests(since=since, until=until, limit=limit or None, **filters)
         write_rows(_rows_or_fail(rows), fmt, ROW_FIELDS, table_columns=REQUESTS_TABLE)
     except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
@@ -226,10 +233,7 @@ def report_command(
     metric: str,
     since: str | None,
     until: str | None,
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
+    filters: dict[str, str],
     chart: bool,
     ascii_only: bool,
     db_path: Path,
@@ -257,17 +261,9 @@ def report_command(
         spendtap report --by key --sort cost --since 30d
         spendtap report --chart --metric cost --by account --since 7d
     """
-    start, end = time_range(since, until)
     if chart:
         draw_report_chart(
-            db_path,
-            by,
-            fmt,
-            start,
-            end,
-            {"account": account, "key": key, "model": model, "node": node},
-            ascii_only=ascii_only,
-            metric=metric,
+            db_path, by, fmt, since, until, filters, ascii_only=ascii_only, metric=metric
         )
         return
     if metric != "tokens":
@@ -276,10 +272,7 @@ def report_command(
         raise click.UsageError("--ascii only applies to --chart")
     ledger = open_ledger(db_path)
     try:
-        rows = ledger.report(
-            by, since=start, until=end, account=account, key=key, model=model, node=node,
-            sort=sort,
-        )  # fmt: skip
+        rows = ledger.report(by, since=since, until=until, sort=sort, **filters)
     except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:

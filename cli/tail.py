@@ -150,11 +150,7 @@ def follow(
 @db_option
 @output_options
 def tail_command(
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
-    outcome: str | None,
+    filters: dict[str, str],
     lines: int,
     interval: float,
     once: bool,
@@ -175,17 +171,6 @@ def tail_command(
         spendtap tail --account acme -n 0
         spendtap tail -f jsonl --outcome upstream_error | jq .
     """
-    filters = {
-        k: v
-        for k, v in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        )
-        if v is not None
-    }
     ledger = open_ledger(db_path)
     try:
         rows = follow(
