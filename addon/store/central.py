@@ -1100,25 +1100,22 @@ class CentralKeys(Closing):
         fingerprint_prefix: str | None = None,
         now: float | None = None,
     ) -> int:
-        if (key_id is None) == (fingerprint_prefix is None):
-            raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+        from spendtap.store.keys import at_most_one, revoke_prefix
+
+        fp = revoke_prefix(key_id, fingerprint_prefix)
         stamp = ts_from_epoch(time.time() if now is None else now)
         with self.store._connection() as conn, conn.transaction():
-            if key_id is not None:
+            if fp is None:
                 return conn.execute(
                     "UPDATE api_keys SET revoked_at = %s WHERE key_id = %s AND revoked_at IS NULL",
                     (stamp, key_id),
                 ).rowcount
-            fp = (fingerprint_prefix or "").lower()
-            if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
-                raise ValueError("a fingerprint prefix is at least 8 hex digits")
             matches = conn.execute(
                 "SELECT fingerprint FROM api_keys WHERE starts_with(fingerprint, %s) "
                 "AND revoked_at IS NULL FOR UPDATE",
                 (fp,),
             ).fetchall()
-            if len(matches) > 1:
-                raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+            at_most_one(fp, matches)
             for (full,) in matches:
                 conn.execute(
                     "UPDATE api_keys SET revoked_at = %s WHERE fingerprint = %s", (stamp, full)

@@ -155,6 +155,26 @@ def new_record(account: str, key_id: str, secret: str, *, now: float | None = No
     )
 
 
+def revoke_prefix(key_id: str | None, fingerprint_prefix: str | None) -> str | None:
+    """What ``revoke`` was asked (both stores check it alike): exactly one of a key id and
+    a fingerprint prefix of at least 8 hex digits; the prefix in lower case, or None when
+    the key id was given."""
+    if (key_id is None) == (fingerprint_prefix is None):
+        raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+    if fingerprint_prefix is None:
+        return None
+    fp = fingerprint_prefix.lower()
+    if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
+        raise ValueError("a fingerprint prefix is at least 8 hex digits")
+    return fp
+
+
+def at_most_one(fp: str, matches: list) -> None:
+    """A fingerprint prefix revokes one key: one that matches several revokes none."""
+    if len(matches) > 1:
+        raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+
+
 @boundary_class
 class Keys(LedgerTables):
     """The ``api_keys`` table of the ledger at ``path``.
@@ -222,27 +242,22 @@ class Keys(LedgerTables):
         Returns how many keys were revoked (0: none matched). A revoked key no
         longer resolves; its record stays for ``keys list --all``.
         """
-        if (key_id is None) == (fingerprint_prefix is None):
-            raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+        fp = revoke_prefix(key_id, fingerprint_prefix)
         stamp = ts_from_epoch(time.time() if now is None else now)
         with self._lock:
-            if key_id is not None:
+            if fp is None:
                 cur = self._conn.execute(
                     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                     (stamp, key_id),
                 )
                 return cur.rowcount
-            fp = (fingerprint_prefix or "").lower()
-            if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
-                raise ValueError("a fingerprint prefix is at least 8 hex digits")
             with transaction(self._conn) as conn:
                 matches = conn.execute(
                     "SELECT fingerprint FROM api_keys "
                     "WHERE substr(fingerprint, 1, ?) = ? AND revoked_at IS NULL",
                     (len(fp), fp),
                 ).fetchall()
-                if len(matches) > 1:
-                    raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+                at_most_one(fp, matches)
                 for (full,) in matches:
                     conn.execute(
                         "UPDATE api_keys SET revoked_at = ? WHERE fingerprint = ?", (stamp, full)
