@@ -38,9 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from spendtap.address import parse_listen
-from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
+from spendtap.cli.config import DEFAULTS, ConfigError, load_env, load_file
 from spendtap.cli.numbers import bad_value, seconds
-from spendtap.cli.paths import db_option
+from spendtap.cli.paths import config_option, db_option
 from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
 from spendtap.proxy.trust import TrustPolicy, read_secret_file, unguarded_start
@@ -407,14 +407,7 @@ def metrics_url(address: str) -> str:
     help="Inference server to reach [default: from SPENDTAP_UPSTREAM or the config "
     "file; skipped when unknown].",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=ENV_CONFIG,
-    show_envvar=True,
-    help="The TOML file spendtap run uses, to find the metrics and upstream addresses.",
-)
+@config_option("The TOML file spendtap run uses, to find the metrics and upstream addresses.")
 @click.option(
     "--central",
     metavar="URL",

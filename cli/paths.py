@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from spendtap.cli.config import ENV_CONFIG
 from spendtap.paths import ENV_DB, default_db_path
 from spendtap.store.backend import open_ledger_reader
 from spendtap.store.central import is_central_url, redact_dsn
@@ -56,6 +57,19 @@ def db_option[F: Callable](fn: F) -> F:
         help="The ledger file, or a postgresql://USER@HOST:PORT/DB URL for the fleet's "
         "central store (the password is never shown).",
     )(fn)
+
+
+def config_option(help_text: str) -> Callable[[Callable], Callable]:
+    """The ``--config PATH`` option (env ``SPENDTAP_CONFIG``): the TOML file of
+    ``spendtap run``, passed to the command as ``config_path``."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=ENV_CONFIG,
+        show_envvar=True,
+        help=help_text,
+    )
 
 
 def describe(path: Path | str) -> str:

@@ -12,8 +12,8 @@ import click
 from click.core import ParameterSource
 
 from spendtap.address import parse_listen
-from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
-from spendtap.cli.paths import db_option, refuse_readonly
+from spendtap.cli.config import MODES, ConfigError, resolve
+from spendtap.cli.paths import config_option, db_option, refuse_readonly
 from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
@@ -122,14 +122,9 @@ def build_mitmdump_args(
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=ENV_CONFIG,
-    show_envvar=True,
-    help="TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
-    "node, metrics_prefix, access_log, trusted_peers, prices, and a [set] table).",
+@config_option(
+    "TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
+    "node, metrics_prefix, access_log, trusted_peers, prices, and a [set] table)."
 )
 @click.option(
     "--upstream",
