@@ -48,42 +48,39 @@ _SPEND = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
 
 @dataclass(frozen=True, slots=True)
 class Dialect:
-    """The words in which the two backends' SQL differs."""
+    """The words in which the two backends' SQL differs; the defaults are SQLite's (which
+    needs no cast, compares text bytewise, and sorts NULL below every value: first
+    ascending, last descending)."""
 
     placeholder: str  # a named parameter, with {} for its name
     seq: str  # the column that orders rows by arrival
-    bigint: str  # the cast that makes a sum an integer (PostgreSQL's sum is numeric)
-    collate: str  # text compared bytewise, as SQLite does
-    nulls_first: str  # after an ascending key whose NULLs must come first
-    nulls_last: str  # after a descending key whose NULLs must come last
     round_avg: Callable[[str, int], str]  # the average of a column, rounded to n places
     epoch: Callable[[str], str]  # ledger ``ts`` text as whole Unix seconds
+    bigint: str = ""  # the cast that makes a sum an integer (PostgreSQL's sum is numeric)
+    collate: str = ""  # text compared bytewise
+    nulls_first: str = ""  # after an ascending key whose NULLs must come first
+    nulls_last: str = ""  # after a descending key whose NULLs must come last
 
     def p(self, name: str) -> str:
         return self.placeholder.format(name)
 
 
 SQLITE = Dialect(
-    placeholder=":{}",
-    seq="rowid",
-    bigint="",
-    collate="",
-    # SQLite sorts NULL below every value: first ascending, last descending.
-    nulls_first="",
-    nulls_last="",
-    round_avg=lambda col, n: f"round(avg({col}), {n})",
-    epoch=lambda ts: f"CAST(strftime('%s', substr({ts}, 1, 19)) AS INTEGER)",
+    ":{}",
+    "rowid",
+    lambda col, n: f"round(avg({col}), {n})",
+    lambda ts: f"CAST(strftime('%s', substr({ts}, 1, 19)) AS INTEGER)",
 )
 
 POSTGRES = Dialect(
-    placeholder="%({})s",
-    seq="seq",
+    "%({})s",
+    "seq",
+    lambda col, n: f"round(avg({col})::numeric, {n})::float",
+    lambda ts: f"extract(epoch FROM substr({ts}, 1, 19)::timestamp)::bigint",
     bigint="::bigint",
     collate=' COLLATE "C"',
     nulls_first=" NULLS FIRST",
     nulls_last=" NULLS LAST",
-    round_avg=lambda col, n: f"round(avg({col})::numeric, {n})::float",
-    epoch=lambda ts: f"extract(epoch FROM substr({ts}, 1, 19)::timestamp)::bigint",
 )
 
 
