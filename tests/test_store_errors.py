@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import sqlite3
 
+import psycopg
 import pytest
 
 from spendtap.store.budgets import Budgets
+from spendtap.store.central import (
+    CentralBusy,
+    CentralCorrupt,
+    CentralError,
+    CentralStore,
+    CentralUnwritable,
+)
 from spendtap.store.errors import (
     LedgerBusy,
     LedgerCorrupt,
@@ -43,6 +51,31 @@ def test_sqlite_classes_map_to_kinds(error, kind):
     assert type(mapped) is kind
     assert str(mapped) == str(error)
     assert mapped.__cause__ is error
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "central"),
+    [
+        (psycopg.errors.UniqueViolation("duplicate key"), RowRefused, CentralError),
+        (psycopg.errors.LockNotAvailable("lock not available"), LedgerBusy, CentralBusy),
+        (psycopg.errors.SerializationFailure("could not serialize"), LedgerBusy, CentralBusy),
+        (psycopg.errors.DiskFull("no space left"), LedgerUnwritable, CentralUnwritable),
+        (psycopg.errors.ReadOnlySqlTransaction("read-only"), LedgerUnwritable, CentralUnwritable),
+        (psycopg.errors.DataCorrupted("invalid page"), LedgerCorrupt, CentralCorrupt),
+        (psycopg.OperationalError("connection refused"), StorageError, CentralError),
+    ],
+)
+def test_postgresql_sqlstates_map_to_kinds(error, kind, central):
+    """PostgreSQL's errors by SQLSTATE; the central store names them as its own kind too."""
+    mapped = storage_error(error)
+    assert type(mapped) is kind and str(mapped) == str(error)
+    store = CentralStore.__new__(CentralStore)  # _error needs only where the store is
+    store.where = "postgresql://spendtap@db/spendtap"
+    worded = store._error(error)
+    assert type(worded) is central
+    # A busy, unwritable or corrupt central store is that kind of ledger failure too.
+    assert isinstance(worded, kind) or central is CentralError
+    assert str(worded) == f"central store postgresql://spendtap@db/spendtap: {error}"
 
 
 def test_not_a_driver_error_is_left_alone():
