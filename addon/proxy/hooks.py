@@ -62,6 +62,7 @@ from spendtap.store.ledger import (
     UPSTREAM_ERROR,
     Ledger,
     LedgerError,
+    StorageError,
 )
 from spendtap.store.writer import LedgerWriter
 
@@ -342,10 +343,9 @@ class SpendTap:
             return
         try:
             Ledger(path).close()  # create and migrate now, so a bad path fails at start
-        except Exception as e:  # LedgerError, OSError, sqlite3.DatabaseError (a corrupt file)
-            message = (
-                f"spendtap_db: {e}" if isinstance(e, LedgerError) else f"spendtap_db: {path}: {e}"
-            )
+        except Exception as e:  # LedgerError (worded), OSError or StorageError (SQLite's words)
+            worded = isinstance(e, LedgerError) and not isinstance(e, StorageError)
+            message = f"spendtap_db: {e}" if worded else f"spendtap_db: {path}: {e}"
             raise exceptions.OptionsError(message) from e
         if self.writer is not None:
             self.writer.close(timeout=10)
