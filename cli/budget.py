@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from spendtap.cli.numbers import count
+from spendtap.cli.numbers import bad_value, count
 from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_store
 from spendtap.store.backend import open_budget_store
@@ -87,14 +87,14 @@ def principal_options[F: Callable](fn: F) -> F:
 def which(key: str | None, account: str | None) -> tuple[str, str]:
     """(scope, principal) from ``--key``/``--account``; exactly one must be given."""
     if (key is None) == (account is None):
-        raise click.ClickException("give exactly one of --key and --account")
+        raise click.UsageError("give exactly one of --key and --account")
     if key is not None:
         if not key:
-            raise click.ClickException("--key must not be empty")
+            raise click.UsageError("--key must not be empty")
         return "key", key
     assert account is not None
     if not account:
-        raise click.ClickException("--account must not be empty")
+        raise click.UsageError("--account must not be empty")
     return "account", account
 
 
@@ -163,19 +163,19 @@ def budget_set(
     """
     scope, principal = which(key, account)
     if (cap is None) == (cap_usd is None):
-        raise click.ClickException("give exactly one of --cap (tokens) and --cap-usd (dollars)")
+        raise click.UsageError("give exactly one of --cap (tokens) and --cap-usd (dollars)")
     if cap_usd is not None:
         try:
             amount, unit = parse_usd(cap_usd), USD
         except ValueError as e:
-            raise click.ClickException(f"Invalid value for '--cap-usd': {e}") from None
+            raise bad_value("cap_usd", str(e)) from None
     else:
         assert cap is not None  # range-checked by its type (count)
         amount, unit = cap, TOKENS
     try:
         window_s = parse_window(window)
     except ValueError as e:
-        raise click.ClickException(f"Invalid value for '--window': {e}") from None
+        raise bad_value("window", str(e)) from None
     with open_budgets(db_path, create=True) as budgets:
         budget = budgets.set(scope, principal, amount, window_s, reset=reset, unit=unit)
     if window_s is None:
@@ -298,7 +298,7 @@ def sweep_command(older_than: str | None, db_path: Path) -> None:
         try:
             older_than_s = parse_duration(older_than).total_seconds()
         except ValueError as e:
-            raise click.ClickException(f"Invalid value for '--older-than': {e}") from None
+            raise bad_value("older_than", str(e)) from None
     with open_budgets(db_path) as budgets:
         released = budgets.sweep(owner_alive, older_than_s)
     click.echo(f"released {released} stale reservation{'s' if released != 1 else ''}")

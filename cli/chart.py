@@ -14,7 +14,6 @@ series from the ledger, picks the bucket size and prints.
 from __future__ import annotations
 
 import math
-import sqlite3
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -142,14 +141,14 @@ def draw_report_chart(
     ascii_only: bool = False,
     metric: str = "tokens",
 ) -> None:
-    """Print the spend chart of ``report --chart``; ClickException on bad options."""
+    """Print the spend chart of ``report --chart``; a usage error on bad options."""
     if fmt != "table":
-        raise click.ClickException("--chart draws on the terminal; it does not take --format")
+        raise click.UsageError("--chart draws on the terminal; it does not take --format")
     if by not in ("account", "key", "model", "node"):
-        raise click.ClickException("--chart draws per account, key, model or node, not per " + by)
+        raise click.UsageError("--chart draws per account, key, model or node, not per " + by)
     if not ascii_only:
         ascii_only = not can_draw_unicode(sys.stdout.encoding)
-    chosen = {k: v for k, v in filters.items() if v is not None}
+    chosen = filters  # only those given (query.filter_options)
     ledger = open_ledger(db_path)
     try:
         if since is not None:
@@ -170,7 +169,7 @@ def draw_report_chart(
         series = ledger.spend_series(
             by, bucket_s, since=since, until=until, metric=metric, **chosen
         )
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

@@ -27,7 +27,6 @@ when every check passed, 1 when any failed.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -39,9 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 import click
 
 from spendtap.address import parse_listen
-from spendtap.cli.config import DEFAULTS, ENV_CONFIG, ConfigError, load_env, load_file
-from spendtap.cli.numbers import seconds
-from spendtap.cli.paths import db_option
+from spendtap.cli.config import DEFAULTS, ConfigError, load_env, load_file
+from spendtap.cli.numbers import bad_value, seconds
+from spendtap.cli.paths import config_option, db_option
 from spendtap.options import DEFAULT_METRICS, OptionError, check_settings
 from spendtap.pricing import PriceFile, PriceFileError, catalogue_version
 from spendtap.proxy.trust import TrustPolicy, read_secret_file, unguarded_start
@@ -49,9 +48,10 @@ from spendtap.store.central import is_central_url
 from spendtap.store.ledger import (
     MIGRATIONS,
     MIGRATIONS_TABLE,
+    LedgerCorrupt,
     LedgerError,
+    LedgerProbe,
     NotALedger,
-    connect_readonly,
     readonly_reason,
 )
 
@@ -93,30 +93,28 @@ def check_ledger(report: Report, path: Path) -> None:
     try:
         # Read-only, with the WAL where the directory can hold its -shm, else a snapshot:
         # doctor reads a ledger on a read-only mount as well as a live one.
-        con, note = connect_readonly(path, busy_timeout_s=5)
+        probe = LedgerProbe(path, busy_timeout_s=5)
     except NotALedger as e:
         report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
         return
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         report.line(FAIL, "ledger", f"{path}: cannot open: {e}")
         return
-    if note:
-        report.line(INFO, "ledger", note)
+    if probe.note:
+        report.line(INFO, "ledger", probe.note)
     try:
         try:
-            tables = {
-                r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-        except sqlite3.OperationalError as e:
-            report.line(FAIL, "ledger", f"{path}: cannot read: {e}")
-            return
-        except sqlite3.DatabaseError as e:
+            tables = probe.tables()
+        except LedgerCorrupt as e:
             report.line(FAIL, "ledger", f"{path}: not an SQLite database: {e}")
+            return
+        except LedgerError as e:
+            report.line(FAIL, "ledger", f"{path}: cannot read: {e}")
             return
         if MIGRATIONS_TABLE not in tables:
             report.line(FAIL, "ledger", f"{path}: not a spendtap ledger (no {MIGRATIONS_TABLE})")
             return
-        applied = {r[0] for r in con.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+        applied = probe.applied_migrations()
         pending = [m.__name__ for m in MIGRATIONS if m.__name__ not in applied]
         problems = []
         if pending:
@@ -137,23 +135,21 @@ def check_ledger(report: Report, path: Path) -> None:
                 OK, "ledger", f"{path}: writable, migrated ({len(applied)} migrations applied)"
             )
         if "requests" in tables:
-            last = con.execute("SELECT max(ts), count(*) FROM requests").fetchone()
-            if last[0] is None:
+            last, rows = probe.last_row()
+            if last is None:
                 report.line(INFO, "last-row", "no rows yet")
             else:
-                report.line(INFO, "last-row", f"{_ago(last[0])}, {last[1]} rows")
+                report.line(INFO, "last-row", f"{_ago(last)}, {rows} rows")
         if "reservations" in tables:
-            count, oldest = con.execute(
-                "SELECT count(*), min(created_at) FROM reservations"
-            ).fetchone()
+            count, oldest = probe.open_reservations()
             detail = f"{count} open"
             if oldest:
                 detail += f", oldest {_ago(oldest)}"
             report.line(INFO, "reservations", detail)
-    except sqlite3.Error as e:
+    except LedgerError as e:
         report.line(FAIL, "ledger", f"{path}: {e}")
     finally:
-        con.close()
+        probe.close()
 
 
 def _get(url: str, timeout: float) -> tuple[int, str]:
@@ -411,14 +407,7 @@ def metrics_url(address: str) -> str:
     help="Inference server to reach [default: from SPENDTAP_UPSTREAM or the config "
     "file; skipped when unknown].",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=ENV_CONFIG,
-    show_envvar=True,
-    help="The TOML file spendtap run uses, to find the metrics and upstream addresses.",
-)
+@config_option("The TOML file spendtap run uses, to find the metrics and upstream addresses.")
 @click.option(
     "--central",
     metavar="URL",
@@ -463,8 +452,12 @@ def doctor(db_path, metrics, upstream, config_path, central, timeout):
         try:
             base = metrics_url(metrics)
         except ValueError as e:
-            where = "'--metrics'" if from_option else "the configured metrics address"
-            raise click.ClickException(f"Invalid value for {where}: {e}") from None
+            if from_option:
+                raise bad_value("metrics", str(e)) from None
+            # Not an option: the config file's value is an error of the setting (exit 1).
+            raise click.ClickException(
+                f"Invalid value for the configured metrics address: {e}"
+            ) from None
     report = Report(click.echo)
     db = db_path
     if click.get_current_context().get_parameter_source(

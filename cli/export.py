@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,9 +9,9 @@ from typing import Any
 
 import click
 
-from spendtap.cli.output import Choice, write_rows
+from spendtap.cli.output import write_rows
 from spendtap.cli.paths import db_option, open_ledger
-from spendtap.cli.query import filter_options, time_options, time_range
+from spendtap.cli.query import filter_options, time_options
 from spendtap.store.ledger import ROW_FIELDS, LedgerError
 
 # Below this many rows an export is quick: no progress bar.
@@ -38,7 +37,7 @@ def _with_progress(rows: Iterator[dict[str, Any]], total: int) -> Iterator[dict[
     "-f",
     "--format",
     "fmt",
-    type=Choice(("jsonl", "csv")),
+    type=click.Choice(("jsonl", "csv")),
     default="jsonl",
     show_default=True,
     help="JSON lines or CSV with a header line; every column of every row.",
@@ -56,11 +55,7 @@ def export_command(
     fmt: str,
     since: str | None,
     until: str | None,
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
-    outcome: str | None,
+    filters: dict[str, str],
     progress: bool | None,
     db_path: Path,
 ) -> None:
@@ -75,33 +70,21 @@ def export_command(
         spendtap export --since 2025-01-01 --until 2025-02-01 > jan.jsonl
         spendtap export -f csv --since 24h --account acme > acme.csv
     """
-    start, end = time_range(since, until)
-    filters = {
-        k: v
-        for k, v in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        )
-        if v is not None
-    }
     ledger = open_ledger(db_path)
     try:
         rows: Iterator[dict[str, Any]] = ledger.requests(
-            since=start, until=end, order="asc", **filters
+            since=since, until=until, order="asc", **filters
         )
         if progress is None:
             progress = sys.stderr.isatty() and not sys.stdout.isatty()
-            total = ledger.count(since=start, until=end, **filters) if progress else 0
+            total = ledger.count(since=since, until=until, **filters) if progress else 0
             progress = progress and total > PROGRESS_MIN_ROWS
         elif progress:
-            total = ledger.count(since=start, until=end, **filters)
+            total = ledger.count(since=since, until=until, **filters)
         if progress:
             rows = _with_progress(rows, total)
         write_rows(rows, fmt, ROW_FIELDS)
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

@@ -142,7 +142,7 @@ def keys_rm(key_id: str | None, fingerprint: str | None, db_path: Path) -> None:
         spendtap keys rm --fingerprint 3fa9c2e17b04
     """
     if (key_id is None) == (fingerprint is None):
-        raise click.ClickException("give exactly one of --key-id and --fingerprint")
+        raise click.UsageError("give exactly one of --key-id and --fingerprint")
     with open_keys(db_path) as keys:
         count = keys.revoke(key_id=key_id, fingerprint_prefix=fingerprint)
     if count == 0:

@@ -28,24 +28,13 @@ import click
 FORMATS = ("table", "json", "jsonl", "csv")
 
 
-class Choice(click.Choice):
-    """A ``click.Choice`` whose bad value is one ``Error:`` line and exit 1, like every
-    other error of this CLI (click's own usage errors exit 2 with the usage)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return super().convert(value, param, ctx)
-        except click.BadParameter as e:
-            raise click.ClickException(e.format_message()) from None
-
-
 def output_options[F: Callable](fn: F) -> F:
     """Add ``-f/--format`` to a command; the value arrives as ``fmt``."""
     return click.option(
         "-f",
         "--format",
         "fmt",
-        type=Choice(FORMATS),
+        type=click.Choice(FORMATS),
         default="table",
         show_default=True,
         help="Output format: an aligned table, a JSON array, JSON lines or CSV.",

@@ -7,7 +7,6 @@ the XDG spec asks), else ``~/.local/share/spendtap/ledger.db``.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +14,17 @@ from typing import Any
 
 import click
 
+from spendtap.cli.config import ENV_CONFIG
 from spendtap.paths import ENV_DB, default_db_path
 from spendtap.store.backend import open_ledger_reader
 from spendtap.store.central import is_central_url, redact_dsn
-from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, readonly_reason
+from spendtap.store.ledger import (
+    Ledger,
+    LedgerError,
+    LedgerNotFound,
+    StorageError,
+    readonly_reason,
+)
 
 
 class LedgerLocation(click.ParamType):
@@ -53,6 +59,19 @@ def db_option[F: Callable](fn: F) -> F:
     )(fn)
 
 
+def config_option(help_text: str) -> Callable[[Callable], Callable]:
+    """The ``--config PATH`` option (env ``SPENDTAP_CONFIG``): the TOML file of
+    ``spendtap run``, passed to the command as ``config_path``."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=ENV_CONFIG,
+        show_envvar=True,
+        help=help_text,
+    )
+
+
 def describe(path: Path | str) -> str:
     """A ledger location as it may be printed (a URL's password hidden)."""
     return redact_dsn(path) if is_central_url(path) else str(path)
@@ -79,10 +98,10 @@ def open_ledger(path: Path | str, *, write: bool = False) -> Any:
         raise click.ClickException(
             f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
         ) from None
+    except StorageError as e:  # the database's own words, said here where
+        raise click.ClickException(f"cannot open the ledger {path}: {e}") from None
     except LedgerError as e:
         raise click.ClickException(str(e)) from None
-    except sqlite3.Error as e:
-        raise click.ClickException(f"cannot open the ledger {path}: {e}") from None
     if ledger.note:
         click.echo(f"note: {ledger.note}", err=True)
     return ledger
@@ -132,13 +151,13 @@ def open_store(
         raise click.ClickException(
             f"no ledger at {path} (spendtap run creates it; pass --db or set {ENV_DB})"
         ) from None
-    except (LedgerError, sqlite3.Error, OSError) as e:
+    except (LedgerError, OSError) as e:
         raise click.ClickException(str(e)) from None
     try:
         yield store
     except user_errors as e:
         raise click.ClickException(str(e)) from None
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         if "readonly database" in str(e):
             raise click.ClickException(_readonly_message(path, str(e))) from None
         raise click.ClickException(f"cannot use the ledger: {e}") from None

@@ -6,7 +6,6 @@ else none), then the genai-prices catalogue shipped with spendtap.
 
 from __future__ import annotations
 
-import sqlite3
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -69,7 +68,7 @@ def prices_command(model, provider, check, prices_path, db_path: Path, fmt: str)
         ledger = open_ledger(db_path)
         try:
             groups = ledger.report("model")
-        except (LedgerError, sqlite3.Error) as e:
+        except LedgerError as e:
             raise click.ClickException(f"cannot read the ledger: {e}") from None
         finally:
             ledger.close()
@@ -143,7 +142,7 @@ def reprice_command(since, until, model, prices_path, db_path: Path):
                 bar.update(len(rows))
         if show:
             bar.render_finish()
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot reprice the ledger: {e}") from None
     finally:
         ledger.close()

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
+import functools
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
 from spendtap.cli.chart import draw_report_chart
-from spendtap.cli.numbers import count
-from spendtap.cli.output import Choice, output_options, write_rows
+from spendtap.cli.numbers import bad_value, count
+from spendtap.cli.output import output_options, write_rows
 from spendtap.cli.paths import db_option, open_ledger
 from spendtap.store.ledger import OUTCOMES, REPORT_BY, REPORT_SORT, ROW_FIELDS, LedgerError
 from spendtap.timeparse import format_ts, parse_when
@@ -65,8 +66,16 @@ REPORT_TABLE_HEADERS = {
 }
 
 
-def time_options(fn):
-    """``--since`` and ``--until``, passed as text and parsed by ``time_range``."""
+def time_options(command):
+    """``--since`` and ``--until``, parsed by ``time_range`` against one ``now`` before the
+    command runs: it gets them as ledger timestamps (or None)."""
+
+    @functools.wraps(command)
+    def parsed(*args: Any, since: str | None, until: str | None, **kwargs: Any) -> Any:
+        since, until = time_range(since, until)
+        return command(*args, since=since, until=until, **kwargs)
+
+    fn = parsed
     fn = click.option(
         "--until",
         metavar="WHEN",
@@ -87,15 +96,26 @@ def _outcome(_ctx, _param, value: str | None) -> str | None:
     return "rejected" if value == REFUSED else value
 
 
+FILTERS = ("account", "key", "model", "node")
+
+
 def filter_options(outcome: bool):
     """The row filters every ledger command shares: --account, --key, --model, --node
-    (and --outcome where it makes sense)."""
+    (and --outcome where it makes sense), passed to the command as one ``filters`` dict
+    of those given, ready for the ledger's ``requests``, ``count`` and ``report``."""
+    names = (*FILTERS, "outcome") if outcome else FILTERS
 
-    def decorate(fn):
+    def decorate(command):
+        @functools.wraps(command)
+        def collected(*args: Any, **kwargs: Any) -> Any:
+            chosen = {n: v for n in names if (v := kwargs.pop(n)) is not None}
+            return command(*args, filters=chosen, **kwargs)
+
+        fn = collected
         if outcome:
             fn = click.option(
                 "--outcome",
-                type=Choice((*OUTCOMES, REFUSED)),
+                type=click.Choice((*OUTCOMES, REFUSED)),
                 callback=_outcome,
                 help="Only requests with this outcome; refused is the same as rejected "
                 "(answered by spendtap itself: budget, auth or ledger refusals).",
@@ -109,27 +129,27 @@ def filter_options(outcome: bool):
 
 
 def time_range(since: str | None, until: str | None) -> tuple[str | None, str | None]:
-    """Parse ``--since``/``--until`` against one ``now``; ClickException on bad input."""
+    """Parse ``--since``/``--until`` against one ``now``; a usage error on bad input."""
     now = datetime.now(UTC)
     bounds: dict[str, str | None] = {}
-    for name, text in (("--since", since), ("--until", until)):
+    for name, text in (("since", since), ("until", until)):
         if text is None:
             bounds[name] = None
             continue
         try:
             bounds[name] = format_ts(parse_when(text, now))
         except ValueError as e:
-            raise click.ClickException(f"Invalid value for '{name}': {e}") from None
-    start, end = bounds["--since"], bounds["--until"]
+            raise bad_value(name, str(e)) from None
+    start, end = bounds["since"], bounds["until"]
     if start is not None and end is not None and end <= start:
-        raise click.ClickException(f"--until ({end}) must be later than --since ({start})")
+        raise click.UsageError(f"--until ({end}) must be later than --since ({start})")
     return start, end
 
 
 def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
     try:
         yield from rows
-    except sqlite3.Error as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
 
 
@@ -148,11 +168,7 @@ def _rows_or_fail(rows: Iterator[dict]) -> Iterator[dict]:
 def requests_command(
     since: str | None,
     until: str | None,
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
-    outcome: str | None,
+    filters: dict[str, str],
     limit: int,
     db_path: Path,
     fmt: str,
@@ -168,21 +184,11 @@ def requests_command(
         spendtap requests --since 1h --outcome refused
         spendtap requests --since 2025-01-01 --until 2025-02-01 --limit 0 -f csv > jan.csv
     """
-    start, end = time_range(since, until)
     ledger = open_ledger(db_path)
     try:
-        rows = ledger.requests(
-            since=start,
-            until=end,
-            account=account,
-            key=key,
-            model=model,
-            node=node,
-            outcome=outcome,
-            limit=limit or None,
-        )
+        rows = ledger.requests(since=since, until=until, limit=limit or None, **filters)
         write_rows(_rows_or_fail(rows), fmt, ROW_FIELDS, table_columns=REQUESTS_TABLE)
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()
@@ -191,7 +197,7 @@ def requests_command(
 @click.command(name="report")
 @click.option(
     "--by",
-    type=Choice(REPORT_BY),
+    type=click.Choice(REPORT_BY),
     default="account",
     show_default=True,
     help="Group totals by a row field (account, key, model, node, api, path, outcome, "
@@ -199,14 +205,14 @@ def requests_command(
 )
 @click.option(
     "--sort",
-    type=Choice(REPORT_SORT),
+    type=click.Choice(REPORT_SORT),
     default=None,
     help="Order groups by tokens, cost or requests, most first [default: tokens; "
     "days and hours in time order].",
 )
 @click.option(
     "--metric",
-    type=Choice(("tokens", "cost")),
+    type=click.Choice(("tokens", "cost")),
     default="tokens",
     show_default=True,
     help="What --chart draws: tokens, or spend in dollars.",
@@ -227,10 +233,7 @@ def report_command(
     metric: str,
     since: str | None,
     until: str | None,
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
+    filters: dict[str, str],
     chart: bool,
     ascii_only: bool,
     db_path: Path,
@@ -258,30 +261,19 @@ def report_command(
         spendtap report --by key --sort cost --since 30d
         spendtap report --chart --metric cost --by account --since 7d
     """
-    start, end = time_range(since, until)
     if chart:
         draw_report_chart(
-            db_path,
-            by,
-            fmt,
-            start,
-            end,
-            {"account": account, "key": key, "model": model, "node": node},
-            ascii_only=ascii_only,
-            metric=metric,
+            db_path, by, fmt, since, until, filters, ascii_only=ascii_only, metric=metric
         )
         return
     if metric != "tokens":
-        raise click.ClickException("--metric only applies to --chart")
+        raise click.UsageError("--metric only applies to --chart")
     if ascii_only:
-        raise click.ClickException("--ascii only applies to --chart")
+        raise click.UsageError("--ascii only applies to --chart")
     ledger = open_ledger(db_path)
     try:
-        rows = ledger.report(
-            by, since=start, until=end, account=account, key=key, model=model, node=node,
-            sort=sort,
-        )  # fmt: skip
-    except (LedgerError, sqlite3.Error) as e:
+        rows = ledger.report(by, since=since, until=until, sort=sort, **filters)
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -13,13 +12,13 @@ import click
 from click.core import ParameterSource
 
 from spendtap.address import parse_listen
-from spendtap.cli.config import ENV_CONFIG, MODES, ConfigError, resolve
-from spendtap.cli.paths import db_option, refuse_readonly
+from spendtap.cli.config import MODES, ConfigError, resolve
+from spendtap.cli.paths import config_option, db_option, refuse_readonly
 from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
 from spendtap.proxy.trust import read_secret_file
-from spendtap.store.ledger import Ledger, LedgerError
+from spendtap.store.ledger import Ledger, LedgerError, StorageError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -123,14 +122,9 @@ def build_mitmdump_args(
 
 
 @click.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=ENV_CONFIG,
-    show_envvar=True,
-    help="TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
-    "node, metrics_prefix, access_log, trusted_peers, prices, and a [set] table).",
+@config_option(
+    "TOML file with the settings below (keys: upstream, listen, db, metrics, mode, "
+    "node, metrics_prefix, access_log, trusted_peers, prices, and a [set] table)."
 )
 @click.option(
     "--upstream",
@@ -279,10 +273,10 @@ def run(
         # clear line rather than a traceback from inside mitmdump.
         try:
             Ledger(db).close()
+        except (OSError, StorageError) as e:  # the system's own words: say where
+            raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
         except LedgerError as e:
             raise click.ClickException(str(e)) from None
-        except (OSError, sqlite3.Error) as e:
-            raise click.ClickException(f"cannot use the ledger {db}: {e}") from None
         if settings.prices:
             try:
                 PriceFile.load(settings.prices)

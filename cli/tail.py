@@ -8,7 +8,7 @@ and pads each row to fixed column widths (a long value widens only its row).
 
 from __future__ import annotations
 
-import sqlite3
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,10 +84,9 @@ def follow(
         return max_rows is None or emitted < max_rows
 
     try:
-        conn = getattr(ledger, "db", None)  # SQLite: one snapshot for both reads
-        if conn is not None:
-            conn.conn.execute("BEGIN")
-        try:
+        # SQLite: one snapshot for both reads (the central store has none).
+        snapshot = getattr(ledger, "snapshot", contextlib.nullcontext)
+        with snapshot():
             cursor = ledger.last_rowid()
             initial = []
             if lines > 0:
@@ -99,9 +98,6 @@ def follow(
                     # Without a snapshot (the central store) a row may land in between.
                     if row["rowid"] <= cursor
                 ]
-        finally:
-            if conn is not None:
-                conn.conn.execute("COMMIT")
         for row in reversed(initial):
             if not budget_left():
                 return
@@ -154,11 +150,7 @@ def follow(
 @db_option
 @output_options
 def tail_command(
-    account: str | None,
-    key: str | None,
-    model: str | None,
-    node: str | None,
-    outcome: str | None,
+    filters: dict[str, str],
     lines: int,
     interval: float,
     once: bool,
@@ -179,17 +171,6 @@ def tail_command(
         spendtap tail --account acme -n 0
         spendtap tail -f jsonl --outcome upstream_error | jq .
     """
-    filters = {
-        k: v
-        for k, v in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        )
-        if v is not None
-    }
     ledger = open_ledger(db_path)
     try:
         rows = follow(
@@ -207,7 +188,7 @@ def tail_command(
                 click.echo(_table_line([(k, format_cell(row.get(k))) for k, _ in REQUESTS_TABLE]))
         else:
             write_rows(rows, fmt, ROW_FIELDS)
-    except (LedgerError, sqlite3.Error) as e:
+    except LedgerError as e:
         raise click.ClickException(f"cannot read the ledger: {e}") from None
     finally:
         ledger.close()

@@ -46,6 +46,13 @@ def invoke(
     return CliRunner().invoke(cli, argv, input=input, env=env, catch_exceptions=catch_exceptions)
 
 
+def usage_error(result) -> str:
+    """click's usage error: exit 2, the usage, then exactly one Error line (returned)."""
+    assert result.exit_code == 2 and result.output.startswith("Usage: "), result.output
+    assert result.output.count("Error:") == 1, result.output
+    return result.output.splitlines()[-1]
+
+
 def spendtap(*args: str, db: Path | str, input: str | None = None) -> str:
     """``spendtap ARGS --db DB`` in a child process; its stdout (fails the test on exit != 0)."""
     out = subprocess.run(

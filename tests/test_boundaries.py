@@ -62,3 +62,22 @@ def test_every_module_lives_in_a_folder_of_the_data_path():
     )
     for folder in ("metering", "store", "proxy", "metrics"):
         assert (ADDON / folder / "__init__.py").is_file()
+
+
+ROOT = ADDON.parent
+# Above the storage boundary: these catch the store's exceptions (spendtap.store.errors),
+# never a database driver's, so a backend's driver can change without edits here.
+ABOVE_THE_STORE = sorted(
+    [p.relative_to(ROOT).as_posix() for p in (ROOT / "cli").glob("*.py")]
+    + ["addon/store/writer.py"]
+)
+
+
+@pytest.mark.parametrize("module", ABOVE_THE_STORE)
+def test_the_cli_and_the_writer_import_no_database_driver(module):
+    source = (ROOT / module).read_text()
+    roots = _imported_roots(ROOT / module)
+    # Also an import inside a function (ast.walk sees those too) and importlib by name.
+    for driver in ("sqlite3", "psycopg", "psycopg_pool"):
+        assert driver not in roots, f"{module} imports {driver}: catch spendtap.store.errors"
+        assert f'import_module("{driver}' not in source, f"{module} loads {driver} by name"

@@ -247,3 +247,28 @@ def test_every_ledger_column_has_a_central_column(store, pg_dsn):
             )
         }
     assert set(COLUMNS) <= central, sorted(set(COLUMNS) - central)
+
+
+def test_the_fleet_answers_reading_queries_as_a_node_ledger_does(store, tmp_path):
+    """One query builder serves both stores: the same rows give the same spend series
+    (refused requests counted too), report, count and time span."""
+    t0 = 1_750_000_000.0
+    rows = [
+        row("a", key="k1", tokens=10, ts=t0),
+        row("b", key="k1", tokens=30, ts=t0 + 4000, cost_nusd=7),
+        row("c", key="k2", tokens=0, ts=t0 + 10, outcome="rejected", usage_source="none"),
+        row("d", key=None, tokens=4, ts=t0 + 20, outcome="upstream_error"),
+    ]
+    with Ledger(tmp_path / "ledger.db") as ledger:
+        ledger.insert_rows(rows)
+        store.ship("n", list(enumerate(rows, 1)), "m")
+        for metric in ("tokens", "cost"):
+            series = ledger.spend_series("key", 3600, metric=metric)
+            assert store.spend_series("key", 3600, metric=metric) == series
+        assert any(s["refused"] == 1 for s in series)
+        for by in ("key", "outcome", "hour"):
+            assert store.report(by) == ledger.report(by)
+        assert store.count(key="k1") == ledger.count(key="k1") == 2
+        assert store.time_span(since=ts_from_epoch(t0 + 5)) == ledger.time_span(
+            since=ts_from_epoch(t0 + 5)
+        )

@@ -11,7 +11,7 @@ from spendtap.store.budgets import Budgets, process_owner
 from spendtap.store.keys import Keys, fingerprint
 from spendtap.store.ledger import Ledger
 from spendtap.timeparse import ts_from_epoch
-from tests.helpers import dead_owner, invoke
+from tests.helpers import dead_owner, invoke, usage_error
 
 
 @pytest.fixture
@@ -92,12 +92,23 @@ def test_budget_reset(db):
             ["budget", "set", "--key", "k", "--cap", "5", "--window", "soon"],
             "invalid window 'soon'",
         ),
+    ],
+)
+def test_budget_usage_errors(db, args, message):
+    """Options that conflict or a value out of range or form: click's usage error, exit 2."""
+    Ledger(db).close()
+    assert message in usage_error(invoke(*args, db=db))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["budget", "show", "--key", "nope"], "no budget for key nope"),
         (["budget", "rm", "--account", "nope"], "no budget for account nope"),
     ],
 )
 def test_budget_errors(db, args, message):
-    """Bad budget commands fail with one line and exit 1."""
+    """A budget that is not there: one line, exit 1."""
     Ledger(db).close()
     result = invoke(*args, db=db)
     assert result.exit_code == 1
@@ -141,7 +152,7 @@ def test_reservations_and_sweep(db):
         == "id,account,key,tokens,usd,created_at,age_s,owner\n"
     )
     result = invoke("sweep", "--older-than", "soon", db=db)
-    assert result.exit_code == 1 and "Invalid value for '--older-than'" in result.output
+    assert usage_error(result).startswith("Error: Invalid value for '--older-than': ")
 
 
 def test_keys_add_from_stdin_list_rm(db):
@@ -186,7 +197,6 @@ def test_keys_add_generates_and_prints_once(db):
     [
         (["keys", "add", "--account", "a", "--key-id", "k"], "", "no secret on stdin and it"),
         (["keys", "add", "--account", "a", "--key-id", "k"], "short", "at least 16 characters"),
-        (["keys", "rm"], None, "give exactly one of --key-id and --fingerprint"),
         (["keys", "rm", "--key-id", "ghost"], None, "no active key with key id ghost"),
         (["keys", "rm", "--fingerprint", "xyz"], None, "at least 8 hex digits"),
     ],
@@ -197,6 +207,13 @@ def test_keys_errors(db, args, stdin, message):
     result = invoke(*args, input=stdin, db=db)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and message in result.output
+
+
+def test_keys_rm_needs_one_selector(db):
+    """Neither --key-id nor --fingerprint: click's usage error, exit 2."""
+    Ledger(db).close()
+    error = usage_error(invoke("keys", "rm", db=db))
+    assert "give exactly one of --key-id and --fingerprint" in error
 
 
 def test_keys_add_duplicate(db):
@@ -253,7 +270,7 @@ def test_money_budget_set_show_rm(db):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cap-usd", "-1"], "expected an amount in dollars >= 0"),
+        (["--cap-usd", "-1"], "Invalid value for '--cap-usd': expected an amount in dollars >= 0"),
         (["--cap-usd", "lots"], "expected an amount in dollars"),
         (["--cap-usd", "0.0000000001"], "at most 9 decimal places"),
         (["--cap-usd", "99999999999999"], "at most 9223372036.854775807 dollars"),
@@ -263,7 +280,6 @@ def test_money_budget_set_show_rm(db):
     ],
 )
 def test_money_budget_errors(db, args, message):
-    result = invoke("budget", "set", "--key", "k1", "--window", "1d", *args, db=db)
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: ") and message in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    """A bad amount or conflicting caps: click's usage error, exit 2, one Error line."""
+    error = usage_error(invoke("budget", "set", "--key", "k1", "--window", "1d", *args, db=db))
+    assert error.startswith("Error: ") and message in error

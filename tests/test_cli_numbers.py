@@ -1,4 +1,5 @@
-"""Every numeric CLI input has a range, checked at the boundary: one ``Error:`` line, exit 1.
+"""Every numeric CLI input has a range, checked by click's own types: a usage error
+(the usage, then one ``Error:`` line naming the option and the range), exit 2.
 
 Found by a new user: ``budget set --cap 99999999999999999999999`` was
 ``OverflowError: Python int too large to convert to SQLite INTEGER``.
@@ -12,9 +13,9 @@ import click
 import pytest
 
 from spendtap.cli.main import cli
-from spendtap.cli.numbers import Count, Number
+from spendtap.cli.numbers import FiniteRange
 from spendtap.store.ledger import Ledger
-from tests.helpers import SPENDTAP_MODULE, invoke
+from tests.helpers import SPENDTAP_MODULE, invoke, usage_error
 
 HUGE = "99999999999999999999999"
 
@@ -28,12 +29,16 @@ def _commands(group: click.Group, prefix=()):
 
 
 def test_every_numeric_option_has_a_range():
-    """No command takes a bare int or float: each is a Count or Number with bounds."""
+    """No command takes a bare int or float: each is a click IntRange or FloatRange with a
+    top (a float one also refuses nan)."""
     bare = []
     for path, command in _commands(cli):
         for param in command.params:
             if isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
-                ok = isinstance(param.type, (Count, Number)) and param.type.max is not None
+                ok = (
+                    isinstance(param.type, (click.IntRange, FiniteRange))
+                    and param.type.max is not None
+                )
                 if not ok:
                     bare.append(f"{' '.join(path)} {param.opts[0]}")
     assert not bare, f"numeric options without a range: {bare}"
@@ -59,15 +64,15 @@ def test_every_numeric_option_has_a_range():
         (["simulate", "--tokens", HUGE], "--tokens"),
     ],
 )
-def test_out_of_range_is_one_line(tmp_path, args, option):
-    """Too large, negative, nan, inf or not a number: one line naming the option, exit 1."""
+def test_out_of_range_is_a_usage_error(tmp_path, args, option):
+    """Too large, negative, nan, inf or not a number: click's usage error, exit 2, its
+    one Error line naming the option."""
     db = tmp_path / "ledger.db"
     Ledger(db).close()
     env = {"SPENDTAP_DB": str(db)}
     result = invoke(*args, env=env)
-    assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: Invalid value for '") and option in result.output
-    assert result.output.count("\n") == 1, result.output
+    assert usage_error(result).startswith("Error: Invalid value for '")
+    assert option in result.output
     assert "Traceback" not in result.output
 
 
@@ -79,11 +84,12 @@ def test_huge_cap_through_the_installed_command(tmp_path):
          "--cap", HUGE, "--window", "1h", "--db", str(db)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
-    assert out.returncode == 1
-    assert out.stderr == (
-        f"Error: Invalid value for '--cap': {HUGE} is not in the range "
+    assert out.returncode == 2
+    assert out.stderr.endswith(
+        f"\nError: Invalid value for '--cap': {HUGE} is not in the range "
         "0<=x<=9223372036854775807.\n"
     )
+    assert out.stderr.count("Error:") == 1
     assert "OverflowError" not in out.stderr + out.stdout
 
 

@@ -331,6 +331,15 @@ def error_of(result) -> str:
     return result.stderr
 
 
+def usage_error_of(result) -> str:
+    """click's usage error: exit 2, the usage and a hint, then the Error line (returned)."""
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    usage, _, error = result.stderr.rpartition("\n\n")
+    assert usage.startswith("Usage: "), result.stderr
+    return error
+
+
 def test_missing_db_is_an_error_and_is_not_created(tmp_path):
     """A missing ledger is one clear line, exit 1, and no file appears."""
     path = tmp_path / "missing.db"
@@ -424,10 +433,11 @@ def test_foreign_sqlite_is_not_a_ledger(tmp_path):
         ),
     ],
 )
-def test_bad_arguments_are_one_line_errors(db, args, message):
-    """Bad times, an inverted range and unknown choices are one line and exit 1."""
+def test_bad_arguments_are_usage_errors(db, args, message):
+    """Bad times, an inverted range and unknown choices are click's usage errors (exit 2),
+    their message one line."""
     result = run(*args, "--db", str(db))
-    assert error_of(result) == message
+    assert usage_error_of(result) == message
 
 
 def test_locked_ledger_still_reads(db):

@@ -13,7 +13,7 @@ import pytest
 from spendtap.cli.chart import choose_bucket, render_chart
 from spendtap.store.ledger import ROW_FIELDS, Ledger
 from spendtap.timeparse import parse_datetime, ts_from_epoch
-from tests.helpers import invoke
+from tests.helpers import invoke, usage_error
 
 T0 = parse_datetime("2025-01-31T12:00:00Z").timestamp()
 
@@ -109,9 +109,8 @@ def test_tail_table_streams_header_once(db):
     ],
 )
 def test_tail_errors(db, args, message):
-    """Bad tail options are one error line and exit 1."""
-    result = invoke(*args, db=db)
-    assert result.exit_code == 1 and message in result.output
+    """Bad tail options are click's usage errors, exit 2."""
+    assert message in usage_error(invoke(*args, db=db))
 
 
 def test_tail_needs_a_ledger(tmp_path):
@@ -160,9 +159,8 @@ def test_export_progress_goes_to_stderr(db):
     ],
 )
 def test_export_errors(db, args, message):
-    """Bad export options are one error line and exit 1."""
-    result = invoke(*args, db=db)
-    assert result.exit_code == 1 and message in result.output
+    """Bad export options are click's usage errors, exit 2."""
+    assert message in usage_error(invoke(*args, db=db))
 
 
 # -- report --chart -------------------------------------------------------------------------
@@ -198,9 +196,8 @@ def test_report_chart_ascii_and_by_key(db):
     ],
 )
 def test_report_chart_errors(db, args, message):
-    """Conflicting chart options are refused with one line."""
-    result = invoke(*args, db=db)
-    assert result.exit_code == 1 and message in result.output
+    """Conflicting chart options are click's usage errors, exit 2."""
+    assert message in usage_error(invoke(*args, db=db))
 
 
 def test_report_chart_empty_range(db):

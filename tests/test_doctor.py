@@ -12,7 +12,7 @@ from spendtap.address import free_port
 from spendtap.metrics.series import Metrics
 from spendtap.metrics.server import MetricsServer
 from spendtap.store.ledger import MIGRATIONS_TABLE, Ledger
-from tests.helpers import invoke
+from tests.helpers import invoke, usage_error
 from tests.proc import Sidecar, Simulator
 
 # Every test here reads settings from SPENDTAP_* variables: none may come from the shell.
@@ -224,11 +224,10 @@ def test_metrics_address_in_every_form_run_takes(tmp_path):
 
 @pytest.mark.parametrize("bad", ["ftp://host:9464", "host:port", "127.0.0.1:99999", "http://:9464"])
 def test_bad_metrics_address_is_one_line(ledger, bad):
-    """An address that is neither HOST:PORT nor an http(s) URL: one Error line, exit 1."""
+    """An address that is neither HOST:PORT nor an http(s) URL: click's usage error, exit 2,
+    one Error line."""
     result = invoke("doctor", "--db", str(ledger), "--metrics", bad, env={})
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: Invalid value for '--metrics': ")
-    assert result.output.count("\n") == 1, result.output
+    assert usage_error(result).startswith("Error: Invalid value for '--metrics': ")
 
 
 def test_reports_the_trust_choice(ledger, tmp_path):

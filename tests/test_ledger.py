@@ -14,6 +14,7 @@ from spendtap.store.ledger import (
     COLUMNS,
     MIGRATIONS,
     Ledger,
+    LedgerBusy,
     LedgerError,
     LedgerNotFound,
     NotALedger,
@@ -548,15 +549,17 @@ def test_reader_sees_writer_commits(tmp_path):
         assert reader.count() == 1
 
 
-def test_locked_insert_raises_operational_error(tmp_path):
-    """An insert that cannot get the write lock within the busy timeout raises, writing nothing."""
+def test_locked_insert_raises_ledger_busy(tmp_path):
+    """An insert that cannot get the write lock within the busy timeout raises LedgerBusy
+    (SQLite's own error as its cause, its message unchanged), writing nothing."""
     path = tmp_path / "ledger.db"
     with Ledger(path, busy_timeout_s=0.05) as ledger:
         blocker = sqlite3.connect(path, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         try:
-            with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with pytest.raises(LedgerBusy, match=r"^database is locked$") as raised:
                 ledger.insert_rows([ledger_row("a")])
+            assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()

@@ -317,3 +317,50 @@ def test_close_gives_up_at_its_deadline(make_writer, db_path, caplog):
         assert len(messages(caplog, "closing with 3 rows not written")) == 1
     finally:
         shutil.rmtree(db_path)
+
+
+def test_a_row_the_database_refuses_is_dropped_and_the_rest_of_its_batch_lands(
+    make_writer, db_path, caplog
+):
+    """SQLite refusing one row (RowRefused, a constraint) costs that row, not its batch,
+    and never wedges the queue: retrying it would fail forever."""
+    with Ledger(db_path) as ledger:
+        ledger.db.execute(
+            "CREATE TRIGGER refuse_bad BEFORE INSERT ON requests WHEN NEW.account = 'bad' "
+            "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+        )
+    writer = make_writer(max_delay_s=0.2, batch_size=10)
+    for i in range(5):
+        writer.submit(ledger_row(f"r{i}", account="bad" if i == 2 else "acme"))
+    assert writer.flush(timeout=10)
+    assert stored_ids(db_path) == ["r0", "r1", "r3", "r4"]
+    assert writer.dropped_rows == 1
+    assert writer.write_errors == 0
+    assert "refused by a test trigger" in messages(caplog, "dropped row r2")[0]
+
+
+def test_a_lock_keeps_the_connection_and_any_other_failure_reopens_it(make_writer, db_path):
+    """Locked (LedgerBusy): the same connection retries; the file gone: it is reopened."""
+    writer = make_writer(busy_timeout_s=0.05)
+    opened = writer._ledger
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        writer.submit(ledger_row("locked"))
+        assert wait_for(lambda: writer.write_errors >= 2)
+        assert writer._ledger is opened
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert writer.flush(timeout=10)
+    assert writer._ledger is opened
+    remove_ledger_files(db_path)
+    os.mkdir(db_path)
+    try:
+        writer.submit(ledger_row("gone"))
+        assert wait_for(lambda: writer.write_errors >= 3)
+        assert writer._ledger is not opened
+    finally:
+        shutil.rmtree(db_path)
+    assert writer.flush(timeout=10)
+    assert stored_ids(db_path) == ["gone"]

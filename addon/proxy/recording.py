@@ -16,7 +16,7 @@ from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFileError, Pricer
 from spendtap.proxy.accesslog import AccessLog
 from spendtap.proxy.failclosed import SpendtapAddon
-from spendtap.store.ledger import Ledger, LedgerError
+from spendtap.store.ledger import Ledger, LedgerError, StorageError
 from spendtap.store.writer import LedgerWriter
 
 logger = logging.getLogger("spendtap")
@@ -59,10 +59,9 @@ class Recording(SpendtapAddon):
             return
         try:
             Ledger(path).close()  # create and migrate now, so a bad path fails at start
-        except Exception as e:  # LedgerError, OSError, sqlite3.DatabaseError (a corrupt file)
-            message = (
-                f"spendtap_db: {e}" if isinstance(e, LedgerError) else f"spendtap_db: {path}: {e}"
-            )
+        except Exception as e:  # LedgerError (worded), OSError or StorageError (SQLite's words)
+            worded = isinstance(e, LedgerError) and not isinstance(e, StorageError)
+            message = f"spendtap_db: {e}" if worded else f"spendtap_db: {path}: {e}"
             raise exceptions.OptionsError(message) from e
         if self.writer is not None:
             self.writer.close(timeout=10)

@@ -54,13 +54,11 @@ This module imports neither click nor mitmproxy.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,7 +68,12 @@ from typing import Any
 
 from spendtap.metering.usage import INPUT_ONLY_APIS, OTHER
 from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
-from spendtap.store.ledger import Ledger, LedgerError, LedgerNotFound, connect_readonly
+from spendtap.store.errors import boundary_class, storage_boundary
+from spendtap.store.ledger import (
+    LedgerError,
+    LedgerNotFound,
+    LedgerTables,
+)
 from spendtap.timeparse import normalize_ts, parse_datetime, parse_duration, ts_from_epoch
 
 __all__ = [
@@ -83,6 +86,9 @@ __all__ = [
     "BudgetUnavailable",
     "Budgets",
     "Decision",
+    "check_cap",
+    "check_principal",
+    "counting_since",
     "format_window",
     "open_readonly",
     "open_reservation_count",
@@ -580,6 +586,7 @@ def _all_budgets(conn: sqlite3.Connection) -> list[Budget]:
     return sorted(out, key=lambda b: (b.scope != "key", b.principal, b.unit != TOKENS))
 
 
+@storage_boundary
 def read_statuses(
     conn: sqlite3.Connection, now: float | datetime | None = None
 ) -> list[BudgetStatus]:
@@ -588,6 +595,7 @@ def read_statuses(
     return [_status(conn, b, t) for b in _all_budgets(conn)]
 
 
+@storage_boundary
 def open_reservation_count(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT count(*) FROM reservations").fetchone()[0]
 
@@ -595,75 +603,51 @@ def open_reservation_count(conn: sqlite3.Connection) -> int:
 # -- the store ------------------------------------------------------------------------
 
 
-class Budgets:
+def check_principal(scope: str, principal: str) -> None:
+    """A budget's scope and principal, checked alike by both stores."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be key or account, not {scope!r}")
+    if not isinstance(principal, str) or not principal:
+        raise ValueError("a budget needs a non-empty principal")
+
+
+def check_cap(cap: int, window_s: int | None, unit: str = TOKENS) -> None:
+    """A cap (tokens, or whole nano-dollars) and a window (None: a balance), checked alike
+    by both stores (the largest cap is what both databases' integers hold)."""
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        what = "nano-dollars" if unit == USD else "tokens"
+        raise ValueError(f"cap must be a whole number of {what} >= 0, not {cap!r}")
+    if cap > MAX_CAP:
+        raise ValueError(f"cap must be at most {MAX_CAP}, not {cap}")
+    if window_s is not None and (
+        isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
+    ):
+        raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+
+
+def counting_since(old: Budget | None, window_s: int | None, *, reset: bool, now_ts: str) -> str:
+    """Where a budget being set counts spend from: ``now`` for a reset and for a new
+    balance (or a budget turned into one), the epoch for a new rolling window (its spend
+    already in the window counts), else where it counted from before."""
+    if reset or (window_s is None and (old is None or old.window_s is not None)):
+        return now_ts
+    return EPOCH_TS if old is None else old.since
+
+
+@boundary_class
+class Budgets(LedgerTables):
     """Budgets and reservations in the ledger at ``path``.
 
     Owns one SQLite connection (WAL, busy timeout ``busy_timeout_s``). Meant to
     be used from one worker thread; a lock makes other threads safe but
     serialized. ``create`` False opens only an existing ledger
     (``LedgerNotFound`` otherwise). Reading and management methods raise
-    ``sqlite3.Error``/``LedgerError``; ``reserve`` and ``release`` turn
-    database failures into ``BudgetUnavailable``.
+    ``LedgerError`` (SQLite's failures as ``StorageError``); ``reserve`` and
+    ``release`` turn database failures into ``BudgetUnavailable``.
     """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        busy_timeout_s: float = 5.0,
-        create: bool = True,
-        readonly: bool = False,
-    ):
-        self.path = Path(path)
-        self.busy_timeout_s = busy_timeout_s
-        self._lock = threading.Lock()
-        if readonly:
-            # For show, list and reservations: works on a read-only mount or a copy.
-            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
-            self._conn, _note = connect_readonly(
-                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
-            )
-            self._conn.isolation_level = None
-            return
-        # Create (or check) and migrate through the ledger, then keep a plain
-        # autocommit connection so that every transaction here is explicit.
-        opener = Ledger if create else Ledger.open_existing
-        opener(self.path, busy_timeout_s=busy_timeout_s).close()
-        self._conn = sqlite3.connect(
-            self.path,
-            timeout=busy_timeout_s,
-            isolation_level=None,
-            check_same_thread=False,
-        )
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Budgets:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Budgets {self.path}>"
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     # -- configuration --------------------------------------------------------------
 
@@ -671,10 +655,7 @@ class Budgets:
     def _check(scope: str, principal: str, unit: str = TOKENS) -> None:
         if unit not in UNITS:
             raise ValueError(f"unit must be tokens or usd, not {unit!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be key or account, not {scope!r}")
-        if not isinstance(principal, str) or not principal:
-            raise ValueError("a budget needs a non-empty principal")
+        check_principal(scope, principal)
 
     def set(
         self,
@@ -696,25 +677,12 @@ class Budgets:
         ``reset`` starts counting afresh from ``now`` for either kind.
         """
         self._check(scope, principal, unit)
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            what = "nano-dollars" if unit == USD else "tokens"
-            raise ValueError(f"cap must be a whole number of {what} >= 0, not {cap!r}")
-        if cap > MAX_CAP:
-            raise ValueError(f"cap must be at most {MAX_CAP}, not {cap}")
-        if window_s is not None and (
-            isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
-        ):
-            raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+        check_cap(cap, window_s, unit)
         now_ts = ts_from_epoch(_epoch(now))
         table = _UNITS[unit]
         with self._write() as conn:
             old = self._get(conn, scope, principal, unit)
-            if reset or (window_s is None and (old is None or old.window_s is not None)):
-                since = now_ts
-            elif old is None:
-                since = EPOCH_TS
-            else:
-                since = old.since
+            since = counting_since(old, window_s, reset=reset, now_ts=now_ts)
             column = _COLUMN[scope]
             # A one-off count of the rows since `since`; the triggers keep it from here on.
             spent_since = conn.execute(
@@ -1021,6 +989,7 @@ def _binding(refusals: list[Decision]) -> Decision:
     )
 
 
+@storage_boundary
 def open_readonly(path: str | os.PathLike[str], busy_timeout_s: float = 1.0) -> sqlite3.Connection:
     """A read-only connection to an existing ledger (``LedgerNotFound`` if there is none)."""
     p = Path(path)

@@ -30,9 +30,12 @@ How the guarantees carry over from one node to a fleet:
 
 Exceptions::
 
-    LedgerError (spendtap.store.ledger)
-     +-- CentralError           the central store failed (message names no password)
-     |    +-- NotCentral        the database is someone else's (no spendtap migrations)
+    LedgerError (spendtap.store.errors)
+     +-- StorageError
+     |    +-- CentralError      the central store failed (message names no password)
+     |         +-- NotCentral   the database is someone else's (no spendtap migrations)
+     |         +-- CentralBusy, CentralUnwritable, CentralCorrupt: also LedgerBusy,
+     |             LedgerUnwritable, LedgerCorrupt (the kind of PostgreSQL's SQLSTATE)
      +-- BudgetUnavailable      (spendtap.store.budgets) PostgreSQL cannot answer a reserve now
 
 Every connection has a bounded connect timeout and statement timeout; callers
@@ -52,14 +55,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from spendtap.options import redact_url
+from spendtap.store import queries
 from spendtap.store.budgets import (
-    EPOCH_TS,
     RESERVED_RETRY_S,
-    SCOPES,
     TOKENS,
     UNBUDGETED,
     Budget,
@@ -69,18 +70,24 @@ from spendtap.store.budgets import (
     _binding,
     _epoch,
     _ts_epoch,
+    check_cap,
+    check_principal,
+    counting_since,
+)
+from spendtap.store.errors import (
+    LedgerBusy,
+    LedgerCorrupt,
+    LedgerUnwritable,
+    StorageError,
+    boundary_class,
+    storage_error,
 )
 from spendtap.store.ledger import (
     COLUMNS,
-    OUTCOMES,
-    REPORT_BY,
-    REPORT_SORT,
-    LedgerError,
-    _row_out,
+    Closing,
     normalize_row,
-    usd,
 )
-from spendtap.timeparse import normalize_ts, ts_from_epoch
+from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
     "CentralError",
@@ -97,8 +104,28 @@ _SPEND = "coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)"
 _BUDGET_COLUMNS = "scope, principal, cap_tokens, window_s, since, created_at, updated_at"
 
 
-class CentralError(LedgerError):
+class CentralError(StorageError):
     """The central store failed; the message is one line and never holds a password."""
+
+
+class CentralBusy(CentralError, LedgerBusy):
+    """PostgreSQL could not take a lock or serialize the transaction: try again later."""
+
+
+class CentralUnwritable(CentralError, LedgerUnwritable):
+    """PostgreSQL is out of disk or memory, or the transaction is read-only."""
+
+
+class CentralCorrupt(CentralError, LedgerCorrupt):
+    """PostgreSQL reports corrupted data or an index it cannot read."""
+
+
+# The store's kind of a driver error (``errors.storage_error``), as a central error.
+_CENTRAL_KINDS: dict[type[StorageError], type[CentralError]] = {
+    LedgerBusy: CentralBusy,
+    LedgerUnwritable: CentralUnwritable,
+    LedgerCorrupt: CentralCorrupt,
+}
 
 
 class NotCentral(CentralError):
@@ -362,7 +389,8 @@ def _dsn_kwargs(timeout_s: float) -> dict[str, Any]:
     }
 
 
-class CentralStore:
+@boundary_class
+class CentralStore(queries.LedgerReads, Closing):
     """The fleet's store in the PostgreSQL database ``dsn``.
 
     ``pool_size`` > 0 keeps a ``psycopg_pool.ConnectionPool`` (the sidecar);
@@ -422,17 +450,13 @@ class CentralStore:
                     self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> CentralStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- connections ---------------------------------------------------------------
 
     def _error(self, e: BaseException) -> CentralError:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return CentralError(f"central store {self.where}: {text}")
+        mapped = storage_error(e)
+        kind = _CENTRAL_KINDS.get(type(mapped), CentralError)
+        return kind(f"central store {self.where}: {text}")
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -516,10 +540,7 @@ class CentralStore:
                 "money caps (--cap-usd) are not enforced by the central store yet; "
                 "set a token cap for the fleet"
             )
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be key or account, not {scope!r}")
-        if not isinstance(principal, str) or not principal:
-            raise ValueError("a budget needs a non-empty principal")
+        check_principal(scope, principal)
 
     def set(
         self,
@@ -534,22 +555,12 @@ class CentralStore:
     ) -> Budget:
         """Create or change a fleet budget (same semantics as ``Budgets.set``; tokens only)."""
         self._check(scope, principal, unit)
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
-            raise ValueError(f"cap must be a whole number of tokens >= 0, not {cap!r}")
-        if window_s is not None and (
-            isinstance(window_s, bool) or not isinstance(window_s, int) or window_s <= 0
-        ):
-            raise ValueError(f"window must be None (a balance) or seconds > 0, not {window_s!r}")
+        check_cap(cap, window_s)
         now_ts = ts_from_epoch(_epoch(now))
         column = _COLUMN[scope]
         with self._connection() as conn, conn.transaction():
             old = self._get(conn, scope, principal, lock=True)
-            if reset or (window_s is None and (old is None or old.window_s is not None)):
-                since = now_ts
-            elif old is None:
-                since = EPOCH_TS
-            else:
-                since = old.since
+            since = counting_since(old, window_s, reset=reset, now_ts=now_ts)
             spent_since = conn.execute(
                 f"SELECT coalesce(sum({_SPEND}), 0) FROM requests WHERE {column} = %s AND ts >= %s",
                 (principal, since),
@@ -862,8 +873,8 @@ class CentralStore:
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node's lease: node_id, host, pid, heartbeat age, lease, expired, cursor."""
-        with self._connection() as conn:
-            cur = conn.execute(
+        return list(
+            self._rows(
                 """
                 SELECT n.node_id, host, pid, owner,
                        extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age_s,
@@ -874,82 +885,11 @@ class CentralStore:
                 ORDER BY n.node_id
                 """
             )
-            names = [d.name for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur]
+        )
 
-    # -- the fleet ledger (the reading half of ``spendtap.store.ledger.Ledger``) ----------------
+    # -- the fleet ledger (its reading half is ``queries.LedgerReads``, as a node's) -------
 
-    @staticmethod
-    def _where(
-        *,
-        since: str | datetime | None,
-        until: str | datetime | None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-    ) -> tuple[list[str], dict[str, Any]]:
-        clauses: list[str] = []
-        params: dict[str, Any] = {}
-        if since is not None:
-            clauses.append("ts >= %(since)s")
-            params["since"] = normalize_ts(since)
-        if until is not None:
-            clauses.append("ts < %(until)s")
-            params["until"] = normalize_ts(until)
-        if outcome is not None and outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-        for name, value in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        ):
-            if value is not None:
-                clauses.append(f"{name} = %({name})s")
-                params[name] = value
-        return clauses, params
-
-    def requests(
-        self,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        limit: int | None = None,
-        after_rowid: int | None = None,
-        order: str = "desc",
-        include_rowid: bool = False,
-    ) -> Iterator[dict[str, Any]]:
-        """Fleet rows, as ``Ledger.requests`` gives them; the "rowid" is the arrival sequence."""
-        if order not in ("asc", "desc"):
-            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be zero or more, not {limit}")
-        clauses, params = self._where(
-            since=since, until=until, account=account, key=key, model=model, node=node,
-            outcome=outcome,
-        )  # fmt: skip
-        if after_rowid is not None:
-            clauses.append("seq > %(after)s")
-            params["after"] = after_rowid
-            order_by = f"seq {order}"
-        else:
-            order_by = f"ts {order}, seq {order}"
-        columns = ", ".join(("seq AS rowid", *COLUMNS) if include_rowid else COLUMNS)
-        sql = f"SELECT {columns} FROM requests"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += f" ORDER BY {order_by}"
-        if limit is not None:
-            sql += " LIMIT %(limit)s"
-            params["limit"] = limit
-        return iter([_row_out(r) for r in self._query(sql, params)])
+    dialect = queries.POSTGRES
 
     def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
         """Store ``(id, cost_nusd, price_source)`` for existing rows (``spendtap reprice``)."""
@@ -970,146 +910,16 @@ class CentralStore:
         with self._connection() as conn:
             return conn.execute("SELECT coalesce(max(seq), 0) FROM requests").fetchone()[0]
 
-    def count(self, **filters: Any) -> int:
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        with self._connection() as conn:
-            return conn.execute(f"SELECT count(*) FROM requests{where}", params).fetchone()[0]
-
-    def time_span(self, **filters: Any) -> tuple[str, str] | None:
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        with self._connection() as conn:
-            first, last = conn.execute(
-                f"SELECT min(ts), max(ts) FROM requests{where}", params
-            ).fetchone()
-        return None if first is None else (first, last)
-
-    def spend_series(
-        self,
-        by: str,
-        bucket_s: int,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        metric: str = "tokens",
-        **filters: Any,
-    ) -> list[dict[str, Any]]:
-        """As ``Ledger.spend_series``: tokens or nano-dollars per group and time bucket."""
-        if metric not in ("tokens", "cost"):
-            raise ValueError(f"metric must be tokens or cost, not {metric!r}")
-        if by not in ("account", "key", "model", "node"):
-            raise ValueError(f"by must be account, key, model or node, not {by!r}")
-        if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
-            raise ValueError(f"bucket_s must be a positive whole number, not {bucket_s!r}")
-        clauses, params = self._where(since=since, until=until, **filters)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        params["bucket"] = bucket_s
-        value = "coalesce(sum(cost_nusd), 0)" if metric == "cost" else f"coalesce(sum({_SPEND}), 0)"
-        sql = f"""
-            SELECT {by} AS grp,
-                   (extract(epoch FROM substr(ts, 1, 19)::timestamp)::bigint
-                       / %(bucket)s) * %(bucket)s AS bucket,
-                   {value}::bigint AS value
-            FROM requests{where}
-            GROUP BY grp, bucket
-        """
-        sql = f'SELECT * FROM ({sql}) AS series ORDER BY grp COLLATE "C" NULLS FIRST, bucket'
-
-        return [
-            {by: r["grp"], "bucket": int(r["bucket"]), "value": int(r["value"])}
-            for r in self._query(sql, params)
-        ]
-
-    def report(
-        self,
-        by: str,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        sort: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Usage and cost totals over the fleet, exactly as ``Ledger.report`` computes them."""
-        if by not in REPORT_BY:
-            raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
-        if sort is not None and sort not in REPORT_SORT:
-            raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
-        if by == "day":
-            group = "substr(ts, 1, 10)"
-        elif by == "hour":
-            group = "substr(ts, 1, 13) || ':00:00Z'"
-        else:
-            group = by
-        clauses, params = self._where(
-            since=since, until=until, account=account, key=key, model=model, node=node,
-            outcome=outcome,
-        )  # fmt: skip
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        # SQLite orders NULLs first ascending and last descending; say so, and compare text
-        # bytewise ("C") as SQLite does.
-        tie = 'requests DESC, grp IS NULL, grp COLLATE "C"'
-        if sort == "cost":
-            order_by = f"cost_nusd IS NULL, cost_nusd DESC, total_tokens DESC NULLS LAST, {tie}"
-        elif sort == "requests":
-            order_by = 'requests DESC, total_tokens DESC NULLS LAST, grp IS NULL, grp COLLATE "C"'
-        elif sort == "tokens" or by not in ("day", "hour"):
-            order_by = f"total_tokens IS NULL, total_tokens DESC, {tie}"
-        else:
-            order_by = 'grp COLLATE "C" NULLS FIRST'
-        sql = f"""
-            SELECT
-                {group} AS grp,
-                count(*) AS requests,
-                sum(prompt_tokens)::bigint AS prompt_tokens,
-                sum(completion_tokens)::bigint AS completion_tokens,
-                sum(cached_tokens)::bigint AS cached_tokens,
-                sum(cache_creation_tokens)::bigint AS cache_creation_tokens,
-                sum(reasoning_tokens)::bigint AS reasoning_tokens,
-                CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
-                     ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
-                END::bigint AS total_tokens,
-                count(*) FILTER (WHERE outcome NOT IN ('completed', 'rejected')) AS errors,
-                count(*) FILTER (WHERE outcome = 'rejected') AS refused,
-                count(*) FILTER (
-                    WHERE (usage_source IS NULL OR usage_source = 'none')
-                    AND outcome != 'rejected'
-                ) AS usage_missing,
-                round(avg(ttft_s)::numeric, 4)::float AS avg_ttft_s,
-                round(avg(tokens_per_s)::numeric, 2)::float AS avg_tokens_per_s,
-                sum(cost_nusd) AS cost_nusd,
-                count(cost_nusd) AS priced,
-                count(*) FILTER (WHERE price_source = 'none') AS unpriced
-            FROM requests{where}
-            GROUP BY grp
-        """
-        # PostgreSQL orders by expressions of output names only from an outer query.
-        sql = f"SELECT * FROM ({sql}) AS totals ORDER BY {order_by}"
-        out = []
-        for r in self._query(sql, params):
-            row = {by: r.pop("grp"), **r}
-            nusd, priced = row.pop("cost_nusd"), row.pop("priced")
-            row["cost_usd"] = usd(None if nusd is None else int(nusd))
-            row["avg_cost_usd"] = usd(Decimal(int(nusd)) / priced) if priced else None
-            out.append(row)
-        return out
-
     def count_rows(self) -> int:
         with self._connection() as conn:
             return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
 
-    def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
-        """Rows of a read-only query, as dicts."""
+    def _rows(self, sql: str, params: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+        """Rows of a read-only query, as dicts: all fetched before the connection goes back."""
         with self._connection() as conn:
             cur = conn.execute(sql, params)
             names = [d.name for d in cur.description]
-            return [dict(zip(names, r, strict=True)) for r in cur]
+            return iter([dict(zip(names, r, strict=True)) for r in cur])
 
 
 # A pooled connection used within this many seconds is taken as alive without a round
@@ -1221,7 +1031,8 @@ def _refusal(conn: Any, budget: Budget, spent: int, reserved: int, tokens: int, 
     )
 
 
-class CentralKeys:
+@boundary_class
+class CentralKeys(Closing):
     """Bearer keys registered in the central store: they resolve on every node.
 
     The same interface as ``spendtap.store.keys.Keys`` (add, resolve, list, revoke).
@@ -1242,12 +1053,6 @@ class CentralKeys:
 
     def close(self) -> None:
         self.store.close()
-
-    def __enter__(self) -> CentralKeys:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> Any:
         from spendtap.store.keys import DuplicateKey, new_record
@@ -1295,25 +1100,22 @@ class CentralKeys:
         fingerprint_prefix: str | None = None,
         now: float | None = None,
     ) -> int:
-        if (key_id is None) == (fingerprint_prefix is None):
-            raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+        from spendtap.store.keys import at_most_one, revoke_prefix
+
+        fp = revoke_prefix(key_id, fingerprint_prefix)
         stamp = ts_from_epoch(time.time() if now is None else now)
         with self.store._connection() as conn, conn.transaction():
-            if key_id is not None:
+            if fp is None:
                 return conn.execute(
                     "UPDATE api_keys SET revoked_at = %s WHERE key_id = %s AND revoked_at IS NULL",
                     (stamp, key_id),
                 ).rowcount
-            fp = (fingerprint_prefix or "").lower()
-            if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
-                raise ValueError("a fingerprint prefix is at least 8 hex digits")
             matches = conn.execute(
                 "SELECT fingerprint FROM api_keys WHERE starts_with(fingerprint, %s) "
                 "AND revoked_at IS NULL FOR UPDATE",
                 (fp,),
             ).fetchall()
-            if len(matches) > 1:
-                raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+            at_most_one(fp, matches)
             for (full,) in matches:
                 conn.execute(
                     "UPDATE api_keys SET revoked_at = %s WHERE fingerprint = %s", (stamp, full)

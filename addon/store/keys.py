@@ -25,17 +25,15 @@ This module imports neither click nor mitmproxy.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import sqlite3
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from spendtap.store.ledger import Ledger, LedgerError, connect_readonly
+from spendtap.store.errors import boundary_class
+from spendtap.store.ledger import LedgerError, LedgerTables, transaction
 from spendtap.timeparse import ts_from_epoch
 
 __all__ = [
@@ -157,46 +155,34 @@ def new_record(account: str, key_id: str, secret: str, *, now: float | None = No
     )
 
 
-class Keys:
+def revoke_prefix(key_id: str | None, fingerprint_prefix: str | None) -> str | None:
+    """What ``revoke`` was asked (both stores check it alike): exactly one of a key id and
+    a fingerprint prefix of at least 8 hex digits; the prefix in lower case, or None when
+    the key id was given."""
+    if (key_id is None) == (fingerprint_prefix is None):
+        raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+    if fingerprint_prefix is None:
+        return None
+    fp = fingerprint_prefix.lower()
+    if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
+        raise ValueError("a fingerprint prefix is at least 8 hex digits")
+    return fp
+
+
+def at_most_one(fp: str, matches: list) -> None:
+    """A fingerprint prefix revokes one key: one that matches several revokes none."""
+    if len(matches) > 1:
+        raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+
+
+@boundary_class
+class Keys(LedgerTables):
     """The ``api_keys`` table of the ledger at ``path``.
 
     Owns one SQLite connection; safe to share between threads (serialized).
-    ``create`` False opens only an existing ledger (``LedgerNotFound``).
+    ``create`` False opens only an existing ledger (``LedgerNotFound``); ``readonly``
+    (for keys list) works on a read-only mount or a copy.
     """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        busy_timeout_s: float = 5.0,
-        create: bool = True,
-        readonly: bool = False,
-    ):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        if readonly:
-            # For keys list: works on a read-only mount or a copy.
-            Ledger.open_existing(self.path, busy_timeout_s=busy_timeout_s, readonly=True).close()
-            self._conn, _note = connect_readonly(
-                self.path, busy_timeout_s=busy_timeout_s, check_same_thread=False
-            )
-            self._conn.isolation_level = None
-            return
-        opener = Ledger if create else Ledger.open_existing
-        opener(self.path, busy_timeout_s=busy_timeout_s).close()
-        self._conn = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Keys:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def add(self, account: str, key_id: str, secret: str, *, now: float | None = None) -> ApiKey:
         """Register ``secret`` as a key of ``account`` named ``key_id``; returns the record.
@@ -256,35 +242,24 @@ class Keys:
         Returns how many keys were revoked (0: none matched). A revoked key no
         longer resolves; its record stays for ``keys list --all``.
         """
-        if (key_id is None) == (fingerprint_prefix is None):
-            raise ValueError("revoke needs exactly one of key_id and fingerprint_prefix")
+        fp = revoke_prefix(key_id, fingerprint_prefix)
         stamp = ts_from_epoch(time.time() if now is None else now)
         with self._lock:
-            if key_id is not None:
+            if fp is None:
                 cur = self._conn.execute(
                     "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                     (stamp, key_id),
                 )
                 return cur.rowcount
-            fp = (fingerprint_prefix or "").lower()
-            if len(fp) < 8 or any(c not in "0123456789abcdef" for c in fp):
-                raise ValueError("a fingerprint prefix is at least 8 hex digits")
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                matches = self._conn.execute(
+            with transaction(self._conn) as conn:
+                matches = conn.execute(
                     "SELECT fingerprint FROM api_keys "
                     "WHERE substr(fingerprint, 1, ?) = ? AND revoked_at IS NULL",
                     (len(fp), fp),
                 ).fetchall()
-                if len(matches) > 1:
-                    raise ValueError(f"fingerprint prefix {fp} matches {len(matches)} keys")
+                at_most_one(fp, matches)
                 for (full,) in matches:
-                    self._conn.execute(
+                    conn.execute(
                         "UPDATE api_keys SET revoked_at = ? WHERE fingerprint = ?", (stamp, full)
                     )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
             return len(matches)

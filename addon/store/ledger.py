@@ -11,12 +11,14 @@ migration is never edited: a change is a new function at the end of the list.
 Other modules that keep tables in the same file can run their own list through
 ``run_migrations`` (with their own prefix, such as ``budget_m001_...``).
 
-Exceptions::
+Exceptions (defined in ``spendtap.store.errors``, re-exported here)::
 
     LedgerError                  any ledger problem the caller should report
      +-- LedgerNotFound          a read-only open of a path that does not exist
      +-- NotALedger              the file is not SQLite, or is SQLite without
-                                 spendtap's migrations table (someone else's database)
+     |                           spendtap's migrations table (someone else's database)
+     +-- StorageError            SQLite failed: LedgerBusy, LedgerUnwritable,
+                                 LedgerCorrupt, RowRefused (never a bare sqlite3 error)
 
 A corrupt or foreign file is an error, never silently replaced.
 
@@ -32,18 +34,89 @@ This module imports neither click nor mitmproxy.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import sqlite_utils
 
-from spendtap.timeparse import normalize_ts
+from spendtap.store import queries
+from spendtap.store.errors import (
+    LedgerBusy,
+    LedgerCorrupt,
+    LedgerError,
+    LedgerNotFound,
+    LedgerUnwritable,
+    NotALedger,
+    RowRefused,
+    StorageError,
+    boundary_class,
+    mapped_errors,
+    storage_boundary,
+)
+from spendtap.store.rows import (
+    CLIENT_DISCONNECTED as CLIENT_DISCONNECTED,
+)
+from spendtap.store.rows import (
+    COLUMNS as COLUMNS,
+)
+from spendtap.store.rows import (  # the row's vocabulary, re-exported
+    COMPLETED as COMPLETED,
+)
+from spendtap.store.rows import (
+    MAX_ERROR_LEN as MAX_ERROR_LEN,
+)
+from spendtap.store.rows import (
+    MAX_TEXT_LEN as MAX_TEXT_LEN,
+)
+from spendtap.store.rows import (
+    NANO as NANO,
+)
+from spendtap.store.rows import (
+    OUTCOMES as OUTCOMES,
+)
+from spendtap.store.rows import (
+    REAL_COLUMNS as REAL_COLUMNS,
+)
+from spendtap.store.rows import (
+    REJECTED as REJECTED,
+)
+from spendtap.store.rows import (
+    REPORT_BY as REPORT_BY,
+)
+from spendtap.store.rows import (
+    REPORT_SORT as REPORT_SORT,
+)
+from spendtap.store.rows import (
+    ROW_FIELDS as ROW_FIELDS,
+)
+from spendtap.store.rows import (
+    SERVER_TIMING_COLUMNS as SERVER_TIMING_COLUMNS,
+)
+from spendtap.store.rows import (
+    TEXT_COLUMNS as TEXT_COLUMNS,
+)
+from spendtap.store.rows import (
+    TOKEN_COLUMNS as TOKEN_COLUMNS,
+)
+from spendtap.store.rows import (
+    UPSTREAM_ERROR as UPSTREAM_ERROR,
+)
+from spendtap.store.rows import (
+    USAGE_SOURCES as USAGE_SOURCES,
+)
+from spendtap.store.rows import (
+    _row_out as _row_out,
+)
+from spendtap.store.rows import (
+    normalize_row as normalize_row,
+)
+from spendtap.store.rows import (
+    usd as usd,
+)
 
 __all__ = [
     "COLUMNS",
@@ -52,75 +125,20 @@ __all__ = [
     "REPORT_BY",
     "USAGE_SOURCES",
     "Ledger",
+    "LedgerBusy",
+    "LedgerCorrupt",
     "LedgerError",
     "LedgerNotFound",
+    "LedgerProbe",
+    "LedgerUnwritable",
     "NotALedger",
+    "RowRefused",
+    "StorageError",
     "normalize_row",
     "run_migrations",
 ]
 
 MIGRATIONS_TABLE = "_spendtap_migrations"
-
-COMPLETED = "completed"
-CLIENT_DISCONNECTED = "client_disconnected"
-UPSTREAM_ERROR = "upstream_error"
-REJECTED = "rejected"
-OUTCOMES = (COMPLETED, CLIENT_DISCONNECTED, UPSTREAM_ERROR, REJECTED)
-USAGE_SOURCES = ("reported", "estimated", "none")
-REPORT_BY = (
-    "account", "key", "model", "node", "api", "path", "outcome", "price_source", "day", "hour",
-)  # fmt: skip
-REPORT_SORT = ("tokens", "cost", "requests")
-
-TEXT_COLUMNS = ("account", "key", "model", "node", "api", "method", "path")
-TOKEN_COLUMNS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cache_creation_tokens",
-    "reasoning_tokens",
-)
-REAL_COLUMNS = ("ttft_s", "duration_s", "tokens_per_s")
-# The server's own timing of the request, when it reports one (Ollama's nanosecond
-# durations, llama.cpp's ``timings``): prompt evaluation and decoding, in seconds.
-SERVER_TIMING_COLUMNS = ("server_prompt_s", "server_decode_s")
-
-# Every column of ``requests``, in table order: the keys of a row dict.
-COLUMNS = (
-    "id",
-    "ts",
-    *TEXT_COLUMNS,
-    "streamed",
-    "status",
-    "outcome",
-    *TOKEN_COLUMNS,
-    "usage_source",
-    *REAL_COLUMNS,
-    "error",
-    "response_bytes",
-    "cost_nusd",
-    "price_source",
-    *SERVER_TIMING_COLUMNS,
-)
-# What readers see of a row: the cost in dollars (a Decimal, exact) instead of the
-# stored integer nano-dollars.
-ROW_FIELDS = tuple("cost_usd" if c == "cost_nusd" else c for c in COLUMNS)
-
-MAX_ERROR_LEN = 200
-MAX_TEXT_LEN = 512
-
-
-class LedgerError(Exception):
-    """A ledger problem the caller should report (the base of this module's errors)."""
-
-
-class LedgerNotFound(LedgerError):
-    """A ledger opened for reading does not exist (reading never creates one)."""
-
-
-class NotALedger(LedgerError):
-    """The file is not SQLite, or is SQLite without spendtap's migrations table."""
-
 
 # -- migrations (append-only: never edit a shipped one) -------------------------
 
@@ -357,6 +375,21 @@ def _user_tables(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` transaction: committed when the block ends, rolled back
+    when it raises (the write lock is taken at the start, so reads inside see what the
+    writes will change)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def run_migrations(
     db: sqlite_utils.Database,
     migrations: Sequence[Callable[[sqlite_utils.Database], None]],
@@ -373,8 +406,7 @@ def run_migrations(
     conn = db.conn
     if conn.in_transaction:
         raise LedgerError("cannot migrate inside an open transaction")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         tables = _user_tables(conn)
         if MIGRATIONS_TABLE not in tables:
             if tables and not adopt_foreign:
@@ -398,92 +430,10 @@ def run_migrations(
                 (name,),
             )
             applied.append(name)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
     return applied
 
 
 # -- rows -----------------------------------------------------------------------
-
-
-def _text(name: str, value: Any, limit: int = MAX_TEXT_LEN) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be text or None, not {type(value).__name__}")
-    return value[:limit]
-
-
-def _int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer or None, not {type(value).__name__}")
-    return value
-
-
-def _real(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number or None, not {type(value).__name__}")
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate one request row and return it with exactly ``COLUMNS`` as keys.
-
-    Missing columns are NULL (``id`` and ``ts`` are required). ``ts`` may be
-    ledger text, any ISO 8601 text, a ``datetime`` or a Unix time. ``error`` is
-    cut to its first line and 200 characters. Raises ``ValueError`` or
-    ``TypeError`` on an unknown column or a value of the wrong type.
-    """
-    unknown = set(row) - set(COLUMNS) - {"cost_usd"}  # cost_usd: derived, as read
-    if unknown:
-        raise ValueError(f"unknown ledger column(s): {', '.join(sorted(unknown))}")
-    rid = row.get("id")
-    if not isinstance(rid, str) or not rid:
-        raise ValueError("a ledger row needs a non-empty text id")
-    if row.get("ts") is None:
-        raise ValueError("a ledger row needs a ts")
-    out: dict[str, Any] = {"id": rid[:MAX_TEXT_LEN], "ts": normalize_ts(row["ts"])}
-    for name in TEXT_COLUMNS:
-        out[name] = _text(name, row.get(name))
-    streamed = row.get("streamed")
-    if streamed is not None and not isinstance(streamed, bool | int):
-        raise TypeError(f"streamed must be a bool or None, not {type(streamed).__name__}")
-    out["streamed"] = None if streamed is None else int(bool(streamed))
-    out["status"] = _int("status", row.get("status"))
-    outcome = row.get("outcome")
-    if outcome is not None and outcome not in OUTCOMES:
-        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-    out["outcome"] = outcome
-    for name in TOKEN_COLUMNS:
-        out[name] = _int(name, row.get(name))
-    source = row.get("usage_source")
-    if source is not None and source not in USAGE_SOURCES:
-        raise ValueError(f"usage_source must be one of {', '.join(USAGE_SOURCES)}, not {source!r}")
-    out["usage_source"] = source
-    for name in REAL_COLUMNS:
-        out[name] = _real(name, row.get(name))
-    error = _text("error", row.get("error"), limit=10 * MAX_ERROR_LEN)
-    if error is not None:
-        lines = error.strip().splitlines()
-        error = lines[0][:MAX_ERROR_LEN] if lines else ""
-    out["error"] = error
-    out["response_bytes"] = _int("response_bytes", row.get("response_bytes"))
-    cost = _int("cost_nusd", row.get("cost_nusd"))
-    if cost is not None and cost < 0:
-        raise ValueError(f"cost_nusd must be zero or more, not {cost}")
-    out["cost_nusd"] = cost
-    out["price_source"] = _text("price_source", row.get("price_source"))
-    for name in SERVER_TIMING_COLUMNS:
-        out[name] = _real(name, row.get(name))
-    return out
 
 
 _INSERT_SQL = (
@@ -493,24 +443,6 @@ _INSERT_SQL = (
 
 
 _SETTLE_SQL = "DELETE FROM reservations WHERE id = ?"
-
-
-NANO = Decimal("1e-9")
-
-
-def usd(nusd: int | float | None) -> Decimal | None:
-    """Stored nano-dollars as exact dollars (9 decimal places; an average rounds half-even)."""
-    if nusd is None:
-        return None
-    return (Decimal(nusd) / 10**9).quantize(NANO, rounding=ROUND_HALF_EVEN)
-
-
-def _row_out(row: dict[str, Any]) -> dict[str, Any]:
-    if row.get("streamed") is not None:
-        row["streamed"] = bool(row["streamed"])
-    if "cost_nusd" in row:
-        row["cost_usd"] = usd(row["cost_nusd"])
-    return row
 
 
 # -- the ledger -------------------------------------------------------------------
@@ -555,6 +487,7 @@ def readonly_reason(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+@storage_boundary
 def connect_readonly(
     path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0, check_same_thread: bool = True
 ) -> tuple[sqlite3.Connection, str | None]:
@@ -601,6 +534,52 @@ def connect_readonly(
     return con, note
 
 
+class Closing:
+    """A store used as ``with Store(...) as store:``, closed when the block ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@boundary_class
+class LedgerProbe(Closing):
+    """What ``spendtap doctor`` reads of a ledger file, read-only (``connect_readonly``).
+
+    Each read is its own method so a caller can tell which step failed: a file that is
+    not SQLite fails at ``tables`` with ``LedgerCorrupt``. ``note`` is the snapshot note
+    of ``connect_readonly``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0):
+        self._con, self.note = connect_readonly(path, busy_timeout_s=busy_timeout_s)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def tables(self) -> set[str]:
+        """Every table's name (reading the schema is what detects a file that is not SQLite)."""
+        return {
+            r[0] for r in self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+
+    def applied_migrations(self) -> set[str]:
+        return {r[0] for r in self._con.execute(f"SELECT name FROM {MIGRATIONS_TABLE}")}
+
+    def last_row(self) -> tuple[str | None, int]:
+        """The ``ts`` of the newest row (None when there is none) and the number of rows."""
+        return self._con.execute("SELECT max(ts), count(*) FROM requests").fetchone()
+
+    def open_reservations(self) -> tuple[int, str | None]:
+        """How many reservations are open, and when the oldest was made."""
+        return self._con.execute("SELECT count(*), min(created_at) FROM reservations").fetchone()
+
+
 PRIVATE_FILE_MODE = 0o600
 
 
@@ -628,7 +607,64 @@ def _uri_path(path: Path) -> str:
     return quote(str(path.absolute()), safe="/")
 
 
-class Ledger:
+def store_connection(
+    path: Path, *, busy_timeout_s: float, create: bool, readonly: bool
+) -> sqlite3.Connection:
+    """The connection of a store that keeps its tables in the ledger (budgets, keys).
+
+    The ledger is opened first, which creates and migrates it (``create``), or checks
+    that it exists and is a ledger; the store then keeps a plain autocommit connection
+    of its own, so every transaction it makes is explicit (``transaction``) and it may
+    be shared between threads behind the store's lock. ``readonly`` opens a read-only
+    one that works on a read-only mount or a backup copy.
+    """
+    if readonly:
+        Ledger.open_existing(path, busy_timeout_s=busy_timeout_s, readonly=True).close()
+        conn, _note = connect_readonly(path, busy_timeout_s=busy_timeout_s, check_same_thread=False)
+        conn.isolation_level = None
+        return conn
+    opener = Ledger if create else Ledger.open_existing
+    opener(path, busy_timeout_s=busy_timeout_s).close()
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+class LedgerTables(Closing):
+    """A store that keeps its tables in the ledger file (``Budgets``, ``Keys``): one
+    connection of its own (``store_connection``) behind a lock, so threads may share it."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        create: bool = True,
+        readonly: bool = False,
+    ):
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self._lock = threading.Lock()
+        self._conn = store_connection(
+            self.path, busy_timeout_s=busy_timeout_s, create=create, readonly=readonly
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction under the lock (``transaction``)."""
+        with self._lock, transaction(self._conn) as conn:
+            yield conn
+
+
+@boundary_class
+class Ledger(queries.LedgerReads, Closing):
     """The request ledger in one SQLite database (a file or an open ``Database``).
 
     ``Ledger(path)`` creates the file if needed (and its directory), sets WAL
@@ -713,6 +749,8 @@ class Ledger:
             raise NotALedger(f"{where} is not a spendtap ledger: {e}") from None
         except sqlite3.DatabaseError as e:
             if isinstance(e, sqlite3.OperationalError):
+                # Worded here, whatever it was (locked, read-only, I/O): callers show it
+                # as it is, where a bare StorageError is the driver's words alone.
                 raise LedgerError(f"cannot open the ledger {where}: {e}") from e
             raise NotALedger(f"{where} is not a spendtap ledger: {e}") from e
 
@@ -722,12 +760,6 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
-
-    def __enter__(self) -> Ledger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Ledger {self.path or 'in-memory'}>"
@@ -746,299 +778,54 @@ class Ledger:
 
         Every row is validated first (``normalize_row``), so a bad row raises
         ``ValueError``/``TypeError`` before anything is written. Returns the number
-        of rows actually inserted. ``sqlite3.OperationalError`` (locked, read-only,
-        disk full) propagates with nothing written.
+        of rows actually inserted. ``LedgerBusy``/``LedgerUnwritable`` (locked,
+        read-only, disk full) and ``RowRefused`` propagate with nothing written.
         """
         prepared = list(rows) if normalized else [normalize_row(r) for r in rows]
         if not prepared:
             return 0
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db.conn) as conn:
             # rowcount counts the rows inserted, not the triggers' budget updates.
             inserted = conn.executemany(_INSERT_SQL, prepared).rowcount
             # Settle: the row's usage becomes spend (the triggers) in the same
             # commit that drops its reservation, so no instant counts it twice
             # or not at all. A row without a reservation deletes nothing.
             conn.executemany(_SETTLE_SQL, [(r["id"],) for r in prepared])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         return inserted
 
-    # -- reading ------------------------------------------------------------------
+    # -- reading (``queries.LedgerReads``: the same methods as the central store's) --
 
-    def _where(
-        self,
-        *,
-        since: str | datetime | None,
-        until: str | datetime | None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-    ) -> tuple[list[str], dict[str, Any]]:
-        clauses: list[str] = []
-        params: dict[str, Any] = {}
-        if since is not None:
-            clauses.append("ts >= :since")
-            params["since"] = normalize_ts(since)
-        if until is not None:
-            clauses.append("ts < :until")
-            params["until"] = normalize_ts(until)
-        if outcome is not None and outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-        for name, value in (
-            ("account", account),
-            ("key", key),
-            ("model", model),
-            ("node", node),
-            ("outcome", outcome),
-        ):
-            if value is not None:
-                clauses.append(f"{name} = :{name}")
-                params[name] = value
-        return clauses, params
+    dialect = queries.SQLITE
 
-    def requests(
-        self,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        limit: int | None = None,
-        after_rowid: int | None = None,
-        order: str = "desc",
-        include_rowid: bool = False,
-    ) -> Iterator[dict[str, Any]]:
-        """Request rows as dicts (keys ``COLUMNS``; ``streamed`` a bool).
-
-        ``since`` is inclusive, ``until`` exclusive. Rows are ordered by ``ts``
-        (then insertion), newest first unless ``order="asc"``. With ``after_rowid``
-        only rows inserted after that rowid are returned, in insertion order (for
-        following the ledger live); ``include_rowid`` adds each row's ``rowid``.
-        The query runs (and raises) when called; rows are fetched lazily.
-        """
-        if order not in ("asc", "desc"):
-            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be zero or more, not {limit}")
-        clauses, params = self._where(
-            since=since,
-            until=until,
-            account=account,
-            key=key,
-            model=model,
-            node=node,
-            outcome=outcome,
-        )
-        if after_rowid is not None:
-            clauses.append("rowid > :after_rowid")
-            params["after_rowid"] = after_rowid
-            order_by = f"rowid {order}"
-        else:
-            order_by = f"ts {order}, rowid {order}"
-        columns = ", ".join(("rowid", *COLUMNS) if include_rowid else COLUMNS)
-        sql = f"SELECT {columns} FROM requests"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += f" ORDER BY {order_by}"
-        if limit is not None:
-            sql += " LIMIT :limit"
-            params["limit"] = limit
+    def _rows(self, sql: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         cursor = self.db.conn.execute(sql, params)
         names = [d[0] for d in cursor.description]
-        return (_row_out(dict(zip(names, r, strict=True))) for r in cursor)
+        return (dict(zip(names, r, strict=True)) for r in cursor)
 
     def set_costs(self, updates: Sequence[tuple[str, int | None, str | None]]) -> int:
         """Store ``(id, cost_nusd, price_source)`` for existing rows, in one transaction;
         returns how many rows changed (a row already holding those values is untouched)."""
         if not updates:
             return 0
-        conn = self.db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            changed = conn.executemany(
+        with transaction(self.db.conn) as conn:
+            return conn.executemany(
                 "UPDATE requests SET cost_nusd = ?, price_source = ? WHERE id = ? "
                 "AND (cost_nusd IS NOT ? OR price_source IS NOT ?)",
                 [(c, src, rid, c, src) for rid, c, src in updates],
             ).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return changed
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads inside the block see one state of the ledger (a read transaction)."""
+        conn = self.db.conn
+        with mapped_errors():  # a context manager: the class decorator cannot reach it
+            conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            with mapped_errors():
+                conn.execute("COMMIT")
 
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
         return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0]
-
-    def spend_series(
-        self,
-        by: str,
-        bucket_s: int,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        metric: str = "tokens",
-        **filters: Any,
-    ) -> list[dict[str, Any]]:
-        """Tokens spent (prompt + completion), or with ``metric="cost"`` nano-dollars,
-        per ``by`` group and time bucket.
-
-        ``by`` is ``account``, ``key``, ``model`` or ``node``. Each dict has the
-        group under ``by`` (None for rows without one), ``bucket`` (the Unix time
-        at which its ``bucket_s``-second bucket starts, aligned to the epoch),
-        ``value`` and ``refused`` (requests spendtap refused, which spend
-        nothing); ordered by group, then bucket. Filters as in ``requests()``.
-        """
-        if metric not in ("tokens", "cost"):
-            raise ValueError(f"metric must be tokens or cost, not {metric!r}")
-        if by not in ("account", "key", "model", "node"):
-            raise ValueError(f"by must be account, key, model or node, not {by!r}")
-        if isinstance(bucket_s, bool) or not isinstance(bucket_s, int) or bucket_s <= 0:
-            raise ValueError(f"bucket_s must be a positive whole number, not {bucket_s!r}")
-        clauses, params = self._where(since=since, until=until, **filters)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        params["bucket"] = bucket_s
-        value = (
-            "coalesce(sum(cost_nusd), 0)"
-            if metric == "cost"
-            else "coalesce(sum(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)), 0)"
-        )
-        sql = f"""
-            SELECT {by} AS grp,
-                   CAST(strftime('%s', substr(ts, 1, 19)) AS INTEGER) / :bucket * :bucket
-                       AS bucket,
-                   {value} AS value,
-                   sum(outcome = 'rejected') AS refused
-            FROM requests{where}
-            GROUP BY grp, bucket
-            ORDER BY grp, bucket
-        """
-        return [
-            {by: grp, "bucket": bucket, "value": value, "refused": refused}
-            for grp, bucket, value, refused in self.db.conn.execute(sql, params)
-        ]
-
-    def time_span(self, **filters: Any) -> tuple[str, str] | None:
-        """The first and last ``ts`` of the rows matching the filters, None if none do."""
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        row = self.db.conn.execute(f"SELECT min(ts), max(ts) FROM requests{where}", params)
-        first, last = row.fetchone()
-        return None if first is None else (first, last)
-
-    def count(self, **filters: Any) -> int:
-        """How many request rows match the filters of ``requests()``."""
-        clauses, params = self._where(
-            since=filters.pop("since", None), until=filters.pop("until", None), **filters
-        )
-        sql = "SELECT count(*) FROM requests"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        return self.db.conn.execute(sql, params).fetchone()[0]
-
-    def report(
-        self,
-        by: str,
-        since: str | datetime | None = None,
-        until: str | datetime | None = None,
-        account: str | None = None,
-        key: str | None = None,
-        model: str | None = None,
-        node: str | None = None,
-        outcome: str | None = None,
-        sort: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Usage and cost totals grouped by a row field (``REPORT_BY``), ``day`` or ``hour``.
-
-        Each dict has the group value under the name of ``by`` (``None`` for
-        anonymous rows; ``day`` as ``2025-01-31``, ``hour`` as ``2025-01-31T12:00:00Z``,
-        both UTC), then ``requests``, the token sums (NULL when no row of the
-        group reported the figure), ``total_tokens``, ``errors`` (upstream errors
-        and client disconnects), ``refused`` (requests spendtap answered itself:
-        budget, auth and ledger refusals, and an SDK's retries of them),
-        ``usage_missing`` (served requests with no usage reported or estimated;
-        refusals are never in it, nor in ``errors``),
-        ``avg_ttft_s`` and ``avg_tokens_per_s`` (over the rows that have them),
-        ``unpriced`` (rows with usage but no known price), ``cost_usd`` (the exact sum
-        of the priced rows' costs, a ``Decimal``; None when none is priced) and
-        ``avg_cost_usd`` (over the priced rows). Time groups are in time order unless
-        ``sort`` says ``tokens``, ``cost`` or ``requests`` (most first); the others
-        by total tokens unless ``sort`` says otherwise.
-        """
-        if by not in REPORT_BY:
-            raise ValueError(f"by must be one of {', '.join(REPORT_BY)}, not {by!r}")
-        if sort is not None and sort not in REPORT_SORT:
-            raise ValueError(f"sort must be one of {', '.join(REPORT_SORT)}, not {sort!r}")
-        if by == "day":
-            group = "substr(ts, 1, 10)"
-        elif by == "hour":
-            group = "substr(ts, 1, 13) || ':00:00Z'"
-        else:
-            group = by
-        clauses, params = self._where(
-            since=since,
-            until=until,
-            account=account,
-            key=key,
-            model=model,
-            node=node,
-            outcome=outcome,
-        )
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        tie = "requests DESC, grp IS NULL, grp"
-        if sort == "cost":
-            order_by = f"cost_nusd IS NULL, cost_nusd DESC, total_tokens DESC, {tie}"
-        elif sort == "requests":
-            order_by = "requests DESC, total_tokens DESC, grp IS NULL, grp"
-        elif sort == "tokens" or by not in ("day", "hour"):
-            order_by = f"total_tokens IS NULL, total_tokens DESC, {tie}"
-        else:
-            order_by = "grp"
-        sql = f"""
-            SELECT
-                {group} AS grp,
-                count(*) AS requests,
-                sum(prompt_tokens) AS prompt_tokens,
-                sum(completion_tokens) AS completion_tokens,
-                sum(cached_tokens) AS cached_tokens,
-                sum(cache_creation_tokens) AS cache_creation_tokens,
-                sum(reasoning_tokens) AS reasoning_tokens,
-                CASE WHEN count(prompt_tokens) + count(completion_tokens) = 0 THEN NULL
-                     ELSE coalesce(sum(prompt_tokens), 0) + coalesce(sum(completion_tokens), 0)
-                END AS total_tokens,
-                sum(outcome NOT IN ('completed', 'rejected')) AS errors,
-                sum(outcome = 'rejected') AS refused,
-                sum((usage_source IS NULL OR usage_source = 'none') AND outcome != 'rejected')
-                    AS usage_missing,
-                round(avg(ttft_s), 4) AS avg_ttft_s,
-                round(avg(tokens_per_s), 2) AS avg_tokens_per_s,
-                sum(cost_nusd) AS cost_nusd,
-                count(cost_nusd) AS priced,
-                coalesce(sum(price_source = 'none'), 0) AS unpriced
-            FROM requests{where}
-            GROUP BY grp
-            ORDER BY {order_by}
-        """
-        cursor = self.db.conn.execute(sql, params)
-        names = [d[0] for d in cursor.description]
-        names[0] = by
-        out = []
-        for r in cursor:
-            row = dict(zip(names, r, strict=True))
-            nusd, priced = row.pop("cost_nusd"), row.pop("priced")
-            # Sums of whole nano-dollars: exact, whatever the number of rows.
-            row["cost_usd"] = usd(nusd)
-            row["avg_cost_usd"] = usd(Decimal(nusd) / priced) if priced else None
-            out.append(row)
-        return out

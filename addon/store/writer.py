@@ -21,7 +21,7 @@ Failure policy (metering never breaks a proxied call; every failure to meter is
 counted and logged):
 
 - A failed write (database locked beyond the busy timeout, read-only or full
-  disk, the file deleted or replaced, any ``sqlite3`` error) keeps the rows in
+  disk, the file deleted or replaced, any ``StorageError``) keeps the rows in
   memory and retries with capped exponential backoff (0.05 s doubling to 2 s).
   The connection is reopened before a retry, so a deleted ledger is recreated
   as soon as its path is usable again.
@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -57,20 +56,14 @@ from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any
 
-from spendtap.store.ledger import Ledger, LedgerError, normalize_row
+from spendtap.store.ledger import Ledger, LedgerBusy, LedgerError, RowRefused, normalize_row
 
 __all__ = ["LedgerWriter"]
 
 _default_logger = logging.getLogger("spendtap.store.writer")
 
 # Errors in the rows themselves: retrying the same batch would fail forever.
-_ROW_ERRORS = (
-    sqlite3.IntegrityError,
-    sqlite3.DataError,
-    sqlite3.InterfaceError,
-    ValueError,
-    TypeError,
-)
+_ROW_ERRORS = (RowRefused, ValueError, TypeError)
 
 
 class _FileReplaced(Exception):
@@ -191,7 +184,7 @@ class LedgerWriter:
     def start(self) -> None:
         """Open (create, migrate) the ledger on the writer thread and start writing.
 
-        Raises what opening raised (``LedgerError``, ``sqlite3.Error``, ``OSError``),
+        Raises what opening raised (``LedgerError``, ``OSError``),
         so a bad path or a corrupt file fails at start.
         """
         if self._thread is not None:
@@ -440,12 +433,9 @@ class LedgerWriter:
             # Deleted or replaced during the commit: the rows went to a dead inode.
             self._check_file()
             return None
-        except (sqlite3.Error, LedgerError, OSError, _FileReplaced) as e:
-            busy = isinstance(e, sqlite3.OperationalError) and e.sqlite_errorname in (
-                "SQLITE_BUSY",
-                "SQLITE_LOCKED",
-            )
-            if not busy:
+        except (LedgerError, OSError, _FileReplaced) as e:
+            # Locked: the connection is fine and the same write may pass in a moment.
+            if not isinstance(e, LedgerBusy):
                 self._drop_connection()  # reopen (recreating a deleted ledger) next time
             return str(e) or type(e).__name__
 
