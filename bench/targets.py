@@ -7,6 +7,9 @@
   callable returns each chunk unchanged: what mitmproxy itself charges for a callable.
 - ``spendtap``: ``mitmdump -s addon/spendtap.py`` exactly as ``spendtap run`` builds it,
   ledger in a temp dir, metrics on a free port.
+- ``spendtap-lean``: the same through the lean runner (``spendtap run --runner lean``:
+  ``python -m spendtap.proxy.runner``, mitmproxy's master with only the addons a sidecar
+  needs).
 - ``spendtap-budget``: the same with a (never reached) token budget on the benchmark's key,
   enforced on every request -- only when the installed spendtap has budgets.
 - ``spendtap-central``: the same budget enforced through PostgreSQL on loopback (the
@@ -117,15 +120,19 @@ def _mitmdump_base(upstream: str, port: int) -> list[str]:
     return out
 
 
-def spendtap_args(upstream: str, port: int, db: Path, metrics_port: int) -> list[str]:
+def spendtap_args(
+    upstream: str, port: int, db: Path, metrics_port: int, runner: str = "mitmdump"
+) -> list[str]:
     from spendtap.cli.run import build_mitmdump_args
 
+    kw = {"runner": runner} if runner != "mitmdump" else {}
     return build_mitmdump_args(
         mode="reverse",
         upstream=upstream,
         listen=f"127.0.0.1:{port}",
         db=str(db),
         metrics=f"127.0.0.1:{metrics_port}",
+        **kw,
     )
 
 
@@ -151,10 +158,11 @@ def start_spendtap(
     name: str = "spendtap",
     db: Path | None = None,
     env: dict | None = None,
+    runner: str = "mitmdump",
 ) -> Target:
     port, mport = free_port(), free_port()
     db = db or log_dir / f"{name}-ledger.db"
-    args = spendtap_args(upstream, port, db, mport)
+    args = spendtap_args(upstream, port, db, mport, runner)
     for s in extra or ():
         args += ["--set", s]
     p = Proc(name, args, log_dir, env=env)
