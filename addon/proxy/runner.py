@@ -218,7 +218,17 @@ async def _main(argv: Sequence[str]) -> LeanMaster:
     loop.add_signal_handler(signal.SIGTERM, lambda: loop.call_soon_threadsafe(lean.shutdown))
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     await lean.run()
+    # asyncio.run now cancels the connections still open; Python 3.12's stream protocol
+    # then reports each cancelled handler as "Exception in callback ... CancelledError"
+    # with a traceback. A shutdown cancelling connections is no error: keep the log clean.
+    loop.set_exception_handler(_quiet_cancelled)
     return lean
+
+
+def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
