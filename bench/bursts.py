@@ -65,6 +65,7 @@ def bursts(samples: list, gap_s: float) -> dict:
         "burst_size_per_request": round(sum(n * n for n in sizes) / max(1, sum(sizes)), 2),
         "largest": max(sizes, default=0),
         "ttfc_p50_ms": round(statistics.median(t for _, t in rows) * 1000, 2),
+        "end_p50_ms": round(statistics.median(s[2] for s in samples) * 1000, 2),
         "ttfc_p50_by_position_ms": {
             i: round(statistics.median(v) * 1000, 2) for i, v in sorted(by_pos.items()) if i < 16
         },
@@ -125,6 +126,8 @@ def main(argv=None) -> int:
         size = statistics.median(r["burst_size_per_request"] for r in rs)
         print(f"{name:16s} burst size per request {size:5.2f}"
               f"  TTFC p50 {statistics.median(r['ttfc_p50_ms'] for r in rs):7.2f} ms"
+              f"  end p50 {statistics.median(r['end_p50_ms'] for r in rs):7.2f} ms"
+              f"  requests {statistics.median(r['requests'] for r in rs)}"
               f"  by position: {rs[-1]['ttfc_p50_by_position_ms']}")  # fmt: skip
     return 0
 
