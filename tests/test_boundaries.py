@@ -9,7 +9,7 @@ import pytest
 
 ADDON = Path(__file__).resolve().parent.parent / "addon"
 # The hook layer: the only modules that may import mitmproxy.
-HOOK_LAYER = {"proxy/hooks.py", "proxy/errorpage.py"}
+HOOK_LAYER = {"proxy/hooks.py", "proxy/errorpage.py", "proxy/runner.py"}
 
 
 def _imported_roots(path: Path) -> set[str]:
