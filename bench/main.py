@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if want("mitmdump"):
             targets.append(start_mitmdump(sim.url, log_dir))
+        if want("lean-bare", default=False):
+            from bench.targets import start_lean_bare
+
+            targets.append(start_lean_bare(sim.url, log_dir))
         if want("mitmdump-cb", default=False):
             targets.append(start_mitmdump(sim.url, log_dir, callable_stream=True))
         if want("spendtap"):

@@ -23,6 +23,7 @@ ORDER = [
     "direct",
     "mitmdump",
     "mitmdump-cb",
+    "lean-bare",
     "spendtap",
     "spendtap-lean",
     "spendtap-nowait",

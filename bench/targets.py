@@ -7,6 +7,7 @@
   callable returns each chunk unchanged: what mitmproxy itself charges for a callable.
 - ``spendtap``: ``mitmdump -s addon/spendtap.py`` exactly as ``spendtap run`` builds it,
   ledger in a temp dir, metrics on a free port.
+- ``lean-bare``: (optional) the lean runner without spendtap's addons.
 - ``spendtap-lean``: the same through the lean runner (``spendtap run --runner lean``:
   ``python -m spendtap.proxy.runner``, mitmproxy's master with only the addons a sidecar
   needs).
@@ -149,6 +150,23 @@ def start_mitmdump(upstream: str, log_dir: Path, callable_stream: bool = False) 
     p = Proc(name, args, log_dir)
     wait_for_port(port, p.proc)
     return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]))
+
+
+LEAN_BARE = (
+    "import sys; import spendtap.proxy.runner as r; r.entry_addons = list; "
+    "sys.exit(r.main(sys.argv[1:]))"
+)
+
+
+def start_lean_bare(upstream: str, log_dir: Path) -> Target:
+    """The lean runner without spendtap's addons: mitmproxy's own cost with a dozen addons
+    and per-hook dispatch, against bare mitmdump's forty."""
+    port = free_port()
+    args = [PYTHON, "-c", LEAN_BARE, *_mitmdump_base(upstream, port)[1:]]
+    args += ["--set", "stream_large_bodies=1"]
+    p = Proc("lean-bare", args, log_dir)
+    wait_for_port(port, p.proc)
+    return Target("lean-bare", "127.0.0.1", port, [p], note=" ".join(args[3:]))
 
 
 def start_spendtap(
