@@ -76,6 +76,15 @@ class HookCache(addonmanager.AddonManager):
         self._hooked.clear()
         return super().register(addon)
 
+    def add(self, *addons):
+        super().add(*addons)
+        self._hooked.clear()  # after the chain has them
+
+    def insert(self, index: int, addon) -> None:
+        """Register ``addon`` and put it at ``index`` in the chain."""
+        self.chain.insert(index, self.register(addon))
+        self._hooked.clear()
+
     def remove(self, addon):
         self._hooked.clear()
         return super().remove(addon)
@@ -141,8 +150,7 @@ class LeanMaster(master.Master):
         configured with every option (as the script loader does)."""
         slot = self._script_slot
         for addon in addons:
-            registered = self.addons.register(addon)
-            self.addons.chain.insert(slot, registered)
+            self.addons.insert(slot, addon)
             slot += 1
         for addon in addons:
             self.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(self.options.keys())))
