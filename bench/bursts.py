@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     sets = ["spendtap_enforce_budgets=false"]
     if "mitmdump" in wanted:
         targets.append(start_mitmdump(sim.url, tmp))
+    if "mitmdump-cb" in wanted:
+        targets.append(start_mitmdump(sim.url, tmp, callable_stream=True))
     if "spendtap" in wanted:
         targets.append(start_spendtap(sim.url, tmp, sets))
     if "spendtap-nowait" in wanted:
