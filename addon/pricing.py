@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.metadata
+import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -256,6 +257,40 @@ def provider_url(node: str | None) -> str | None:
     return PROVIDER_HOSTS.get(host.lower())
 
 
+_warming: threading.Thread | None = None
+_warm_lock = threading.Lock()
+
+
+def _load_catalogue() -> None:
+    try:
+        from genai_prices import (
+            calc_price,  # noqa: F401 - the import is the point
+            data_snapshot,
+        )
+
+        data_snapshot.get_snapshot()
+    except Exception:  # pricing reports its own failures when a row is priced
+        pass
+
+
+def warm_catalogue() -> threading.Thread:
+    """Import genai-prices and load its bundled catalogue on a background thread, once.
+
+    Loading it is a few hundred milliseconds of CPU (thousands of model entries). Left to
+    the first row priced, it ran on the ledger writer's thread while that row's response
+    waited for its commit, and while the event loop needed the GIL (a profile with
+    ``py-spy --gil`` showed the import as most of the writer thread's GIL time).
+    """
+    global _warming
+    with _warm_lock:
+        if _warming is None:
+            _warming = threading.Thread(
+                target=_load_catalogue, name="spendtap-prices-warm", daemon=True
+            )
+            _warming.start()
+        return _warming
+
+
 class Pricer:
     """Prices rows; safe to share between threads (no mutable state of its own)."""
 
@@ -263,6 +298,8 @@ class Pricer:
         self.price_file = price_file
         self.catalogue = catalogue
         self.catalogue_source = f"catalogue:{catalogue_version()}"
+        if catalogue:
+            warm_catalogue()
 
     @classmethod
     def from_path(cls, path: str | None) -> Pricer:

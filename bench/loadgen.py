@@ -302,7 +302,7 @@ async def run_load(spec: dict) -> dict:
         "events": ev1 - ev0,
         "bytes": by1 - by0,
         "lg_cpu_frac": (cpu1 - cpu0) / window if window > 0 else None,
-        # per request: ttfb, ttfc, e2e (seconds), events, bytes
+        # per request: ttfb, ttfc, e2e (seconds), events, bytes, sent (s after start)
         "samples": [
             (
                 round(b - t0, 6) if b else None,
@@ -310,6 +310,7 @@ async def run_load(spec: dict) -> dict:
                 round(e - t0, 6),
                 n,
                 nb,
+                round(t0 - t_start, 6),
             )
             for t0, b, f, e, n, nb in samples
         ],

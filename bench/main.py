@@ -307,7 +307,8 @@ def parse_args(argv):
         "--targets",
         default="",
         help="comma list to run instead of the default set (direct,mitmdump,"
-        "spendtap,spendtap-nowait,spendtap-budget[,litellm]); mitmdump-cb is opt-in",
+        "spendtap,spendtap-lean,spendtap-nowait,spendtap-budget[,litellm]); mitmdump-cb is "
+        "opt-in",
     )
     ap.add_argument("--scenarios", default="", help="comma list of scenario names to keep")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: load,micro,memory")
@@ -362,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if want("mitmdump"):
             targets.append(start_mitmdump(sim.url, log_dir))
+        if want("lean-bare", default=False):
+            from bench.targets import start_lean_bare
+
+            targets.append(start_lean_bare(sim.url, log_dir))
         if want("mitmdump-cb", default=False):
             targets.append(start_mitmdump(sim.url, log_dir, callable_stream=True))
         if want("spendtap"):
@@ -369,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
             if sets:
                 results["notes"].append(f"spendtap (metering only): --set {' '.join(sets)}")
             targets.append(start_spendtap(sim.url, log_dir, sets))
+        if want("spendtap-lean"):
+            # The same addon through the lean runner (spendtap run --runner lean).
+            sets = metering_only_sets()
+            targets.append(start_spendtap(sim.url, log_dir, sets, name="spendtap-lean",
+                                          runner="lean"))  # fmt: skip
         if want("spendtap-nowait"):
             # The same without the durable commit wait: the difference is its cost.
             sets = [*metering_only_sets(), "spendtap_commit_wait_ms=0"]

@@ -75,6 +75,8 @@ def analyze(folded: Path, top: int = 30, us_per_sample: float | None = None) -> 
         if not n.isdigit() or "MainThread" not in stack.split(";")[0]:
             continue
         for f in stack.split(";")[1:]:
+            if "runner.py" in f:  # the lean runner's frames hold every hook: not metering
+                continue
             if "/addon/" in f or "(addon/" in f:
                 outer[f.split(" (")[0]] += int(n)
                 break
@@ -106,6 +108,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
     ap.add_argument("--idle", action="store_true", help="include idle (waiting) samples")
+    ap.add_argument(
+        "--gil",
+        action="store_true",
+        help="sample only the thread holding the GIL (py-spy --gil): who has it",
+    )
+    ap.add_argument("--runner", default="mitmdump", choices=["mitmdump", "lean"],
+                    help="the spendtap target's runner (spendtap run --runner)")  # fmt: skip
     ap.add_argument("--ttft-ms", type=int, default=200)
     ap.add_argument("--tps", type=int, default=50)
     ap.add_argument(
@@ -127,12 +136,13 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="spendtap-bench-prof-"))
     sim = start_sim(tmp)
     if args.target == "spendtap":
-        tgt = start_spendtap(sim.url, tmp, args.sets)
+        tgt = start_spendtap(sim.url, tmp, args.sets, runner=args.runner)
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folded = RESULTS / f"profile-{args.target}-{sc.name}-{stamp}.folded"
+    tag = ("-lean" if args.runner == "lean" else "") + ("-gil" if args.gil else "")
+    folded = RESULTS / f"profile-{args.target}{tag}-{sc.name}-{stamp}.folded"
     spy = None
     try:
         cmd = [py_spy(), "record", "-p", str(tgt.procs[0].pid), "-r", str(args.rate),
@@ -140,6 +150,8 @@ def main(argv=None) -> int:
                "--nonblocking"]  # fmt: skip
         if args.idle:
             cmd.append("--idle")
+        if args.gil:
+            cmd.append("--gil")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
         r = measure(tgt, sim, sc, args)

@@ -23,7 +23,9 @@ ORDER = [
     "direct",
     "mitmdump",
     "mitmdump-cb",
+    "lean-bare",
     "spendtap",
+    "spendtap-lean",
     "spendtap-nowait",
     "spendtap-budget",
     "spendtap-central",
@@ -141,6 +143,29 @@ def verdicts(res: dict) -> list[dict]:
         bg = _get(res, sc, "spendtap-budget", "ttfc_p50_ms")
         if s is not None and bg is not None:
             add(f"budget enforcement adds to TTFC p50 ({sc})", round(bg - s, 3), "(info)", None)
+    # Issue 12: every scenario, spendtap (and the lean runner) against bare mitmdump.
+    cpu_bound = ("stream-unpaced-c16", "stream-unpaced-c64", "json-c16", "stream-inject-c16")
+    for tg in ("spendtap", "spendtap-lean"):
+        for sc in res.get("summary", {}):
+            for k, what in (("cpu_s_per_1k_chunks", "CPU/chunk"), ("cpu_ms_per_req", "CPU/req")):
+                s, b = _get(res, sc, tg, k), _get(res, sc, "mitmdump", k)
+                r = _ratio(s, b)
+                if r is not None:
+                    add(f"[12] {what} {tg}/mitmdump ({sc})", round(r, 3), "<= 1.10", r <= 1.10,
+                        f"{s:.4f} vs {b:.4f}")  # fmt: skip
+            if sc in cpu_bound:
+                s, b = _get(res, sc, tg, "rps"), _get(res, sc, "mitmdump", "rps")
+                r = _ratio(s, b)
+                if r is not None:
+                    add(f"[12] req/s {tg}/mitmdump ({sc})", round(r, 3), ">= 0.95", r >= 0.95,
+                        f"{s:.1f} vs {b:.1f} req/s")  # fmt: skip
+        for sc in ("stream-paced-c1", "stream-paced-c16", "stream-paced-c64"):
+            s = _get(res, sc, tg, "ttfc_excess_p50_ms")
+            b = _get(res, sc, "mitmdump", "ttfc_excess_p50_ms")
+            r = _ratio(s, b)
+            if r is not None:
+                add(f"[12] TTFC excess {tg}/mitmdump ({sc})", round(r, 3), "<= 1.2", r <= 1.2,
+                    f"+{s:.3f} ms vs +{b:.3f} ms over direct (p50)")  # fmt: skip
     # The fleet: budgets through PostgreSQL (issue 9's goals).
     ce = res.get("micro", {}).get("central", {})
     if ce.get("reserve_ms_p50") is not None:

@@ -7,6 +7,10 @@
   callable returns each chunk unchanged: what mitmproxy itself charges for a callable.
 - ``spendtap``: ``mitmdump -s addon/spendtap.py`` exactly as ``spendtap run`` builds it,
   ledger in a temp dir, metrics on a free port.
+- ``lean-bare``: (optional) the lean runner without spendtap's addons.
+- ``spendtap-lean``: the same through the lean runner (``spendtap run --runner lean``:
+  ``python -m spendtap.proxy.runner``, mitmproxy's master with only the addons a sidecar
+  needs).
 - ``spendtap-budget``: the same with a (never reached) token budget on the benchmark's key,
   enforced on every request -- only when the installed spendtap has budgets.
 - ``spendtap-central``: the same budget enforced through PostgreSQL on loopback (the
@@ -117,15 +121,19 @@ def _mitmdump_base(upstream: str, port: int) -> list[str]:
     return out
 
 
-def spendtap_args(upstream: str, port: int, db: Path, metrics_port: int) -> list[str]:
+def spendtap_args(
+    upstream: str, port: int, db: Path, metrics_port: int, runner: str = "mitmdump"
+) -> list[str]:
     from spendtap.cli.run import build_mitmdump_args
 
+    kw = {"runner": runner} if runner != "mitmdump" else {}
     return build_mitmdump_args(
         mode="reverse",
         upstream=upstream,
         listen=f"127.0.0.1:{port}",
         db=str(db),
         metrics=f"127.0.0.1:{metrics_port}",
+        **kw,
     )
 
 
@@ -144,6 +152,23 @@ def start_mitmdump(upstream: str, log_dir: Path, callable_stream: bool = False) 
     return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]))
 
 
+LEAN_BARE = (
+    "import sys; import spendtap.proxy.runner as r; r.entry_addons = list; "
+    "sys.exit(r.main(sys.argv[1:]))"
+)
+
+
+def start_lean_bare(upstream: str, log_dir: Path) -> Target:
+    """The lean runner without spendtap's addons: mitmproxy's own cost with a dozen addons
+    and per-hook dispatch, against bare mitmdump's forty."""
+    port = free_port()
+    args = [PYTHON, "-c", LEAN_BARE, *_mitmdump_base(upstream, port)[1:]]
+    args += ["--set", "stream_large_bodies=1"]
+    p = Proc("lean-bare", args, log_dir)
+    wait_for_port(port, p.proc)
+    return Target("lean-bare", "127.0.0.1", port, [p], note=" ".join(args[3:]))
+
+
 def start_spendtap(
     upstream: str,
     log_dir: Path,
@@ -151,10 +176,11 @@ def start_spendtap(
     name: str = "spendtap",
     db: Path | None = None,
     env: dict | None = None,
+    runner: str = "mitmdump",
 ) -> Target:
     port, mport = free_port(), free_port()
     db = db or log_dir / f"{name}-ledger.db"
-    args = spendtap_args(upstream, port, db, mport)
+    args = spendtap_args(upstream, port, db, mport, runner)
     for s in extra or ():
         args += ["--set", s]
     p = Proc(name, args, log_dir, env=env)

@@ -41,6 +41,20 @@ def _mitmdump_command() -> list[str]:
     return [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
 
 
+RUNNERS = ("mitmdump", "lean")
+
+
+def _runner_command(runner: str) -> list[str]:
+    """The program that runs the sidecar: mitmdump loading the entry script with ``-s``,
+    or the lean runner (``spendtap.proxy.runner``: mitmproxy's master with only the
+    addons a sidecar needs, the same entry script's addons loaded directly)."""
+    if runner == "lean":
+        return [sys.executable, "-m", "spendtap.proxy.runner"]
+    if runner != "mitmdump":
+        raise click.UsageError(f"--runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
+    return [*_mitmdump_command(), "-s", addon_path()]
+
+
 def _check_upstream(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -64,8 +78,11 @@ def build_mitmdump_args(
     trusted_peers: str | None = None,
     extra_set: tuple[str, ...] = (),
     verbose: bool = False,
+    runner: str = "mitmdump",
 ) -> list[str]:
-    """The mitmdump command line ``spendtap run`` executes (pure, for tests and --dry-run)."""
+    """The mitmdump command line ``spendtap run`` executes (pure, for tests and --dry-run).
+
+    ``runner="lean"``: the same options for ``python -m spendtap.proxy.runner``."""
     host, port = parse_listen(listen)
     if mode in ("reverse", "upstream"):
         if not upstream:
@@ -75,16 +92,17 @@ def build_mitmdump_args(
         if upstream:
             raise click.UsageError(f"--upstream makes no sense in {mode} mode")
         mode_arg = mode
+    command = _runner_command(runner)
+    script = command[-2:] if command[-2] == "-s" else []
     args = [
-        *_mitmdump_command(),
+        *command[: len(command) - len(script)],
         "--mode",
         mode_arg,
         "--listen-host",
         host,
         "--listen-port",
         str(port),
-        "-s",
-        addon_path(),
+        *script,
         "--set",
         f"spendtap_db={db}",
         "--set",
@@ -197,6 +215,16 @@ def build_mitmdump_args(
     is_flag=True,
     help="Log every flow and connection (default: start-up, warnings and errors only).",
 )
+@click.option(
+    "--runner",
+    type=click.Choice(RUNNERS),
+    default="mitmdump",
+    show_default=True,
+    help="mitmdump: mitmproxy's mitmdump with every default addon, loading the addon "
+    "script; lean: mitmproxy's master with only the addons a sidecar needs "
+    "(spendtap.proxy.runner; less CPU per request). [env: SPENDTAP_RUNNER]",
+    envvar="SPENDTAP_RUNNER",
+)
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
 @click.pass_context
 def run(
@@ -215,6 +243,7 @@ def run(
     central,
     extra_set,
     verbose,
+    runner,
     dry_run,
 ):
     """Run the sidecar: mitmdump with the spendtap addon.
@@ -302,6 +331,7 @@ def run(
         trusted_peers=settings.trusted_peers,
         extra_set=settings.set_items(),
         verbose=verbose,
+        runner=runner,
     )
     if dry_run:
         env_prefix = ""

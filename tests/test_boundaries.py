@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ADDON = Path(__file__).resolve().parent.parent / "addon"
-# The hook layer: the only modules that may import mitmproxy (spendtap's addons, and the
-# error page patch). spendtap.proxy.addons only lists them and imports none of mitmproxy.
+# The hook layer: the only modules that may import mitmproxy (spendtap's addons, the
+# error page patch and the lean runner). spendtap.proxy.addons only lists the addons.
 HOOK_LAYER = {
     "proxy/failclosed.py",
     "proxy/hooks.py",
@@ -18,6 +18,7 @@ HOOK_LAYER = {
     "proxy/gatekeeper.py",
     "proxy/monitoring.py",
     "proxy/errorpage.py",
+    "proxy/runner.py",
 }
 
 

@@ -371,17 +371,24 @@ class ResponseScanner:
     def _event(self, ev_type: str | None, data: bytes, tail: bytes | None, now: float) -> None:
         try:
             if tail is None and data and data[0] == 123:  # "{": the usual case
-                if (
-                    self._phase1
-                    or (
-                        (data.find(b'usage"') >= 0 or data.find(b'error"') >= 0)
-                        and _USAGE_OR_ERROR.search(data) is not None
-                    )
-                    or (self._model is None and data.find(b'"model"') >= 0)
-                ):
+                if self._phase1 or (self._model is None and data.find(b'"model"') >= 0):
                     content = self._parse(ev_type, data)
                 else:
-                    content = self._bytes_content(ev_type, data)
+                    u = data.find(b'usage"')
+                    if (
+                        u >= 0
+                        and data.startswith(b":null", u + 6)
+                        and data.find(b'usage"', u + 11) < 0
+                    ):
+                        # The compact "usage":null a server adds to every chunk once usage is
+                        # asked for: no usage here, and not worth a regex search per event.
+                        u = -1
+                    if (u >= 0 or data.find(b'error"') >= 0) and _USAGE_OR_ERROR.search(
+                        data
+                    ) is not None:
+                        content = self._parse(ev_type, data)
+                    else:
+                        content = self._bytes_content(ev_type, data)
             else:
                 content = self._event_other(ev_type, data, tail)
             if content:

@@ -34,6 +34,7 @@ This module imports neither click nor mitmproxy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
@@ -436,13 +437,31 @@ def run_migrations(
 # -- rows -----------------------------------------------------------------------
 
 
-_INSERT_SQL = (
-    f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in COLUMNS)})"
-)
+_ROW_VALUES = "(" + ", ".join("?" * len(COLUMNS)) + ")"
+_MAX_ROWS_PER_STATEMENT = 128
 
 
-_SETTLE_SQL = "DELETE FROM reservations WHERE id = ?"
+@functools.lru_cache(maxsize=_MAX_ROWS_PER_STATEMENT)
+def _insert_sql(n: int) -> str:
+    """INSERT OR IGNORE of ``n`` rows (positional values, ``COLUMNS`` order)."""
+    return f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES " + ", ".join(
+        [_ROW_VALUES] * n
+    )
+
+
+@functools.lru_cache(maxsize=_MAX_ROWS_PER_STATEMENT)
+def _settle_sql(n: int) -> str:
+    """Delete the reservations of ``n`` rows (their ids)."""
+    return f"DELETE FROM reservations WHERE id IN ({', '.join('?' * n)})"
+
+
+def _rows_per_statement(conn: sqlite3.Connection) -> int:
+    """Rows per multi-row statement, within this SQLite's limit on bound values."""
+    try:
+        limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    except (AttributeError, sqlite3.Error):
+        limit = 999  # the oldest SQLite default
+    return max(1, min(_MAX_ROWS_PER_STATEMENT, limit // len(COLUMNS)))
 
 
 # -- the ledger -------------------------------------------------------------------
@@ -784,13 +803,24 @@ class Ledger(queries.LedgerReads, Closing):
         prepared = list(rows) if normalized else [normalize_row(r) for r in rows]
         if not prepared:
             return 0
+        # Many rows per statement: sqlite3 releases the GIL around every step it takes
+        # (each row of an executemany), and the writer thread must win the GIL back after
+        # each one from a busy event loop (up to the 5 ms switch interval each time). One
+        # multi-row INSERT and one DELETE ... IN per group of rows take a few GIL
+        # hand-offs per batch instead of two per row.
+        per = _rows_per_statement(self.db.conn)
+        inserted = 0
         with transaction(self.db.conn) as conn:
-            # rowcount counts the rows inserted, not the triggers' budget updates.
-            inserted = conn.executemany(_INSERT_SQL, prepared).rowcount
-            # Settle: the row's usage becomes spend (the triggers) in the same
-            # commit that drops its reservation, so no instant counts it twice
-            # or not at all. A row without a reservation deletes nothing.
-            conn.executemany(_SETTLE_SQL, [(r["id"],) for r in prepared])
+            for i in range(0, len(prepared), per):
+                group = prepared[i : i + per]
+                n = len(group)
+                values = [r[c] for r in group for c in COLUMNS]
+                # rowcount counts the rows inserted, not the triggers' budget updates.
+                inserted += conn.execute(_insert_sql(n), values).rowcount
+                # Settle: the row's usage becomes spend (the triggers) in the same
+                # commit that drops its reservation, so no instant counts it twice
+                # or not at all. A row without a reservation deletes nothing.
+                conn.execute(_settle_sql(n), [r["id"] for r in group])
         return inserted
 
     # -- reading (``queries.LedgerReads``: the same methods as the central store's) --

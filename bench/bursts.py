@@ -1,0 +1,138 @@
+"""Do the clients of a paced scenario send their requests in bursts, and what does a
+request's place in its burst cost its time to first token?
+
+    python -m bench.bursts [--scenario stream-paced-c16] [--seconds 8] [--rounds 2]
+
+For bare mitmdump, spendtap, spendtap without the commit wait (``spendtap-nowait``) and
+the lean runner, each fronting one simulator: every request's send time (from the load
+generator), grouped into bursts (sent within ``--gap-ms`` of the previous one), and the
+median TTFC by position in the burst. The group commit releases every response whose row
+it committed at once; in a closed loop each client sends its next request as soon as its
+response ends, so the commit re-aligns the clients every cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from bench.main import CHAT, scenarios
+from bench.procs import PYTHON, REPO
+from bench.targets import ACCOUNT, KEY, MASTER_KEY, start_mitmdump, start_sim, start_spendtap
+
+
+def load(target, sc, ttft_ms=200, tps=50) -> list:
+    body = {"model": sc.model, "messages": [{"role": "user", "content": "Say hello"}],
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    spec = {
+        "mode": "load", "host": target.host, "port": target.port, "path": CHAT,
+        "stream": True, "body": json.dumps(body),
+        "headers": {"Authorization": f"Bearer {MASTER_KEY}", "x-helexa-account-id": ACCOUNT,
+                    "x-helexa-key-id": KEY, **sc.controls(ttft_ms, tps)},
+        "concurrency": sc.concurrency, "warmup_s": sc.warmup_s, "duration_s": sc.duration_s,
+        "grace_s": 5.0, "first_event": 2, "request_timeout_s": 30,
+    }  # fmt: skip
+    out = subprocess.run([PYTHON, "-m", "bench.loadgen", json.dumps(spec)], cwd=str(REPO),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[7:])["samples"]
+
+
+def bursts(samples: list, gap_s: float) -> dict:
+    rows = sorted((s[5], s[1]) for s in samples if s[1] is not None)
+    groups: list[list[float]] = []
+    last = None
+    for sent, ttfc in rows:
+        if last is None or sent - last > gap_s:
+            groups.append([])
+        groups[-1].append(ttfc)
+        last = sent
+    sizes = [len(g) for g in groups]
+    by_pos: dict[int, list[float]] = {}
+    for g in groups:
+        for i, t in enumerate(g):
+            by_pos.setdefault(i, []).append(t)
+    return {
+        "requests": len(rows),
+        "bursts": len(groups),
+        # the size of the burst an average request was sent in
+        "burst_size_per_request": round(sum(n * n for n in sizes) / max(1, sum(sizes)), 2),
+        "largest": max(sizes, default=0),
+        "ttfc_p50_ms": round(statistics.median(t for _, t in rows) * 1000, 2),
+        "end_p50_ms": round(statistics.median(s[2] for s in samples) * 1000, 2),
+        "ttfc_p50_by_position_ms": {
+            i: round(statistics.median(v) * 1000, 2) for i, v in sorted(by_pos.items()) if i < 16
+        },
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.bursts", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--scenario", default="stream-paced-c16")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--gap-ms", type=float, default=1.0)
+    ap.add_argument("--targets", default="mitmdump,spendtap,spendtap-nowait,spendtap-lean")
+    ap.add_argument(
+        "--switch-ms", type=float, action="append", default=[],
+        help="also spendtap with sys.setswitchinterval(MS/1000) (the GIL hand-off interval; "
+        "Python's default is 5 ms), set through a sitecustomize on PYTHONPATH; repeatable",
+    )  # fmt: skip
+    args = ap.parse_args(argv)
+    sc = next(s for s in scenarios(False) if s.name == args.scenario)
+    sc = replace(sc, duration_s=args.seconds)
+    tmp = Path(tempfile.mkdtemp(prefix="spendtap-bursts-"))
+    sim = start_sim(tmp)
+    wanted = set(args.targets.split(","))
+    targets = [sim]
+    sets = ["spendtap_enforce_budgets=false"]
+    if "mitmdump" in wanted:
+        targets.append(start_mitmdump(sim.url, tmp))
+    if "mitmdump-cb" in wanted:
+        targets.append(start_mitmdump(sim.url, tmp, callable_stream=True))
+    if "spendtap" in wanted:
+        targets.append(start_spendtap(sim.url, tmp, sets))
+    if "spendtap-nowait" in wanted:
+        targets.append(start_spendtap(sim.url, tmp, [*sets, "spendtap_commit_wait_ms=0"],
+                                      name="spendtap-nowait"))  # fmt: skip
+    if "spendtap-lean" in wanted:
+        targets.append(start_spendtap(sim.url, tmp, sets, name="spendtap-lean", runner="lean"))
+    for ms in args.switch_ms:
+        site = tmp / f"switch-{ms}"
+        site.mkdir()
+        code = f"import sys\nsys.setswitchinterval({ms / 1000!r})\n"
+        (site / "sitecustomize.py").write_text(code)
+        targets.append(start_spendtap(sim.url, tmp, sets, name=f"spendtap-switch{ms:g}ms",
+                                      env={"PYTHONPATH": str(site)}))  # fmt: skip
+    results: dict[str, list] = {}
+    try:
+        for rnd in range(args.rounds):
+            order = targets if rnd % 2 == 0 else [targets[0], *reversed(targets[1:])]
+            for t in order:
+                b = bursts(load(t, sc), args.gap_ms / 1000)
+                results.setdefault(t.name, []).append(b)
+                print(f"r{rnd} {t.name:16s} {json.dumps(b)}", flush=True)
+    finally:
+        for t in reversed(targets):
+            t.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\nmedians over rounds:")
+    for name, rs in results.items():
+        size = statistics.median(r["burst_size_per_request"] for r in rs)
+        print(f"{name:16s} burst size per request {size:5.2f}"
+              f"  TTFC p50 {statistics.median(r['ttfc_p50_ms'] for r in rs):7.2f} ms"
+              f"  end p50 {statistics.median(r['end_p50_ms'] for r in rs):7.2f} ms"
+              f"  requests {statistics.median(r['requests'] for r in rs)}"
+              f"  by position: {rs[-1]['ttfc_p50_by_position_ms']}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
