@@ -387,6 +387,15 @@ class ResponseScanner:
                         data
                     ) is not None:
                         content = self._parse(ev_type, data)
+                    elif (
+                        ev_type is None
+                        and (i := data.find(b'"content":"')) >= 0
+                        and data[i + 11 : i + 12] != b'"'
+                        and data.find(b'"choices"') >= 0
+                    ):
+                        # A chat token, the usual event: what ``_bytes_content`` answers
+                        # first, without its call.
+                        content = True
                     else:
                         content = self._bytes_content(ev_type, data)
             else:

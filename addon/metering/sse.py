@@ -131,6 +131,20 @@ class SSEParser:
         if nl < 0:
             self._add_partial(chunk)
             return []
+        if (
+            nl == len(chunk) - 2
+            and chunk[-1] == 10
+            and not self._pend
+            and not self._data
+            and self._ev_type is None
+            and not self._ev_over
+            and chunk.startswith(b"data: ")
+            and nl - 5 <= self._max
+        ):
+            # Exactly one whole ``data: ...`` event and nothing held: what paced servers
+            # send as one chunk per token. Same event as the loop below would dispatch,
+            # without the split, the line list and the data list round trip.
+            return [_new_event(Event, (None, chunk[6:nl], None))]
         out: list[Event] = []
         if self._pend:
             if self._line_over:
