@@ -34,7 +34,7 @@ from spendtap.metering.scanner import (
     ResponseScanner,
     ScanResult,
 )
-from spendtap.metering.usage import NONE, REPORTED, Usage
+from spendtap.metering.usage import Usage
 
 __all__ = ["EXTRACTORS", "DialectScanner", "make_scanner"]
 
@@ -192,19 +192,14 @@ class DialectScanner(ResponseScanner):
         else:
             first, last, n = self._first, self._last, self._content_n
         chars = self._content_bytes
-        return ScanResult(
-            usage=usage,
-            usage_source=REPORTED if usage.reported else NONE,
+        return self._scan_result(
+            usage,
             first_content_at=first,
             last_content_at=last,
             content_events=n,
             response_model=ex.model,
             error=ex.error,
-            parse_errors=self._parse_errors,
-            decode_error=self._decode_error,
-            bytes_scanned=self._bytes,
             streamed_sse=streamed,
-            internal_errors=self._internal,
             output_chars=chars if (chars or n) else None,
             server_timing=timing,
             framing=framing if mode != _UNDECIDED else None,

@@ -701,6 +701,19 @@ class ResponseScanner:
         elif self._mode == _JSON:
             self._finish_json()
 
+    def _scan_result(self, usage: Usage, **fields) -> ScanResult:
+        """The result of this response: ``fields`` plus what every scanner counts the same
+        way (once per response, off the per-chunk path)."""
+        return ScanResult(
+            usage=usage,
+            usage_source=REPORTED if usage.reported else NONE,
+            parse_errors=self._parse_errors,
+            decode_error=self._decode_error,
+            bytes_scanned=self._bytes,
+            internal_errors=self._internal,
+            **fields,
+        )
+
     def _build(self) -> ScanResult:
         if self._fam == _AN:
             usage = anthropic_usage(self._an)
@@ -715,19 +728,14 @@ class ResponseScanner:
         else:
             first, last, n = self._first, self._last, self._content_n
             output_chars = self._content_bytes - n * (self._content_min - 1) if n else None
-        return ScanResult(
-            usage=usage,
-            usage_source=REPORTED if usage.reported else NONE,
+        return self._scan_result(
+            usage,
             first_content_at=first,
             last_content_at=last,
             content_events=n,
             response_model=self._model,
             error=self._error,
-            parse_errors=self._parse_errors,
-            decode_error=self._decode_error,
-            bytes_scanned=self._bytes,
             streamed_sse=self._mode == _SSE,
-            internal_errors=self._internal,
             output_chars=output_chars,
             server_timing=timings_of(self._timings) if self._timings else None,
             framing=("sse" if self._mode == _SSE else "json") if self._mode else None,
