@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,31 @@ def py_spy() -> str:
     if not found:
         sys.exit("py-spy is not installed: .venv/bin/pip install py-spy")
     return found
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (utime + stime) of each thread of ``pid``, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_names(folded: Path) -> dict[int, str]:
+    """Thread id -> Python thread name, from py-spy's ``thread (TID): NAME`` frames."""
+    names: dict[int, str] = {}
+    for line in folded.read_text().splitlines():
+        head = line.split(";", 1)[0]
+        if head.startswith("thread (") and "): " in head:
+            tid, _, name = head[len("thread (") :].partition("): ")
+            if tid.isdigit():
+                names[int(tid)] = name
+    return names
 
 
 def analyze(folded: Path, top: int = 30, us_per_sample: float | None = None) -> str:
@@ -154,7 +180,10 @@ def main(argv=None) -> int:
             cmd.append("--gil")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
+        pid = tgt.procs[0].pid
+        cpu_before = thread_cpu(pid)
         r = measure(tgt, sim, sc, args)
+        cpu_after = thread_cpu(pid)
         spy.wait(timeout=args.seconds + 30)
     finally:
         if spy is not None and spy.poll() is None:
@@ -176,6 +205,14 @@ def main(argv=None) -> int:
         total = sum(int(x.rpartition(" ")[2]) for x in lines if x.rpartition(" ")[2].isdigit())
         us_per_sample = r["cpu_s_per_1k_chunks"] * 1000 / max(1, total)  # us/chunk per sample
     print(analyze(folded, us_per_sample=us_per_sample))
+    # Measured, not sampled: each thread's own CPU over the load (warm-up included).
+    names = thread_names(folded)
+    spent = {t: cpu_after[t] - cpu_before.get(t, 0.0) for t in cpu_after}
+    total_cpu = sum(spent.values()) or 1.0
+    print("\nCPU by thread (/proc, whole load window):")
+    for tid, sec in sorted(spent.items(), key=lambda kv: -kv[1]):
+        if sec > 0:
+            print(f"  {100 * sec / total_cpu:6.1f}%  {sec:7.2f} s  {names.get(tid, tid)}")
     print(f"\ncollapsed stacks: {folded}")
     return 0
 

@@ -16,10 +16,10 @@ thread, never from the event loop):
    refuses (``Decision.allowed`` False, with the reason, binding scope and,
    for a window, ``retry_after_s``). Principals with no budget get no
    reservation at all.
-2. Settle is the request's ledger row landing: ``Ledger.insert_rows`` (which
-   the writer thread calls) deletes the reservation whose id is the row's id
-   in the same transaction that inserts the row, whose usage triggers add to
-   the budget's spend. No instant counts a request's tokens twice or not at
+2. Settle is the request's ledger row landing: a trigger (m007) deletes the
+   reservation whose id is the row's id in the same transaction that inserts
+   the row (``Ledger.insert_rows``, which the writer thread calls), whose usage
+   triggers add to the budget's spend. No instant counts a request's tokens twice or not at
    all; a row with no usage simply releases the whole reservation.
 3. ``release(flow_id)`` when no row will be written.
 4. ``sweep(owner_alive, older_than_s)`` releases reservations nobody will

@@ -359,6 +359,26 @@ def m006_server_timing(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE requests ADD COLUMN server_decode_s REAL")
 
 
+def m007_settle_trigger(db: sqlite_utils.Database) -> None:
+    """Settle by trigger: the row that lands deletes its own reservation.
+
+    Before, ``insert_rows`` ran a ``DELETE FROM reservations`` beside each INSERT,
+    inside ``BEGIN IMMEDIATE`` ... ``COMMIT``: four statements per batch. The ledger
+    writer's thread gives up the GIL around every SQLite step and must win it back
+    from the busy event loop each time, which cost the proxy more CPU than the
+    writes themselves (issue 12); with the trigger a batch is one INSERT, its own
+    transaction, and the reservation still goes in the same commit as the row.
+    """
+    db.execute(
+        """
+        CREATE TRIGGER requests_settle_reservation AFTER INSERT ON requests
+        BEGIN
+            DELETE FROM reservations WHERE id = NEW.id;
+        END
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_budgets,
@@ -366,6 +386,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m004_costs,
     m005_money_budgets,
     m006_server_timing,
+    m007_settle_trigger,
 ]
 
 
@@ -447,12 +468,6 @@ def _insert_sql(n: int) -> str:
     return f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)}) VALUES " + ", ".join(
         [_ROW_VALUES] * n
     )
-
-
-@functools.lru_cache(maxsize=_MAX_ROWS_PER_STATEMENT)
-def _settle_sql(n: int) -> str:
-    """Delete the reservations of ``n`` rows (their ids)."""
-    return f"DELETE FROM reservations WHERE id IN ({', '.join('?' * n)})"
 
 
 def _rows_per_statement(conn: sqlite3.Connection) -> int:
@@ -806,22 +821,26 @@ class Ledger(queries.LedgerReads, Closing):
         # Many rows per statement: sqlite3 releases the GIL around every step it takes
         # (each row of an executemany), and the writer thread must win the GIL back after
         # each one from a busy event loop (up to the 5 ms switch interval each time). One
-        # multi-row INSERT and one DELETE ... IN per group of rows take a few GIL
-        # hand-offs per batch instead of two per row.
+        # multi-row INSERT per group of rows (the trigger of m007 settles) takes one GIL
+        # hand-off per group instead of two per row.
         per = _rows_per_statement(self.db.conn)
+        conn = self.db.conn
+        if len(prepared) <= per and conn.isolation_level is None:
+            # One statement is its own transaction (the writer's connection is in
+            # autocommit mode): one SQLite step, one GIL hand-off, for the batch.
+            return self._insert_group(conn, prepared)
         inserted = 0
-        with transaction(self.db.conn) as conn:
+        with transaction(conn):
             for i in range(0, len(prepared), per):
-                group = prepared[i : i + per]
-                n = len(group)
-                values = [r[c] for r in group for c in COLUMNS]
-                # rowcount counts the rows inserted, not the triggers' budget updates.
-                inserted += conn.execute(_insert_sql(n), values).rowcount
-                # Settle: the row's usage becomes spend (the triggers) in the same
-                # commit that drops its reservation, so no instant counts it twice
-                # or not at all. A row without a reservation deletes nothing.
-                conn.execute(_settle_sql(n), [r["id"] for r in group])
+                inserted += self._insert_group(conn, prepared[i : i + per])
         return inserted
+
+    @staticmethod
+    def _insert_group(conn: sqlite3.Connection, group: Sequence[Mapping[str, Any]]) -> int:
+        values = [r[c] for r in group for c in COLUMNS]
+        # rowcount counts the rows inserted, not the triggers' budget updates. The
+        # settle trigger (m007) deletes each row's reservation in the same statement.
+        return conn.execute(_insert_sql(len(group)), values).rowcount
 
     # -- reading (``queries.LedgerReads``: the same methods as the central store's) --
 

@@ -10,9 +10,9 @@ wait this is group commit: rows that arrive while one transaction commits
 form the next one, so batches grow with load and a lone row is not delayed
 (the end of a response waits for its row's commit).
 
-Settling budgets: ``Ledger.insert_rows`` deletes, in that same transaction,
-the budget reservation whose id is a row's id (the flow id), and the ledger's
-triggers add the row's tokens to its budgets' spend. So a request's usage
+Settling budgets: the ledger's triggers delete, in that same transaction,
+the budget reservation whose id is a row's id (the flow id), and add the row's
+tokens to its budgets' spend. So a request's usage
 becomes spend at the very commit that drops its reservation, and a row with no
 usage releases its whole reservation. A row this writer drops never settles:
 its reservation stays open until ``Budgets.sweep`` releases it.
@@ -289,6 +289,9 @@ class LedgerWriter:
 
     def _open(self) -> None:
         ledger = Ledger(self.path, busy_timeout_s=self.busy_timeout_s)
+        # Autocommit: a batch that fits one INSERT is its own transaction, without the
+        # BEGIN and COMMIT steps (each a GIL hand-off with the event loop).
+        ledger.db.conn.isolation_level = None
         try:
             st = os.stat(self.path)
         except OSError:
@@ -425,7 +428,9 @@ class LedgerWriter:
         try:
             if self._ledger is None:
                 self._open()
-            self._check_file()
+            # The file is checked after the commit only (a stat gives up the GIL too): a
+            # batch written to a file deleted or replaced just before is written again
+            # to the new one, where INSERT OR IGNORE keeps it once.
             try:
                 self._ledger.insert_rows([entry[1] for entry in batch], normalized=True)
             except _ROW_ERRORS:
