@@ -114,3 +114,14 @@ def test_filter_leaves_usage_text_inside_content_alone():
         assert json.loads(expected.split(b"\n\n")[0][6:])["choices"][0]["delta"]["content"] == (
             'say ","usage":null and "usage": null, please'
         )
+
+
+def test_the_word_usage_in_generated_text_is_left_as_it_is():
+    """Content that says "usage" (a word in the text, or the whole token) is never cut:
+    only the key the upstream added goes, whatever chunks the stream comes in."""
+    words = (b" usage", b"usage", b'say \\"usage\\":null')
+    added = b"".join(CHUNK % (w, b',"usage":null') for w in words) + USAGE + b"data: [DONE]\n\n"
+    plain = b"".join(CHUNK % (w, b"") for w in words) + b"data: [DONE]\n\n"
+    for size in (1, 7, 64, len(added)):
+        chunks = [added[i : i + size] for i in range(0, len(added), size)]
+        assert _filter(chunks) == plain

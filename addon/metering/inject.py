@@ -20,6 +20,7 @@ import re
 from spendtap.metering.request import RequestInfo
 from spendtap.metering.usage import OPENAI_CHAT, OPENAI_COMPLETIONS
 
+_USAGE_KEY = b'"usage"'
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
@@ -120,18 +121,23 @@ class InjectedUsageFilter:
         return b""
 
     def _filter(self, events: bytes, sep: bytes) -> bytes:
-        if events.find(b"usage") < 0:
+        # Looked for as a key, with its quotes: the word in generated text ("... usage
+        # ...") is inside a JSON string, where a quote is escaped, so it never matches
+        # and the events it is in stay on the fast path.
+        if events.find(_USAGE_KEY) < 0:
             return events  # nothing to remove
         # What servers send on every chunk, in the compact form they all use, goes at C
         # speed (inside a JSON string a quote is escaped, so this text cannot be data).
         events = events.replace(b',"usage":null', b"")
-        if events.find(b"usage") < 0:
+        if events.find(_USAGE_KEY) < 0:
             return events
         parts = events.split(sep)
         kept = []
         for part in parts:
-            if _USAGE_OBJECT.search(part) and _EMPTY_CHOICES.search(part):
+            if part.find(_USAGE_KEY) < 0:
+                kept.append(part)
+            elif _USAGE_OBJECT.search(part) and _EMPTY_CHOICES.search(part):
                 self.removed_chunks += 1
-                continue
-            kept.append(_USAGE_NULL.sub(b"", part) if part.find(b"null") >= 0 else part)
+            else:
+                kept.append(_USAGE_NULL.sub(b"", part))
         return sep.join(kept)
