@@ -566,3 +566,49 @@ def test_locked_insert_raises_ledger_busy(tmp_path):
         assert ledger.count() == 0
         ledger.insert_rows([ledger_row("a")])
         assert ledger.count() == 1
+
+
+def _reserve(path, flow_id: str) -> None:
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        conn.execute(
+            "INSERT INTO reservations (id, account, key, tokens, created_at, owner) "
+            "VALUES (?, 'acme', 'k1', 100, '2025-01-31T12:00:00.000Z', 'test')",
+            (flow_id,),
+        )
+
+
+def test_an_autocommit_batch_is_one_statement_that_settles(tmp_path):
+    """The writer's connection (autocommit) inserts a batch with one statement, and the
+    settle trigger drops each row's reservation in it: nothing else runs, no BEGIN/COMMIT."""
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger.db.conn.isolation_level = None
+    for flow_id in ("a", "b"):
+        _reserve(path, flow_id)
+    statements: list[str] = []
+    ledger.db.conn.set_trace_callback(statements.append)
+    assert ledger.insert_rows([ledger_row("a"), ledger_row("b"), ledger_row("c")]) == 3
+    ledger.db.conn.set_trace_callback(None)
+    # sqlite3 traces each trigger step under its statement's text: one distinct text.
+    assert {s.partition(" VALUES")[0] for s in statements} == {
+        f"INSERT OR IGNORE INTO requests ({', '.join(COLUMNS)})"
+    }
+    assert ledger.db.conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+    ledger.close()
+
+
+def test_a_ledger_from_before_the_settle_trigger_gets_it(tmp_path):
+    """A ledger migrated up to m006 gains m007 on open; its rows then settle as before."""
+    path = tmp_path / "ledger.db"
+    db = sqlite_utils.Database(path)
+    db.enable_wal()
+    run_migrations(db, [m for m in MIGRATIONS if m.__name__ != "m007_settle_trigger"])
+    db.close()
+    _reserve(path, "a")
+    ledger = Ledger(path)
+    assert "m007_settle_trigger" in {
+        r[0] for r in ledger.db.conn.execute("SELECT name FROM _spendtap_migrations")
+    }
+    ledger.insert_rows([ledger_row("a")])
+    assert ledger.db.conn.execute("SELECT count(*) FROM reservations").fetchone()[0] == 0
+    ledger.close()
