@@ -6,7 +6,10 @@ Writes the collapsed stacks (``*.folded``, for flamegraph tools / speedscope) un
 ``bench/results/`` and prints where the time goes: self time per function, and
 inclusive time of the frames that matter (spendtap's modules, mitmproxy's layers, the
 stream callable, the ledger writer thread). Needs ``py-spy`` (``pip install py-spy``)
-and ptrace permission on the child (root, or ``kernel.yama.ptrace_scope=0``).
+and ptrace permission on the child (root, or ``kernel.yama.ptrace_scope=0``). Each
+thread's own CPU over the load, from ``/proc``, follows (py-spy's sample shares count a
+thread waiting for the GIL as active). ``--no-spy`` measures only that, and each
+thread's context switches a request, without the sampler's own cost.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ def thread_cpu(pid: int) -> dict[int, float]:
         except OSError:
             continue  # the thread ended
         out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def thread_switches(pid: int) -> dict[int, int]:
+    """Voluntary + involuntary context switches of each thread of ``pid``, from /proc."""
+    out: dict[int, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            lines = (task / "status").read_text().splitlines()
+        except OSError:
+            continue  # the thread ended
+        out[int(task.name)] = sum(int(x.split()[1]) for x in lines if "ctxt_switches" in x)
     return out
 
 
@@ -123,6 +138,27 @@ def analyze(folded: Path, top: int = 30, us_per_sample: float | None = None) -> 
     return "\n".join(out)
 
 
+def _threads_only(tgt, sim, sc, args) -> int:
+    """Each thread's CPU and context switches a request over one load, without py-spy
+    (whose sampling costs the process CPU of its own)."""
+    pid = tgt.procs[0].pid
+    cpu_before, switches_before = thread_cpu(pid), thread_switches(pid)
+    r = measure(tgt, sim, sc, args)
+    cpu_after, switches_after = thread_cpu(pid), thread_switches(pid)
+    keys = ("rps", "chunks_per_s", "cpu_s_per_1k_chunks", "cpu_ms_per_req")
+    print(json.dumps({k: r[k] for k in keys}))
+    # The window includes the warm-up: requests are counted at the measured rate over it.
+    requests = r["rps"] * (sc.duration_s + sc.warmup_s)
+    print("\nby thread (/proc; ms of CPU and context switches a request):")
+    for tid in sorted(cpu_after, key=lambda t: -(cpu_after[t] - cpu_before.get(t, 0.0))):
+        spent = cpu_after[tid] - cpu_before.get(tid, 0.0)
+        switches = switches_after.get(tid, 0) - switches_before.get(tid, 0)
+        if spent > 0 or switches > 0:
+            name = "main (event loop)" if tid == pid else f"thread {tid}"
+            print(f"  {1000 * spent / requests:7.3f} ms  {switches / requests:5.1f}  {name}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench.profile",
@@ -138,6 +174,11 @@ def main(argv=None) -> int:
         "--gil",
         action="store_true",
         help="sample only the thread holding the GIL (py-spy --gil): who has it",
+    )
+    ap.add_argument(
+        "--no-spy",
+        action="store_true",
+        help="no sampling: only each thread's CPU and context switches a request (/proc)",
     )
     ap.add_argument("--runner", default="mitmdump", choices=["mitmdump", "lean"],
                     help="the spendtap target's runner (spendtap run --runner)")  # fmt: skip
@@ -171,6 +212,8 @@ def main(argv=None) -> int:
     folded = RESULTS / f"profile-{args.target}{tag}-{sc.name}-{stamp}.folded"
     spy = None
     try:
+        if args.no_spy:
+            return _threads_only(tgt, sim, sc, args)
         cmd = [py_spy(), "record", "-p", str(tgt.procs[0].pid), "-r", str(args.rate),
                "-d", str(int(args.seconds + 1)), "-f", "raw", "-o", str(folded), "--threads",
                "--nonblocking"]  # fmt: skip
