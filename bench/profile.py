@@ -40,28 +40,19 @@ def py_spy() -> str:
     return found
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (utime + stime) of each thread of ``pid``, from /proc."""
+def thread_stats(pid: int) -> dict[int, tuple[float, int]]:
+    """Each thread of ``pid``: CPU seconds (utime + stime) and context switches (voluntary
+    + involuntary), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
+    out: dict[int, tuple[float, int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = (task / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # the thread ended
-        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
-
-
-def thread_switches(pid: int) -> dict[int, int]:
-    """Voluntary + involuntary context switches of each thread of ``pid``, from /proc."""
-    out: dict[int, int] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
             lines = (task / "status").read_text().splitlines()
         except OSError:
             continue  # the thread ended
-        out[int(task.name)] = sum(int(x.split()[1]) for x in lines if "ctxt_switches" in x)
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        out[int(task.name)] = (cpu, sum(int(x.split()[1]) for x in lines if "ctxt_switches" in x))
     return out
 
 
@@ -142,20 +133,22 @@ def _threads_only(tgt, sim, sc, args) -> int:
     """Each thread's CPU and context switches a request over one load, without py-spy
     (whose sampling costs the process CPU of its own)."""
     pid = tgt.procs[0].pid
-    cpu_before, switches_before = thread_cpu(pid), thread_switches(pid)
+    before = thread_stats(pid)
     r = measure(tgt, sim, sc, args)
-    cpu_after, switches_after = thread_cpu(pid), thread_switches(pid)
+    after = thread_stats(pid)
     keys = ("rps", "chunks_per_s", "cpu_s_per_1k_chunks", "cpu_ms_per_req")
     print(json.dumps({k: r[k] for k in keys}))
     # The window includes the warm-up: requests are counted at the measured rate over it.
     requests = r["rps"] * (sc.duration_s + sc.warmup_s)
     print("\nby thread (/proc; ms of CPU and context switches a request):")
-    for tid in sorted(cpu_after, key=lambda t: -(cpu_after[t] - cpu_before.get(t, 0.0))):
-        spent = cpu_after[tid] - cpu_before.get(tid, 0.0)
-        switches = switches_after.get(tid, 0) - switches_before.get(tid, 0)
-        if spent > 0 or switches > 0:
+    spent = {
+        tid: (cpu - before.get(tid, (0.0, 0))[0], switches - before.get(tid, (0.0, 0))[1])
+        for tid, (cpu, switches) in after.items()
+    }
+    for tid, (cpu, switches) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+        if cpu > 0 or switches > 0:
             name = "main (event loop)" if tid == pid else f"thread {tid}"
-            print(f"  {1000 * spent / requests:7.3f} ms  {switches / requests:5.1f}  {name}")
+            print(f"  {1000 * cpu / requests:7.3f} ms  {switches / requests:5.1f}  {name}")
     return 0
 
 
@@ -224,9 +217,9 @@ def main(argv=None) -> int:
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
         pid = tgt.procs[0].pid
-        cpu_before = thread_cpu(pid)
+        cpu_before = thread_stats(pid)
         r = measure(tgt, sim, sc, args)
-        cpu_after = thread_cpu(pid)
+        cpu_after = thread_stats(pid)
         spy.wait(timeout=args.seconds + 30)
     finally:
         if spy is not None and spy.poll() is None:
@@ -250,7 +243,7 @@ def main(argv=None) -> int:
     print(analyze(folded, us_per_sample=us_per_sample))
     # Measured, not sampled: each thread's own CPU over the load (warm-up included).
     names = thread_names(folded)
-    spent = {t: cpu_after[t] - cpu_before.get(t, 0.0) for t in cpu_after}
+    spent = {t: cpu_after[t][0] - cpu_before.get(t, (0.0, 0))[0] for t in cpu_after}
     total_cpu = sum(spent.values()) or 1.0
     print("\nCPU by thread (/proc, whole load window):")
     for tid, sec in sorted(spent.items(), key=lambda kv: -kv[1]):

@@ -40,6 +40,17 @@ def _headers(**sim) -> tuple[str, dict]:
     return account, headers
 
 
+def _stream_until_it_breaks(url: str, headers: dict, timeout: float) -> None:
+    """Read a streamed chat response to its end, which must be a transport error."""
+    with (
+        httpx.Client(timeout=timeout) as client,
+        pytest.raises(httpx.HTTPError),
+        client.stream("POST", url + CHAT, json=_body(), headers=headers) as resp,
+    ):
+        for _ in resp.iter_raw():
+            pass
+
+
 def _only_row(sidecar, account, timeout=10) -> dict:
     return sidecar.row_for(account, timeout)
 
@@ -56,13 +67,7 @@ def test_client_disconnect_mid_stream(sidecar):
 def test_upstream_cut_mid_stream(sidecar):
     """An upstream that drops the connection mid-stream gives one upstream_error row."""
     account, headers = _headers(tokens=40, fault="cut")
-    with (
-        httpx.Client(timeout=10) as client,
-        pytest.raises(httpx.HTTPError),
-        client.stream("POST", sidecar.url + CHAT, json=_body(), headers=headers) as resp,
-    ):
-        for _ in resp.iter_raw():
-            pass
+    _stream_until_it_breaks(sidecar.url, headers, timeout=10)
     row = _only_row(sidecar, account)
     assert row["outcome"] == "upstream_error"
     assert row["usage_source"] in ("none", "estimated")
@@ -192,13 +197,7 @@ def test_stalled_stream_ends_at_idle_timeout(sim, start_sidecar):
     proxy = start_sidecar(sim.url, "tcp_timeout=2")
     account, headers = _headers(tokens=20, fault="stall", stall_ms=8000)
     t0 = time.monotonic()
-    with (
-        httpx.Client(timeout=30) as client,
-        pytest.raises(httpx.HTTPError),
-        client.stream("POST", proxy.url + CHAT, json=_body(), headers=headers) as resp,
-    ):
-        for _ in resp.iter_raw():
-            pass
+    _stream_until_it_breaks(proxy.url, headers, timeout=30)
     assert time.monotonic() - t0 < 7
     row = _only_row(proxy, account)
     assert row["outcome"] == "upstream_error", row

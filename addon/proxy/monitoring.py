@@ -58,6 +58,10 @@ class Monitoring(SpendtapAddon):
     def _writer(self):
         return self.recording.writer if self.recording is not None else None
 
+    def _writer_figure(self, name: str):
+        """A scrape-time reader of one of the ledger writer's figures (0 without a writer)."""
+        return lambda: getattr(w, name) if (w := self._writer()) else 0
+
     def _fleet(self):
         return self.gatekeeper.fleet if self.gatekeeper is not None else None
 
@@ -87,7 +91,7 @@ class Monitoring(SpendtapAddon):
                     (
                         "ledger_queue_depth",
                         "Rows waiting for the ledger writer.",
-                        lambda: w.queue_depth if (w := self._writer()) else 0,
+                        self._writer_figure("queue_depth"),
                     ),
                     # The fleet's figures exist only with spendtap_central (else not exported).
                     (
@@ -105,17 +109,17 @@ class Monitoring(SpendtapAddon):
                     (
                         "ledger_rows_written",
                         "Rows committed to the ledger since start.",
-                        lambda: w.rows_written if (w := self._writer()) else 0,
+                        self._writer_figure("rows_written"),
                     ),
                     (
                         "ledger_write_errors",
                         "Failed ledger write attempts since start.",
-                        lambda: w.write_errors if (w := self._writer()) else 0,
+                        self._writer_figure("write_errors"),
                     ),
                     (
                         "ledger_dropped_rows",
                         "Rows dropped because the ledger stayed unwritable.",
-                        lambda: w.dropped_rows if (w := self._writer()) else 0,
+                        self._writer_figure("dropped_rows"),
                     ),
                     # The fleet's figures exist only with spendtap_central (else not exported).
                     (

@@ -823,8 +823,8 @@ class Ledger(queries.LedgerReads, Closing):
         # each one from a busy event loop (up to the 5 ms switch interval each time). One
         # multi-row INSERT per group of rows (the trigger of m007 settles) takes one GIL
         # hand-off per group instead of two per row.
-        per = _rows_per_statement(self.db.conn)
         conn = self.db.conn
+        per = _rows_per_statement(conn)
         if len(prepared) <= per and conn.isolation_level is None:
             # One statement is its own transaction (the writer's connection is in
             # autocommit mode): one SQLite step, one GIL hand-off, for the batch.

@@ -91,6 +91,12 @@ def _real(name: str, value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str | None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
 def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one request row and return it with exactly ``COLUMNS`` as keys.
 
@@ -115,16 +121,10 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
         raise TypeError(f"streamed must be a bool or None, not {type(streamed).__name__}")
     out["streamed"] = None if streamed is None else int(bool(streamed))
     out["status"] = _int("status", row.get("status"))
-    outcome = row.get("outcome")
-    if outcome is not None and outcome not in OUTCOMES:
-        raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
-    out["outcome"] = outcome
+    out["outcome"] = _choice("outcome", row.get("outcome"), OUTCOMES)
     for name in TOKEN_COLUMNS:
         out[name] = _int(name, row.get(name))
-    source = row.get("usage_source")
-    if source is not None and source not in USAGE_SOURCES:
-        raise ValueError(f"usage_source must be one of {', '.join(USAGE_SOURCES)}, not {source!r}")
-    out["usage_source"] = source
+    out["usage_source"] = _choice("usage_source", row.get("usage_source"), USAGE_SOURCES)
     for name in REAL_COLUMNS:
         out[name] = _real(name, row.get(name))
     error = _text("error", row.get("error"), limit=10 * MAX_ERROR_LEN)
