@@ -58,9 +58,7 @@ def test_every_module_lives_in_a_folder_of_the_data_path():
         "address.py",
         "paths.py",
         "timeparse.py",
-    }, (
-        f"top-level modules {sorted(top_level)}: new ones go in a folder of the data path"
-    )
+    }, f"top-level modules {sorted(top_level)}: new ones go in a folder of the data path"
     for folder in ("metering", "store", "proxy", "metrics"):
         assert (ADDON / folder / "__init__.py").is_file()
 

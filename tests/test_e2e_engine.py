@@ -54,9 +54,7 @@ class Engine(Proc):
 
     def perf_blocks(self) -> list[tuple[float, int, float, int]]:
         """(prompt eval ms, prompt tokens, eval ms, eval runs) for each finished generation."""
-        return [
-            (float(a), int(b), float(c), int(d)) for a, b, c, d in _PERF.findall(self.output())
-        ]
+        return [(float(a), int(b), float(c), int(d)) for a, b, c, d in _PERF.findall(self.output())]
 
     def perf_after(self, before: int, timeout: float = 10) -> tuple[float, int, float, int]:
         deadline = time.monotonic() + timeout

@@ -74,6 +74,19 @@ def test_filter_restores_the_uninjected_stream_for_any_chunking(data):
     assert _filter(chunks) == _stream(False, sep)
 
 
+@given(sep=st.sampled_from([b"\n\n", b"\r\n\r\n"]))
+def test_one_event_a_chunk_is_filtered_event_by_event(sep):
+    """Each event in a chunk of its own, as a server sends them: each comes back without
+    what the injection added, at once; the usage-only event comes back as nothing."""
+    events = [e + sep for e in _stream(True, sep).split(sep)[:-1]]
+    f = InjectedUsageFilter()
+    out = [f.feed(e) for e in events]
+    expected = [e + sep for e in _stream(False, sep).split(sep)[:-1]]
+    assert out == [*expected[:3], b"", *expected[3:]]
+    assert f.flush() == b""
+    assert f.removed_chunks == 1
+
+
 def test_filter_holds_partial_events_as_nothing_yet():
     """A chunk with only part of an event yields no bytes yet, never a premature end."""
     f = InjectedUsageFilter()
@@ -106,7 +119,7 @@ def test_body_from_parsed_request_is_not_parsed_again_and_gives_the_same_bytes()
 def test_filter_leaves_usage_text_inside_content_alone():
     """Only JSON members are removed: a model that writes the text ,"usage":null (escaped
     inside its content string) reaches the client unchanged, in every spacing form."""
-    content = rb'say \",\"usage\":null and \"usage\": null, please'
+    content = rb"say \",\"usage\":null and \"usage\": null, please"
     for extra in (b',"usage":null', b', "usage": null', b',"usage" : null'):
         injected = CHUNK % (content, extra) + USAGE + b"data: [DONE]\n\n"
         expected = CHUNK % (content, b"") + b"data: [DONE]\n\n"

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spendtap.metering.scanner import ResponseScanner
+from spendtap.metering.sse import SSEParser
 from spendtap.metering.usage import APIS, EMBEDDINGS, OPENAI_CHAT, Usage
 from tests.corpus_cases import ENCODINGS, encode, load_cases, scan
 from tests.helpers import cut
@@ -201,3 +202,120 @@ def test_huge_json_embeddings_body_usage_from_tail():
     assert r.usage_source == "reported"
     assert r.response_model == "text-embedding-3-small"
     assert s.buffered_bytes() <= 256 << 10
+
+
+# -- the inline token path (``ResponseScanner.feed`` skipping the parser) -----------------
+
+
+class _ParserOnly(ResponseScanner):
+    """The scanner with every event through the parser and ``_event``: the reference."""
+
+    __slots__ = ()
+    _INLINE_TOKENS = False
+
+
+_START = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'  # noqa: E501
+# Events a chat stream may carry past its first token, the awkward ones included: the word
+# usage or error inside text, an empty content, a usage object, an error, CRLF framing,
+# a bare CR inside a line (a line break to SSE), an event name, a comment, several data
+# lines, a vendor usage beside a null one.
+_CHAT_EVENTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}],"usage":null}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"the \\"usage\\":{ of it"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"an error\\" here"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":""}}],"usage":null}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"reasoning_content":"hm"}}]}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n',  # noqa: E501
+    b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null,"x_groq":{"usage":{"prompt_tokens":5,"completion_tokens":6}}}\n\n',  # noqa: E501
+    b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":8,"total_tokens":17}}\n\n',
+    b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"crlf"}}]}\r\n\r\n',
+    b'data: {"choices":[{"index":0,"delta":{"content":"cr"}}]}\r\r',
+    b'data: {"choices":[{"index":0,"delta":{"content":"bare cr"}}],\r"x":1}\n\n',
+    b'event: message_delta\ndata: {"choices":[{"index":0,"delta":{"content":"named"}}]}\n\n',
+    b'data: {"choices":[],"usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":2}}\n\n',  # noqa: E501
+    b": keep-alive\n\n",
+    b'data: {"choices":[{"index":0,\ndata: "delta":{"content":"two lines"}}]}\n\n',
+    b'data: {"content":"no choices"}\n\n',
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@st.composite
+def chat_streams(draw):
+    """A chat stream cut mostly an event a chunk (as servers send), some events merged,
+    split anywhere or after their first line, each chunk arriving at its own time."""
+    events = [_START, *draw(st.lists(st.sampled_from(_CHAT_EVENTS), max_size=40))]
+    chunks: list[bytes] = []
+    for ev in events:
+        how = draw(st.sampled_from(["whole", "whole", "whole", "merge", "split", "line"]))
+        if how == "merge" and chunks:
+            chunks[-1] += ev
+        elif how == "line" and 0 < ev.find(b"\n") < len(ev) - 2:
+            # The first line alone (an event name, say), then the rest.
+            at = ev.find(b"\n") + 1
+            chunks += [ev[:at], ev[at:]]
+        elif how == "split":
+            at = draw(st.integers(min_value=1, max_value=len(ev) - 1))
+            chunks += [ev[:at], ev[at:]]
+        else:
+            chunks.append(ev)
+    return chunks
+
+
+def _scan_timed(scanner: ResponseScanner, chunks: list[bytes]):
+    for i, c in enumerate(chunks):
+        scanner.feed(c, float(i))
+    return scanner.finish(float(len(chunks)))
+
+
+@SETTINGS
+@given(chat_streams())
+def test_the_inline_token_path_changes_nothing(chunks):
+    """Whatever a chat stream holds and however it is cut, the scanner that takes whole token
+    events inline gives the same result, timings included, as the one that parses every
+    event through the SSE parser."""
+    fast = _scan_timed(ResponseScanner(OPENAI_CHAT, "text/event-stream"), chunks)
+    assert fast == _scan_timed(_ParserOnly(OPENAI_CHAT, "text/event-stream"), chunks)
+    assert fast.internal_errors == 0
+
+
+@SETTINGS
+@given(corpus_cuts())
+def test_the_inline_token_path_changes_nothing_on_the_corpus(case_chunks):
+    """The same on every recorded response, under any chunking."""
+    case, chunks = case_chunks
+    fast = _scan_timed(ResponseScanner(case.api, case.content_type), chunks)
+    assert fast == _scan_timed(_ParserOnly(case.api, case.content_type), chunks)
+
+
+class _CountingParser(SSEParser):
+    __slots__ = ("fed",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fed: list[bytes] = []
+
+    def feed(self, chunk: bytes):
+        self.fed.append(chunk)
+        return super().feed(chunk)
+
+
+def test_token_events_skip_the_parser():
+    """Past the first token, a chunk that is one whole token event is not handed to the SSE
+    parser (the reason for the inline path); the usage at the end still is, and counts."""
+    token = _CHAT_EVENTS[0]
+    usage = _CHAT_EVENTS[8]
+    scanner = ResponseScanner(OPENAI_CHAT, "text/event-stream")
+    parser = scanner._parser = _CountingParser()
+    chunks = [_START, token, token, token, usage, b"data: [DONE]\n\n"]
+    r = _scan_timed(scanner, chunks)
+    # The first token goes through the parser (the model and the first content are
+    # learnt there); the next two do not.
+    assert parser.fed == [_START, token, usage, b"data: [DONE]\n\n"]
+    assert (r.content_events, r.first_content_at, r.last_content_at) == (3, 1.0, 3.0)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (9, 8)
+    # Identical events: the smallest is taken as the envelope and one character.
+    assert r.output_chars == 3

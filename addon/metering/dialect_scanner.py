@@ -57,6 +57,7 @@ class DialectScanner(ResponseScanner):
     __slots__ = ("_array", "_ex", "_objects", "_seq", "_seq_first", "_seq_last", "_seq_n")
 
     _DOCUMENT = _SEQ
+    _INLINE_TOKENS = False  # its own ``_event``
 
     def __init__(
         self,

@@ -90,8 +90,12 @@ class InjectedUsageFilter:
     def feed(self, chunk: bytes) -> bytes:
         if self.passthrough:
             return chunk
-        buf = self._pending + chunk if self._pending else chunk
         sep = self._sep
+        if sep is not None and not self._pending and chunk.endswith(sep):
+            # Whole events and nothing held (a server sends an event a chunk): the
+            # cut below would keep all of it, so filter it without the copy.
+            return self._filter(chunk, sep)
+        buf = self._pending + chunk if self._pending else chunk
         if sep is None:
             if b"\r\n\r\n" in buf:
                 sep = self._sep = b"\r\n\r\n"

@@ -180,6 +180,9 @@ class ResponseScanner:
     # The mode of a body that is not an event stream (the dialect scanner reads JSON
     # sequences instead of one document).
     _DOCUMENT = _JSON
+    # ``_event``'s token test may run inline in ``feed`` (a subclass with its own
+    # ``_event`` turns this off).
+    _INLINE_TOKENS = True
 
     __slots__ = (
         "_an",
@@ -193,6 +196,7 @@ class ResponseScanner:
         "_decoder",
         "_error",
         "_fam",
+        "_fast",
         "_first",
         "_first_bytes_at",
         "_internal",
@@ -264,6 +268,8 @@ class ResponseScanner:
         self._content_min = 1 << 30
         self._json_text_chars: int | None = None
         self._phase1 = True  # until the first content event: parse every event
+        # A chunk that is one whole token event may skip the parser (see ``feed``).
+        self._fast = False
         self._phase1_events = 0
         self._model: str | None = None
         self._error: str | None = None
@@ -297,8 +303,34 @@ class ResponseScanner:
                 if self._mode == _SSE:  # the hot path: plain event stream
                     self._bytes += len(chunk)
                     self._last_bytes_at = now
-                    for t, d, tail in self._parser.feed(chunk):
+                    if (
+                        self._fast
+                        and chunk.startswith(b"data: {")
+                        and chunk.find(b"\n") == len(chunk) - 2
+                        and chunk[-1] == 10
+                        and chunk.find(b"\r") < 0
+                        and self._token_event(chunk)
+                    ):
+                        # One whole chat token event, the parser holding nothing: what
+                        # ``_event`` would conclude, without the parser's list, the event
+                        # tuple and the call (the parser stays at an event boundary).
+                        self._last = now
+                        self._content_n += 1
+                        size = len(chunk) - 8  # the event's data: without "data: " and "\n\n"
+                        self._content_bytes += size
+                        if size < self._content_min:
+                            self._content_min = size
+                        return
+                    parser = self._parser
+                    for t, d, tail in parser.feed(chunk):
                         self._event(t, d, tail, now)
+                    self._fast = (
+                        self._INLINE_TOKENS
+                        and not self._phase1
+                        and self._first is not None
+                        and self._model is not None
+                        and parser.at_event_boundary()
+                    )
                     return
                 self._scan(chunk, now)
             else:
@@ -373,31 +405,12 @@ class ResponseScanner:
             if tail is None and data and data[0] == 123:  # "{": the usual case
                 if self._phase1 or (self._model is None and data.find(b'"model"') >= 0):
                     content = self._parse(ev_type, data)
+                elif ev_type is None and self._token_event(data):
+                    content = True  # a chat token, the usual event
+                elif _USAGE_OR_ERROR.search(data) is not None:
+                    content = self._parse(ev_type, data)
                 else:
-                    u = data.find(b'usage"')
-                    if (
-                        u >= 0
-                        and data.startswith(b":null", u + 6)
-                        and data.find(b'usage"', u + 11) < 0
-                    ):
-                        # The compact "usage":null a server adds to every chunk once usage is
-                        # asked for: no usage here, and not worth a regex search per event.
-                        u = -1
-                    if (u >= 0 or data.find(b'error"') >= 0) and _USAGE_OR_ERROR.search(
-                        data
-                    ) is not None:
-                        content = self._parse(ev_type, data)
-                    elif (
-                        ev_type is None
-                        and (i := data.find(b'"content":"')) >= 0
-                        and data[i + 11 : i + 12] != b'"'
-                        and data.find(b'"choices"') >= 0
-                    ):
-                        # A chat token, the usual event: what ``_bytes_content`` answers
-                        # first, without its call.
-                        content = True
-                    else:
-                        content = self._bytes_content(ev_type, data)
+                    content = self._bytes_content(ev_type, data)
             else:
                 content = self._event_other(ev_type, data, tail)
             if content:
@@ -419,6 +432,25 @@ class ResponseScanner:
                     self._phase1 = False
         except Exception:
             self._internal += 1
+
+    @staticmethod
+    def _token_event(data: bytes) -> bool:
+        """True for a chat token event: a non-empty ``content`` string in a ``choices``
+        chunk that carries no usage and no error (the compact ``"usage":null`` a server
+        adds to every chunk once usage is asked for does not count). False means "not
+        sure": the event takes the full path (a regex, a parse or ``_bytes_content``).
+
+        Plain ``find``s at C speed, for the event nearly every chunk of a chat stream is.
+        ``data`` may be the event's data or its whole ``data: ...`` line: the checks only
+        look inside the JSON.
+        """
+        u = data.find(b'usage"')
+        if u >= 0 and not (data.startswith(b":null", u + 6) and data.find(b'usage"', u + 11) < 0):
+            return False
+        if data.find(b'error"') >= 0:
+            return False
+        i = data.find(b'"content":"')
+        return i >= 0 and data[i + 11 : i + 12] != b'"' and data.find(b'"choices"') >= 0
 
     def _event_other(self, ev_type: str | None, data: bytes, tail: bytes | None) -> bool:
         """Oversized events, ``[DONE]``, blank or non-JSON data."""

@@ -114,6 +114,17 @@ class SSEParser:
             n += len(self._bom_buf)
         return n
 
+    def at_event_boundary(self) -> bool:
+        """Nothing held: the next byte starts the first line of a new event."""
+        return (
+            self._bom_buf is None
+            and not self._skip_lf
+            and not self._pend
+            and not self._data
+            and self._ev_type is None
+            and not self._ev_over
+        )
+
     def feed(self, chunk: bytes) -> list[Event]:
         """Consume ``chunk`` and return the events it completes (possibly none)."""
         if not chunk:
