@@ -269,7 +269,7 @@ def render(res: dict) -> str:
         if "error" in oc:
             lines.append(f"stream callable: ERROR {oc['error']}")
         elif oc:
-            for k in ("sim_events", "sim_120b"):
+            for k in ("sim_events", "sim_120b", "sim_events_inject"):
                 x = oc.get(k)
                 if x:
                     lines.append(

@@ -325,7 +325,8 @@ class ResponseScanner:
                     for t, d, tail in parser.feed(chunk):
                         self._event(t, d, tail, now)
                     self._fast = (
-                        self._INLINE_TOKENS
+                        chunk[-1] == 10  # an event boundary ends a line: cheap test first
+                        and self._INLINE_TOKENS
                         and not self._phase1
                         and self._first is not None
                         and self._model is not None
