@@ -27,7 +27,13 @@ from pathlib import Path
 
 from bench.main import RESULTS, measure, scenarios
 from bench.procs import PYTHON
-from bench.targets import start_mitmdump, start_sim, start_spendtap
+from bench.targets import (
+    budget_support,
+    set_budget,
+    start_mitmdump,
+    start_sim,
+    start_spendtap,
+)
 
 
 def py_spy() -> str:
@@ -158,7 +164,10 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--target", default="spendtap", choices=["spendtap", "mitmdump", "mitmdump-cb"])
+    ap.add_argument("--target", default="spendtap",
+                    choices=["spendtap", "spendtap-budget", "mitmdump", "mitmdump-cb"],
+                    help="spendtap-budget: a balance cap no run reaches on the load's key and "
+                         "account, budgets enforced (every request reserves and settles)")  # fmt: skip
     ap.add_argument("--scenario", default="stream-unpaced-c64")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
@@ -197,6 +206,16 @@ def main(argv=None) -> int:
     sim = start_sim(tmp)
     if args.target == "spendtap":
         tgt = start_spendtap(sim.url, tmp, args.sets, runner=args.runner)
+    elif args.target == "spendtap-budget":
+        ok, note, extra = budget_support(tmp)
+        db = tmp / "spendtap-budget-ledger.db"
+        problem = None if ok else note
+        problem = problem or set_budget(db, tmp)
+        if problem:
+            sys.exit(f"spendtap-budget: {problem}")
+        tgt = start_spendtap(
+            sim.url, tmp, [*extra, *args.sets], name="spendtap-budget", db=db, runner=args.runner
+        )
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)
