@@ -1,11 +1,14 @@
-"""Gate.admit in process: unbudgeted traffic costs no body walk; budgeted traffic
-reserves off the event loop."""
+"""Gate.admit in process: unbudgeted traffic costs no body walk; a budgeted request with
+a small body reserves on the event loop when the ledger is free, and on the worker thread
+(never blocking the loop) when it is locked or the body is large."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -52,3 +55,100 @@ def test_unbudgeted_requests_never_walk_the_body(gate, monkeypatch):
                         "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
     admission = _admit(gate, small, "acme", "capped")
     assert admission.refusal is None and admission.reservation_id == "flow-acme"
+
+
+def _walks(monkeypatch) -> list[str]:
+    """The threads the reservation estimate runs on, in order."""
+    walked: list[str] = []
+    real = gate_module.reservation_split
+
+    def counting(*args, **kwargs):
+        walked.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate_module, "reservation_split", counting)
+    return walked
+
+
+SMALL = json.dumps(
+    {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
+
+
+def test_a_small_budgeted_request_reserves_on_the_event_loop(gate, monkeypatch):
+    """With the ledger free, the reservation is made where the hook runs: no thread hop."""
+    walked = _walks(monkeypatch)
+    admission = _admit(gate, SMALL, "acme", "capped")
+    assert admission.refusal is None and admission.reservation_id == "flow-acme"
+    assert walked == [threading.current_thread().name]
+    with Budgets(gate._budgets.path) as budgets:
+        assert [r["id"] for r in budgets.reservations()] == ["flow-acme"]
+
+
+def test_a_locked_ledger_sends_the_reservation_to_the_worker_without_blocking_the_loop(
+    gate, monkeypatch
+):
+    """Another writer holds the ledger's lock for 0.4 s: the loop's attempt gives up at
+    once, the worker waits the lock out and reserves, and the loop keeps running."""
+    walked = _walks(monkeypatch)
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        conn = sqlite3.connect(gate._budgets.path, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        locked.set()
+        release.wait(10)
+        time.sleep(0.4)
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    assert locked.wait(10)
+
+    async def scenario():
+        gaps: list[float] = []
+        done = False
+
+        async def ticker():
+            last = time.monotonic()
+            while not done:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        await gate._budgeted_principals()  # the budgets list, read before the lock matters
+        release.set()
+        started = time.monotonic()
+        info = parse_request("/v1/chat/completions", {}, SMALL)
+        admission = await gate.admit("flow-locked", SMALL, info, "acme", "capped")
+        waited = time.monotonic() - started
+        done = True
+        await tick
+        return admission, waited, max(gaps)
+
+    admission, waited, worst_gap = asyncio.run(scenario())
+    holder.join()
+    assert admission.refusal is None and admission.reservation_id == "flow-locked"
+    assert waited >= 0.3  # it did wait for the lock, on the worker
+    assert worst_gap < 0.2  # while the loop went on
+    assert walked[0] == threading.current_thread().name
+    assert walked[-1].startswith("spendtap-budgets")
+    with Budgets(gate._budgets.path) as budgets:
+        assert [r["id"] for r in budgets.reservations()] == ["flow-locked"]
+
+
+def test_a_large_budgeted_body_is_estimated_on_the_worker(gate, monkeypatch):
+    """A body over ``LOOP_RESERVE_MAX_BODY`` is never parsed on the event loop."""
+    walked = _walks(monkeypatch)
+    text = "x" * (gate_module.LOOP_RESERVE_MAX_BODY + 1)
+    body = json.dumps(
+        {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": text}]}
+    )
+    with Budgets(gate._budgets.path) as budgets:
+        budgets.set("key", "roomy", 10**9, None)
+    admission = _admit(gate, body.encode(), "acme", "roomy")
+    assert admission.refusal is None and admission.reservation_id == "flow-acme"
+    assert len(walked) == 1 and walked[0].startswith("spendtap-budgets")

@@ -11,8 +11,13 @@ pays for itself: from anyone else, a valid bearer key is charged whatever
 headers come with it. ``require_auth`` is met by a known key or by vouched-for
 headers, nothing else. With key swap on, a presented secret must be a known
 spendtap key (else 401), and that request's credential is replaced upstream.
-SQLite is only touched from one worker thread; the hook awaits the answer, so
-the event loop never blocks on the ledger.
+A reservation is first tried on the event loop itself, through a connection that never
+waits (``Budgets.never_wait``): a budgeted request with a small body (up to
+``LOOP_RESERVE_MAX_BODY``) reserves in one short SQLite transaction there, with no
+thread hop. When the ledger is locked (the ledger writer committing, another process)
+or the body is large, the reservation goes to the gate's worker thread, which waits
+out the busy timeout as before; key look-ups and the list of budgets are read there
+too. So the event loop never waits on the ledger, and never walks a large body.
 
 Failure policy: when the ledger cannot reserve (locked past the busy timeout,
 unwritable, gone), a budgeted request is refused with 503 (fail closed) unless
@@ -29,6 +34,7 @@ refused with 503 if it cannot answer, unless ``fail_open``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +47,7 @@ from spendtap.proxy.refusals import Refusal, budget_refusal, invalid_api_key, se
 from spendtap.proxy.trust import TrustPolicy
 from spendtap.store.budgets import (
     USD,
+    BudgetBusy,
     Budgets,
     BudgetUnavailable,
     owner_alive,
@@ -54,6 +61,9 @@ KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
 # How long the set of budgeted principals is reused: a budget set with the CLI
 # takes effect within this time, and unbudgeted traffic never waits on SQLite.
 BUDGETED_CACHE_S = 1.0
+# The largest request body a reservation is estimated from on the event loop (the
+# estimate parses and walks the body); larger ones are estimated on the worker thread.
+LOOP_RESERVE_MAX_BODY = 32 << 10
 
 
 @dataclass(slots=True)
@@ -118,6 +128,9 @@ class Gate:
         # serialized here and never run on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spendtap-budgets")
         self._budgets = self._executor.submit(Budgets, path).result()
+        # The event loop's own connection, for the reservations it can make at once.
+        self._loop_budgets = Budgets(path)
+        self._loop_budgets.never_wait()
         self._keys = self._executor.submit(Keys, path).result()
         self._key_cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._budgeted: frozenset[tuple[str, str]] = frozenset()
@@ -219,9 +232,18 @@ class Gate:
                 if ("key", key) not in budgeted and ("account", account) not in budgeted:
                     return ADMITTED
                 money = ("key", key) in self._money or ("account", account) in self._money
-                decision = await self._run(
-                    self._reserve, flow_id, body, info, account, key, node, money
-                )
+                decision = _WAIT
+                if body is None or len(body) <= LOOP_RESERVE_MAX_BODY:
+                    # On the loop: a thread hop and its GIL hand-offs cost more than the
+                    # transaction (bench/README.md, "Reservations on the event loop").
+                    with contextlib.suppress(BudgetBusy):  # locked: the worker waits for it
+                        decision = self._reserve(
+                            flow_id, body, info, account, key, node, money, self._loop_budgets
+                        )
+                if decision is _WAIT:
+                    decision = await self._run(
+                        self._reserve, flow_id, body, info, account, key, node, money
+                    )
         except BudgetUnavailable:
             if self.fail_open:
                 return Admission(reason="fail_open")
@@ -232,7 +254,10 @@ class Gate:
             return Admission(budget_refusal(info.api, decision), decision.reason)
         return Admission(reservation_id=decision.reservation_id)
 
-    def _reserve(self, flow_id, body, info: RequestInfo, account, key, node, money: bool):
+    def _reserve(
+        self, flow_id, body, info: RequestInfo, account, key, node, money: bool, budgets=None
+    ):
+        """Reserve through ``budgets`` (the worker's store unless told otherwise)."""
         prompt, output = reservation_split(
             body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
         )
@@ -245,7 +270,7 @@ class Gate:
         if money and info.model:
             price = self.pricer.price(info.model, TokenSplit(prompt, output), node=node)
             nusd = price.cost_nusd if price is not None else None
-        return self._budgets.reserve(
+        return (budgets or self._budgets).reserve(
             flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model
         )
 
@@ -285,9 +310,15 @@ class Gate:
             self._keys.close()
 
         self._executor.submit(_quietly, _close).result()
+        _quietly(self._loop_budgets.close)
         self._executor.shutdown(wait=True)
         if self._central is not None:
             self._central.shutdown(wait=True)
+
+
+# ``admit``'s "not decided on the loop yet" (``_reserve`` answers None for "nothing to
+# reserve").
+_WAIT = object()
 
 
 def _names(budgeted: frozenset[tuple[str, str]], account: str | None, key: str | None) -> bool:

@@ -47,7 +47,9 @@ Exceptions::
 
     LedgerError (spendtap.store.ledger)
      +-- BudgetUnavailable     the ledger cannot decide now (locked past the busy
-                               timeout, read-only, gone): answer 503, do not dispatch
+          |                    timeout, read-only, gone): answer 503, do not dispatch
+          +-- BudgetBusy       locked or busy (on a ``never_wait`` store, at once):
+                               asking again through a store that waits may pass
 
 This module imports neither click nor mitmproxy.
 """
@@ -68,7 +70,7 @@ from typing import Any
 
 from spendtap.metering.usage import INPUT_ONLY_APIS, OTHER
 from spendtap.options import DEFAULT_FALLBACK_MAX_OUTPUT
-from spendtap.store.errors import boundary_class, storage_boundary
+from spendtap.store.errors import LedgerBusy, boundary_class, storage_boundary, storage_error
 from spendtap.store.ledger import (
     LedgerError,
     LedgerNotFound,
@@ -152,6 +154,10 @@ EPOCH_TS = "1970-01-01T00:00:00.000Z"
 
 class BudgetUnavailable(LedgerError):
     """The ledger cannot reserve now (locked, read-only, gone): refuse with 503."""
+
+
+class BudgetBusy(BudgetUnavailable):
+    """The ledger was locked or busy: on a ``never_wait`` store, raised without waiting."""
 
 
 # -- windows ------------------------------------------------------------------------
@@ -649,6 +655,17 @@ class Budgets(LedgerTables):
     def __repr__(self) -> str:
         return f"<Budgets {self.path}>"
 
+    def never_wait(self) -> None:
+        """Make this store answer at once or fail, for a caller that must not block (the
+        event loop): a locked ledger raises ``BudgetBusy`` (``reserve``) instead of
+        waiting out the busy timeout, and this connection never checkpoints the
+        write-ahead log (a checkpoint writes and syncs the database file; the ledger
+        writer's connection does it)."""
+        with self._lock:
+            self._conn.execute("PRAGMA busy_timeout = 0")
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+            self.busy_timeout_s = 0.0
+
     # -- configuration --------------------------------------------------------------
 
     @staticmethod
@@ -847,7 +864,8 @@ class Budgets(LedgerTables):
         except sqlite3.IntegrityError:
             raise ValueError(f"reservation {reservation_id!r} is already open") from None
         except sqlite3.Error as e:
-            raise BudgetUnavailable(f"cannot reserve in the ledger {self.path}: {e}") from e
+            kind = BudgetBusy if isinstance(storage_error(e), LedgerBusy) else BudgetUnavailable
+            raise kind(f"cannot reserve in the ledger {self.path}: {e}") from e
         return Decision(allowed=True, reservation_id=reservation_id, tokens=tokens)
 
     @staticmethod
