@@ -11,13 +11,13 @@ pays for itself: from anyone else, a valid bearer key is charged whatever
 headers come with it. ``require_auth`` is met by a known key or by vouched-for
 headers, nothing else. With key swap on, a presented secret must be a known
 spendtap key (else 401), and that request's credential is replaced upstream.
-A reservation is first tried on the event loop itself, through a connection that never
-waits (``Budgets.never_wait``): a budgeted request with a small body (up to
-``LOOP_RESERVE_MAX_BODY``) reserves in one short SQLite transaction there, with no
-thread hop. When the ledger is locked (the ledger writer committing, another process)
-or the body is large, the reservation goes to the gate's worker thread, which waits
-out the busy timeout as before; key look-ups and the list of budgets are read there
-too. So the event loop never waits on the ledger, and never walks a large body.
+Reservations are made on the event loop itself, in one short SQLite transaction
+through a connection that never waits (``Budgets.never_wait``): when the ledger is
+locked (the ledger writer committing, another process), the loop goes on and the
+reservation is tried again after a short sleep, up to the busy timeout. A large body
+(over ``LOOP_RESERVE_MAX_BODY``) is estimated on the gate's worker thread; key look-ups,
+the list of budgets, releases and sweeps run there too. So the event loop never waits
+on the ledger, and never walks a large body.
 
 Failure policy: when the ledger cannot reserve (locked past the busy timeout,
 unwritable, gone), a budgeted request is refused with 503 (fail closed) unless
@@ -34,7 +34,6 @@ refused with 503 if it cannot answer, unless ``fail_open``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +63,10 @@ BUDGETED_CACHE_S = 1.0
 # The largest request body a reservation is estimated from on the event loop (the
 # estimate parses and walks the body); larger ones are estimated on the worker thread.
 LOOP_RESERVE_MAX_BODY = 32 << 10
+# A reservation that finds the ledger locked sleeps this long, then twice as long each
+# time up to the maximum, until the busy timeout.
+BUSY_FIRST_PAUSE_S = 0.0005
+BUSY_MAX_PAUSE_S = 0.02
 
 
 @dataclass(slots=True)
@@ -222,28 +225,16 @@ class Gate:
                 if budgeted is not None and not _names(budgeted, account, key):
                     return ADMITTED
                 decision = await asyncio.get_running_loop().run_in_executor(
-                    self._central, self._reserve, flow_id, body, info, account, key, node, False
+                    self._central, self._reserve_central, flow_id, body, info, account, key
                 )
             else:
                 # The cached budgeted set first: an unbudgeted request (most traffic) costs
-                # no body walk at all, and the walk of a budgeted one runs on the worker
-                # thread with the reservation, never on the event loop.
+                # no body walk at all.
                 budgeted = await self._budgeted_principals()
                 if ("key", key) not in budgeted and ("account", account) not in budgeted:
                     return ADMITTED
                 money = ("key", key) in self._money or ("account", account) in self._money
-                decision = _WAIT
-                if body is None or len(body) <= LOOP_RESERVE_MAX_BODY:
-                    # On the loop: a thread hop and its GIL hand-offs cost more than the
-                    # transaction (bench/README.md, "Reservations on the event loop").
-                    with contextlib.suppress(BudgetBusy):  # locked: the worker waits for it
-                        decision = self._reserve(
-                            flow_id, body, info, account, key, node, money, self._loop_budgets
-                        )
-                if decision is _WAIT:
-                    decision = await self._run(
-                        self._reserve, flow_id, body, info, account, key, node, money
-                    )
+                decision = await self._reserve_here(flow_id, body, info, account, key, node, money)
         except BudgetUnavailable:
             if self.fail_open:
                 return Admission(reason="fail_open")
@@ -254,25 +245,54 @@ class Gate:
             return Admission(budget_refusal(info.api, decision), decision.reason)
         return Admission(reservation_id=decision.reservation_id)
 
-    def _reserve(
-        self, flow_id, body, info: RequestInfo, account, key, node, money: bool, budgets=None
-    ):
-        """Reserve through ``budgets`` (the worker's store unless told otherwise)."""
+    def _amounts(self, body, info: RequestInfo, node, money: bool) -> tuple[int, int | None]:
+        """What a request reserves: (tokens, nano-dollars or None when not priced)."""
         prompt, output = reservation_split(
             body, info.api, info.max_output_tokens, fallback_max_output=self.fallback_max_output
         )
-        tokens = prompt + output
-        if tokens <= 0:
-            return None
-        if self.fleet is not None:
-            return self.fleet.reserve(flow_id, account, key, tokens, self.owner)
         nusd = None
-        if money and info.model:
+        if money and info.model and prompt + output > 0:
             price = self.pricer.price(info.model, TokenSplit(prompt, output), node=node)
             nusd = price.cost_nusd if price is not None else None
-        return (budgets or self._budgets).reserve(
-            flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model
-        )
+        return prompt + output, nusd
+
+    def _reserve_central(self, flow_id, body, info: RequestInfo, account, key):
+        """The fleet's reservation, in PostgreSQL (on a central worker thread)."""
+        tokens, _ = self._amounts(body, info, None, False)
+        if tokens <= 0:
+            return None
+        return self.fleet.reserve(flow_id, account, key, tokens, self.owner)
+
+    async def _reserve_here(self, flow_id, body, info: RequestInfo, account, key, node, money):
+        """Reserve in the ledger from the event loop, without ever blocking it.
+
+        One short transaction on a connection that never waits: a thread hop and the GIL
+        hand-offs of a worker's transaction cost the loop more than the transaction
+        itself (bench/README.md, "Reservations on the event loop"), and a worker holding
+        the write lock while it waits for the GIL makes everyone else wait too. A
+        locked ledger (the ledger writer committing, another process) is tried again
+        after a short sleep, for as long as the busy timeout; a large body is estimated
+        on the worker thread (the estimate parses and walks it).
+        """
+        if body is None or len(body) <= LOOP_RESERVE_MAX_BODY:
+            tokens, nusd = self._amounts(body, info, node, money)
+        else:
+            tokens, nusd = await self._run(self._amounts, body, info, node, money)
+        if tokens <= 0:
+            return None  # nothing to reserve (not an inference call)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._budgets.busy_timeout_s
+        pause = BUSY_FIRST_PAUSE_S
+        while True:
+            try:
+                return self._loop_budgets.reserve(
+                    flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model
+                )
+            except BudgetBusy:
+                if loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, BUSY_MAX_PAUSE_S)
 
     async def _budgeted_principals(self) -> frozenset[tuple[str, str]]:
         now = time.monotonic()
@@ -314,11 +334,6 @@ class Gate:
         self._executor.shutdown(wait=True)
         if self._central is not None:
             self._central.shutdown(wait=True)
-
-
-# ``admit``'s "not decided on the loop yet" (``_reserve`` answers None for "nothing to
-# reserve").
-_WAIT = object()
 
 
 def _names(budgeted: frozenset[tuple[str, str]], account: str | None, key: str | None) -> bool:
