@@ -166,8 +166,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--target", default="spendtap",
                     choices=["spendtap", "spendtap-budget", "mitmdump", "mitmdump-cb"],
-                    help="spendtap-budget: a balance cap no run reaches on the load's key and "
-                         "account, budgets enforced (every request reserves and settles)")  # fmt: skip
+                    help="spendtap-budget: a balance cap no run reaches on the load's key "
+                         "and account, enforced (every request reserves and settles)")  # fmt: skip
     ap.add_argument("--scenario", default="stream-unpaced-c64")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")

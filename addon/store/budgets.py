@@ -644,9 +644,9 @@ def counting_since(old: Budget | None, window_s: int | None, *, reset: bool, now
 class Budgets(LedgerTables):
     """Budgets and reservations in the ledger at ``path``.
 
-    Owns one SQLite connection (WAL, busy timeout ``busy_timeout_s``). Meant to
-    be used from one worker thread; a lock makes other threads safe but
-    serialized. ``create`` False opens only an existing ledger
+    Owns one SQLite connection (WAL, busy timeout ``busy_timeout_s``, or none after
+    ``never_wait``). Meant to be used from one thread; a lock makes other threads
+    safe but serialized. ``create`` False opens only an existing ledger
     (``LedgerNotFound`` otherwise). Reading and management methods raise
     ``LedgerError`` (SQLite's failures as ``StorageError``); ``reserve`` and
     ``release`` turn database failures into ``BudgetUnavailable``.
