@@ -127,11 +127,12 @@ class Gate:
         # Prices a reservation for money caps (the same over-estimate as in tokens).
         self.pricer = pricer if pricer is not None else Pricer()
         self.owner = process_owner()
-        # One thread owns the connections: reserve, release and key look-ups are
-        # serialized here and never run on the event loop.
+        # The worker thread: key look-ups, the list of budgets, releases, sweeps and the
+        # estimate of a large body, serialized here and never run on the event loop.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spendtap-budgets")
         self._budgets = self._executor.submit(Budgets, path).result()
-        # The event loop's own connection, for the reservations it can make at once.
+        # The event loop's own connection, for reservations: it never waits on a lock
+        # (``_reserve_here`` sleeps and tries again instead).
         self._loop_budgets = Budgets(path)
         self._loop_budgets.never_wait()
         self._keys = self._executor.submit(Keys, path).result()
