@@ -29,10 +29,10 @@ from bench.main import RESULTS, measure, scenarios
 from bench.procs import PYTHON
 from bench.targets import (
     budget_support,
-    set_budget,
     start_mitmdump,
     start_sim,
     start_spendtap,
+    start_spendtap_budget,
 )
 
 
@@ -208,14 +208,9 @@ def main(argv=None) -> int:
         tgt = start_spendtap(sim.url, tmp, args.sets, runner=args.runner)
     elif args.target == "spendtap-budget":
         ok, note, extra = budget_support(tmp)
-        db = tmp / "spendtap-budget-ledger.db"
-        problem = None if ok else note
-        problem = problem or set_budget(db, tmp)
-        if problem:
-            sys.exit(f"spendtap-budget: {problem}")
-        tgt = start_spendtap(
-            sim.url, tmp, [*extra, *args.sets], name="spendtap-budget", db=db, runner=args.runner
-        )
+        if not ok:
+            sys.exit(f"spendtap-budget: {note}")
+        tgt = start_spendtap_budget(sim.url, tmp, [*extra, *args.sets], runner=args.runner)
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -292,12 +292,14 @@ def set_budget(db: Path, log_dir: Path) -> str | None:
     return None
 
 
-def start_spendtap_budget(upstream: str, log_dir: Path, extra: list[str]) -> Target:
+def start_spendtap_budget(
+    upstream: str, log_dir: Path, extra: list[str], runner: str = "mitmdump"
+) -> Target:
     db = log_dir / "spendtap-budget-ledger.db"
     err = set_budget(db, log_dir)
     if err:
         raise RuntimeError(err)
-    return start_spendtap(upstream, log_dir, extra, name="spendtap-budget", db=db)
+    return start_spendtap(upstream, log_dir, extra, name="spendtap-budget", db=db, runner=runner)
 
 
 # -- LiteLLM ---------------------------------------------------------------------------------

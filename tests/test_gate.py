@@ -33,8 +33,9 @@ def gate(tmp_path):
     g.close()
 
 
-def test_unbudgeted_requests_never_walk_the_body(gate, monkeypatch):
-    walked = []
+def _walks(monkeypatch) -> list[str]:
+    """The threads the reservation estimate runs on, in order."""
+    walked: list[str] = []
     real = gate_module.reservation_split
 
     def counting(*args, **kwargs):
@@ -42,6 +43,11 @@ def test_unbudgeted_requests_never_walk_the_body(gate, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gate_module, "reservation_split", counting)
+    return walked
+
+
+def test_unbudgeted_requests_never_walk_the_body(gate, monkeypatch):
+    walked = _walks(monkeypatch)
     message = {"role": "user", "content": "x" * 100_000}
     body = json.dumps({"model": "m", "max_tokens": 5, "messages": [message]}).encode()
     admission = _admit(gate, body, "acme", "free-key")
@@ -55,19 +61,6 @@ def test_unbudgeted_requests_never_walk_the_body(gate, monkeypatch):
                         "messages": [{"role": "user", "content": "hi"}]}).encode()  # fmt: skip
     admission = _admit(gate, small, "acme", "capped")
     assert admission.refusal is None and admission.reservation_id == "flow-acme"
-
-
-def _walks(monkeypatch) -> list[str]:
-    """The threads the reservation estimate runs on, in order."""
-    walked: list[str] = []
-    real = gate_module.reservation_split
-
-    def counting(*args, **kwargs):
-        walked.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gate_module, "reservation_split", counting)
-    return walked
 
 
 SMALL = json.dumps(

@@ -232,9 +232,9 @@ class Gate:
                 # The cached budgeted set first: an unbudgeted request (most traffic) costs
                 # no body walk at all.
                 budgeted = await self._budgeted_principals()
-                if ("key", key) not in budgeted and ("account", account) not in budgeted:
+                if not _names(budgeted, account, key):
                     return ADMITTED
-                money = ("key", key) in self._money or ("account", account) in self._money
+                money = _names(self._money, account, key)
                 decision = await self._reserve_here(flow_id, body, info, account, key, node, money)
         except BudgetUnavailable:
             if self.fail_open:
