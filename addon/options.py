@@ -238,6 +238,13 @@ OPTIONS: tuple[Option, ...] = (
         minimum=0,
     ),
     Option(
+        "spendtap_ledger_process",
+        bool,
+        True,
+        "Commit ledger rows from a child process fed through a pipe (the event loop's "
+        "interpreter never waits for SQLite). false: from a thread of this process.",
+    ),
+    Option(
         "spendtap_inject_usage",
         bool,
         True,

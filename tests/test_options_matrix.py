@@ -53,6 +53,7 @@ BAD: dict[str, tuple[str, str]] = {
     "spendtap_access_log": ("/proc/no-such-dir/access.log", "start"),
     "spendtap_prices": ("/proc/no-such-dir/prices.toml", "start"),
     "spendtap_commit_wait_ms": ("abc", "parse"),
+    "spendtap_ledger_process": ("maybe", "parse"),
     "spendtap_inject_usage": ("maybe", "parse"),
     "spendtap_buffer_bytes": ("-1", "parse"),
     "spendtap_enforce_budgets": ("yes", "parse"),

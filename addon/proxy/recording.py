@@ -8,6 +8,7 @@ anywhere (the metrics port comes later in the addon list).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mitmproxy import ctx, exceptions
@@ -18,27 +19,35 @@ from spendtap.proxy.accesslog import AccessLog
 from spendtap.proxy.failclosed import SpendtapAddon
 from spendtap.store.ledger import Ledger, LedgerError, StorageError
 from spendtap.store.writer import LedgerWriter
+from spendtap.store.writer_process import ProcessLedgerWriter, WriterProcessError
 
 logger = logging.getLogger("spendtap")
 
 
 class Recording(SpendtapAddon):
     name = "spendtap-recording"
-    OPTIONS = ("spendtap_db", "spendtap_prices", "spendtap_access_log")
+    OPTIONS = ("spendtap_db", "spendtap_prices", "spendtap_access_log", "spendtap_ledger_process")
 
     def __init__(self, fail_closed, monitoring) -> None:
         super().__init__(fail_closed)
         # Committed rows' costs go to the metrics (read through it: they may be rebuilt).
         self.monitoring = monitoring
         self.pricer: Pricer | None = None
-        self.writer: LedgerWriter | None = None
+        self.writer: LedgerWriter | ProcessLedgerWriter | None = None
         self.db_path: str | None = None
+        self._writer_for: tuple | None = None  # what the writer was made for
         self.access_log: AccessLog | None = None
 
     def reconfigure(self, updated: set[str]) -> None:
         if "spendtap_prices" in updated or self.pricer is None:
             self._configure_prices()
-        if "spendtap_db" in updated or self.writer is None:
+        # The writer process prices rows with a price file of its own reading.
+        in_process = isinstance(self.writer, ProcessLedgerWriter)
+        if (
+            {"spendtap_db", "spendtap_ledger_process"} & updated
+            or self.writer is None
+            or (in_process and "spendtap_prices" in updated)
+        ):
             self._configure_ledger()
         if "spendtap_access_log" in updated:
             self._configure_access_log()
@@ -55,7 +64,9 @@ class Recording(SpendtapAddon):
 
     def _configure_ledger(self) -> None:
         path = ctx.options.spendtap_db or str(default_db_path())
-        if path == self.db_path and self.writer is not None:
+        process = ctx.options.spendtap_ledger_process
+        wanted = (path, process, ctx.options.spendtap_prices if process else None)
+        if wanted == self._writer_for and self.writer is not None:
             return
         try:
             Ledger(path).close()  # create and migrate now, so a bad path fails at start
@@ -65,12 +76,39 @@ class Recording(SpendtapAddon):
             raise exceptions.OptionsError(message) from e
         if self.writer is not None:
             self.writer.close(timeout=10)
-        self.writer = LedgerWriter(
-            path, logger=logger, price_row=self._price_row, after_commit=self._observe_costs
-        )
-        self.writer.start()
+            self.writer = None
+        how = "from a thread"
+        if process:
+            self.writer = self._writer_process(path)
+            how = "from a writer process" if self.writer is not None else how
+        if self.writer is None:
+            self.writer = LedgerWriter(
+                path, logger=logger, price_row=self._price_row, after_commit=self._observe_costs
+            )
+            self.writer.start()
         self.db_path = path
-        logger.info(f"spendtap: metering to ledger {path}")
+        self._writer_for = wanted
+        logger.info(f"spendtap: metering to ledger {path} ({how})")
+
+    def _writer_process(self, path: str) -> ProcessLedgerWriter | None:
+        """The writer process, or None (and a warning) where it cannot run: the
+        thread writer meters the same, with the event loop's GIL to share."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # not inside mitmproxy's loop (an embedding that configures early)
+        writer = ProcessLedgerWriter(
+            path,
+            prices=ctx.options.spendtap_prices or None,
+            logger=logger,
+            after_commit=self._observe_costs,
+        )
+        try:
+            writer.start(loop)
+        except WriterProcessError as e:
+            logger.warning(f"spendtap: {e}; writing the ledger from a thread instead")
+            return None
+        return writer
 
     def _configure_access_log(self) -> None:
         if self.access_log is not None:

@@ -31,6 +31,7 @@ class CommitWaiters:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
         self._done: deque[asyncio.Future] = deque()
         self._scheduled = False
@@ -45,7 +46,10 @@ class CommitWaiters:
                 if self._scheduled:
                     return
                 self._scheduled = True
-            self._loop.call_soon_threadsafe(self._drain)
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(self._drain)
+            else:
+                self._loop.call_soon_threadsafe(self._drain)
 
         return future, on_commit
 

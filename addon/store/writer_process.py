@@ -1,0 +1,593 @@
+"""The ledger writer in a child process, fed through a pipe from the event loop.
+
+Why a process: the writer thread (``spendtap.store.writer``) shares the interpreter
+with mitmproxy's event loop, and sqlite3 gives up the GIL around every step, so each
+commit costs a few GIL hand-offs with the busy loop (context switches, wake-ups): at
+``stream-unpaced-c16`` the thread spent ~0.29 ms of CPU a request against ~0.05 ms of
+SQLite work (bench/README.md, "The ledger writer in a process"). A child process
+commits with an interpreter of its own; the loop pays one pipe write per loop
+iteration and reads acknowledgements with the sockets it already polls.
+
+The child (``python -m spendtap.store.writer_process``) runs the same
+``LedgerWriter``, so the failure policy does not change (busy retries, backoff, a
+replaced file, a full disk, pricing on the writer). What crosses the pipes:
+
+- parent → child: frames of rows already checked (``normalize_row``), each with its
+  sequence number;
+- child → parent: the sequence numbers committed (with each row's price, for the
+  cost metrics), the writer's figures when they change, and its log lines (logged
+  by the parent, so they read like every other spendtap line).
+
+A row stays in the parent's memory until the child says it committed: if the child
+dies it is started again and sent everything unacknowledged (``INSERT OR IGNORE``
+keeps a row once). If the parent dies, the child sees the end of its input, commits
+what it received and exits. The parent never blocks on the pipe: a write the pipe
+cannot take now waits for the loop to say it is writable.
+
+Frames are ``marshal`` (4-byte little-endian length, then the data): both ends are
+this program, and rows hold only text, numbers and None.
+
+This module imports neither click nor mitmproxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from spendtap.store.ledger import normalize_row
+
+__all__ = ["ProcessLedgerWriter", "WriterProcessError"]
+
+_default_logger = logging.getLogger("spendtap.store.writer")
+
+_LEN = 4
+# How long the parent waits for a new child to open the ledger.
+START_TIMEOUT_S = 30.0
+# Restarts of a child that keeps dying are spaced out up to this.
+RESTART_MAX_S = 5.0
+# The child reports its figures (when they changed) at least this often.
+STATUS_EVERY_S = 0.5
+
+_COMMITTED, _STATUS, _LOG, _READY, _FAILED = "c", "s", "l", "r", "e"
+
+
+class WriterProcessError(Exception):
+    """The writer process could not be started (or did not open the ledger)."""
+
+
+def _frame(obj: Any) -> bytes:
+    data = marshal.dumps(obj)
+    return len(data).to_bytes(_LEN, "little") + data
+
+
+def _frames(buf: bytearray) -> list[Any]:
+    """Take every whole frame off the front of ``buf``."""
+    out = []
+    pos = 0
+    while len(buf) - pos >= _LEN:
+        n = int.from_bytes(buf[pos : pos + _LEN], "little")
+        if len(buf) - pos - _LEN < n:
+            break
+        out.append(marshal.loads(bytes(buf[pos + _LEN : pos + _LEN + n])))
+        pos += _LEN + n
+    del buf[:pos]
+    return out
+
+
+class ProcessLedgerWriter:
+    """``LedgerWriter``'s interface (what the proxy uses of it), writing through a child.
+
+    ``submit`` must be called on the event loop's thread once ``start`` ran there
+    (the hooks do); ``close`` may block (at shutdown).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        prices: str | None = None,
+        max_pending: int = 200_000,
+        logger: logging.Logger | None = None,
+        stuck_after_s: float = 30.0,
+        after_commit: Callable[[list[dict]], None] | None = None,
+        python: str | None = None,
+    ):
+        self.path = os.fspath(path)
+        self.prices = prices
+        self.max_pending = max_pending
+        self.stuck_after_s = stuck_after_s
+        self.after_commit = after_commit
+        self.log = logger or _default_logger
+        self.python = python or sys.executable
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proc: subprocess.Popen | None = None
+        self._out = bytearray()  # bytes the pipe has not taken yet
+        self._in = bytearray()
+        # Rows submitted in this loop iteration, then rows sent and not acknowledged:
+        # (seq, row, on_commit, submitted_at).
+        self._batch: list[tuple[int, dict, Callable[[], None] | None, float]] = []
+        self._unacked: deque[tuple[int, dict, Callable[[], None] | None, float]] = deque()
+        self._scheduled = False
+        self._ready = False
+        self._next_seq = 1
+        self._closing = False
+        self._restart_after = 0.0
+        self._restarts = 0
+
+        self._rows_written = 0
+        self._batches_written = 0
+        self._dropped_rows = 0
+        self._callback_errors = 0
+        self._child_write_errors = 0
+        self._child_dropped = 0
+        self._child_failing = False
+        self._last_commit_at: float | None = None
+        self._lost_child = False
+
+    # -- figures (as LedgerWriter's) ----------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._unacked) + len(self._batch)
+
+    @property
+    def rows_written(self) -> int:
+        return self._rows_written
+
+    @property
+    def batches_written(self) -> int:
+        return self._batches_written
+
+    @property
+    def write_errors(self) -> int:
+        return self._child_write_errors
+
+    @property
+    def dropped_rows(self) -> int:
+        return self._dropped_rows + self._child_dropped
+
+    @property
+    def callback_errors(self) -> int:
+        return self._callback_errors
+
+    @property
+    def last_commit_at(self) -> float | None:
+        return self._last_commit_at
+
+    @property
+    def failing(self) -> bool:
+        return self._child_failing or self._lost_child
+
+    @property
+    def stuck(self) -> bool:
+        try:
+            oldest = self._unacked[0][3]
+        except IndexError:
+            return False
+        return time.monotonic() - oldest > self.stuck_after_s
+
+    # -- the parent's side ----------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the child and wait until it has opened the ledger.
+
+        Raises ``WriterProcessError`` if it cannot be started or does not say it is
+        ready within ``START_TIMEOUT_S`` (its reason when it gave one).
+        """
+        self._loop = loop or asyncio.get_running_loop()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        proc = self._launch()
+        try:
+            self._wait_ready(proc)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait(5)
+            raise
+        self._attach(proc, ready=True)
+
+    def _launch(self) -> subprocess.Popen:
+        args = [self.python, "-m", "spendtap.store.writer_process", self.path]
+        if self.prices:
+            args += ["--prices", self.prices]
+        try:
+            proc = subprocess.Popen(
+                args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONSAFEPATH": "1"},
+            )
+        except OSError as e:
+            raise WriterProcessError(f"cannot start the ledger writer process: {e}") from e
+        return proc
+
+    def _attach(self, proc: subprocess.Popen, *, ready: bool) -> None:
+        os.set_blocking(proc.stdin.fileno(), False)
+        os.set_blocking(proc.stdout.fileno(), False)
+        self._proc = proc
+        self._ready = ready
+        self._in.clear()
+        self._out.clear()
+        self._loop.add_reader(proc.stdout.fileno(), self._on_readable)
+
+    def _wait_ready(self, proc: subprocess.Popen) -> None:
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        buf = bytearray()
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                raise WriterProcessError(
+                    f"the ledger writer process exited at start (code {proc.wait(5)})"
+                )
+            buf += data
+            for message in _frames(buf):
+                if message[0] == _READY:
+                    return
+                if message[0] == _FAILED:
+                    raise WriterProcessError(message[1])
+                if message[0] == _LOG:
+                    self.log.log(message[1], message[2])
+        raise WriterProcessError("the ledger writer process did not open the ledger in time")
+
+    def submit(self, row: Mapping[str, Any], on_commit: Callable[[], None] | None = None) -> None:
+        """Queue one row; ``on_commit`` runs on the loop once the child committed it.
+
+        Never blocks and never raises: an invalid row, or one submitted after
+        ``close``, is counted in ``dropped_rows`` and logged.
+        """
+        try:
+            prepared = normalize_row(row)
+        except Exception as e:
+            self._dropped_rows += 1
+            self.log.warning("spendtap ledger: dropped an invalid row: %s", e)
+            return
+        if self._closing or self._loop is None:
+            self._dropped_rows += 1
+            self.log.warning("spendtap ledger: a row arrived after the writer closed; dropped")
+            return
+        self._batch.append((self._next_seq, prepared, on_commit, time.monotonic()))
+        self._next_seq += 1
+        if not self._scheduled:
+            self._scheduled = True
+            # The rows of one loop iteration go in one write, at the start of the next.
+            self._loop.call_soon(self._send_batch)
+
+    def _send_batch(self) -> None:
+        self._scheduled = False
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        self._unacked.extend(batch)
+        over = len(self._unacked) - self.max_pending
+        if over > 0:
+            for _ in range(over):
+                self._unacked.popleft()
+            self._dropped_rows += over
+            self.log.warning(
+                "spendtap ledger: %d rows are waiting for %s; dropped the oldest %d",
+                self.max_pending,
+                self.path,
+                over,
+            )
+        if self._proc is None:
+            self._restart_soon()
+            return
+        if not self._ready:
+            return  # sent with the rest once the new child is ready
+        self._out += _frame([(seq, row) for seq, row, _, _ in batch])
+        self._write_out()
+
+    def _write_out(self) -> None:
+        proc = self._proc
+        if proc is None or not self._out:
+            return
+        fd = proc.stdin.fileno()
+        try:
+            sent = os.write(fd, self._out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the child is gone: its output's end says so and restarts it
+            self._out.clear()
+            self._loop.remove_writer(fd)
+            return
+        del self._out[:sent]
+        if self._out:
+            self._loop.add_writer(fd, self._write_out)
+        else:
+            self._loop.remove_writer(fd)
+
+    def _on_readable(self) -> None:
+        proc = self._proc
+        try:
+            data = os.read(proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._child_gone()
+            return
+        self._in += data
+        self._handle(_frames(self._in))
+
+    def _handle(self, messages: list[Any]) -> None:
+        for message in messages:
+            kind = message[0]
+            if kind == _COMMITTED:
+                self._committed(message[1])
+                self._status(message[2])
+            elif kind == _STATUS:
+                self._status(message[1])
+            elif kind == _LOG:
+                self.log.log(message[1], message[2])
+            elif kind == _READY:
+                self._restarted()
+            elif kind == _FAILED:
+                self.log.warning("spendtap ledger: %s", message[1])
+
+    def _status(self, figures: tuple[int, int, bool]) -> None:
+        self._child_write_errors, self._child_dropped, self._child_failing = figures
+
+    def _committed(self, prices: list[tuple[int, int | None, str | None]]) -> None:
+        if not prices:
+            return
+        priced = dict((seq, (cost, source)) for seq, cost, source in prices)
+        upto = prices[-1][0]
+        done = []
+        # The child commits in the order it was sent: everything up to the last
+        # sequence number is committed, or was given up by the child (counted there).
+        while self._unacked and self._unacked[0][0] <= upto:
+            entry = self._unacked.popleft()
+            price = priced.get(entry[0])
+            if price is not None:
+                entry[1]["cost_nusd"], entry[1]["price_source"] = price
+            done.append(entry)
+        self._rows_written += len(done)
+        self._batches_written += 1
+        self._last_commit_at = time.time()
+        for entry in done:
+            callback = entry[2]
+            if callback is None:
+                continue
+            try:
+                callback()
+            except Exception:
+                self._callback_errors += 1
+                self.log.warning("spendtap ledger: an on_commit callback failed", exc_info=True)
+        if self.after_commit is not None:
+            try:
+                self.after_commit([entry[1] for entry in done])
+            except Exception:
+                self._callback_errors += 1
+                self.log.warning("spendtap ledger: after-commit callback failed", exc_info=True)
+
+    def _detach(self) -> int | None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(proc.stdout.fileno())
+            self._loop.remove_writer(proc.stdin.fileno())
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(Exception):
+                pipe.close()
+        try:
+            return proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5)
+
+    def _child_gone(self) -> None:
+        code = self._detach()
+        if self._closing:
+            return
+        self._lost_child = True
+        self.log.warning(
+            "spendtap ledger: the writer process exited (code %s); starting it again, "
+            "%d rows to write",
+            code,
+            len(self._unacked),
+        )
+        self._restart_soon()
+
+    def _restart_soon(self) -> None:
+        delay = max(0.0, self._restart_after - time.monotonic())
+        if delay:
+            self._loop.call_later(delay, self._restart)
+        else:
+            self._loop.call_soon(self._restart)
+
+    def _restart(self) -> None:
+        if self._proc is not None or self._closing:
+            return
+        self._restarts += 1
+        self._restart_after = time.monotonic() + min(RESTART_MAX_S, 0.1 * 2**self._restarts)
+        try:
+            proc = self._launch()
+        except WriterProcessError as e:
+            self.log.warning("spendtap ledger: %s; trying again", e)
+            self._restart_soon()
+            return
+        # Not waited for here (the loop goes on): its ready message sends the rows.
+        self._attach(proc, ready=False)
+
+    def _restarted(self) -> None:
+        self._ready = True
+        self._lost_child = False
+        self.log.warning("spendtap ledger: the writer process is back")
+        # Everything not acknowledged, in order; a row the old child did commit is
+        # ignored by the ledger (its id is there).
+        if self._unacked:
+            self._out += _frame([(seq, row) for seq, row, _, _ in self._unacked])
+            self._write_out()
+
+    def close(self, timeout: float) -> bool:
+        """Send what is queued, let the child commit it (at most ``timeout`` seconds), stop it.
+
+        Blocks (shutdown). Returns True if every accepted row was committed; rows left
+        unwritten are counted in ``dropped_rows`` and logged.
+        """
+        if self._closing:
+            return not self._unacked
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        if self._batch:
+            self._unacked.extend(self._batch)
+            tail = _frame([(seq, row) for seq, row, _, _ in self._batch])
+            self._batch = []
+            self._out += tail
+        proc = self._proc
+        if proc is not None:
+            self._loop.remove_reader(proc.stdout.fileno())
+            self._loop.remove_writer(proc.stdin.fileno())
+            os.set_blocking(proc.stdin.fileno(), True)
+            with contextlib.suppress(OSError):
+                proc.stdin.write(bytes(self._out))
+                proc.stdin.flush()
+            self._out.clear()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # the end of its input: commit, then exit
+            self._drain(proc, deadline)
+            self._detach_closed(proc, deadline)
+        left = len(self._unacked)
+        if left:
+            self._dropped_rows += left
+            self.log.error(
+                "spendtap ledger: closing with %d rows not written to %s", left, self.path
+            )
+            self._unacked.clear()
+        return left == 0
+
+    def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
+        fd = proc.stdout.fileno()
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            self._in += data
+            self._handle(_frames(self._in))
+
+    def _detach_closed(self, proc: subprocess.Popen, deadline: float) -> None:
+        self._proc = None
+        with contextlib.suppress(Exception):
+            proc.stdout.close()
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.log.error("spendtap ledger: the writer process did not stop in time")
+            proc.kill()
+            proc.wait(5)
+
+
+# -- the child ------------------------------------------------------------------------
+
+
+class _PipeLog(logging.Handler):
+    """The child's log lines, sent to the parent to log."""
+
+    def __init__(self, send: Callable[[Any], None]):
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.send((_LOG, record.levelno, record.getMessage()))
+
+
+def child_main(argv: list[str]) -> int:
+    from spendtap.pricing import Pricer
+    from spendtap.store.writer import LedgerWriter
+
+    # The parent decides when this process stops (the end of its input): a Ctrl-C or a
+    # service manager's SIGTERM to the whole group must not kill rows in flight.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    path = argv[0]
+    prices = argv[argv.index("--prices") + 1] if "--prices" in argv else None
+    out_fd = sys.stdout.fileno()
+    in_fd = sys.stdin.fileno()
+    # Nothing else may write to the parent's pipe.
+    sys.stdout = sys.stderr
+    send_lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        data = _frame(message)
+        with send_lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(out_fd, view) :]
+
+    log = logging.getLogger("spendtap.writer-process")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(_PipeLog(send))
+
+    def figures() -> tuple[int, int, bool]:
+        return (writer.write_errors, writer.dropped_rows, writer.failing)
+
+    def after_commit(rows: list[dict]) -> None:
+        send(
+            (
+                _COMMITTED,
+                [(row["_seq"], row.get("cost_nusd"), row.get("price_source")) for row in rows],
+                figures(),
+            )
+        )
+
+    try:
+        pricer = Pricer.from_path(prices)
+        writer = LedgerWriter(path, logger=log, price_row=pricer.apply, after_commit=after_commit)
+        writer.start()
+    except Exception as e:
+        send((_FAILED, f"the ledger writer process cannot open {path}: {e}"))
+        return 2
+    send((_READY,))
+
+    buf = bytearray()
+    reported = figures()
+    while True:
+        ready, _, _ = select.select([in_fd], [], [], STATUS_EVERY_S)
+        if ready:
+            data = os.read(in_fd, 1 << 20)
+            if not data:
+                break  # the parent closed our input (or died): commit what we have
+            buf += data
+            for rows in _frames(buf):
+                for seq, row in rows:
+                    row["_seq"] = seq
+                    writer.submit(row, checked=True)
+        now = figures()
+        if now != reported:
+            reported = now
+            send((_STATUS, now))
+    return 0 if writer.close(timeout=30) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(child_main(sys.argv[1:]))
