@@ -41,13 +41,14 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from itertools import islice
 from typing import Any
 
 from spendtap.store.ledger import normalize_row
+from spendtap.store.writer import LedgerWriter
 
 __all__ = ["ProcessLedgerWriter", "WriterProcessError"]
 
@@ -60,6 +61,8 @@ START_TIMEOUT_S = 30.0
 RESTART_MAX_S = 5.0
 # The child reports its figures (when they changed) at least this often.
 STATUS_EVERY_S = 0.5
+# After its input ends, the child has this long to commit what it holds.
+CLOSE_TIMEOUT_S = 30.0
 
 _COMMITTED, _STATUS, _LOG, _READY, _FAILED = "c", "s", "l", "r", "e"
 
@@ -520,9 +523,74 @@ class _PipeLog(logging.Handler):
             self.send((_LOG, record.levelno, record.getMessage()))
 
 
+class _PipeFedWriter(LedgerWriter):
+    """``LedgerWriter`` run on the child's main thread, its queue filled from the pipe.
+
+    The thread writer's loop, policy and all, with ``_take_batch`` reading the input
+    instead of waiting for another thread: no second thread, so no GIL hand-offs in
+    the child either.
+    """
+
+    def __init__(self, path: str, in_fd: int, report: Callable[[], None], **kw: Any):
+        super().__init__(path, **kw)
+        self.in_fd = in_fd
+        self.report = report
+        self._buf = bytearray()
+        self._input_done = False
+
+    def run(self) -> bool:
+        """Write until the input ends and the rows are committed; True if all were.
+
+        The ledger is open already (``_open``, before the child says it is ready).
+        """
+        try:
+            self._loop()
+        except BaseException:  # a bug: say so (the parent logs it and starts another)
+            self.log.exception("spendtap ledger: the writer process crashed")
+            raise
+        finally:
+            self._drop_connection()
+        return not self._pending and not self._abandoned
+
+    def _read_input(self, timeout: float | None) -> None:
+        ready, _, _ = select.select([self.in_fd], [], [], timeout)
+        if not ready:
+            return
+        data = os.read(self.in_fd, 1 << 20)
+        if not data:
+            # The parent closed our input, or died: commit what we have, then stop.
+            self._input_done = True
+            self._closing = True
+            self._close_deadline = time.monotonic() + CLOSE_TIMEOUT_S
+            return
+        self._buf += data
+        now = time.monotonic()
+        for rows in _frames(self._buf):
+            for seq, row in rows:
+                row["_seq"] = seq
+                self._pending.append((seq, row, None, now))
+
+    def _take_batch(self, healthy: bool) -> list | None:
+        if not self._input_done:
+            # Nothing to write: wait for rows (reporting figures now and then);
+            # otherwise only take what has arrived.
+            self._read_input(STATUS_EVERY_S if not self._pending else 0)
+        self.report()
+        if self._closing and (not self._pending or time.monotonic() >= self._close_deadline):
+            left = len(self._pending)
+            if left:
+                self._dropped_rows += left
+                self._abandoned += left
+                self._pending.clear()
+                self.log.error(
+                    "spendtap ledger: closing with %d rows not written to %s", left, self.path
+                )
+            return None
+        return list(islice(self._pending, self.batch_size))
+
+
 def child_main(argv: list[str]) -> int:
     from spendtap.pricing import Pricer
-    from spendtap.store.writer import LedgerWriter
 
     # The parent decides when this process stops (the end of its input): a Ctrl-C or a
     # service manager's SIGTERM to the whole group must not kill rows in flight.
@@ -534,59 +602,49 @@ def child_main(argv: list[str]) -> int:
     in_fd = sys.stdin.fileno()
     # Nothing else may write to the parent's pipe.
     sys.stdout = sys.stderr
-    send_lock = threading.Lock()
 
     def send(message: Any) -> None:
-        data = _frame(message)
-        with send_lock:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(out_fd, view) :]
+        view = memoryview(_frame(message))
+        while view:
+            view = view[os.write(out_fd, view) :]
 
     log = logging.getLogger("spendtap.writer-process")
     log.propagate = False
     log.setLevel(logging.INFO)
     log.addHandler(_PipeLog(send))
+    reported: list[tuple[int, int, bool]] = []
 
     def figures() -> tuple[int, int, bool]:
         return (writer.write_errors, writer.dropped_rows, writer.failing)
 
+    def report() -> None:
+        now = figures()
+        if not reported or reported[0] != now:
+            reported[:] = [now]
+            send((_STATUS, now))
+
     def after_commit(rows: list[dict]) -> None:
+        now = figures()
+        reported[:] = [now]
         send(
             (
                 _COMMITTED,
-                [(row["_seq"], row.get("cost_nusd"), row.get("price_source")) for row in rows],
-                figures(),
+                [(r["_seq"], r.get("cost_nusd"), r.get("price_source")) for r in rows],
+                now,
             )
         )
 
     try:
         pricer = Pricer.from_path(prices)
-        writer = LedgerWriter(path, logger=log, price_row=pricer.apply, after_commit=after_commit)
-        writer.start()
+        writer = _PipeFedWriter(
+            path, in_fd, report, logger=log, price_row=pricer.apply, after_commit=after_commit
+        )
+        writer._open()
     except Exception as e:
         send((_FAILED, f"the ledger writer process cannot open {path}: {e}"))
         return 2
     send((_READY,))
-
-    buf = bytearray()
-    reported = figures()
-    while True:
-        ready, _, _ = select.select([in_fd], [], [], STATUS_EVERY_S)
-        if ready:
-            data = os.read(in_fd, 1 << 20)
-            if not data:
-                break  # the parent closed our input (or died): commit what we have
-            buf += data
-            for rows in _frames(buf):
-                for seq, row in rows:
-                    row["_seq"] = seq
-                    writer.submit(row, checked=True)
-        now = figures()
-        if now != reported:
-            reported = now
-            send((_STATUS, now))
-    return 0 if writer.close(timeout=30) else 1
+    return 0 if writer.run() else 1
 
 
 if __name__ == "__main__":
