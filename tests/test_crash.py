@@ -51,14 +51,16 @@ def _client_loop(url: str, stop: threading.Event, completed: list[str], lock: th
                 time.sleep(0.01)  # the sidecar is gone; try again until told to stop
 
 
-@pytest.mark.parametrize("run", range(3))
-def test_kill_9_loses_no_acknowledged_request(sim, tmp_path, run):
+# The writer process (the default) three times, the writer thread once.
+@pytest.mark.parametrize("run, in_process", [(0, True), (1, True), (2, True), (3, False)])
+def test_kill_9_loses_no_acknowledged_request(sim, tmp_path, run, in_process):
     """Every request a client saw complete has exactly one correct row after a kill -9."""
     rng = random.Random(run)
     db = tmp_path / "ledger.db"
     with Budgets(db) as budgets:  # every request reserves, so the crash leaves reservations
         budgets.set("account", "crash", 10**12, None)
-    proxy = Sidecar(tmp_path, sim.url, db=db)
+    writer = f"spendtap_ledger_process={'true' if in_process else 'false'}"
+    proxy = Sidecar(tmp_path, sim.url, writer, db=db)
     stop = threading.Event()
     completed: list[str] = []
     lock = threading.Lock()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +30,8 @@ from spendtap.proxy.hooks import Metering
 from spendtap.proxy.monitoring import Monitoring
 from spendtap.proxy.recording import Recording
 from spendtap.store.budgets import Budgets
+from spendtap.store.writer import LedgerWriter
+from spendtap.store.writer_process import ProcessLedgerWriter
 from tests.proc import ADDON
 
 CHAT = b"/v1/chat/completions"
@@ -213,6 +217,58 @@ def test_a_request_through_the_hooks_is_one_priced_ledger_row(tmp_path):
     # $1 and $2 per million tokens: 1000 and 2000 nano-dollars a token.
     assert row["cost_nusd"] == 5 * 1000 + 7 * 2000
     assert written == {(): 1.0}
+
+
+async def one_json_request(s: Sidecar, account: str) -> None:
+    flow = chat_flow(headers=((b"x-helexa-account-id", account.encode()),))
+    await s.metering.request(flow)
+    flow.response = json_response({"model": "m1", "choices": [], "usage": USAGE})
+    s.metering.responseheaders(flow)
+    await s.metering.response(flow)  # returns once the row committed
+
+
+def test_the_ledger_is_written_from_a_child_process_or_from_a_thread(tmp_path):
+    async def go():
+        async with sidecar(tmp_path) as s:
+            writer = s.recording.writer
+            assert isinstance(writer, ProcessLedgerWriter)
+            child = writer._proc.pid
+            await one_json_request(s, "by-process")
+            assert [r["account"] for r in ledger_rows(tmp_path / "ledger.db")] == ["by-process"]
+            s.update(spendtap_ledger_process=False)  # drains and stops the child
+            assert isinstance(s.recording.writer, LedgerWriter)
+            assert writer.queue_depth == 0 and writer._proc is None
+            with pytest.raises(ChildProcessError):
+                os.waitpid(child, os.WNOHANG)  # reaped: no zombie left behind
+            await one_json_request(s, "by-thread")
+            s.update(spendtap_ledger_process=True)
+            assert isinstance(s.recording.writer, ProcessLedgerWriter)
+            await one_json_request(s, "by-process-again")
+        return [r["account"] for r in ledger_rows(tmp_path / "ledger.db")]
+
+    assert sorted(asyncio.run(go())) == ["by-process", "by-process-again", "by-thread"]
+
+
+def test_a_writer_process_that_cannot_start_leaves_the_thread_writing(
+    tmp_path, monkeypatch, caplog
+):
+    """Never unmetered: where no child can run (no interpreter to start), the thread writes."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+
+    async def go():
+        async with sidecar(tmp_path) as s:
+            assert isinstance(s.recording.writer, LedgerWriter)
+            await one_json_request(s, "acct")
+        return ledger_rows(tmp_path / "ledger.db")
+
+    with caplog.at_level("WARNING", logger="spendtap"):
+        rows = asyncio.run(go())
+    assert [r["account"] for r in rows] == ["acct"]
+    assert any(
+        "cannot start the ledger writer process" in r.getMessage()
+        and "from a thread instead" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_streamed_response_passes_through_untouched_and_is_metered(tmp_path):

@@ -603,10 +603,20 @@ def child_main(argv: list[str]) -> int:
     # Nothing else may write to the parent's pipe.
     sys.stdout = sys.stderr
 
+    parent_gone = False
+
     def send(message: Any) -> None:
+        nonlocal parent_gone
+        if parent_gone:
+            return
         view = memoryview(_frame(message))
-        while view:
-            view = view[os.write(out_fd, view) :]
+        try:
+            while view:
+                view = view[os.write(out_fd, view) :]
+        except OSError:
+            # The parent is gone (it exited, or was killed): nobody to tell, but the rows
+            # it sent are still committed; the end of the input follows.
+            parent_gone = True
 
     log = logging.getLogger("spendtap.writer-process")
     log.propagate = False
