@@ -325,6 +325,7 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
     import logging
 
     from spendtap.store.writer import LedgerWriter
+    from spendtap.store.writer_process import ProcessLedgerWriter
 
     log = logging.getLogger("bench.writer")
     res: dict = {}
@@ -348,11 +349,17 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
 
     # 2. Durable: C concurrent "requests" each submit with on_commit and wait for it,
     # exactly as the response hook does (call_soon_threadsafe back to the event loop).
-    async def durable(conc: int, seconds: float, **kw) -> dict:
-        tag = "-".join(f"{k}{v}" for k, v in kw.items())
-        w = LedgerWriter(tmp / f"writer-durable-{conc}{tag}.db", logger=log, **kw)
-        w.start()
+    async def durable(conc: int, seconds: float, process: bool = False, **kw) -> dict:
+        tag = "-".join(f"{k}{v}" for k, v in kw.items()) + ("-process" if process else "")
+        path = tmp / f"writer-durable-{conc}{tag}.db"
         loop = asyncio.get_running_loop()
+        if process:
+            # The sidecar's default: the writer process, acknowledged on the loop itself.
+            w = ProcessLedgerWriter(path, logger=log)
+            w.start(loop)
+        else:
+            w = LedgerWriter(path, logger=log, **kw)
+            w.start()
         lat: list[float] = []
         counter = iter(range(10**9))
         stop = loop.time() + seconds
@@ -365,9 +372,13 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
             while loop.time() < stop:
                 fut = loop.create_future()
                 t = clock()
-                w.submit(
-                    _row(next(counter)), lambda fut=fut: loop.call_soon_threadsafe(resolve, fut)
-                )
+                if process:
+                    w.submit(_row(next(counter)), lambda fut=fut: resolve(fut))
+                else:
+                    w.submit(
+                        _row(next(counter)),
+                        lambda fut=fut: loop.call_soon_threadsafe(resolve, fut),
+                    )
                 await fut
                 lat.append(clock() - t)
 
@@ -378,6 +389,7 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
         w.close(30)
         lat.sort()
         return {
+            "writer": "process" if process else "thread",
             "concurrency": conc,
             "rows_per_s": round(len(lat) / dt),
             "commit_wait_ms_p50": round(lat[len(lat) // 2] * 1e3, 3),
@@ -389,6 +401,7 @@ def bench_writer(quick: bool, tmp: Path) -> dict:
     # The writer as the sidecar runs it: group commit (rows that arrive while a
     # commit is in progress share the next one), no batch-fill wait.
     res["durable"] = [asyncio.run(durable(c, secs)) for c in (1, 16, 64)]
+    res["durable_process"] = [asyncio.run(durable(c, secs, process=True)) for c in (1, 16, 64)]
     return res
 
 

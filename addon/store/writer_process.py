@@ -8,7 +8,7 @@ SQLite work (bench/README.md, "The ledger writer in a process"). A child process
 commits with an interpreter of its own; the loop pays one pipe write per loop
 iteration and reads acknowledgements with the sockets it already polls.
 
-The child (``python -m spendtap.store.writer_process``) runs the same
+The child (``python -c _BOOT``: this copy of the package, then ``child_main``) runs the same
 ``LedgerWriter``, so the failure policy does not change (busy retries, backoff, a
 replaced file, a full disk, pricing on the writer). What crosses the pipes:
 
@@ -65,6 +65,21 @@ STATUS_EVERY_S = 0.5
 CLOSE_TIMEOUT_S = 30.0
 
 _COMMITTED, _STATUS, _LOG, _READY, _FAILED = "c", "s", "l", "r", "e"
+
+# The child runs this very copy of spendtap, loaded from its folder as the entry script
+# loads a bare checkout (``addon/spendtap.py``): installed or not, the same code.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BOOT = """\
+import importlib.util, os, sys
+pkg = sys.argv[1]
+spec = importlib.util.spec_from_file_location(
+    "spendtap", os.path.join(pkg, "__init__.py"), submodule_search_locations=[pkg])
+module = importlib.util.module_from_spec(spec)
+sys.modules["spendtap"] = module
+spec.loader.exec_module(module)
+from spendtap.store.writer_process import child_main
+sys.exit(child_main(sys.argv[2:]))
+"""
 
 
 class WriterProcessError(Exception):
@@ -138,6 +153,8 @@ class ProcessLedgerWriter:
         self._child_write_errors = 0
         self._child_dropped = 0
         self._child_failing = False
+        self._earlier_write_errors = 0
+        self._earlier_dropped = 0
         self._last_commit_at: float | None = None
         self._lost_child = False
 
@@ -206,7 +223,7 @@ class ProcessLedgerWriter:
         self._attach(proc, ready=True)
 
     def _launch(self) -> subprocess.Popen:
-        args = [self.python, "-m", "spendtap.store.writer_process", self.path]
+        args = [self.python, "-c", _BOOT, _PACKAGE_DIR, self.path]
         if self.prices:
             args += ["--prices", self.prices]
         try:
@@ -214,11 +231,18 @@ class ProcessLedgerWriter:
                 args,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                env={**os.environ, "PYTHONSAFEPATH": "1"},
+                env=self._child_env(),
             )
         except OSError as e:
             raise WriterProcessError(f"cannot start the ledger writer process: {e}") from e
         return proc
+
+    @staticmethod
+    def _child_env() -> dict[str, str]:
+        # The parent's import path (an embedding may have added to it), never the
+        # working directory; the package itself is loaded from this one's folder.
+        path = [p for p in sys.path if p and os.path.isdir(p)]
+        return {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join(path)}
 
     def _attach(self, proc: subprocess.Popen, *, ready: bool) -> None:
         os.set_blocking(proc.stdin.fileno(), False)
@@ -349,7 +373,10 @@ class ProcessLedgerWriter:
                 self.log.warning("spendtap ledger: %s", message[1])
 
     def _status(self, figures: tuple[int, int, bool]) -> None:
-        self._child_write_errors, self._child_dropped, self._child_failing = figures
+        errors, dropped, self._child_failing = figures
+        # Counters (they feed Prometheus counters): earlier children's figures included.
+        self._child_write_errors = self._earlier_write_errors + errors
+        self._child_dropped = self._earlier_dropped + dropped
 
     def _committed(self, prices: list[tuple[int, int | None, str | None]]) -> None:
         if not prices:
@@ -402,6 +429,9 @@ class ProcessLedgerWriter:
 
     def _child_gone(self) -> None:
         code = self._detach()
+        self._earlier_write_errors = self._child_write_errors
+        self._earlier_dropped = self._child_dropped
+        self._child_failing = False
         if self._closing:
             return
         self._lost_child = True
