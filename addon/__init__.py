@@ -6,7 +6,7 @@ data path (docs/architecture.md places every module):
 - ``spendtap.metering``  what a response says it cost: request facts, SSE/NDJSON framing,
   content decoding, the usage scanners of every API family, estimates, usage injection,
   one flow's metering state
-- ``spendtap.store``     where it is kept: the SQLite ledger and its writer thread,
+- ``spendtap.store``     where it is kept: the SQLite ledger and its writer (process or thread),
   commits, budgets, bearer keys, the storage seam, the fleet's PostgreSQL store
 - ``spendtap.proxy``     the mitmproxy addon (``hooks``, the only module importing
   mitmproxy) and the request-path decisions it calls: gate, trust, key swap, refusals

@@ -1,7 +1,8 @@
 """The recording addon: where finished rows go, priced.
 
-It owns the prices (``spendtap.pricing``), the ledger and its single writer thread
-(``spendtap.store.writer``) and the optional JSONL access log. The ledger is created
+It owns the prices (``spendtap.pricing``), the ledger and its single writer (a child
+process, ``spendtap.store.writer_process``, or with ``spendtap_ledger_process=false`` a
+thread, ``spendtap.store.writer``) and the optional JSONL access log. The ledger is created
 and migrated when it is configured, so a bad path stops the sidecar before it listens
 anywhere (the metrics port comes later in the addon list).
 """

@@ -1,4 +1,4 @@
-"""Waiting on the event loop for rows the ledger writer thread commits."""
+"""Waiting on the event loop for rows the ledger writer commits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ SPREAD_S = 0.001
 
 
 class CommitWaiters:
-    """Futures the writer thread resolves, with one event-loop wake-up per batch.
+    """Futures the writer resolves, with one event-loop wake-up per batch.
 
     ``call_soon_threadsafe`` per row would wake the loop (a syscall) once per
     row; a commit of many rows schedules one drain instead.
@@ -40,7 +40,9 @@ class CommitWaiters:
     def new(self) -> tuple[asyncio.Future, Callable[[], None]]:
         future = self._loop.create_future()
 
-        def on_commit() -> None:  # runs on the writer thread
+        # On the writer thread, or on the loop itself (the writer process's
+        # acknowledgements are read there): no self-pipe write to wake ourselves.
+        def on_commit() -> None:
             with self._lock:
                 self._done.append(future)
                 if self._scheduled:
@@ -69,7 +71,7 @@ class CommitWaiters:
                 release = []
             more = bool(self._done)
             if not more:
-                # The writer thread schedules the next wake-up itself from here on.
+                # The writer schedules the next wake-up itself from here on.
                 self._scheduled = False
         for future in release:
             if not future.done():

@@ -345,6 +345,8 @@ class ProcessLedgerWriter:
 
     def _on_readable(self) -> None:
         proc = self._proc
+        if proc is None:
+            return  # detached after this callback was queued
         try:
             data = os.read(proc.stdout.fileno(), 1 << 16)
         except BlockingIOError:
@@ -355,7 +357,14 @@ class ProcessLedgerWriter:
             self._child_gone()
             return
         self._in += data
-        self._handle(_frames(self._in))
+        try:
+            messages = _frames(self._in)
+        except Exception as e:  # a bug on one side: never loop on the same bytes
+            self.log.error("spendtap ledger: unreadable message from the writer process: %r", e)
+            self._in.clear()
+            proc.kill()  # the end of its output follows: started again, sent the rest
+            return
+        self._handle(messages)
 
     def _handle(self, messages: list[Any]) -> None:
         for message in messages:
