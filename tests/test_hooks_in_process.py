@@ -249,6 +249,25 @@ def test_the_ledger_is_written_from_a_child_process_or_from_a_thread(tmp_path):
     assert sorted(asyncio.run(go())) == ["by-process", "by-process-again", "by-thread"]
 
 
+def test_a_new_price_file_reaches_the_writer_process(tmp_path):
+    """The child prices rows from the file it was started with: a change starts another."""
+    cheap, dear = tmp_path / "cheap.toml", tmp_path / "dear.toml"
+    cheap.write_text('[models."m1"]\ninput = 1\noutput = 2\n')
+    dear.write_text('[models."m1"]\ninput = 10\noutput = 20\n')
+
+    async def go():
+        async with sidecar(tmp_path, spendtap_prices=str(cheap)) as s:
+            writer = s.recording.writer
+            await one_json_request(s, "before")
+            s.update(spendtap_prices=str(dear))
+            assert s.recording.writer is not writer and writer._proc is None
+            await one_json_request(s, "after")
+        return {r["account"]: r["cost_nusd"] for r in ledger_rows(tmp_path / "ledger.db")}
+
+    # 5 prompt and 7 completion tokens.
+    assert asyncio.run(go()) == {"before": 5 * 1000 + 7 * 2000, "after": 5 * 10_000 + 7 * 20_000}
+
+
 def test_a_writer_process_that_cannot_start_leaves_the_thread_writing(
     tmp_path, monkeypatch, caplog
 ):
