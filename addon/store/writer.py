@@ -70,7 +70,71 @@ class _FileReplaced(Exception):
     """The ledger path no longer names the file the connection has open."""
 
 
-class LedgerWriter:
+class WriterFigures:
+    """What both writers (this thread, ``writer_process``'s child) show the metrics, and
+    how both run a committed batch's callbacks.
+
+    ``_pending`` holds ``(seq, row, on_commit, submitted_at)`` for every row accepted
+    and not yet committed, oldest first.
+    """
+
+    stuck_after_s: float
+    after_commit: Callable[[list[dict]], None] | None
+    log: logging.Logger
+    _pending: deque
+    _rows_written: int
+    _batches_written: int
+    _callback_errors: int
+    _last_commit_at: float | None
+
+    @property
+    def rows_written(self) -> int:
+        """Rows committed (a duplicate id, which the ledger ignores, counts too)."""
+        return self._rows_written
+
+    @property
+    def batches_written(self) -> int:
+        return self._batches_written
+
+    @property
+    def callback_errors(self) -> int:
+        return self._callback_errors
+
+    @property
+    def last_commit_at(self) -> float | None:
+        """Unix time of the last successful commit, None before the first."""
+        return self._last_commit_at
+
+    @property
+    def stuck(self) -> bool:
+        """True when a row has waited more than ``stuck_after_s`` to be committed."""
+        try:
+            oldest = self._pending[0][3]
+        except IndexError:
+            return False
+        return time.monotonic() - oldest > self.stuck_after_s
+
+    def _call_back(self, batch: list) -> None:
+        """Each committed row's ``on_commit``, then ``after_commit`` with the rows."""
+        for entry in batch:
+            callback = entry[2]
+            if callback is None:
+                continue
+            try:
+                callback()
+            except Exception:
+                self._callback_errors += 1
+                self.log.warning("spendtap ledger: an on_commit callback failed", exc_info=True)
+        # After the responses waiting on these rows are released: cost metrics.
+        if self.after_commit is not None:
+            try:
+                self.after_commit([entry[1] for entry in batch])
+            except Exception:
+                self._callback_errors += 1
+                self.log.warning("spendtap ledger: after-commit callback failed", exc_info=True)
+
+
+class LedgerWriter(WriterFigures):
     """Batches rows into the ledger at ``path`` from one background thread."""
 
     def __init__(
@@ -138,15 +202,6 @@ class LedgerWriter:
         return len(self._pending)
 
     @property
-    def rows_written(self) -> int:
-        """Rows committed (a duplicate id, which the ledger ignores, counts too)."""
-        return self._rows_written
-
-    @property
-    def batches_written(self) -> int:
-        return self._batches_written
-
-    @property
     def write_errors(self) -> int:
         """Failed write attempts (each retry of a failing batch counts)."""
         return self._write_errors
@@ -157,27 +212,9 @@ class LedgerWriter:
         return self._dropped_rows
 
     @property
-    def callback_errors(self) -> int:
-        return self._callback_errors
-
-    @property
-    def last_commit_at(self) -> float | None:
-        """Unix time of the last successful commit, None before the first."""
-        return self._last_commit_at
-
-    @property
     def failing(self) -> bool:
         """True while writes fail (from the first failure until a commit succeeds)."""
         return self._failing_since is not None
-
-    @property
-    def stuck(self) -> bool:
-        """True when a row has waited more than ``stuck_after_s`` to be committed."""
-        try:
-            oldest = self._pending[0][3]
-        except IndexError:
-            return False
-        return time.monotonic() - oldest > self.stuck_after_s
 
     # -- the caller's side ----------------------------------------------------
 
@@ -338,20 +375,27 @@ class LedgerWriter:
         finally:
             self._drop_connection()
 
+    def _stopping(self) -> bool:
+        """Closing, and nothing left to write or no time left to write it: give up what is
+        left (counted and logged) and say so."""
+        if not self._closing or (self._pending and time.monotonic() < self._close_deadline):
+            return False
+        left = len(self._pending)
+        if left:
+            self._dropped_rows += left
+            self._abandoned += left
+            self._pending.clear()
+            self.log.error(
+                "spendtap ledger: closing with %d rows not written to %s", left, self.path
+            )
+        return True
+
     def _take_batch(self, healthy: bool) -> list | None:
         """Wait for rows and return the next batch, or None when it is time to stop."""
         with self._cond:
             if healthy or not self._pending:
                 self._cond.wait_for(lambda: self._pending or self._closing)
-            if self._closing and (not self._pending or time.monotonic() >= self._close_deadline):
-                left = len(self._pending)
-                if left:
-                    self._dropped_rows += left
-                    self._abandoned += left
-                    self._pending.clear()
-                    self.log.error(
-                        "spendtap ledger: closing with %d rows not written to %s", left, self.path
-                    )
+            if self._stopping():
                 self._cond.notify_all()
                 return None
             if (
@@ -476,23 +520,8 @@ class LedgerWriter:
             self._last_commit_at = time.time()
             self._in_callbacks = True
         try:
-            for entry in batch:
-                callback = entry[2]
-                if callback is None:
-                    continue
-                try:
-                    callback()
-                except Exception:
-                    self._callback_errors += 1
-                    self.log.warning("spendtap ledger: an on_commit callback failed", exc_info=True)
+            self._call_back(batch)
         finally:
             with self._cond:
                 self._in_callbacks = False
                 self._cond.notify_all()
-        # After the responses waiting on these rows are released: cost metrics.
-        if self.after_commit is not None:
-            try:
-                self.after_commit([entry[1] for entry in batch])
-            except Exception:
-                self._callback_errors += 1
-                self.log.warning("spendtap ledger: after-commit callback failed", exc_info=True)

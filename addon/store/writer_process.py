@@ -48,7 +48,7 @@ from itertools import islice
 from typing import Any
 
 from spendtap.store.ledger import normalize_row
-from spendtap.store.writer import LedgerWriter
+from spendtap.store.writer import LedgerWriter, WriterFigures
 
 __all__ = ["ProcessLedgerWriter", "WriterProcessError"]
 
@@ -105,7 +105,7 @@ def _frames(buf: bytearray) -> list[Any]:
     return out
 
 
-class ProcessLedgerWriter:
+class ProcessLedgerWriter(WriterFigures):
     """``LedgerWriter``'s interface (what the proxy uses of it), writing through a child.
 
     ``submit`` must be called on the event loop's thread once ``start`` ran there
@@ -138,7 +138,7 @@ class ProcessLedgerWriter:
         # Rows submitted in this loop iteration, then rows sent and not acknowledged:
         # (seq, row, on_commit, submitted_at).
         self._batch: list[tuple[int, dict, Callable[[], None] | None, float]] = []
-        self._unacked: deque[tuple[int, dict, Callable[[], None] | None, float]] = deque()
+        self._pending: deque[tuple[int, dict, Callable[[], None] | None, float]] = deque()
         self._scheduled = False
         self._ready = False
         self._next_seq = 1
@@ -158,19 +158,11 @@ class ProcessLedgerWriter:
         self._last_commit_at: float | None = None
         self._lost_child = False
 
-    # -- figures (as LedgerWriter's) ----------------------------------------------
+    # -- figures (``WriterFigures``: the rest) ------------------------------------------
 
     @property
     def queue_depth(self) -> int:
-        return len(self._unacked) + len(self._batch)
-
-    @property
-    def rows_written(self) -> int:
-        return self._rows_written
-
-    @property
-    def batches_written(self) -> int:
-        return self._batches_written
+        return len(self._pending) + len(self._batch)
 
     @property
     def write_errors(self) -> int:
@@ -181,24 +173,8 @@ class ProcessLedgerWriter:
         return self._dropped_rows + self._child_dropped
 
     @property
-    def callback_errors(self) -> int:
-        return self._callback_errors
-
-    @property
-    def last_commit_at(self) -> float | None:
-        return self._last_commit_at
-
-    @property
     def failing(self) -> bool:
         return self._child_failing or self._lost_child
-
-    @property
-    def stuck(self) -> bool:
-        try:
-            oldest = self._unacked[0][3]
-        except IndexError:
-            return False
-        return time.monotonic() - oldest > self.stuck_after_s
 
     # -- the parent's side ----------------------------------------------------------
 
@@ -304,11 +280,11 @@ class ProcessLedgerWriter:
         batch, self._batch = self._batch, []
         if not batch:
             return
-        self._unacked.extend(batch)
-        over = len(self._unacked) - self.max_pending
+        self._pending.extend(batch)
+        over = len(self._pending) - self.max_pending
         if over > 0:
             for _ in range(over):
-                self._unacked.popleft()
+                self._pending.popleft()
             self._dropped_rows += over
             self.log.warning(
                 "spendtap ledger: %d rows are waiting for %s; dropped the oldest %d",
@@ -395,8 +371,8 @@ class ProcessLedgerWriter:
         done = []
         # The child commits in the order it was sent: everything up to the last
         # sequence number is committed, or was given up by the child (counted there).
-        while self._unacked and self._unacked[0][0] <= upto:
-            entry = self._unacked.popleft()
+        while self._pending and self._pending[0][0] <= upto:
+            entry = self._pending.popleft()
             price = priced.get(entry[0])
             if price is not None:
                 entry[1]["cost_nusd"], entry[1]["price_source"] = price
@@ -404,21 +380,7 @@ class ProcessLedgerWriter:
         self._rows_written += len(done)
         self._batches_written += 1
         self._last_commit_at = time.time()
-        for entry in done:
-            callback = entry[2]
-            if callback is None:
-                continue
-            try:
-                callback()
-            except Exception:
-                self._callback_errors += 1
-                self.log.warning("spendtap ledger: an on_commit callback failed", exc_info=True)
-        if self.after_commit is not None:
-            try:
-                self.after_commit([entry[1] for entry in done])
-            except Exception:
-                self._callback_errors += 1
-                self.log.warning("spendtap ledger: after-commit callback failed", exc_info=True)
+        self._call_back(done)
 
     def _detach(self) -> int | None:
         proc, self._proc = self._proc, None
@@ -448,7 +410,7 @@ class ProcessLedgerWriter:
             "spendtap ledger: the writer process exited (code %s); starting it again, "
             "%d rows to write",
             code,
-            len(self._unacked),
+            len(self._pending),
         )
         self._restart_soon()
 
@@ -479,8 +441,8 @@ class ProcessLedgerWriter:
         self.log.warning("spendtap ledger: the writer process is back")
         # Everything not acknowledged, in order; a row the old child did commit is
         # ignored by the ledger (its id is there).
-        if self._unacked:
-            self._out += _frame([(seq, row) for seq, row, _, _ in self._unacked])
+        if self._pending:
+            self._out += _frame([(seq, row) for seq, row, _, _ in self._pending])
             self._write_out()
 
     def close(self, timeout: float) -> bool:
@@ -490,11 +452,11 @@ class ProcessLedgerWriter:
         unwritten are counted in ``dropped_rows`` and logged.
         """
         if self._closing:
-            return not self._unacked
+            return not self._pending
         self._closing = True
         deadline = time.monotonic() + timeout
         if self._batch:
-            self._unacked.extend(self._batch)
+            self._pending.extend(self._batch)
             tail = _frame([(seq, row) for seq, row, _, _ in self._batch])
             self._batch = []
             self._out += tail
@@ -511,13 +473,13 @@ class ProcessLedgerWriter:
                 proc.stdin.close()  # the end of its input: commit, then exit
             self._drain(proc, deadline)
             self._detach_closed(proc, deadline)
-        left = len(self._unacked)
+        left = len(self._pending)
         if left:
             self._dropped_rows += left
             self.log.error(
                 "spendtap ledger: closing with %d rows not written to %s", left, self.path
             )
-            self._unacked.clear()
+            self._pending.clear()
         return left == 0
 
     def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
@@ -615,15 +577,7 @@ class _PipeFedWriter(LedgerWriter):
             # otherwise only take what has arrived.
             self._read_input(STATUS_EVERY_S if not self._pending else 0)
         self.report()
-        if self._closing and (not self._pending or time.monotonic() >= self._close_deadline):
-            left = len(self._pending)
-            if left:
-                self._dropped_rows += left
-                self._abandoned += left
-                self._pending.clear()
-                self.log.error(
-                    "spendtap ledger: closing with %d rows not written to %s", left, self.path
-                )
+        if self._stopping():
             return None
         return list(islice(self._pending, self.batch_size))
 
