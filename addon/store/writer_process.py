@@ -272,8 +272,8 @@ class ProcessLedgerWriter(WriterFigures):
         self._next_seq += 1
         if not self._scheduled:
             self._scheduled = True
-            # The rows of two loop iterations go in one write, at the start of the one after.
-            self._loop.call_soon(self._loop.call_soon, self._send_batch)
+            # The rows of one loop iteration go in one write, at the start of the next.
+            self._loop.call_soon(self._send_batch)
 
     def _send_batch(self) -> None:
         self._scheduled = False
