@@ -247,3 +247,33 @@ def test_close_counts_what_the_child_could_not_write(tmp_path, logger, caplog):
         holder.close()
     assert messages(caplog, "cannot write to")
     assert messages(caplog, "closing with 10 rows not written")
+
+
+@pytest.mark.parametrize("restart", ["starting", "not yet"])
+def test_close_while_the_child_is_being_replaced_still_writes_every_row(db, logger, restart):
+    """Shutdown right after the child died: rows no child has acknowledged go to a fresh
+    one, whether its replacement is still starting or not started yet (a backoff)."""
+
+    async def main():
+        writer = ProcessLedgerWriter(db, logger=logger)
+        writer.start(asyncio.get_running_loop())
+        first = writer._proc.pid
+        await submit_and_wait(writer, [ledger_row(f"a{i}") for i in range(20)])
+        if restart == "not yet":
+            writer._restart_after = time.monotonic() + 3600  # the next start waits
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (writer._proc is None or writer._proc.pid == first) and not (
+            restart == "not yet" and writer._proc is None
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert not writer._ready or writer._proc is None
+        for i in range(30):
+            writer.submit(ledger_row(f"b{i}"))
+        await asyncio.sleep(0)  # the batch joins the rows waiting for a child
+        assert writer.close(timeout=30)
+        assert writer.dropped_rows == 0
+
+    asyncio.run(main())
+    assert set(stored(db)) == {f"a{i}" for i in range(20)} | {f"b{i}" for i in range(30)}

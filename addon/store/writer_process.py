@@ -188,6 +188,10 @@ class ProcessLedgerWriter(WriterFigures):
         self._spawn()
 
     def _spawn(self) -> None:
+        self._attach(self._ready_child(), ready=True)
+
+    def _ready_child(self) -> subprocess.Popen:
+        """A new child that has opened the ledger (``WriterProcessError`` if none does)."""
         proc = self._launch()
         try:
             self._wait_ready(proc)
@@ -196,7 +200,7 @@ class ProcessLedgerWriter(WriterFigures):
                 proc.kill()
                 proc.wait(5)
             raise
-        self._attach(proc, ready=True)
+        return proc
 
     def _launch(self) -> subprocess.Popen:
         args = [self.python, "-c", _BOOT, _PACKAGE_DIR, self.path]
@@ -455,20 +459,32 @@ class ProcessLedgerWriter(WriterFigures):
             return not self._pending
         self._closing = True
         deadline = time.monotonic() + timeout
-        if self._batch:
-            self._pending.extend(self._batch)
-            tail = _frame([(seq, row) for seq, row, _, _ in self._batch])
-            self._batch = []
-            self._out += tail
+        unsent, self._batch = self._batch, []
+        self._pending.extend(unsent)
         proc = self._proc
         if proc is not None:
             self._loop.remove_reader(proc.stdout.fileno())
             self._loop.remove_writer(proc.stdin.fileno())
-            os.set_blocking(proc.stdin.fileno(), True)
-            with contextlib.suppress(OSError):
-                proc.stdin.write(bytes(self._out))
-                proc.stdin.flush()
-            self._out.clear()
+        if proc is not None and self._ready:
+            if unsent:
+                self._out += _frame([(seq, row) for seq, row, _, _ in unsent])
+        else:
+            # No child ready to take rows (one died and is not back, or is still
+            # starting, holding nothing): a fresh one is sent everything unacknowledged.
+            if proc is not None:
+                proc.kill()
+                self._detach()
+            proc = None
+            if self._pending:
+                try:
+                    proc = self._ready_child()
+                except WriterProcessError as e:
+                    self.log.error("spendtap ledger: %s", e)
+                else:
+                    self._proc = proc
+                    self._out = bytearray(_frame([(seq, row) for seq, row, _, _ in self._pending]))
+        if proc is not None:
+            self._send_all(proc, deadline)
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # the end of its input: commit, then exit
             self._drain(proc, deadline)
@@ -481,6 +497,23 @@ class ProcessLedgerWriter(WriterFigures):
             )
             self._pending.clear()
         return left == 0
+
+    def _send_all(self, proc: subprocess.Popen, deadline: float) -> None:
+        """Write what is left of ``_out``, waiting for the pipe no later than ``deadline``
+        (a child that reads nothing must not hold the shutdown)."""
+        fd = proc.stdin.fileno()
+        view = memoryview(bytes(self._out))
+        self._out.clear()
+        while view and (left := deadline - time.monotonic()) > 0:
+            _, writable, _ = select.select([], [fd], [], left)
+            if not writable:
+                continue
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # the child is gone: what it did not acknowledge is counted
 
     def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
         fd = proc.stdout.fileno()
