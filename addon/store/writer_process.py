@@ -91,6 +91,14 @@ def _frame(obj: Any) -> bytes:
     return len(data).to_bytes(_LEN, "little") + data
 
 
+def _wait_for(fd: int, event: int, timeout: float) -> bool:
+    """Whether ``fd`` is ready for ``event`` within ``timeout`` seconds (poll, not select:
+    a busy proxy's descriptors go past select's limit of 1024)."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(timeout * 1000))
+
+
 def _frames(buf: bytearray) -> list[Any]:
     """Take every whole frame off the front of ``buf``."""
     out = []
@@ -238,7 +246,7 @@ class ProcessLedgerWriter(WriterFigures):
         deadline = time.monotonic() + START_TIMEOUT_S
         buf = bytearray()
         while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([fd], [], [], left)
+            ready = _wait_for(fd, select.POLLIN, left)
             if not ready:
                 continue
             data = os.read(fd, 65536)
@@ -505,8 +513,7 @@ class ProcessLedgerWriter(WriterFigures):
         view = memoryview(bytes(self._out))
         self._out.clear()
         while view and (left := deadline - time.monotonic()) > 0:
-            _, writable, _ = select.select([], [fd], [], left)
-            if not writable:
+            if not _wait_for(fd, select.POLLOUT, left):
                 continue
             try:
                 view = view[os.write(fd, view) :]
@@ -518,7 +525,7 @@ class ProcessLedgerWriter(WriterFigures):
     def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
         fd = proc.stdout.fileno()
         while (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([fd], [], [], left)
+            ready = _wait_for(fd, select.POLLIN, left)
             if not ready:
                 continue
             try:
