@@ -179,7 +179,8 @@ def test_a_stalled_child_never_blocks_the_event_loop(db, logger):
     holds the rest until the child reads again."""
 
     async def main():
-        writer = ProcessLedgerWriter(db, logger=logger)
+        cap = 256 << 10
+        writer = ProcessLedgerWriter(db, logger=logger, max_buffered_bytes=cap)
         loop = asyncio.get_running_loop()
         writer.start(loop)
         child = writer._proc.pid
@@ -197,6 +198,10 @@ def test_a_stalled_child_never_blocks_the_event_loop(db, logger):
                 await asyncio.sleep(0)
                 longest = max(longest, time.monotonic() - started)
             assert writer._out, "the pipe took everything: the test did not fill it"
+            # Bytes held for the pipe stay bounded (one 100-row frame past the cap at
+            # most); the other rows wait in the queue, bounded by max_pending.
+            assert len(writer._out) < cap + 100 * 1100
+            assert writer.queue_depth == 3000
             assert longest < 0.5
             assert not any(f.done() for f in futures)
         finally:

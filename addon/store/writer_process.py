@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
 
@@ -63,6 +63,9 @@ RESTART_MAX_S = 5.0
 STATUS_EVERY_S = 0.5
 # After its input ends, the child has this long to commit what it holds.
 CLOSE_TIMEOUT_S = 30.0
+
+# Rows a frame at most (a child started again is sent its backlog in pieces).
+ROWS_A_FRAME = 4096
 
 _COMMITTED, _STATUS, _LOG, _READY, _FAILED = "c", "s", "l", "r", "e"
 
@@ -89,6 +92,15 @@ class WriterProcessError(Exception):
 def _frame(obj: Any) -> bytes:
     data = marshal.dumps(obj)
     return len(data).to_bytes(_LEN, "little") + data
+
+
+def _rows_frames(entries: Iterable[tuple]) -> bytes:
+    """Frames of ``(seq, row)`` for queue entries, ``ROWS_A_FRAME`` rows at most each."""
+    out = bytearray()
+    rows = [(entry[0], entry[1]) for entry in entries]
+    for i in range(0, len(rows), ROWS_A_FRAME):
+        out += _frame(rows[i : i + ROWS_A_FRAME])
+    return bytes(out)
 
 
 def _wait_for(fd: int, event: int, timeout: float) -> bool:
@@ -126,6 +138,7 @@ class ProcessLedgerWriter(WriterFigures):
         *,
         prices: str | None = None,
         max_pending: int = 200_000,
+        max_buffered_bytes: int = 8 << 20,
         logger: logging.Logger | None = None,
         stuck_after_s: float = 30.0,
         after_commit: Callable[[list[dict]], None] | None = None,
@@ -134,6 +147,7 @@ class ProcessLedgerWriter(WriterFigures):
         self.path = os.fspath(path)
         self.prices = prices
         self.max_pending = max_pending
+        self.max_buffered_bytes = max_buffered_bytes
         self.stuck_after_s = stuck_after_s
         self.after_commit = after_commit
         self.log = logger or _default_logger
@@ -149,6 +163,7 @@ class ProcessLedgerWriter(WriterFigures):
         self._pending: deque[tuple[int, dict, Callable[[], None] | None, float]] = deque()
         self._scheduled = False
         self._ready = False
+        self._sent_upto = 0  # the last sequence number framed for the current child
         self._next_seq = 1
         self._closing = False
         self._restart_after = 0.0
@@ -239,6 +254,7 @@ class ProcessLedgerWriter(WriterFigures):
         self._ready = ready
         self._in.clear()
         self._out.clear()
+        self._sent_upto = 0  # a new child has been sent nothing
         self._loop.add_reader(proc.stdout.fileno(), self._on_readable)
 
     def _wait_ready(self, proc: subprocess.Popen) -> None:
@@ -307,9 +323,27 @@ class ProcessLedgerWriter(WriterFigures):
         if self._proc is None:
             self._restart_soon()
             return
-        if not self._ready:
+        self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Frame the rows not sent to this child yet, while the bytes the pipe has not
+        taken stay under ``max_buffered_bytes`` (a child that reads nothing must not grow
+        the proxy's memory beyond ``max_pending`` rows: the rest wait, bounded, in
+        ``_pending`` and go once the pipe drains)."""
+        if self._proc is None or not self._ready:
             return  # sent with the rest once the new child is ready
-        self._out += _frame([(seq, row) for seq, row, _, _ in batch])
+        fresh = []
+        for entry in reversed(self._pending):  # the newest first: stop at the sent ones
+            if entry[0] <= self._sent_upto:
+                break
+            fresh.append(entry)
+        fresh.reverse()
+        for i in range(0, len(fresh), ROWS_A_FRAME):
+            if len(self._out) >= self.max_buffered_bytes:
+                break
+            part = fresh[i : i + ROWS_A_FRAME]
+            self._out += _rows_frames(part)
+            self._sent_upto = part[-1][0]
         self._write_out()
 
     def _write_out(self) -> None:
@@ -328,8 +362,10 @@ class ProcessLedgerWriter(WriterFigures):
         del self._out[:sent]
         if self._out:
             self._loop.add_writer(fd, self._write_out)
-        else:
-            self._loop.remove_writer(fd)
+            return
+        self._loop.remove_writer(fd)
+        if self._pending and self._pending[-1][0] > self._sent_upto:
+            self._send_pending()  # rows held back while the pipe was full
 
     def _on_readable(self) -> None:
         proc = self._proc
@@ -453,9 +489,8 @@ class ProcessLedgerWriter(WriterFigures):
         self.log.warning("spendtap ledger: the writer process is back")
         # Everything not acknowledged, in order; a row the old child did commit is
         # ignored by the ledger (its id is there).
-        if self._pending:
-            self._out += _frame([(seq, row) for seq, row, _, _ in self._pending])
-            self._write_out()
+        self._sent_upto = 0
+        self._send_pending()
 
     def close(self, timeout: float) -> bool:
         """Send what is queued, let the child commit it (at most ``timeout`` seconds), stop it.
@@ -467,15 +502,16 @@ class ProcessLedgerWriter(WriterFigures):
             return not self._pending
         self._closing = True
         deadline = time.monotonic() + timeout
-        unsent, self._batch = self._batch, []
-        self._pending.extend(unsent)
+        self._pending.extend(self._batch)
+        self._batch = []
         proc = self._proc
         if proc is not None:
             self._loop.remove_reader(proc.stdout.fileno())
             self._loop.remove_writer(proc.stdin.fileno())
         if proc is not None and self._ready:
-            if unsent:
-                self._out += _frame([(seq, row) for seq, row, _, _ in unsent])
+            # What this child has not been sent: this iteration's rows, and any held
+            # back while its pipe was full.
+            self._out += _rows_frames(e for e in self._pending if e[0] > self._sent_upto)
         else:
             # No child ready to take rows (one died and is not back, or is still
             # starting, holding nothing): a fresh one is sent everything unacknowledged.
@@ -490,7 +526,7 @@ class ProcessLedgerWriter(WriterFigures):
                     self.log.error("spendtap ledger: %s", e)
                 else:
                     self._proc = proc
-                    self._out = bytearray(_frame([(seq, row) for seq, row, _, _ in self._pending]))
+                    self._out = bytearray(_rows_frames(self._pending))
         if proc is not None:
             self._send_all(proc, deadline)
             with contextlib.suppress(OSError):
