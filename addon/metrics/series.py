@@ -263,7 +263,8 @@ class Metrics:
                 child(self.spend_completion_tokens, ak).inc(completion)
 
     def observe_cost(self, row: Mapping[str, Any]) -> None:
-        """Record a committed row's cost (called from the ledger writer's thread)."""
+        """Record a committed row's cost (by the ledger writer's after-commit callback: on
+        the event loop for the writer process, on its thread for the thread writer)."""
         source = row.get("price_source")
         if source is None:
             return
