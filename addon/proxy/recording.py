@@ -42,12 +42,10 @@ class Recording(SpendtapAddon):
     def reconfigure(self, updated: set[str]) -> None:
         if "spendtap_prices" in updated or self.pricer is None:
             self._configure_prices()
-        # The writer process prices rows with a price file of its own reading.
-        in_process = isinstance(self.writer, ProcessLedgerWriter)
-        if (
-            {"spendtap_db", "spendtap_ledger_process"} & updated
-            or self.writer is None
-            or (in_process and "spendtap_prices" in updated)
+        # The writer process prices rows with a price file of its own reading: a new
+        # one starts a new process (``_configure_ledger`` keeps a writer that fits).
+        if {"spendtap_db", "spendtap_ledger_process", "spendtap_prices"} & updated or (
+            self.writer is None
         ):
             self._configure_ledger()
         if "spendtap_access_log" in updated:

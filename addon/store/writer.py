@@ -237,21 +237,14 @@ class LedgerWriter(WriterFigures):
             self._thread.join()
             raise failure[0]
 
-    def submit(
-        self,
-        row: Mapping[str, Any],
-        on_commit: Callable[[], None] | None = None,
-        *,
-        checked: bool = False,
-    ) -> None:
+    def submit(self, row: Mapping[str, Any], on_commit: Callable[[], None] | None = None) -> None:
         """Queue one row; ``on_commit`` runs on the writer thread once it is committed.
 
         Never blocks on SQLite and never raises: an invalid row, or a row submitted
-        after ``close``, is counted in ``dropped_rows`` and logged. ``checked`` says
-        the row already went through ``normalize_row`` (the writer process's rows).
+        after ``close``, is counted in ``dropped_rows`` and logged.
         """
         try:
-            prepared = row if checked else normalize_row(row)
+            prepared = normalize_row(row)
         except Exception as e:
             self._dropped_rows += 1
             self.log.warning("spendtap ledger: dropped an invalid row: %s", e)

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -109,6 +109,22 @@ def _wait_for(fd: int, event: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, event)
     return bool(poller.poll(timeout * 1000))
+
+
+def _read_until(fd: int, deadline: float, buf: bytearray) -> Iterator[Any]:
+    """The messages read from ``fd`` (blocking, ``buf`` holding a partial frame) until
+    its end or ``deadline``."""
+    while (left := deadline - time.monotonic()) > 0:
+        if not _wait_for(fd, select.POLLIN, left):
+            continue
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        buf += data
+        yield from _frames(buf)
 
 
 def _frames(buf: bytearray) -> list[Any]:
@@ -258,26 +274,18 @@ class ProcessLedgerWriter(WriterFigures):
         self._loop.add_reader(proc.stdout.fileno(), self._on_readable)
 
     def _wait_ready(self, proc: subprocess.Popen) -> None:
-        fd = proc.stdout.fileno()
         deadline = time.monotonic() + START_TIMEOUT_S
-        buf = bytearray()
-        while (left := deadline - time.monotonic()) > 0:
-            ready = _wait_for(fd, select.POLLIN, left)
-            if not ready:
-                continue
-            data = os.read(fd, 65536)
-            if not data:
-                raise WriterProcessError(
-                    f"the ledger writer process exited at start (code {proc.wait(5)})"
-                )
-            buf += data
-            for message in _frames(buf):
-                if message[0] == _READY:
-                    return
-                if message[0] == _FAILED:
-                    raise WriterProcessError(message[1])
-                if message[0] == _LOG:
-                    self.log.log(message[1], message[2])
+        for message in _read_until(proc.stdout.fileno(), deadline, bytearray()):
+            if message[0] == _READY:
+                return
+            if message[0] == _FAILED:
+                raise WriterProcessError(message[1])
+            if message[0] == _LOG:
+                self.log.log(message[1], message[2])
+        if time.monotonic() < deadline:  # the end of its output, before it was ready
+            raise WriterProcessError(
+                f"the ledger writer process exited at start (code {proc.wait(5)})"
+            )
         raise WriterProcessError("the ledger writer process did not open the ledger in time")
 
     def submit(self, row: Mapping[str, Any], on_commit: Callable[[], None] | None = None) -> None:
@@ -414,7 +422,7 @@ class ProcessLedgerWriter(WriterFigures):
     def _committed(self, prices: list[tuple[int, int | None, str | None]]) -> None:
         if not prices:
             return
-        priced = dict((seq, (cost, source)) for seq, cost, source in prices)
+        priced = {seq: (cost, source) for seq, cost, source in prices}
         upto = prices[-1][0]
         done = []
         # The child commits in the order it was sent: everything up to the last
@@ -430,7 +438,9 @@ class ProcessLedgerWriter(WriterFigures):
         self._last_commit_at = time.time()
         self._call_back(done)
 
-    def _detach(self) -> int | None:
+    def _detach(self, wait_s: float = 5.0, *, late: bool = False) -> int | None:
+        """Let go of the child: its pipes closed, its exit waited for ``wait_s`` seconds,
+        then killed (and, ``late``, logged as not stopping in time). Its exit code."""
         proc, self._proc = self._proc, None
         if proc is None:
             return None
@@ -441,8 +451,10 @@ class ProcessLedgerWriter(WriterFigures):
             with contextlib.suppress(Exception):
                 pipe.close()
         try:
-            return proc.wait(5)
+            return proc.wait(wait_s)
         except subprocess.TimeoutExpired:
+            if late:
+                self.log.error("spendtap ledger: the writer process did not stop in time")
             proc.kill()
             return proc.wait(5)
 
@@ -531,8 +543,9 @@ class ProcessLedgerWriter(WriterFigures):
             self._send_all(proc, deadline)
             with contextlib.suppress(OSError):
                 proc.stdin.close()  # the end of its input: commit, then exit
-            self._drain(proc, deadline)
-            self._detach_closed(proc, deadline)
+            # Its acknowledgements until it exits (the end of its output) or time is up.
+            self._handle(list(_read_until(proc.stdout.fileno(), deadline, self._in)))
+            self._detach(max(0.1, deadline - time.monotonic()), late=True)
         left = len(self._pending)
         if left:
             self._dropped_rows += left
@@ -557,32 +570,6 @@ class ProcessLedgerWriter(WriterFigures):
                 continue
             except OSError:
                 return  # the child is gone: what it did not acknowledge is counted
-
-    def _drain(self, proc: subprocess.Popen, deadline: float) -> None:
-        fd = proc.stdout.fileno()
-        while (left := deadline - time.monotonic()) > 0:
-            ready = _wait_for(fd, select.POLLIN, left)
-            if not ready:
-                continue
-            try:
-                data = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            if not data:
-                return
-            self._in += data
-            self._handle(_frames(self._in))
-
-    def _detach_closed(self, proc: subprocess.Popen, deadline: float) -> None:
-        self._proc = None
-        with contextlib.suppress(Exception):
-            proc.stdout.close()
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self.log.error("spendtap ledger: the writer process did not stop in time")
-            proc.kill()
-            proc.wait(5)
 
 
 # -- the child ------------------------------------------------------------------------
@@ -629,9 +616,8 @@ class _PipeFedWriter(LedgerWriter):
             self._drop_connection()
         return not self._pending and not self._abandoned
 
-    def _read_input(self, timeout: float | None) -> None:
-        ready, _, _ = select.select([self.in_fd], [], [], timeout)
-        if not ready:
+    def _read_input(self, timeout: float) -> None:
+        if not _wait_for(self.in_fd, select.POLLIN, timeout):
             return
         data = os.read(self.in_fd, 1 << 20)
         if not data:
@@ -691,20 +677,21 @@ def child_main(argv: list[str]) -> int:
     log.propagate = False
     log.setLevel(logging.INFO)
     log.addHandler(_PipeLog(send))
-    reported: list[tuple[int, int, bool]] = []
+    reported: tuple[int, int, bool] | None = None
 
     def figures() -> tuple[int, int, bool]:
         return (writer.write_errors, writer.dropped_rows, writer.failing)
 
     def report() -> None:
+        nonlocal reported
         now = figures()
-        if not reported or reported[0] != now:
-            reported[:] = [now]
+        if now != reported:
+            reported = now
             send((_STATUS, now))
 
     def after_commit(rows: list[dict]) -> None:
-        now = figures()
-        reported[:] = [now]
+        nonlocal reported
+        now = reported = figures()
         send(
             (
                 _COMMITTED,
