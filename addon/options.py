@@ -245,6 +245,14 @@ OPTIONS: tuple[Option, ...] = (
         "interpreter never waits for SQLite). false: from a thread of this process.",
     ),
     Option(
+        "spendtap_join_chunks",
+        bool,
+        True,
+        "Pass on the chunks of a chunked body that one read of the socket holds as one "
+        "chunk: the same bytes, fewer events and writes. false: one chunk out for each "
+        "chunk in, as mitmdump does.",
+    ),
+    Option(
         "spendtap_inject_usage",
         bool,
         True,

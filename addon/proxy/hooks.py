@@ -34,6 +34,7 @@ from mitmproxy import ctx, http
 from spendtap.metering.inject import InjectedUsageFilter, wants_usage_injection, with_include_usage
 from spendtap.metering.meter import FlowMeter, outcome_for_error
 from spendtap.metering.request import detect_api, parse_request
+from spendtap.proxy import coalesce
 from spendtap.proxy.errorpage import install as install_error_answers
 from spendtap.proxy.failclosed import SpendtapAddon
 from spendtap.proxy.gate import Admission, Principal
@@ -57,6 +58,7 @@ class Metering(SpendtapAddon):
         "spendtap_inject_usage",
         "spendtap_buffer_bytes",
         "spendtap_connection_log",
+        "spendtap_join_chunks",
     )
 
     def __init__(self, fail_closed, guard, recording, gatekeeper, monitoring) -> None:
@@ -78,6 +80,11 @@ class Metering(SpendtapAddon):
                 "spendtap: this mitmproxy version cannot answer upstream failures with the "
                 "API's error envelope; clients get mitmproxy's HTML 502 page"
             )
+        if not coalesce.install():
+            logger.warning(
+                "spendtap: this mitmproxy version cannot join the chunks of a chunked body; "
+                "each is passed on by itself (spendtap_join_chunks has no effect)"
+            )
         super().load(loader)
 
     def configure(self, updated: set[str]) -> None:
@@ -88,6 +95,8 @@ class Metering(SpendtapAddon):
             # one line that says why must not drown.
             on = bool(getattr(ctx.options, "spendtap_connection_log", False))
             logging.getLogger(CONNECTION_LOGGER).setLevel(logging.NOTSET if on else logging.WARNING)
+        if "spendtap_join_chunks" in updated:
+            coalesce.set_joining(bool(getattr(ctx.options, "spendtap_join_chunks", True)))
         super().configure(updated)
 
     @property
