@@ -245,12 +245,21 @@ _CHAT_EVENTS = [
 
 @st.composite
 def chat_streams(draw):
-    """A chat stream cut mostly an event a chunk (as servers send), some events merged,
-    split anywhere or after their first line, each chunk arriving at its own time."""
+    """A chat stream cut mostly an event a chunk (as servers send) or mostly several
+    events a chunk (as a proxy behind a fast stream reads them), some events split
+    anywhere or after their first line, each chunk arriving at its own time."""
     events = [_START, *draw(st.lists(st.sampled_from(_CHAT_EVENTS), max_size=40))]
+    ways = draw(
+        st.sampled_from(
+            [
+                ["whole", "whole", "whole", "merge", "split", "line"],
+                ["merge", "merge", "merge", "whole", "split"],
+            ]
+        )
+    )
     chunks: list[bytes] = []
     for ev in events:
-        how = draw(st.sampled_from(["whole", "whole", "whole", "merge", "split", "line"]))
+        how = draw(st.sampled_from(ways))
         if how == "merge" and chunks:
             chunks[-1] += ev
         elif how == "line" and 0 < ev.find(b"\n") < len(ev) - 2:
@@ -319,3 +328,17 @@ def test_token_events_skip_the_parser():
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (9, 8)
     # Identical events: the smallest is taken as the envelope and one character.
     assert r.output_chars == 3
+
+
+def test_a_chunk_of_token_events_skips_the_parser():
+    """Several whole token events in one chunk (a joined read) are counted inline too; a
+    chunk with anything else among them goes to the parser whole."""
+    token = _CHAT_EVENTS[0]
+    usage = _CHAT_EVENTS[8]
+    scanner = ResponseScanner(OPENAI_CHAT, "text/event-stream")
+    parser = scanner._parser = _CountingParser()
+    chunks = [_START, token, token * 5, token * 2 + usage, b"data: [DONE]\n\n"]
+    r = _scan_timed(scanner, chunks)
+    assert parser.fed == [_START, token, token * 2 + usage, b"data: [DONE]\n\n"]
+    assert (r.content_events, r.first_content_at, r.last_content_at) == (8, 1.0, 3.0)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (9, 8)
