@@ -215,6 +215,8 @@ class _ParserOnly(ResponseScanner):
 
 
 _START = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'  # noqa: E501
+# One event of two data lines, each a JSON object of its own (invalid joined).
+_TWO_JSON_LINES = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\ndata: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n'  # noqa: E501
 # Events a chat stream may carry past its first token, the awkward ones included: the word
 # usage or error inside text, an empty content, a usage object, an error, CRLF framing,
 # a bare CR inside a line (a line break to SSE), an event name, a comment, several data
@@ -237,6 +239,7 @@ _CHAT_EVENTS = [
     b'data: {"choices":[],"usage":{"input_tokens":5,"output_tokens":6,"cache_read_input_tokens":2}}\n\n',  # noqa: E501
     b": keep-alive\n\n",
     b'data: {"choices":[{"index":0,\ndata: "delta":{"content":"two lines"}}]}\n\n',
+    _TWO_JSON_LINES,
     b'data: {"content":"no choices"}\n\n',
     b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n',
     b"data: [DONE]\n\n",
@@ -245,10 +248,21 @@ _CHAT_EVENTS = [
 
 @st.composite
 def chat_streams(draw):
-    """A chat stream cut mostly an event a chunk (as servers send) or mostly several
-    events a chunk (as a proxy behind a fast stream reads them), some events split
-    anywhere or after their first line, each chunk arriving at its own time."""
+    """A chat stream cut mostly an event a chunk (as servers send), mostly several
+    events a chunk, or anywhere (as a proxy behind a fast stream reads them), some
+    events split anywhere or after their first line, each chunk arriving at its own
+    time."""
     events = [_START, *draw(st.lists(st.sampled_from(_CHAT_EVENTS), max_size=40))]
+    if draw(st.booleans()) and draw(st.booleans()):
+        # Cut anywhere, as reads of a socket: the first chunk or two alone (learning
+        # the model and the first token), then pieces of up to 2,000 bytes.
+        stream = b"".join(events[2:])
+        chunks = events[:2]
+        while stream:
+            size = draw(st.integers(min_value=1, max_value=2000))
+            chunks.append(stream[:size])
+            stream = stream[size:]
+        return chunks
     ways = draw(
         st.sampled_from(
             [
@@ -331,14 +345,37 @@ def test_token_events_skip_the_parser():
 
 
 def test_a_chunk_of_token_events_skips_the_parser():
-    """Several whole token events in one chunk (a joined read) are counted inline too; a
-    chunk with anything else among them goes to the parser whole."""
+    """Several whole token events in one chunk (a joined read) are counted inline too,
+    an event cut by the chunk's start or end goes through the parser."""
     token = _CHAT_EVENTS[0]
     usage = _CHAT_EVENTS[8]
     scanner = ResponseScanner(OPENAI_CHAT, "text/event-stream")
     parser = scanner._parser = _CountingParser()
-    chunks = [_START, token, token * 5, token * 2 + usage, b"data: [DONE]\n\n"]
-    r = _scan_timed(scanner, chunks)
-    assert parser.fed == [_START, token, token * 2 + usage, b"data: [DONE]\n\n"]
-    assert (r.content_events, r.first_content_at, r.last_content_at) == (8, 1.0, 3.0)
+    run = token * 10
+    cut = token[:20]
+    chunks = [_START, token, run, run + cut, token[20:] + run + cut, token[20:] + usage]
+    r = _scan_timed(scanner, chunks + [b"data: [DONE]\n\n"])
+    # Whole events inline; what ends or starts mid-event, and the usage, by the parser.
+    assert parser.fed == [
+        _START,
+        token,
+        cut,
+        token[20:],
+        cut,
+        token[20:] + usage,
+        b"data: [DONE]\n\n",
+    ]
+    assert (r.content_events, r.first_content_at, r.last_content_at) == (33, 1.0, 5.0)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (9, 8)
+
+
+def test_an_event_the_parser_holds_is_finished_before_whole_events_are_counted():
+    """A chunk that starts with whole-looking token events while the parser holds the
+    first line of an event: the first of them is that event's second data line, not an
+    event of its own; the inline path must let the parser finish it first."""
+    token = _CHAT_EVENTS[0]
+    two = _TWO_JSON_LINES
+    first_line = two[: two.index(b"\n") + 1]
+    chunks = [_START, token, first_line, two[len(first_line) :] + token * 10]
+    fast = _scan_timed(ResponseScanner(OPENAI_CHAT, "text/event-stream"), chunks)
+    assert fast == _scan_timed(_ParserOnly(OPENAI_CHAT, "text/event-stream"), chunks)

@@ -306,27 +306,34 @@ class ResponseScanner:
                     if (
                         self._fast
                         and chunk.startswith(b"data: {")
+                        and chunk.find(b"\n") == len(chunk) - 2
                         and chunk[-1] == 10
                         and chunk.find(b"\r") < 0
+                        and self._token_event(chunk)
                     ):
-                        if chunk.find(b"\n") == len(chunk) - 2:
-                            if self._token_event(chunk):
-                                # One whole chat token event, the parser holding nothing:
-                                # what ``_event`` would conclude, without the parser's list,
-                                # the event tuple and the call (the parser stays at an event
-                                # boundary).
-                                self._last = now
-                                self._content_n += 1
-                                size = len(chunk) - 8  # the data: no "data: ", no "\n\n"
-                                self._content_bytes += size
-                                if size < self._content_min:
-                                    self._content_min = size
-                                return
-                        elif self._token_events(chunk, now):
-                            return
+                        # One whole chat token event, the parser holding nothing: what
+                        # ``_event`` would conclude, without the parser's list, the event
+                        # tuple and the call (the parser stays at an event boundary).
+                        self._last = now
+                        self._content_n += 1
+                        size = len(chunk) - 8  # the event's data: without "data: " and "\n\n"
+                        self._content_bytes += size
+                        if size < self._content_min:
+                            self._content_min = size
+                        return
                     parser = self._parser
-                    for t, d, tail in parser.feed(chunk):
-                        self._event(t, d, tail, now)
+                    if (
+                        self._INLINE_TOKENS
+                        and not self._phase1
+                        and self._first is not None
+                        and self._model is not None
+                        and len(chunk) > 512  # several events: worth the cuts
+                        and chunk.find(b"\r") < 0
+                    ):
+                        self._feed_events(chunk, now)
+                    else:
+                        for t, d, tail in parser.feed(chunk):
+                            self._event(t, d, tail, now)
                     self._fast = (
                         chunk[-1] == 10  # an event boundary ends a line: cheap test first
                         and self._INLINE_TOKENS
@@ -437,23 +444,52 @@ class ResponseScanner:
         except Exception:
             self._internal += 1
 
-    def _token_events(self, chunk: bytes, now: float) -> bool:
-        """Count a chunk of several whole chat token events inline; False (nothing
-        counted) when any of them is anything else, for the parser to take the chunk.
-
-        A proxy that is behind a fast stream passes on what one read brought (see
-        ``spendtap.proxy.coalesce``): tens of token events a chunk.
+    def _feed_events(self, chunk: bytes, now: float) -> None:
+        """A chunk of many events (what one read of a fast stream brings, passed on whole
+        by ``spendtap.proxy.coalesce``), past the first token: the end of an event the
+        parser holds and a cut event at the end go through the parser, the whole events
+        between are counted inline when all of them are token events.
         """
-        events = chunk.split(b"\n\n")
-        if events.pop():  # the chunk must end at an event boundary
-            return False
+        parser = self._parser
+        event = self._event
+        start = 0
+        if not parser.at_event_boundary():
+            start = chunk.find(b"\n\n") + 2
+            if start == 1 or start == len(chunk):
+                for t, d, tail in parser.feed(chunk):
+                    event(t, d, tail, now)
+                return
+            for t, d, tail in parser.feed(chunk[:start]):
+                event(t, d, tail, now)
+            if not parser.at_event_boundary():
+                for t, d, tail in parser.feed(chunk[start:]):
+                    event(t, d, tail, now)
+                return
+        end = chunk.rfind(b"\n\n") + 2
+        if end > start:
+            whole = chunk[start:end] if start or end < len(chunk) else chunk
+            if not self._token_events(whole, now):
+                for t, d, tail in parser.feed(whole):
+                    event(t, d, tail, now)
+        else:
+            end = start
+        if end < len(chunk):
+            for t, d, tail in parser.feed(chunk[end:]):
+                event(t, d, tail, now)
+
+    def _token_events(self, events_bytes: bytes, now: float) -> bool:
+        """Count whole events that are all chat token events inline; False (nothing
+        counted) when any of them is anything else, for the parser to take them.
+        """
+        events = events_bytes.split(b"\n\n")
+        events.pop()  # after the last blank line: nothing
         token_event = self._token_event
         total = 0
         smallest = self._content_min
-        for event in events:
-            if not (event.startswith(b"data: {") and event.find(b"\n") < 0 and token_event(event)):
+        for ev in events:
+            if not (ev.startswith(b"data: {") and ev.find(b"\n") < 0 and token_event(ev)):
                 return False
-            size = len(event) - 6  # the event's data, without "data: "
+            size = len(ev) - 6  # the event's data, without "data: "
             total += size
             if size < smallest:
                 smallest = size
