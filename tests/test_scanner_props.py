@@ -354,7 +354,7 @@ def test_a_chunk_of_token_events_skips_the_parser():
     run = token * 10
     cut = token[:20]
     chunks = [_START, token, run, run + cut, token[20:] + run + cut, token[20:] + usage]
-    r = _scan_timed(scanner, chunks + [b"data: [DONE]\n\n"])
+    r = _scan_timed(scanner, [*chunks, b"data: [DONE]\n\n"])
     # Whole events inline; what ends or starts mid-event, and the usage, by the parser.
     assert parser.fed == [
         _START,
