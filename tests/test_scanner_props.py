@@ -254,10 +254,9 @@ def chat_streams(draw):
     time."""
     events = [_START, *draw(st.lists(st.sampled_from(_CHAT_EVENTS), max_size=40))]
     if draw(st.booleans()) and draw(st.booleans()):
-        # Cut anywhere, as reads of a socket: the first chunk or two alone (learning
-        # the model and the first token), then pieces of up to 2,000 bytes.
-        stream = b"".join(events[2:])
-        chunks = events[:2]
+        # Cut anywhere, as reads of a socket: pieces of up to 2,000 bytes.
+        stream = b"".join(events)
+        chunks = []
         while stream:
             size = draw(st.integers(min_value=1, max_value=2000))
             chunks.append(stream[:size])

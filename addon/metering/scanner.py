@@ -63,6 +63,9 @@ __all__ = ["ResponseScanner", "ScanResult", "last_usage_object"]
 
 # Events parsed in full while waiting for the first content event, at most.
 PHASE1_MAX_EVENTS = 256
+# Events of a many-event chunk handed to the parser one by one to learn the model and
+# the first token before the rest is counted inline; past them, the parser takes it all.
+_PARSED_BEFORE_INLINE = 8
 
 # Scanning modes.
 _UNDECIDED = 0
@@ -321,19 +324,8 @@ class ResponseScanner:
                         if size < self._content_min:
                             self._content_min = size
                         return
+                    self._feed_sse(chunk, now)
                     parser = self._parser
-                    if (
-                        self._INLINE_TOKENS
-                        and not self._phase1
-                        and self._first is not None
-                        and self._model is not None
-                        and len(chunk) > 512  # several events: worth the cuts
-                        and chunk.find(b"\r") < 0
-                    ):
-                        self._feed_events(chunk, now)
-                    else:
-                        for t, d, tail in parser.feed(chunk):
-                            self._event(t, d, tail, now)
                     self._fast = (
                         chunk[-1] == 10  # an event boundary ends a line: cheap test first
                         and self._INLINE_TOKENS
@@ -366,8 +358,7 @@ class ResponseScanner:
         self._last_bytes_at = now
         mode = self._mode
         if mode == _SSE:
-            for t, d, tail in self._parser.feed(data):
-                self._event(t, d, tail, now)
+            self._feed_sse(data, now)
         elif mode == _JSON:
             self._json_add(data)
         else:
@@ -399,8 +390,7 @@ class ResponseScanner:
         self._pre = b""
         self._mode = mode
         if mode == _SSE:
-            for t, d, tail in self._parser.feed(pre):
-                self._event(t, d, tail, now)
+            self._feed_sse(pre, now)
         else:
             self._start_document(pre, s, now)
 
@@ -444,36 +434,51 @@ class ResponseScanner:
         except Exception:
             self._internal += 1
 
-    def _feed_events(self, chunk: bytes, now: float) -> None:
-        """A chunk of many events (what one read of a fast stream brings, passed on whole
-        by ``spendtap.proxy.coalesce``), past the first token: the end of an event the
-        parser holds and a cut event at the end go through the parser, the whole events
-        between are counted inline when all of them are token events.
+    def _feed_sse(self, chunk: bytes, now: float) -> None:
+        """Events through the parser, or, in a chunk of many (what one read of a fast
+        stream brings, passed on whole by ``spendtap.proxy.coalesce``), the whole token
+        events counted inline: once the parser is at an event boundary with the stream's
+        model and first token known (the first few events go through it to learn them),
+        the whole events up to the chunk's last boundary are counted inline if all of
+        them are token events; a cut event at the end goes through the parser.
         """
         parser = self._parser
         event = self._event
-        start = 0
-        if not parser.at_event_boundary():
-            start = chunk.find(b"\n\n") + 2
-            if start == 1 or start == len(chunk):
-                for t, d, tail in parser.feed(chunk):
-                    event(t, d, tail, now)
-                return
-            for t, d, tail in parser.feed(chunk[:start]):
+        if not self._INLINE_TOKENS or len(chunk) <= 512 or chunk.find(b"\r") >= 0:
+            for t, d, tail in parser.feed(chunk):
                 event(t, d, tail, now)
-            if not parser.at_event_boundary():
-                for t, d, tail in parser.feed(chunk[start:]):
-                    event(t, d, tail, now)
+            return
+        n = len(chunk)
+        pos = 0
+        for _ in range(_PARSED_BEFORE_INLINE):
+            if (
+                not self._phase1
+                and self._first is not None
+                and self._model is not None
+                and parser.at_event_boundary()
+            ):
+                break
+            following = chunk.find(b"\n\n", pos) + 2
+            if following == 1 or following == n:
+                following = n
+            for t, d, tail in parser.feed(chunk[pos:following] if pos or following < n else chunk):
+                event(t, d, tail, now)
+            pos = following
+            if pos == n:
                 return
+        else:
+            for t, d, tail in parser.feed(chunk[pos:]):
+                event(t, d, tail, now)
+            return
         end = chunk.rfind(b"\n\n") + 2
-        if end > start:
-            whole = chunk[start:end] if start or end < len(chunk) else chunk
+        if end > pos:
+            whole = chunk[pos:end] if pos or end < n else chunk
             if not self._token_events(whole, now):
                 for t, d, tail in parser.feed(whole):
                     event(t, d, tail, now)
         else:
-            end = start
-        if end < len(chunk):
+            end = pos
+        if end < n:
             for t, d, tail in parser.feed(chunk[end:]):
                 event(t, d, tail, now)
 
