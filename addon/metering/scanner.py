@@ -471,38 +471,48 @@ class ResponseScanner:
                 event(t, d, tail, now)
             return
         end = chunk.rfind(b"\n\n") + 2
-        if end > pos:
-            whole = chunk[pos:end] if pos or end < n else chunk
-            if not self._token_events(whole, now):
-                for t, d, tail in parser.feed(whole):
-                    event(t, d, tail, now)
-        else:
-            end = pos
-        if end < n:
-            for t, d, tail in parser.feed(chunk[end:]):
+        while pos < end:
+            # Token events inline up to the first other one, which the parser takes.
+            pos = self._token_events(chunk, pos, end, now)
+            if pos == end:
+                break
+            following = chunk.find(b"\n\n", pos) + 2
+            for t, d, tail in parser.feed(chunk[pos:following]):
+                event(t, d, tail, now)
+            pos = following
+            if not parser.at_event_boundary():
+                break
+        if pos < n:
+            for t, d, tail in parser.feed(chunk[pos:]):
                 event(t, d, tail, now)
 
-    def _token_events(self, events_bytes: bytes, now: float) -> bool:
-        """Count whole events that are all chat token events inline; False (nothing
-        counted) when any of them is anything else, for the parser to take them.
+    def _token_events(self, chunk: bytes, pos: int, end: int, now: float) -> int:
+        """Count the chat token events of ``chunk[pos:end]`` (whole events) inline, up to
+        the first event that is anything else; where that one starts (``end``: all were).
         """
-        events = events_bytes.split(b"\n\n")
+        events = chunk[pos:end].split(b"\n\n")
         events.pop()  # after the last blank line: nothing
         token_event = self._token_event
         total = 0
         smallest = self._content_min
+        counted = 0
         for ev in events:
             if not (ev.startswith(b"data: {") and ev.find(b"\n") < 0 and token_event(ev)):
-                return False
+                break
             size = len(ev) - 6  # the event's data, without "data: "
             total += size
             if size < smallest:
                 smallest = size
-        self._last = now
-        self._content_n += len(events)
-        self._content_bytes += total
-        self._content_min = smallest
-        return True
+            counted += 1
+            pos += size + 8
+        else:
+            pos = end
+        if counted:
+            self._last = now
+            self._content_n += counted
+            self._content_bytes += total
+            self._content_min = smallest
+        return pos
 
     @staticmethod
     def _token_event(data: bytes) -> bool:
