@@ -378,3 +378,14 @@ def test_an_event_the_parser_holds_is_finished_before_whole_events_are_counted()
     chunks = [_START, token, first_line, two[len(first_line) :] + token * 10]
     fast = _scan_timed(ResponseScanner(OPENAI_CHAT, "text/event-stream"), chunks)
     assert fast == _scan_timed(_ParserOnly(OPENAI_CHAT, "text/event-stream"), chunks)
+
+
+def test_a_long_run_of_token_events_and_others_among_them_in_one_chunk():
+    """A whole response joined into one read: hundreds of token events with other events
+    among them (an empty content, usage, an error, [DONE]) counted as the parser would."""
+    token, empty, usage = _CHAT_EVENTS[0], _CHAT_EVENTS[4], _CHAT_EVENTS[8]
+    body = _START + token * 150 + empty + token * 150 + usage + token * 3 + b"data: [DONE]\n\n"
+    for chunks in ([body], [body[:1000], body[1000:]], [_START, token, body[len(_START) :]]):
+        fast = _scan_timed(ResponseScanner(OPENAI_CHAT, "text/event-stream"), chunks)
+        assert fast == _scan_timed(_ParserOnly(OPENAI_CHAT, "text/event-stream"), chunks)
+        assert fast.content_events >= 303
