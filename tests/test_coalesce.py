@@ -29,8 +29,23 @@ assert coalesce.install()
 Joining = coalesce.CoalescingChunkedReader
 
 
-def _chunked(pieces: list[bytes], trailers: bytes = b"") -> bytes:
-    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+# How a chunk's size line may be written: what the one-pass cut takes and what it
+# leaves to h11 (upper case, leading zeros, an extension, trailing blanks, too long).
+_SIZE_LINES = {
+    "plain": b"%x\r\n",
+    "upper": b"%X\r\n",
+    "zeros": b"000%x\r\n",
+    "ext": b"%x;name=value\r\n",
+    "blank": b"%x \r\n",
+    "long": b"000000000000000000000%x\r\n",
+}
+
+
+def _chunked(pieces: list[bytes], trailers: bytes = b"", styles: list[str] | None = None) -> bytes:
+    styles = styles or ["plain"]
+    body = b"".join(
+        _SIZE_LINES[styles[i % len(styles)]] % len(p) + p + b"\r\n" for i, p in enumerate(pieces)
+    )
     return body + b"0\r\n" + trailers + b"\r\n"
 
 
@@ -116,15 +131,16 @@ def test_a_truncated_body_fails_at_eof_like_h11():
         reader.read_eof()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     pieces=st.lists(st.binary(min_size=1, max_size=40), max_size=12),
     trailers=st.sampled_from([b"", b"x-a: 1\r\n"]),
     cuts=st.lists(st.integers(min_value=0, max_value=1000), max_size=8),
     corrupt=st.one_of(st.none(), st.integers(min_value=0, max_value=1000)),
+    styles=st.lists(st.sampled_from(sorted(_SIZE_LINES)), min_size=1, max_size=4),
 )
-def test_same_bytes_same_end_as_h11_however_it_arrives(pieces, trailers, cuts, corrupt):
-    wire = _chunked(pieces, trailers)
+def test_same_bytes_same_end_as_h11_however_it_arrives(pieces, trailers, cuts, corrupt, styles):
+    wire = _chunked(pieces, trailers, styles)
     if corrupt is not None:
         at = corrupt % len(wire)
         wire = wire[:at] + b"\x00" + wire[at + 1 :]

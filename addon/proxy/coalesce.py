@@ -27,6 +27,35 @@ _MARK = "_spendtap_coalescing"
 _joining = True
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def _whole_chunks(raw: bytes, parts: list) -> int:
+    """Append the data of the whole chunks at the start of ``raw`` to ``parts``; how many
+    bytes they took.
+
+    Only the plainest form (hex digits, CRLF, the data, CRLF) is taken: the last chunk,
+    a chunk extension, blanks, a cut chunk or anything malformed stops it, and h11's own
+    reader takes it from there, so what is accepted or refused stays h11's decision.
+    """
+    pos = 0
+    find = raw.find
+    while True:
+        eol = find(b"\r\n", pos)
+        if eol <= pos or eol - pos > 20:  # no line yet, an empty one or too long for h11
+            return pos
+        size_text = raw[pos:eol]
+        if size_text.strip(_HEX_DIGITS):
+            return pos
+        size = int(size_text, 16)
+        start = eol + 2
+        stop = start + size
+        if size == 0 or raw[stop : stop + 2] != b"\r\n":
+            return pos
+        parts.append(raw[start:stop])
+        pos = stop + 2
+
+
 def _reader_class():
     from h11 import Data, ProtocolError
     from h11._readers import ChunkedReader
@@ -34,9 +63,11 @@ def _reader_class():
     class CoalescingChunkedReader(ChunkedReader):
         """h11's chunked-body reader, answering with all the body data the buffer holds.
 
-        What follows the joined data in the buffer (the end of the message, or a
-        protocol error) is kept for the next call, which the reading loop makes at
-        once: events come out in the order they would have, the data joined.
+        Whole chunks at a chunk boundary are cut out of the buffer in one pass; h11's
+        reader takes everything else (a cut chunk, the last chunk and its trailers,
+        anything unusual or malformed). What follows the joined data (the end of the
+        message, or a protocol error) is kept for the next call, which the reading loop
+        makes at once: events come out in the order they would have, the data joined.
         """
 
         def __init__(self) -> None:
@@ -50,26 +81,28 @@ def _reader_class():
                 if isinstance(after, BaseException):
                     raise after
                 return after
+            parts: list = []
+            if not (self._bytes_in_chunk or self._bytes_to_discard or self._reading_trailer):
+                taken = _whole_chunks(bytes(buf), parts)
+                if taken:
+                    buf.maybe_extract_at_most(taken)
             read = super().__call__
-            event = read(buf)
-            if type(event) is not Data:
-                return event
-            parts = None
             while True:
                 try:
-                    following = read(buf)
+                    event = read(buf)
                 except ProtocolError as e:
+                    if not parts:
+                        raise
                     self._after = e
                     break
-                if type(following) is not Data:
-                    self._after = following  # None (nothing more yet) or the end
-                    break
-                if parts is None:
-                    parts = [event.data]
-                parts.append(following.data)
-            if parts is None:
-                return event
-            return Data(data=b"".join(parts))
+                if type(event) is Data:
+                    parts.append(event.data)
+                    continue
+                if not parts:
+                    return event
+                self._after = event  # None (nothing more yet) or the end
+                break
+            return Data(data=parts[0] if len(parts) == 1 else b"".join(parts))
 
     return CoalescingChunkedReader
 
@@ -95,7 +128,9 @@ def install() -> bool:
         return False
     if getattr(original, _MARK, False):
         return True
-    if type(original(None)) is not ChunkedReader:
+    plain = original(None)
+    state = ("_bytes_in_chunk", "_bytes_to_discard", "_reading_trailer")
+    if type(plain) is not ChunkedReader or not all(hasattr(plain, a) for a in state):
         return False
     if CoalescingChunkedReader is None:
         CoalescingChunkedReader = _reader_class()
