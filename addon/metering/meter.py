@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from math import modf
 
 from spendtap.metering.dialect_scanner import make_scanner
 from spendtap.metering.estimate import estimate_completion_tokens
@@ -25,10 +26,32 @@ MAX_ERROR_LEN = 200
 _now = time.time
 
 
+# The last second formatted, as one tuple (replaced whole: safe from any thread).
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00.")
+
+
 def iso_utc(ts: float) -> str:
-    """Fixed-width ISO 8601 UTC with milliseconds, so ledger timestamps sort as text."""
-    dt = datetime.fromtimestamp(ts, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """Fixed-width ISO 8601 UTC with milliseconds, so ledger timestamps sort as text.
+
+    The same text as ``datetime.fromtimestamp(ts, UTC)`` formatted (its microseconds
+    rounded half to even, carried into the second), with the second's part formatted
+    once a second: ``strftime`` was most of a ledger row's cost on the event loop.
+    """
+    frac, whole = modf(ts)
+    us = round(frac * 1e6)
+    sec = int(whole)
+    if us >= 1_000_000:
+        sec += 1
+        us -= 1_000_000
+    elif us < 0:
+        sec -= 1
+        us += 1_000_000
+    global _second
+    cached_sec, prefix = _second
+    if sec != cached_sec:
+        prefix = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second = (sec, prefix)
+    return f"{prefix}{us // 1000:03d}Z"
 
 
 def outcome_for_error(message: str) -> str:
