@@ -24,7 +24,8 @@ from bench import memory, micro, report
 from bench.procs import (
     PYTHON,
     REPO,
-    cpu_seconds,
+    cpu_between,
+    cpu_snapshot,
     hwm_kib,
     machine,
     reset_hwm,
@@ -144,9 +145,9 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         for line in p.stdout:
             if line.startswith("MARK start"):
                 reset_hwm(proxy_pids)
-                cpu["p0"], cpu["u0"] = cpu_seconds(proxy_pids), cpu_seconds(up_pids)
+                cpu["p0"], cpu["u0"] = cpu_snapshot(proxy_pids), cpu_snapshot(up_pids)
             elif line.startswith("MARK end"):
-                cpu["p1"], cpu["u1"] = cpu_seconds(proxy_pids), cpu_seconds(up_pids)
+                cpu["p1"], cpu["u1"] = cpu_snapshot(proxy_pids), cpu_snapshot(up_pids)
                 cpu["hwm"] = hwm_kib(proxy_pids)
             elif line.startswith("RESULT "):
                 result = json.loads(line[7:])
@@ -163,8 +164,8 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
     e2e = [s[2] for s in samples]
     w = result["window_s"]
     events = result["events"]
-    proxy_cpu = (cpu["p1"] - cpu["p0"]) if proxy_pids else None
-    up_cpu = cpu["u1"] - cpu["u0"]
+    proxy_cpu = cpu_between(cpu["p0"], cpu["p1"]) if proxy_pids else None
+    up_cpu = cpu_between(cpu["u0"], cpu["u1"])
     return {
         "target": target.name,
         "scenario": sc.name,

@@ -111,14 +111,56 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of these processes (all their threads), in seconds."""
-    total = 0
+def _task_runtimes(pid: int) -> dict[int, float] | None:
+    """Each live thread's CPU time in seconds from ``/proc/PID/task/TID/sched``
+    (``se.sum_exec_runtime``, ns-precise), or None where the kernel does not show it."""
+    out: dict[int, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/sched").read_text()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("se.sum_exec_runtime"):
+                out[int(tid)] = float(line.rsplit(":", 1)[1]) / 1000.0  # ms
+                break
+        else:
+            return None
+    return out
+
+
+def cpu_snapshot(pids: list[int]) -> dict[int, tuple[int, dict[int, float] | None]]:
+    """For ``cpu_between``: each process's utime+stime ticks and its threads' runtimes."""
+    snap = {}
     for pid in pids:
         f = _stat_fields(pid)
         if f is not None:
-            total += int(f[11]) + int(f[12])  # fields 14 and 15 of /proc/PID/stat
-    return total / CLK_TCK
+            snap[pid] = (int(f[11]) + int(f[12]), _task_runtimes(pid))
+    return snap
+
+
+def cpu_between(a: dict, b: dict) -> float:
+    """CPU seconds the processes of snapshot ``b`` used since snapshot ``a``.
+
+    Per thread at nanosecond precision where the kernel shows it (``utime``/``stime``
+    count 10 ms ticks: a process idling between paced events takes a handful of them
+    in a measured window); from the ticks for a process one of whose threads ended in
+    between (its time is then only in the process's ticks).
+    """
+    total = 0.0
+    for pid, (ticks1, tasks1) in b.items():
+        ticks0, tasks0 = a.get(pid, (0, {}))
+        if tasks0 is not None and tasks1 is not None and tasks0.keys() <= tasks1.keys():
+            total += sum(tasks1.values()) - sum(tasks0.values())
+        else:
+            total += (ticks1 - ticks0) / CLK_TCK
+    return total
 
 
 def status_kib(pid: int, field: str) -> int:

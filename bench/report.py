@@ -242,8 +242,8 @@ def render(res: dict) -> str:
     lines.append(
         f"rounds {c.get('rounds')}, paced = ttft {c.get('ttft_ms')} ms + {c.get('tps')} tok/s; "
         "chunks = SSE events received by the client; TTFC = first token event (after the role "
-        "preamble); +TTFC = excess over direct in the same round; CPU = proxy process "
-        "utime+stime (all threads) over the measured window; elapsed "
+        "preamble); +TTFC = excess over direct in the same round; CPU = the proxy's "
+        "processes' threads' run time (sched, ns) over the measured window; elapsed "
         f"{res.get('elapsed_s')} s"
     )
     if res.get("summary"):

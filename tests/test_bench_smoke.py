@@ -47,3 +47,31 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert "error" not in res["micro"]["writer"]
     assert res["verdicts"], "no target was judged"
     assert "# spendtap benchmark" in proc.stdout
+
+
+def test_sidebyside_runs_each_variant_and_prints_ratios():
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.sidebyside",
+            "--scenarios",
+            "json-c16",
+            "--rounds",
+            "1",
+            "--seconds",
+            "1",
+            "--variant",
+            "bare=--target mitmdump",
+            "--variant",
+            "off=--target spendtap --set spendtap_join_chunks=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["json-c16", "bare"], ["json-c16", "off"]]
+    assert rows[0][-2:] == ["1.00,", "1.00"]

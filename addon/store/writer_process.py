@@ -59,8 +59,6 @@ _LEN = 4
 START_TIMEOUT_S = 30.0
 # Restarts of a child that keeps dying are spaced out up to this.
 RESTART_MAX_S = 5.0
-# The child reports its figures (when they changed) at least this often.
-STATUS_EVERY_S = 0.5
 # After its input ends, the child has this long to commit what it holds.
 CLOSE_TIMEOUT_S = 30.0
 
@@ -103,12 +101,13 @@ def _rows_frames(entries: Iterable[tuple]) -> bytes:
     return bytes(out)
 
 
-def _wait_for(fd: int, event: int, timeout: float) -> bool:
-    """Whether ``fd`` is ready for ``event`` within ``timeout`` seconds (poll, not select:
-    a busy proxy's descriptors go past select's limit of 1024)."""
+def _wait_for(fd: int, event: int, timeout: float | None) -> bool:
+    """Whether ``fd`` is ready for ``event`` within ``timeout`` seconds (None: however
+    long it takes; poll, not select: a busy proxy's descriptors go past select's limit
+    of 1024)."""
     poller = select.poll()
     poller.register(fd, event)
-    return bool(poller.poll(timeout * 1000))
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def _read_until(fd: int, deadline: float, buf: bytearray) -> Iterator[Any]:
@@ -616,7 +615,7 @@ class _PipeFedWriter(LedgerWriter):
             self._drop_connection()
         return not self._pending and not self._abandoned
 
-    def _read_input(self, timeout: float) -> None:
+    def _read_input(self, timeout: float | None) -> None:
         if not _wait_for(self.in_fd, select.POLLIN, timeout):
             return
         data = os.read(self.in_fd, 1 << 20)
@@ -635,9 +634,10 @@ class _PipeFedWriter(LedgerWriter):
 
     def _take_batch(self, healthy: bool) -> list | None:
         if not self._input_done:
-            # Nothing to write: wait for rows (reporting figures now and then);
-            # otherwise only take what has arrived.
-            self._read_input(STATUS_EVERY_S if not self._pending else 0)
+            # Nothing to write: sleep until rows (or the end of the input) arrive; the
+            # figures change only while rows are written, so an idle child never wakes.
+            # Otherwise only take what has arrived.
+            self._read_input(None if not self._pending else 0)
         self.report()
         if self._stopping():
             return None
