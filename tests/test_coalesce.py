@@ -116,6 +116,13 @@ def test_an_error_after_good_chunks_comes_after_their_data():
     assert events == [b"goodalso good", ("error", "LocalProtocolError")]
 
 
+def test_a_buffer_past_the_cut_limit_is_read_by_h11_and_still_joined():
+    pieces = [bytes([65 + i % 26]) * 1000 for i in range(2100)]  # 2 MiB in one buffer
+    events, per_read = _read(Joining(), [_chunked(pieces)])
+    assert events == [b"".join(pieces), ("end", [])]
+    assert per_read == [1]
+
+
 def test_nothing_arrived_is_nothing():
     reader = Joining()
     buf = ReceiveBuffer()

@@ -28,6 +28,9 @@ _joining = True
 
 
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+# The one-pass cut copies the buffer; past this (a read is at most 64 KiB, so only a
+# peer that never ends a line gets here) h11 reads it alone, searching incrementally.
+_CUT_MAX_BYTES = 1 << 20
 
 
 def _whole_chunks(raw: bytes, parts: list) -> int:
@@ -82,7 +85,12 @@ def _reader_class():
                     raise after
                 return after
             parts: list = []
-            if not (self._bytes_in_chunk or self._bytes_to_discard or self._reading_trailer):
+            if not (
+                self._bytes_in_chunk
+                or self._bytes_to_discard
+                or self._reading_trailer
+                or len(buf) > _CUT_MAX_BYTES
+            ):
                 taken = _whole_chunks(bytes(buf), parts)
                 if taken:
                     buf.maybe_extract_at_most(taken)
