@@ -18,6 +18,7 @@ from tests.helpers import ledger_row
 
 CORPUS = REPO / "tests" / "corpus" / "wire"
 CHUNK = 120  # bytes: a typical SSE chunk on the wire (one small event or part of one)
+JOINED_CHUNK = 8192  # bytes a joined read holds, for the scanner's figure per event
 
 clock = time.perf_counter
 
@@ -151,10 +152,14 @@ def bench_scanner(quick: bool) -> dict:
             sim_chunked = linear[-1]["us_per_chunk"]
             ev = sse_events(body)
             se = _time_chunks("openai-chat", "text/event-stream", ev, min_s)
+            # What one read of a fast stream brings, joined (spendtap.proxy.coalesce).
+            joined = split(body, JOINED_CHUNK)
+            sj = _time_chunks("openai-chat", "text/event-stream", joined, min_s)
             sim_events = {
                 "events": len(ev),
                 "avg_event_bytes": round(len(body) / len(ev), 1),
                 "us_per_event": round(se / len(ev) * 1e6, 3),
+                "us_per_event_joined": round(sj / len(ev) * 1e6, 3),
             }
     nspb = [x["ns_per_byte"] for x in linear]
     return {

@@ -263,7 +263,9 @@ def render(res: dict) -> str:
                 f"{sc['corpus_stream_mb_per_s']} MB/s); simulator chat stream "
                 f"{sc['sim_stream_us_per_120b_chunk']} us per 120 B chunk, "
                 f"{(sc.get('sim_stream_per_event') or {}).get('us_per_event')} us per whole event "
-                f"(~{(sc.get('sim_stream_per_event') or {}).get('avg_event_bytes')} B); "
+                f"(~{(sc.get('sim_stream_per_event') or {}).get('avg_event_bytes')} B), "
+                f"{(sc.get('sim_stream_per_event') or {}).get('us_per_event_joined')} us per event "
+                "in 8 KiB joined chunks; "
                 f"ns/byte at {', '.join(str(x['tokens']) for x in sc['linearity'])} tokens: "
                 f"{', '.join(str(x['ns_per_byte']) for x in sc['linearity'])}"
             )
