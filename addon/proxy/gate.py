@@ -154,15 +154,15 @@ class Gate:
 
     async def principal(self, headers: Mapping[str, str], api: str, peer: str | None) -> Principal:
         """Name the request's principal; ``peer`` is the client's TCP address."""
-        claimed = bool(
-            (headers.get(self.account_header) or "").strip()
-            or (headers.get(self.key_header) or "").strip()
-        )
+        # Each look-up walks every header field: once each.
+        account = headers.get(self.account_header)
+        key = headers.get(self.key_header)
+        claimed = bool((account or "").strip() or (key or "").strip())
         vouched = claimed and self.trust.vouches(peer, headers)
         found = Principal(untrusted_claim=claimed and not vouched)
         if vouched and self.principal_source in ("headers", "both"):
-            found.account = clean_principal(headers.get(self.account_header))
-            found.key = clean_principal(headers.get(self.key_header))
+            found.account = clean_principal(account)
+            found.key = clean_principal(key)
         if self.principal_source in ("bearer", "both"):
             secret = extract_secret(headers)
             named = found.account is not None or found.key is not None

@@ -221,17 +221,18 @@ class Metering(SpendtapAddon):
             return
         try:
             resp = flow.response
-            meter.start_response(
-                resp.status_code,
-                resp.headers.get("content-type"),
-                resp.headers.get("content-encoding"),
-            )
+            headers = resp.headers
+            # Each look-up walks every header field (mitmproxy lower-cases them all):
+            # once each.
+            raw_type = headers.get("content-type")
+            raw_encoding = headers.get("content-encoding")
+            meter.start_response(resp.status_code, raw_type, raw_encoding)
         except Exception:
             self._count_error("response", "could not start scanning the response")
             return
-        content_type = (resp.headers.get("content-type") or "").lower()
+        content_type = (raw_type or "").lower()
         is_sse = "text/event-stream" in content_type
-        length = _content_length(resp.headers)
+        length = _content_length(headers)
         if not is_sse and length is not None and length <= ctx.options.spendtap_buffer_bytes:
             # Small non-streaming body: let mitmproxy hold it, so nothing reaches the
             # client before the row commits (see ``response``).
@@ -239,7 +240,7 @@ class Metering(SpendtapAddon):
         # Stream every other body: SSE must never be buffered, and a large body must
         # not sit whole in memory. The callable returns the bytes unchanged.
         if meter.usage_filter is not None:
-            encoding = (resp.headers.get("content-encoding") or "identity").strip().lower()
+            encoding = (raw_encoding or "identity").strip().lower()
             if is_sse and resp.status_code == 200 and encoding == "identity":
                 resp.stream = meter.on_chunk_filtered
                 return
