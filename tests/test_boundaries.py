@@ -9,8 +9,8 @@ import pytest
 
 ADDON = Path(__file__).resolve().parent.parent / "addon"
 # The hook layer: the only modules that may import mitmproxy (spendtap's addons, the
-# error page patch, the chunk joining and the lean runner). spendtap.proxy.addons only
-# lists the addons.
+# error page patch, the chunk joining, the script watcher's stop and the lean runner).
+# spendtap.proxy.addons only lists the addons.
 HOOK_LAYER = {
     "proxy/failclosed.py",
     "proxy/hooks.py",
@@ -20,6 +20,7 @@ HOOK_LAYER = {
     "proxy/monitoring.py",
     "proxy/errorpage.py",
     "proxy/coalesce.py",
+    "proxy/noreload.py",
     "proxy/runner.py",
 }
 

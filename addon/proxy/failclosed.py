@@ -21,6 +21,7 @@ import logging
 from mitmproxy import ctx, exceptions
 
 from spendtap.options import BY_NAME, OptionError, take_deferred
+from spendtap.proxy.noreload import stop_reloading
 
 logger = logging.getLogger("spendtap")
 
@@ -52,6 +53,11 @@ class FailClosed:
 
     def running(self) -> None:
         self.is_running = True
+        if stop_reloading(self):
+            logger.info(
+                "spendtap: the entry script is loaded once (mitmdump's reload on change is "
+                "off: restart the sidecar to upgrade it)"
+            )
 
     def reject(self, problem: str) -> None:
         """An addon cannot honour a setting (called from its ``configure``)."""
