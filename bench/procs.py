@@ -111,7 +111,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _task_runtimes(pid: int) -> dict[int, float] | None:
+def task_runtimes(pid: int) -> dict[int, float] | None:
     """Each live thread's CPU time in seconds from ``/proc/PID/task/TID/sched``
     (``se.sum_exec_runtime``, ns-precise), or None where the kernel does not show it."""
     out: dict[int, float] = {}
@@ -141,7 +141,7 @@ def cpu_snapshot(pids: list[int]) -> dict[int, tuple[int, dict[int, float] | Non
     for pid in pids:
         f = _stat_fields(pid)
         if f is not None:
-            snap[pid] = (int(f[11]) + int(f[12]), _task_runtimes(pid))
+            snap[pid] = (int(f[11]) + int(f[12]), task_runtimes(pid))
     return snap
 
 

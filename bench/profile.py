@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.main import RESULTS, measure, scenarios
-from bench.procs import PYTHON
+from bench.procs import PYTHON, task_runtimes
 from bench.targets import (
     budget_support,
     start_mitmdump,
@@ -47,9 +47,11 @@ def py_spy() -> str:
 
 
 def thread_stats(pid: int) -> dict[int, tuple[float, int]]:
-    """Each thread of ``pid``: CPU seconds (utime + stime) and context switches (voluntary
-    + involuntary), from /proc."""
+    """Each thread of ``pid``: CPU seconds (its run time in ns, as ``make bench`` counts
+    it; utime + stime where the kernel does not show that) and context switches
+    (voluntary + involuntary), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
+    runtimes = task_runtimes(pid) or {}
     out: dict[int, tuple[float, int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -57,7 +59,9 @@ def thread_stats(pid: int) -> dict[int, tuple[float, int]]:
             lines = (task / "status").read_text().splitlines()
         except OSError:
             continue  # the thread ended
-        cpu = (int(fields[11]) + int(fields[12])) / tick
+        cpu = runtimes.get(int(task.name))
+        if cpu is None:
+            cpu = (int(fields[11]) + int(fields[12])) / tick
         out[int(task.name)] = (cpu, sum(int(x.split()[1]) for x in lines if "ctxt_switches" in x))
     return out
 

@@ -241,3 +241,14 @@ def cut(body: bytes, points: Iterable[int]) -> list[bytes]:
     order, that join back to ``body``."""
     idx = sorted({p % (len(body) + 1) for p in points} | {0, len(body)})
     return [body[a:b] for a, b in itertools.pairwise(idx)]
+
+
+def voluntary_switches(pid: int, tid: int | None = None) -> int:
+    """Voluntary context switches of a thread so far (the main thread by default): each
+    is a wake-up from a wait, so an idle thread's count stays put."""
+    path = f"/proc/{pid}/task/{tid or pid}/status"
+    with open(path) as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no voluntary_ctxt_switches in {path}")

@@ -14,26 +14,18 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import principal
+from tests.helpers import principal, voluntary_switches
 from tests.proc import ADDON
 
 pytestmark = pytest.mark.e2e
 
 
-def _switches(pid: int) -> int:
-    with open(f"/proc/{pid}/task/{pid}/status") as f:  # the main thread: the event loop
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches")
-
-
 def test_the_event_loop_sleeps_and_a_changed_script_is_not_reloaded(start_sidecar, sim):
     proxy = start_sidecar(sim.url, quiet=False)
     time.sleep(0.5)
-    before = _switches(proxy.pid)
+    before = voluntary_switches(proxy.pid)
     time.sleep(2.5)
-    assert _switches(proxy.pid) == before  # nothing woke the loop in 2.5 s
+    assert voluntary_switches(proxy.pid) == before  # nothing woke the loop in 2.5 s
     stat = os.stat(ADDON)
     try:
         os.utime(ADDON, (stat.st_atime, stat.st_mtime + 60))

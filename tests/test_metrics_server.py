@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -9,14 +10,7 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from spendtap.metrics.server import MetricsServer
-
-
-def _switches(tid: int) -> int:
-    with open(f"/proc/self/task/{tid}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches")
+from tests.helpers import voluntary_switches
 
 
 def test_it_answers_sleeps_while_idle_and_stops_at_once():
@@ -32,9 +26,9 @@ def test_it_answers_sleeps_while_idle_and_stops_at_once():
         # serve_forever polls for a shutdown request twice a second).
         tid = server._thread.native_id
         time.sleep(0.2)
-        before = _switches(tid)
+        before = voluntary_switches(os.getpid(), tid)
         time.sleep(1.5)
-        assert _switches(tid) == before
+        assert voluntary_switches(os.getpid(), tid) == before
         assert httpx.get(base + "/healthz", timeout=5).status_code == 503  # still serving
     finally:
         started = time.monotonic()

@@ -18,7 +18,7 @@ import pytest
 
 from spendtap.store.ledger import Ledger
 from spendtap.store.writer_process import ProcessLedgerWriter, WriterProcessError
-from tests.helpers import ledger_row, wait_for
+from tests.helpers import ledger_row, voluntary_switches, wait_for
 
 PRICES = """
 [models."m1"]
@@ -284,16 +284,6 @@ def test_close_while_the_child_is_being_replaced_still_writes_every_row(db, logg
     assert set(stored(db)) == {f"a{i}" for i in range(20)} | {f"b{i}" for i in range(30)}
 
 
-def _switches(pid: int, tid: int | None = None) -> int:
-    """Voluntary context switches of a thread so far: each is a wake-up from a wait."""
-    path = f"/proc/{pid}/task/{tid or pid}/status"
-    with open(path) as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError(f"no voluntary_ctxt_switches in {path}")
-
-
 def test_an_idle_child_sleeps_until_rows_come(db, logger):
     """Nothing to write, nothing to report: the child waits on its pipe without waking
     (it used to wake twice a second to report unchanged figures), and still takes the
@@ -305,9 +295,9 @@ def test_an_idle_child_sleeps_until_rows_come(db, logger):
         child = writer._proc.pid
         await submit_and_wait(writer, [ledger_row("before")])
         await asyncio.sleep(0.3)  # the acknowledgement's wake-ups settle
-        before = _switches(child)
+        before = voluntary_switches(child)
         await asyncio.sleep(1.5)
-        assert _switches(child) == before
+        assert voluntary_switches(child) == before
         await submit_and_wait(writer, [ledger_row("after")])
         assert writer.close(timeout=10)
 
