@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.main import RESULTS, measure, scenarios
-from bench.procs import PYTHON, task_runtimes
+from bench.procs import PYTHON, descendants, task_runtimes
 from bench.targets import (
     budget_support,
     start_mitmdump,
@@ -143,9 +143,14 @@ def _threads_only(tgt, sim, sc, args) -> int:
     """Each thread's CPU and context switches a request over one load, without py-spy
     (whose sampling costs the process CPU of its own)."""
     pid = tgt.procs[0].pid
-    before = thread_stats(pid)
+    pids = [p for t in tgt.procs for p in descendants(t.pid)]  # the writer child too
+
+    def stats() -> dict[tuple[int, int], tuple[float, int]]:
+        return {(p, tid): v for p in pids for tid, v in thread_stats(p).items()}
+
+    before = stats()
     r = measure(tgt, sim, sc, args)
-    after = thread_stats(pid)
+    after = stats()
     keys = ("rps", "chunks_per_s", "cpu_s_per_1k_chunks", "cpu_ms_per_req")
     print(json.dumps({k: r[k] for k in keys}))
     # The window includes the warm-up: requests are counted at the measured rate over it.
@@ -155,9 +160,12 @@ def _threads_only(tgt, sim, sc, args) -> int:
         tid: (cpu - before.get(tid, (0.0, 0))[0], switches - before.get(tid, (0.0, 0))[1])
         for tid, (cpu, switches) in after.items()
     }
-    for tid, (cpu, switches) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
+    for (proc, tid), (cpu, switches) in sorted(spent.items(), key=lambda kv: -kv[1][0]):
         if cpu > 0 or switches > 0:
-            name = "main (event loop)" if tid == pid else f"thread {tid}"
+            if proc != pid:
+                name = f"process {proc}" + ("" if tid == proc else f" thread {tid}")
+            else:
+                name = "main (event loop)" if tid == pid else f"thread {tid}"
             print(f"  {1000 * cpu / requests:7.3f} ms  {switches / requests:5.1f}  {name}")
     return 0
 

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -77,6 +78,7 @@ class Sidecar(Proc):
         listen_host: str = "127.0.0.1",
         umask: int = -1,
         quiet: bool = True,
+        scripts: Sequence[Path] = (),
     ):
         self.port = free_port(listen_host)
         self.metrics_port = free_port()
@@ -97,6 +99,7 @@ class Sidecar(Proc):
             str(self.port),
             "-s",
             str(ADDON),
+            *(a for script in scripts for a in ("-s", str(script))),
             "--set",
             f"spendtap_db={self.db}",
             "--set",

@@ -9,7 +9,8 @@ import pytest
 
 ADDON = Path(__file__).resolve().parent.parent / "addon"
 # The hook layer: the only modules that may import mitmproxy (spendtap's addons, the
-# error page patch, the chunk joining, the script watcher's stop and the lean runner).
+# error page patch, the chunk joining, the script watcher's stop, the hook dispatch and the lean
+# runner).
 # spendtap.proxy.addons only lists the addons.
 HOOK_LAYER = {
     "proxy/failclosed.py",
@@ -21,6 +22,7 @@ HOOK_LAYER = {
     "proxy/errorpage.py",
     "proxy/coalesce.py",
     "proxy/noreload.py",
+    "proxy/dispatch.py",
     "proxy/runner.py",
 }
 

@@ -35,7 +35,7 @@ def test_hooks_go_only_to_the_addons_that_have_them_in_chain_order():
     from mitmproxy import hooks
     from mitmproxy.test import taddons
 
-    from spendtap.proxy.runner import HookCache
+    from spendtap.proxy.dispatch import HookCache
 
     seen: list[str] = []
 

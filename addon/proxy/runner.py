@@ -17,7 +17,8 @@ takes the options ``spendtap run`` gives mitmdump and starts:
 - the addons the entry script ``addon/spendtap.py`` exposes (``addons``), in the
   place mitmdump's script loader would hold them;
 
-and dispatches each hook only to the addons that define it (``HookCache``). Options of
+and dispatches each hook only to the addons that define it
+(``spendtap.proxy.dispatch.HookCache``). Options of
 mitmproxy addons it does not load are refused at start, in one line.
 
 Signals as mitmdump: SIGTERM and SIGINT shut down gracefully (the ``done`` hook
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import inspect
 import logging
 import os
 import signal
@@ -37,7 +37,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mitmproxy import addonmanager, exceptions, hooks, master, optmanager
+from mitmproxy import exceptions, hooks, master, optmanager
 from mitmproxy import options as mitm_options
 from mitmproxy.addons import (
     block,
@@ -54,67 +54,11 @@ from mitmproxy.addons import (
     upstream_auth,
 )
 
+from spendtap.proxy.dispatch import HookCache
+
 logger = logging.getLogger("spendtap.runner")
 
 ENTRY_SCRIPT = Path(__file__).resolve().parent.parent / "spendtap.py"
-
-
-class HookCache(addonmanager.AddonManager):
-    """mitmproxy's addon manager, dispatching a hook only to the addons that have it.
-
-    ``AddonManager.trigger_event`` walks the whole chain for every hook of every flow;
-    here the (addon, method) pairs are listed once per hook name and the list is
-    rebuilt whenever the chain changes. The order, the error handling (``safecall``:
-    an addon's exception is logged, the others still run) and ``AddonHalt`` are kept.
-    """
-
-    def __init__(self, master_) -> None:
-        super().__init__(master_)
-        self._hooked: dict[str, list[tuple[object, object]]] = {}
-
-    def register(self, addon):
-        self._hooked.clear()
-        return super().register(addon)
-
-    def add(self, *addons):
-        super().add(*addons)
-        self._hooked.clear()  # after the chain has them
-
-    def insert(self, index: int, addon) -> None:
-        """Register ``addon`` and put it at ``index`` in the chain."""
-        self.chain.insert(index, self.register(addon))
-        self._hooked.clear()
-
-    def remove(self, addon):
-        self._hooked.clear()
-        return super().remove(addon)
-
-    def clear(self):
-        self._hooked.clear()
-        return super().clear()
-
-    def _hooks_for(self, event: hooks.Hook) -> list[tuple[object, object]]:
-        found = self._hooked.get(event.name)
-        if found is None:
-            found = []
-            for top in self.chain:
-                found.extend(self._iter_hooks(top, event))
-            self._hooked[event.name] = found
-        return found
-
-    async def trigger_event(self, event: hooks.Hook) -> None:
-        handlers = self._hooks_for(event)
-        if not handlers:
-            return
-        args = event.args()
-        for _addon, func in handlers:
-            try:
-                with addonmanager.safecall():
-                    res = func(*args)
-                    if res is not None and inspect.isawaitable(res):
-                        await res
-            except exceptions.AddonHalt:
-                return
 
 
 class LeanMaster(master.Master):
