@@ -286,9 +286,11 @@ class Gate:
         pause = BUSY_FIRST_PAUSE_S
         while True:
             try:
+                # Only asked for principals in the budgeted set: no look before the lock.
                 return self._loop_budgets.reserve(
-                    flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model
-                )
+                    flow_id, account, key, tokens, self.owner, nusd=nusd, model=info.model,
+                    check_first=False,
+                )  # fmt: skip
             except BudgetBusy:
                 if loop.time() + pause > deadline:
                     raise

@@ -129,6 +129,32 @@ _UNITS = {
 }  # fmt: skip
 
 
+def _budgets_for_sql() -> str:
+    """Every budget of a key (:key) and an account (:account), in both units: the unit, the
+    budget's columns, the running total a balance reads, and what open reservations
+    hold on it (through the reservations' key and account indexes)."""
+    parts = []
+    for unit, u in _UNITS.items():
+        held = f"SELECT coalesce(sum({u.held}), 0) FROM reservations"
+        parts.append(
+            f"SELECT '{unit}', {_budget_columns(unit)}, spent_since, "
+            f"CASE scope WHEN 'key' THEN ({held} WHERE key = :key) "
+            f"ELSE ({held} WHERE account = :account) END "
+            f"FROM {u.table} WHERE (scope = 'key' AND principal = :key) "
+            "OR (scope = 'account' AND principal = :account)"
+        )
+    return " UNION ALL ".join(parts)
+
+
+def _budgeted_sql() -> str:
+    """A row if a key (:key) or an account (:account) has a budget in either unit."""
+    return " UNION ALL ".join(
+        f"SELECT 1 FROM {u.table} WHERE (scope = 'key' AND principal = :key) "
+        "OR (scope = 'account' AND principal = :account)"
+        for u in _UNITS.values()
+    )
+
+
 def format_amount(unit: str, amount: int | None) -> str:
     """``1234 tokens`` or ``$0.001234`` (money is kept in whole nano-dollars)."""
     if amount is None:
@@ -640,6 +666,10 @@ def counting_since(old: Budget | None, window_s: int | None, *, reset: bool, now
     return EPOCH_TS if old is None else old.since
 
 
+_BUDGETS_FOR_SQL = _budgets_for_sql()
+_BUDGETED_SQL = _budgeted_sql()
+
+
 @boundary_class
 class Budgets(LedgerTables):
     """Budgets and reservations in the ledger at ``path``.
@@ -783,17 +813,20 @@ class Budgets(LedgerTables):
 
     # -- reserve / release / sweep --------------------------------------------------
 
+    @staticmethod
     def _budgets_for(
-        self, conn: sqlite3.Connection, account: str | None, key: str | None
-    ) -> list[Budget]:
+        conn: sqlite3.Connection, account: str | None, key: str | None, now: float
+    ) -> list[tuple[Budget, int, int]]:
+        """The key's and account's budgets of every unit, each with what is spent on it
+        at ``now`` and held by open reservations. A balance's figures come in the same
+        statement (its running total and a sum over the reservations' index); a window
+        sums its rows. This runs inside the reserve transaction, which holds the
+        ledger's write lock: the fewer statements the better."""
         out = []
-        for unit in UNITS:
-            rows = conn.execute(
-                f"SELECT {_budget_columns(unit)} FROM {_UNITS[unit].table} WHERE "
-                "(scope = 'key' AND principal = ?) OR (scope = 'account' AND principal = ?)",
-                (key, account),
-            ).fetchall()
-            out.extend(_budget_from_row(r, unit) for r in rows)
+        for row in conn.execute(_BUDGETS_FOR_SQL, {"key": key, "account": account}):
+            budget = _budget_from_row(row[1:8], row[0])
+            spent = row[8] if budget.window_s is None else _spent(conn, budget, now)
+            out.append((budget, spent, row[9]))
         return out
 
     def reserve(
@@ -807,9 +840,14 @@ class Budgets(LedgerTables):
         *,
         nusd: int | None = None,
         model: str | None = None,
+        check_first: bool = True,
     ) -> Decision:
         """Reserve ``tokens`` (and ``nusd`` dollars, in nano-dollars) for a request
         against its key's and account's token and money budgets.
+
+        ``check_first`` looks for a budget before taking the write lock, for callers
+        whose principals mostly have none; a caller that only asks for principals it
+        knows are budgeted (the gate) passes False and saves the look.
 
         ``nusd`` is the price of the same over-estimate (``model``'s rates); None when
         the model has no known price, which a money cap refuses (``reason``
@@ -832,29 +870,33 @@ class Budgets(LedgerTables):
             return UNBUDGETED
         t = _epoch(now)
         try:
-            # Fast path, outside any write transaction: most principals have no budget.
-            with self._lock:
-                if not self._budgets_for(self._conn, account, key):
-                    return UNBUDGETED
+            if check_first:
+                # Outside any write transaction: most principals have no budget.
+                with self._lock:
+                    if (
+                        self._conn.execute(
+                            _BUDGETED_SQL, {"key": key, "account": account}
+                        ).fetchone()
+                        is None
+                    ):
+                        return UNBUDGETED
             with self._write() as conn:
-                budgets = self._budgets_for(conn, account, key)
+                budgets = self._budgets_for(conn, account, key, t)
+                if not budgets:
+                    return UNBUDGETED  # none (or removed since it was looked for)
                 refusals = []
                 money = False
-                for budget in budgets:
+                for budget, spent, reserved in budgets:
                     if budget.unit == USD:
                         money = True
                         if nusd is None:
                             refusals.append(_unpriced(budget, model))
                             continue
                     need = nusd if budget.unit == USD else tokens
-                    spent = _spent(conn, budget, t)
-                    reserved = _reserved(conn, budget)
                     if spent + reserved + need > budget.cap:
                         refusals.append(self._refusal(conn, budget, spent, reserved, need, t))
                 if refusals:
                     return _binding(refusals)
-                if not budgets:
-                    return UNBUDGETED  # removed since the fast path looked
                 conn.execute(
                     "INSERT INTO reservations (id, account, key, tokens, nusd, created_at, owner) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
