@@ -143,9 +143,10 @@ def verdicts(res: dict) -> list[dict]:
         bg = _get(res, sc, "spendtap-budget", "ttfc_p50_ms")
         if s is not None and bg is not None:
             add(f"budget enforcement adds to TTFC p50 ({sc})", round(bg - s, 3), "(info)", None)
-    # Issue 12: every scenario, spendtap (and the lean runner) against bare mitmdump.
+    # Issue 12: every scenario, spendtap (with budgets enforced too, and the lean runner)
+    # against bare mitmdump.
     cpu_bound = ("stream-unpaced-c16", "stream-unpaced-c64", "json-c16", "stream-inject-c16")
-    for tg in ("spendtap", "spendtap-lean"):
+    for tg in ("spendtap", "spendtap-budget", "spendtap-lean"):
         for sc in res.get("summary", {}):
             for k, what in (("cpu_s_per_1k_chunks", "CPU/chunk"), ("cpu_ms_per_req", "CPU/req")):
                 s, b = _get(res, sc, tg, k), _get(res, sc, "mitmdump", k)
