@@ -253,6 +253,14 @@ OPTIONS: tuple[Option, ...] = (
         "chunk in, as mitmdump does.",
     ),
     Option(
+        "spendtap_cache_hooks",
+        bool,
+        True,
+        "Dispatch each mitmproxy hook only to the addons that have it (the lists are "
+        "rebuilt when the addons change). false: mitmproxy's own dispatch, every hook "
+        "through every addon.",
+    ),
+    Option(
         "spendtap_inject_usage",
         bool,
         True,

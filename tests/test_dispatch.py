@@ -14,7 +14,7 @@ import pytest
 from mitmproxy import addonmanager, exceptions, hooks
 from mitmproxy.test import taddons
 
-from spendtap.proxy.dispatch import HookCache, cache_hooks
+from spendtap.proxy.dispatch import HookCache, cache_hooks, uncache_hooks
 from tests.helpers import principal
 
 
@@ -66,6 +66,21 @@ def test_a_running_manager_becomes_a_cache_once_and_keeps_its_addons():
         assert cache_hooks(manager) is False  # already one
         await manager.trigger_event(hooks.RunningHook())
         assert seen == ["a", "b"]
+
+    _run(check)
+
+
+def test_a_cache_gives_back_mitmproxys_own_dispatch():
+    async def check(tctx):
+        manager = tctx.master.addons
+        seen: list[str] = []
+        manager.add(Recorder("a", seen))
+        assert uncache_hooks(manager) is False  # not a cache
+        cache_hooks(manager)
+        assert uncache_hooks(manager) is True
+        assert type(manager) is addonmanager.AddonManager
+        await manager.trigger_event(hooks.RunningHook())
+        assert seen == ["a"]
 
     _run(check)
 
@@ -140,6 +155,9 @@ def test_a_chain_changed_behind_the_managers_back_is_listed_again():
 
 
 EXTRA_SCRIPT = """
+from mitmproxy import ctx
+
+
 class Extra:
     def __init__(self):
         self.requests = 0
@@ -149,6 +167,7 @@ class Extra:
 
     def responseheaders(self, flow):
         flow.response.headers["x-extra-requests"] = str(self.requests)
+        flow.response.headers["x-dispatch"] = type(ctx.master.addons).__name__
 
 
 addons = [Extra()]
@@ -156,10 +175,12 @@ addons = [Extra()]
 
 
 @pytest.mark.e2e
-def test_another_scripts_hooks_still_run_beside_spendtaps(start_sidecar, sim, tmp_path):
+@pytest.mark.parametrize("cached", [True, False])
+def test_another_scripts_hooks_still_run_beside_spendtaps(start_sidecar, sim, tmp_path, cached):
     extra = tmp_path / "extra.py"
     extra.write_text(EXTRA_SCRIPT)
-    proxy = start_sidecar(sim.url, scripts=[extra])
+    sets = [] if cached else ["spendtap_cache_hooks=false"]
+    proxy = start_sidecar(sim.url, *sets, scripts=[extra])
     body = {"model": "sim-chat", "messages": [{"role": "user", "content": "hi"}]}
     accounts = []
     for n in range(1, 4):
@@ -170,5 +191,6 @@ def test_another_scripts_hooks_still_run_beside_spendtaps(start_sidecar, sim, tm
         )
         assert resp.status_code == 200
         assert resp.headers["x-extra-requests"] == str(n)
+        assert resp.headers["x-dispatch"] == ("HookCache" if cached else "AddonManager")
     for account in accounts:
         assert proxy.row_for(account)["outcome"] == "completed"

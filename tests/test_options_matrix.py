@@ -56,6 +56,7 @@ BAD: dict[str, tuple[str, str]] = {
     "spendtap_ledger_process": ("maybe", "parse"),
     "spendtap_inject_usage": ("maybe", "parse"),
     "spendtap_join_chunks": ("often", "parse"),
+    "spendtap_cache_hooks": ("sometimes", "parse"),
     "spendtap_buffer_bytes": ("-1", "parse"),
     "spendtap_enforce_budgets": ("yes", "parse"),
     "spendtap_principal_source": ("cookie", "parse"),

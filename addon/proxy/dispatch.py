@@ -19,7 +19,8 @@ are mitmproxy's.
 The lean runner builds its master with it; under ``mitmdump -s``, ``cache_hooks``
 turns the running master's manager into one (its class is swapped in place: every
 reference to the manager stays valid). If mitmproxy's manager is not the class this
-was written against, nothing changes.
+was written against, nothing changes. ``spendtap_cache_hooks=false`` turns it back
+(``uncache_hooks``): mitmproxy's own dispatch, in either runner.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import inspect
 
 from mitmproxy import addonmanager, exceptions, hooks
 
-__all__ = ["HookCache", "cache_hooks"]
+__all__ = ["HookCache", "cache_hooks", "uncache_hooks"]
 
 
 class HookCache(addonmanager.AddonManager):
@@ -108,4 +109,12 @@ def cache_hooks(manager: addonmanager.AddonManager) -> bool:
     manager._hooked = {}
     manager._listed_chain = (None, 0)
     manager.__class__ = HookCache
+    return True
+
+
+def uncache_hooks(manager: addonmanager.AddonManager) -> bool:
+    """Give a ``HookCache`` back mitmproxy's own dispatch; True if it was one."""
+    if type(manager) is not HookCache:
+        return False
+    manager.__class__ = addonmanager.AddonManager
     return True

@@ -21,7 +21,6 @@ import logging
 from mitmproxy import ctx, exceptions
 
 from spendtap.options import BY_NAME, OptionError, take_deferred
-from spendtap.proxy.dispatch import cache_hooks
 from spendtap.proxy.noreload import stop_reloading
 
 logger = logging.getLogger("spendtap")
@@ -59,8 +58,6 @@ class FailClosed:
                 "spendtap: the entry script is loaded once (mitmdump's reload on change is "
                 "off: restart the sidecar to upgrade it)"
             )
-        if cache_hooks(ctx.master.addons):
-            logger.debug("spendtap: mitmproxy's hooks go only to the addons that have them")
 
     def reject(self, problem: str) -> None:
         """An addon cannot honour a setting (called from its ``configure``)."""

@@ -35,6 +35,7 @@ from spendtap.metering.inject import InjectedUsageFilter, wants_usage_injection,
 from spendtap.metering.meter import FlowMeter, outcome_for_error
 from spendtap.metering.request import detect_api, parse_request
 from spendtap.proxy import coalesce
+from spendtap.proxy.dispatch import cache_hooks, uncache_hooks
 from spendtap.proxy.errorpage import install as install_error_answers
 from spendtap.proxy.failclosed import SpendtapAddon
 from spendtap.proxy.gate import Admission, Principal
@@ -59,6 +60,7 @@ class Metering(SpendtapAddon):
         "spendtap_buffer_bytes",
         "spendtap_connection_log",
         "spendtap_join_chunks",
+        "spendtap_cache_hooks",
     )
 
     def __init__(self, fail_closed, guard, recording, gatekeeper, monitoring) -> None:
@@ -97,7 +99,19 @@ class Metering(SpendtapAddon):
             logging.getLogger(CONNECTION_LOGGER).setLevel(logging.NOTSET if on else logging.WARNING)
         if "spendtap_join_chunks" in updated:
             coalesce.set_joining(bool(getattr(ctx.options, "spendtap_join_chunks", True)))
+        if "spendtap_cache_hooks" in updated and self.fail_closed.is_running:
+            self._dispatch()
         super().configure(updated)
+
+    def running(self) -> None:
+        # Once every addon is loaded (the lists are rebuilt on any change anyway).
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        if getattr(ctx.options, "spendtap_cache_hooks", True):
+            cache_hooks(ctx.master.addons)
+        else:
+            uncache_hooks(ctx.master.addons)
 
     @property
     def metrics(self):
