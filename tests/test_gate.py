@@ -168,3 +168,60 @@ def test_a_ledger_locked_past_the_busy_timeout_is_unavailable(tmp_path):
             assert budgets.reservations() == []
     finally:
         g.close()
+
+
+def _listings(g: Gate, monkeypatch) -> list[str]:
+    """The threads the list of budgeted principals is read on, in order."""
+    threads: list[str] = []
+    for store in (g._budgets, g._loop_budgets):
+        real = store.principals
+
+        def recording(real=real):
+            threads.append(threading.current_thread().name)
+            return real()
+
+        monkeypatch.setattr(store, "principals", recording)
+    return threads
+
+
+def _list_again(g: Gate) -> frozenset:
+    g._budgeted_until = 0.0  # as if its second had passed
+    return asyncio.run(g._budgeted_principals())
+
+
+def test_a_short_list_of_budgets_is_read_again_on_the_event_loop(gate, monkeypatch):
+    """The first read is the worker's (the list could be long); while it stays short,
+    each later read is the loop's own: no thread hop a second."""
+    threads = _listings(gate, monkeypatch)
+    with Budgets(gate._budgets.path) as budgets:
+        budgets.set("account", "acme", 10, None, unit="usd")
+    assert _list_again(gate) == {("key", "capped"), ("account", "acme")}
+    assert gate._money == {("account", "acme")}
+    with Budgets(gate._budgets.path) as budgets:
+        budgets.set("key", "later", 10, None)
+    assert ("key", "later") in _list_again(gate)  # a new budget is seen
+    here = threading.current_thread().name
+    assert threads[0].startswith("spendtap-budgets") and threads[1:] == [here]
+
+
+def test_a_long_list_of_budgets_stays_on_the_worker(gate, monkeypatch):
+    monkeypatch.setattr(gate_module, "LOOP_LIST_MAX_BUDGETS", 2)
+    with Budgets(gate._budgets.path) as budgets:
+        for n in range(3):
+            budgets.set("key", f"k{n}", 10, None)
+    threads = _listings(gate, monkeypatch)
+    for _ in range(3):
+        assert len(_list_again(gate)) == 4
+    assert len(threads) == 3 and all(t.startswith("spendtap-budgets") for t in threads)
+
+
+def test_a_list_the_loop_cannot_read_is_read_by_the_worker(gate, monkeypatch):
+    from spendtap.store.errors import LedgerBusy
+
+    _list_again(gate)  # short: the next read is the loop's
+
+    def locked():
+        raise LedgerBusy("database is locked")
+
+    monkeypatch.setattr(gate._loop_budgets, "principals", locked)
+    assert _list_again(gate) == {("key", "capped")}

@@ -16,8 +16,9 @@ through a connection that never waits (``Budgets.never_wait``): when the ledger 
 locked (the ledger writer committing, another process), the loop goes on and the
 reservation is tried again after a short sleep, up to the busy timeout. A large body
 (over ``LOOP_RESERVE_MAX_BODY``) is estimated on the gate's worker thread; key look-ups,
-the list of budgets, releases and sweeps run there too. So the event loop never waits
-on the ledger, and never walks a large body.
+releases, sweeps and a long list of budgeted principals run there too (a short one,
+read once a second, is read on the loop: a thread hop costs it more). So the event loop
+never waits on the ledger, and never walks a large body.
 
 Failure policy: when the ledger cannot reserve (locked past the busy timeout,
 unwritable, gone), a budgeted request is refused with 503 (fail closed) unless
@@ -53,6 +54,7 @@ from spendtap.store.budgets import (
     process_owner,
     reservation_split,
 )
+from spendtap.store.errors import LedgerError
 from spendtap.store.fleet import Fleet
 from spendtap.store.keys import Keys, extract_secret, fingerprint
 
@@ -60,6 +62,10 @@ KEY_CACHE_S = 5.0  # how long a resolved (or unknown) key is remembered
 # How long the set of budgeted principals is reused: a budget set with the CLI
 # takes effect within this time, and unbudgeted traffic never waits on SQLite.
 BUDGETED_CACHE_S = 1.0
+# A list of budgets this short (as last read) is read again on the event loop itself:
+# a few microseconds a budget against a thread hop's wake-ups (bench/README.md, perf7).
+# Longer lists, and the first, are read on the worker thread.
+LOOP_LIST_MAX_BUDGETS = 256
 # The largest request body a reservation is estimated from on the event loop (the
 # estimate parses and walks the body); larger ones are estimated on the worker thread.
 LOOP_RESERVE_MAX_BODY = 32 << 10
@@ -140,6 +146,7 @@ class Gate:
         self._budgeted: frozenset[tuple[str, str]] = frozenset()
         self._money: frozenset[tuple[str, str]] = frozenset()  # principals with a money cap
         self._budgeted_until = 0.0
+        self._budget_rows = LOOP_LIST_MAX_BUDGETS + 1  # how many, as last read
         self.fleet = fleet
         self._central = (
             ThreadPoolExecutor(max_workers=8, thread_name_prefix="spendtap-central")
@@ -300,9 +307,17 @@ class Gate:
     async def _budgeted_principals(self) -> frozenset[tuple[str, str]]:
         now = time.monotonic()
         if now >= self._budgeted_until:
-            budgets = await self._run(self._budgets.list)
-            self._budgeted = frozenset((b.scope, b.principal) for b in budgets)
-            self._money = frozenset((b.scope, b.principal) for b in budgets if b.unit == USD)
+            rows = None
+            if self._budget_rows <= LOOP_LIST_MAX_BUDGETS:
+                try:
+                    rows = self._loop_budgets.principals()
+                except LedgerError:
+                    rows = None  # locked, or failing: the worker thread asks (and waits)
+            if rows is None:
+                rows = await self._run(self._budgets.principals)
+            self._budget_rows = len(rows)
+            self._budgeted = frozenset((scope, who) for scope, who, _ in rows)
+            self._money = frozenset((scope, who) for scope, who, unit in rows if unit == USD)
             self._budgeted_until = now + BUDGETED_CACHE_S
         return self._budgeted
 

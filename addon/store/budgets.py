@@ -668,6 +668,9 @@ def counting_since(old: Budget | None, window_s: int | None, *, reset: bool, now
 
 _BUDGETS_FOR_SQL = _budgets_for_sql()
 _BUDGETED_SQL = _budgeted_sql()
+_PRINCIPALS_SQL = " UNION ALL ".join(
+    f"SELECT scope, principal, '{unit}' FROM {u.table}" for unit, u in _UNITS.items()
+)
 
 
 @boundary_class
@@ -784,6 +787,12 @@ class Budgets(LedgerTables):
         """Every budget: keys first, then accounts, each by principal."""
         with self._lock:
             return _all_budgets(self._conn)
+
+    def principals(self) -> list[tuple[str, str, str]]:
+        """(scope, principal, unit) of every budget, unordered: who is budgeted, in one
+        light statement (the gate's question)."""
+        with self._lock:
+            return self._conn.execute(_PRINCIPALS_SQL).fetchall()
 
     def status(
         self,
