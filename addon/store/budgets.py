@@ -882,12 +882,8 @@ class Budgets(LedgerTables):
             if check_first:
                 # Outside any write transaction: most principals have no budget.
                 with self._lock:
-                    if (
-                        self._conn.execute(
-                            _BUDGETED_SQL, {"key": key, "account": account}
-                        ).fetchone()
-                        is None
-                    ):
+                    named = {"key": key, "account": account}
+                    if self._conn.execute(_BUDGETED_SQL, named).fetchone() is None:
                         return UNBUDGETED
             with self._write() as conn:
                 budgets = self._budgets_for(conn, account, key, t)
