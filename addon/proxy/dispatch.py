@@ -9,12 +9,12 @@ same again for the ``update`` hook after every flow hook. For a metering sidecar
 is a large part of what a request costs the event loop (bench/README.md).
 
 ``HookCache`` keeps mitmproxy's manager and lists each hook's (addon, method) pairs once,
-in chain order, rebuilding the lists whenever the chain can have changed: an addon
-registered, added, inserted or removed, the chain cleared, replaced or grown behind the
-manager's back, or options changed (the script loader re-orders its scripts from its
-``configure``). The order, the error
-handling (an addon's exception is logged and the others still run) and ``AddonHalt``
-are mitmproxy's.
+in chain order, rebuilding the lists whenever the chain can have changed: the chain
+list replaced or of another length than when they were made (an addon added, inserted
+or removed, the chain cleared, or grown behind the manager's back), an addon
+registered, or options changed (the script loader re-orders its scripts from its
+``configure``). The order, the error handling (an addon's exception is logged and the
+others still run) and ``AddonHalt`` are mitmproxy's.
 
 The lean runner builds its master with it; under ``mitmdump -s``, ``cache_hooks``
 turns the running master's manager into one (its class is swapped in place: every
@@ -43,26 +43,16 @@ class HookCache(addonmanager.AddonManager):
         self._hooked = {}
         self._listed_chain = (None, 0)
 
+    # Adding, inserting, removing or clearing changes the chain list's length or
+    # replaces it, which ``_hooks_for`` notices; registering may add an addon below one
+    # already in the chain (mitmproxy's script loader), which only this tells.
     def register(self, addon):
         self._hooked.clear()
         return super().register(addon)
 
-    def add(self, *addons):
-        super().add(*addons)
-        self._hooked.clear()  # after the chain has them
-
     def insert(self, index: int, addon) -> None:
         """Register ``addon`` and put it at ``index`` in the chain."""
         self.chain.insert(index, self.register(addon))
-        self._hooked.clear()
-
-    def remove(self, addon):
-        self._hooked.clear()
-        return super().remove(addon)
-
-    def clear(self):
-        self._hooked.clear()
-        return super().clear()
 
     def trigger(self, event: hooks.Hook):
         try:
@@ -75,7 +65,8 @@ class HookCache(addonmanager.AddonManager):
     def _hooks_for(self, event: hooks.Hook) -> list[tuple[object, object]]:
         chain = self.chain
         if self._listed_chain[0] is not chain or self._listed_chain[1] != len(chain):
-            # Changed behind the manager's back (``chain.append``): list everything again.
+            # Added to, removed from, cleared (mitmproxy replaces the list), or grown
+            # behind the manager's back (``chain.append``): list everything again.
             self._hooked.clear()
             self._listed_chain = (chain, len(chain))
         found = self._hooked.get(event.name)
