@@ -17,6 +17,7 @@ from spendtap.cli.paths import config_option, db_option, refuse_readonly
 from spendtap.options import DEFAULT_METRICS, ENV_CENTRAL, redact, redact_url
 from spendtap.paths import default_db_path
 from spendtap.pricing import PriceFile, PriceFileError
+from spendtap.proxy.eventloop import DEFAULT_EVENT_LOOP, EVENT_LOOPS, unavailable
 from spendtap.proxy.trust import read_secret_file
 from spendtap.store.ledger import Ledger, LedgerError, StorageError
 
@@ -44,15 +45,24 @@ def _mitmdump_command() -> list[str]:
 RUNNERS = ("mitmdump", "lean")
 
 
-def _runner_command(runner: str) -> list[str]:
+def _runner_command(runner: str, event_loop: str = DEFAULT_EVENT_LOOP) -> list[str]:
     """The program that runs the sidecar: mitmdump loading the entry script with ``-s``,
     or the lean runner (``spendtap.proxy.runner``: mitmproxy's master with only the
-    addons a sidecar needs, the same entry script's addons loaded directly)."""
+    addons a sidecar needs, the same entry script's addons loaded directly), on
+    ``event_loop`` (``spendtap.proxy.eventloop``: mitmdump itself on asyncio's loop,
+    this interpreter's mitmdump started on uvloop's)."""
+    if event_loop not in EVENT_LOOPS:
+        raise click.UsageError(
+            f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, not {event_loop!r}"
+        )
     if runner == "lean":
-        return [sys.executable, "-m", "spendtap.proxy.runner"]
+        command = [sys.executable, "-m", "spendtap.proxy.runner"]
+        return command if event_loop == "asyncio" else [*command, "--event-loop", event_loop]
     if runner != "mitmdump":
         raise click.UsageError(f"--runner must be one of {', '.join(RUNNERS)}, not {runner!r}")
-    return [*_mitmdump_command(), "-s", addon_path()]
+    if event_loop == "asyncio":
+        return [*_mitmdump_command(), "-s", addon_path()]
+    return [sys.executable, "-m", "spendtap.proxy.eventloop", event_loop, "-s", addon_path()]
 
 
 def _check_upstream(url: str) -> str:
@@ -79,10 +89,12 @@ def build_mitmdump_args(
     extra_set: tuple[str, ...] = (),
     verbose: bool = False,
     runner: str = "mitmdump",
+    event_loop: str = DEFAULT_EVENT_LOOP,
 ) -> list[str]:
     """The mitmdump command line ``spendtap run`` executes (pure, for tests and --dry-run).
 
-    ``runner="lean"``: the same options for ``python -m spendtap.proxy.runner``."""
+    ``runner="lean"``: the same options for ``python -m spendtap.proxy.runner``;
+    ``event_loop="uvloop"``: either on uvloop's event loop."""
     host, port = parse_listen(listen)
     if mode in ("reverse", "upstream"):
         if not upstream:
@@ -92,7 +104,7 @@ def build_mitmdump_args(
         if upstream:
             raise click.UsageError(f"--upstream makes no sense in {mode} mode")
         mode_arg = mode
-    command = _runner_command(runner)
+    command = _runner_command(runner, event_loop)
     script = command[-2:] if command[-2] == "-s" else []
     args = [
         *command[: len(command) - len(script)],
@@ -225,6 +237,15 @@ def build_mitmdump_args(
     "(spendtap.proxy.runner; less CPU per request). [env: SPENDTAP_RUNNER]",
     envvar="SPENDTAP_RUNNER",
 )
+@click.option(
+    "--event-loop",
+    type=click.Choice(EVENT_LOOPS),
+    default=DEFAULT_EVENT_LOOP,
+    show_default=True,
+    help="The proxy's event loop: uvloop (libuv's, in C: less CPU a request) or asyncio "
+    "(the standard library's, mitmdump's own). [env: SPENDTAP_EVENT_LOOP]",
+    envvar="SPENDTAP_EVENT_LOOP",
+)
 @click.option("--dry-run", is_flag=True, help="Print the mitmdump command instead of running it.")
 @click.pass_context
 def run(
@@ -244,12 +265,14 @@ def run(
     extra_set,
     verbose,
     runner,
+    event_loop,
     dry_run,
 ):
     """Run the sidecar: mitmdump with the spendtap addon.
 
     The process becomes mitmdump (exec), so SIGTERM and SIGINT reach it
-    directly and no child is left behind.
+    directly and no child is left behind. It runs on uvloop's event loop
+    unless --event-loop asyncio.
 
     Settings come from the command line, else SPENDTAP_* environment
     variables, else the --config file, else the defaults. An invalid setting
@@ -290,6 +313,9 @@ def run(
         raise click.ClickException(f"invalid setting: {e}") from None
     db = settings.db or str(default_db_path())
     if not dry_run:
+        problem = unavailable(event_loop)
+        if problem:
+            raise click.ClickException(problem)
         refuse_readonly(Path(db))  # the sidecar writes every request to it
         db_dir = os.path.dirname(os.path.abspath(db))
         try:
@@ -332,6 +358,7 @@ def run(
         extra_set=settings.set_items(),
         verbose=verbose,
         runner=runner,
+        event_loop=event_loop,
     )
     if dry_run:
         env_prefix = ""

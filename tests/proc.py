@@ -66,7 +66,8 @@ class Simulator(Proc):
 
 
 class Sidecar(Proc):
-    """mitmdump -s addon/spendtap.py, as users run it from a checkout."""
+    """mitmdump -s addon/spendtap.py, as users run it from a checkout (``event_loop``
+    "uvloop": the same mitmdump on uvloop's loop, as ``spendtap run`` starts it)."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Sidecar(Proc):
         umask: int = -1,
         quiet: bool = True,
         scripts: Sequence[Path] = (),
+        event_loop: str = "asyncio",
     ):
         self.port = free_port(listen_host)
         self.metrics_port = free_port()
@@ -88,8 +90,13 @@ class Sidecar(Proc):
         )
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         mode_arg = f"reverse:{upstream}" if mode == "reverse" else mode
+        program = (
+            [str(MITMDUMP)]
+            if event_loop == "asyncio"
+            else [sys.executable, "-m", "spendtap.proxy.eventloop", event_loop]
+        )
         args = [
-            str(MITMDUMP),
+            *program,
             *(["-q"] if quiet else ["--set", "flow_detail=0"]),
             "--mode",
             mode_arg,

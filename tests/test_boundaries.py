@@ -9,8 +9,8 @@ import pytest
 
 ADDON = Path(__file__).resolve().parent.parent / "addon"
 # The hook layer: the only modules that may import mitmproxy (spendtap's addons, the
-# error page patch, the chunk joining, the script watcher's stop, the hook dispatch and the lean
-# runner).
+# error page patch, the chunk joining, the script watcher's stop, the hook dispatch, the lean
+# runner, and mitmdump started on the chosen event loop).
 # spendtap.proxy.addons only lists the addons.
 HOOK_LAYER = {
     "proxy/failclosed.py",
@@ -24,6 +24,7 @@ HOOK_LAYER = {
     "proxy/noreload.py",
     "proxy/dispatch.py",
     "proxy/runner.py",
+    "proxy/eventloop.py",
 }
 
 

@@ -51,16 +51,20 @@ def _client_loop(url: str, stop: threading.Event, completed: list[str], lock: th
                 time.sleep(0.01)  # the sidecar is gone; try again until told to stop
 
 
-# The writer process (the default) three times, the writer thread once.
-@pytest.mark.parametrize("run, in_process", [(0, True), (1, True), (2, True), (3, False)])
-def test_kill_9_loses_no_acknowledged_request(sim, tmp_path, run, in_process):
+# The writer process (the default) three times, the writer thread once; mitmdump on
+# asyncio's loop (as run by hand) and on uvloop's (as spendtap run starts it).
+@pytest.mark.parametrize(
+    "run, in_process, event_loop",
+    [(0, True, "asyncio"), (1, True, "uvloop"), (2, True, "asyncio"), (3, False, "uvloop")],
+)
+def test_kill_9_loses_no_acknowledged_request(sim, tmp_path, run, in_process, event_loop):
     """Every request a client saw complete has exactly one correct row after a kill -9."""
     rng = random.Random(run)
     db = tmp_path / "ledger.db"
     with Budgets(db) as budgets:  # every request reserves, so the crash leaves reservations
         budgets.set("account", "crash", 10**12, None)
     writer = f"spendtap_ledger_process={'true' if in_process else 'false'}"
-    proxy = Sidecar(tmp_path, sim.url, writer, db=db)
+    proxy = Sidecar(tmp_path, sim.url, writer, db=db, event_loop=event_loop)
     stop = threading.Event()
     completed: list[str] = []
     lock = threading.Lock()

@@ -17,7 +17,9 @@ def test_dry_run_lean_runs_the_runner_module_without_a_script():
         cli, ["run", "--dry-run", "--runner", "lean", "--upstream", "http://127.0.0.1:8000"], env={}
     )
     assert result.exit_code == 0, result.output
-    assert "-m spendtap.proxy.runner --mode reverse:http://127.0.0.1:8000" in result.output
+    assert "-m spendtap.proxy.runner --event-loop uvloop --mode reverse:http://127.0.0.1:8000" in (
+        result.output
+    )
     assert " -s " not in result.output
     assert "--set connection_strategy=lazy" in result.output
 

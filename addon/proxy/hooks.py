@@ -37,6 +37,7 @@ from spendtap.metering.request import detect_api, parse_request
 from spendtap.proxy import coalesce
 from spendtap.proxy.dispatch import cache_hooks, uncache_hooks
 from spendtap.proxy.errorpage import install as install_error_answers
+from spendtap.proxy.eventloop import loop_name
 from spendtap.proxy.failclosed import SpendtapAddon
 from spendtap.proxy.gate import Admission, Principal
 from spendtap.proxy.refusals import misconfigured, service_unavailable, upstream_failure
@@ -106,6 +107,7 @@ class Metering(SpendtapAddon):
     def running(self) -> None:
         # Once every addon is loaded (the lists are rebuilt on any change anyway).
         self._dispatch()
+        logger.info(f"spendtap: event loop {loop_name(asyncio.get_running_loop())}")
 
     def _dispatch(self) -> None:
         if getattr(ctx.options, "spendtap_cache_hooks", True):

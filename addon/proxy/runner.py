@@ -21,7 +21,8 @@ and dispatches each hook only to the addons that define it
 (``spendtap.proxy.dispatch.HookCache``). Options of
 mitmproxy addons it does not load are refused at start, in one line.
 
-Signals as mitmdump: SIGTERM and SIGINT shut down gracefully (the ``done`` hook
+``--event-loop uvloop`` runs it on uvloop's event loop (what ``spendtap run`` passes by
+default; ``spendtap.proxy.eventloop``). Signals as mitmdump: SIGTERM and SIGINT shut down gracefully (the ``done`` hook
 finalizes the flows in flight and drains the ledger writer).
 """
 
@@ -55,6 +56,7 @@ from mitmproxy.addons import (
 )
 
 from spendtap.proxy.dispatch import HookCache
+from spendtap.proxy.eventloop import EVENT_LOOPS, EventLoopUnavailable, loop_factory
 
 logger = logging.getLogger("spendtap.runner")
 
@@ -119,6 +121,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", dest="setoptions", default=[], metavar="OPTION=VALUE")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--event-loop", choices=EVENT_LOOPS, default="asyncio", help="the proxy's event loop"
+    )
     return p
 
 
@@ -130,9 +135,8 @@ def _configure_logging() -> None:
         logging.getLogger(name).setLevel(level)
 
 
-async def _main(argv: Sequence[str]) -> LeanMaster:
+async def _main(args: argparse.Namespace) -> LeanMaster:
     _configure_logging()
-    args = make_parser().parse_args(argv)
     opts = mitm_options.Options()
     lean = LeanMaster(opts)
     try:
@@ -184,7 +188,14 @@ def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(_main(sys.argv[1:] if argv is None else argv))
+    args = make_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        factory = loop_factory(args.event_loop)
+    except EventLoopUnavailable as e:
+        print(f"spendtap: {e}", file=sys.stderr)
+        return 1
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_main(args))
     return 0
 
 
