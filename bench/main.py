@@ -310,8 +310,8 @@ def parse_args(argv):
         "--targets",
         default="",
         help="comma list to run instead of the default set (direct,mitmdump,"
-        "spendtap,spendtap-lean,spendtap-nowait,spendtap-budget[,litellm]); mitmdump-cb is "
-        "opt-in",
+        "spendtap,spendtap-asyncio,spendtap-lean,spendtap-nowait,spendtap-budget[,litellm]); "
+        "mitmdump-cb is opt-in",
     )
     ap.add_argument("--scenarios", default="", help="comma list of scenario names to keep")
     ap.add_argument("--skip", default="", help="comma list of phases to skip: load,micro,memory")
@@ -377,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
             if sets:
                 results["notes"].append(f"spendtap (metering only): --set {' '.join(sets)}")
             targets.append(start_spendtap(sim.url, log_dir, sets))
+        if want("spendtap-asyncio"):
+            # The same on mitmdump's own asyncio loop (spendtap run --event-loop asyncio):
+            # the difference is what uvloop's loop saves.
+            sets = metering_only_sets()
+            targets.append(start_spendtap(sim.url, log_dir, sets, name="spendtap-asyncio",
+                                          event_loop="asyncio"))  # fmt: skip
         if want("spendtap-lean"):
             # The same addon through the lean runner (spendtap run --runner lean).
             sets = metering_only_sets()

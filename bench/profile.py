@@ -196,6 +196,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--runner", default="mitmdump", choices=["mitmdump", "lean"],
                     help="the spendtap target's runner (spendtap run --runner)")  # fmt: skip
+    ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], default=None,
+                    help="the spendtap target's event loop (spendtap run --event-loop; "
+                    "default: spendtap run's)")  # fmt: skip
     ap.add_argument("--ttft-ms", type=int, default=200)
     ap.add_argument("--tps", type=int, default=50)
     ap.add_argument(
@@ -217,12 +220,14 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="spendtap-bench-prof-"))
     sim = start_sim(tmp)
     if args.target == "spendtap":
-        tgt = start_spendtap(sim.url, tmp, args.sets, runner=args.runner)
+        tgt = start_spendtap(sim.url, tmp, args.sets, runner=args.runner,
+                             event_loop=args.event_loop)  # fmt: skip
     elif args.target == "spendtap-budget":
         ok, note, extra = budget_support(tmp)
         if not ok:
             sys.exit(f"spendtap-budget: {note}")
-        tgt = start_spendtap_budget(sim.url, tmp, [*extra, *args.sets], runner=args.runner)
+        tgt = start_spendtap_budget(sim.url, tmp, [*extra, *args.sets], runner=args.runner,
+                                    event_loop=args.event_loop)  # fmt: skip
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ ORDER = [
     "mitmdump-cb",
     "lean-bare",
     "spendtap",
+    "spendtap-asyncio",
     "spendtap-lean",
     "spendtap-nowait",
     "spendtap-budget",
@@ -167,6 +168,17 @@ def verdicts(res: dict) -> list[dict]:
             if r is not None:
                 add(f"[12] TTFC excess {tg}/mitmdump ({sc})", round(r, 3), "<= 1.2", r <= 1.2,
                     f"+{s:.3f} ms vs +{b:.3f} ms over direct (p50)")  # fmt: skip
+    # What uvloop's loop saves: spendtap (spendtap run's default, uvloop) against the same
+    # on mitmdump's own asyncio loop.
+    for sc in res.get("summary", {}):
+        s, a = (
+            _get(res, sc, "spendtap", "cpu_ms_per_req"),
+            _get(res, sc, "spendtap-asyncio", "cpu_ms_per_req"),
+        )
+        r = _ratio(s, a)
+        if r is not None:
+            add(f"CPU/req spendtap (uvloop) / spendtap-asyncio ({sc})", round(r, 3), "(info)",
+                None, f"{s:.3f} vs {a:.3f} ms")  # fmt: skip
     # The fleet: budgets through PostgreSQL (issue 9's goals).
     ce = res.get("micro", {}).get("central", {})
     if ce.get("reserve_ms_p50") is not None:

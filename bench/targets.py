@@ -122,11 +122,18 @@ def _mitmdump_base(upstream: str, port: int) -> list[str]:
 
 
 def spendtap_args(
-    upstream: str, port: int, db: Path, metrics_port: int, runner: str = "mitmdump"
+    upstream: str,
+    port: int,
+    db: Path,
+    metrics_port: int,
+    runner: str = "mitmdump",
+    event_loop: str | None = None,
 ) -> list[str]:
     from spendtap.cli.run import build_mitmdump_args
 
     kw = {"runner": runner} if runner != "mitmdump" else {}
+    if event_loop is not None:  # else spendtap run's default
+        kw["event_loop"] = event_loop
     return build_mitmdump_args(
         mode="reverse",
         upstream=upstream,
@@ -177,10 +184,11 @@ def start_spendtap(
     db: Path | None = None,
     env: dict | None = None,
     runner: str = "mitmdump",
+    event_loop: str | None = None,
 ) -> Target:
     port, mport = free_port(), free_port()
     db = db or log_dir / f"{name}-ledger.db"
-    args = spendtap_args(upstream, port, db, mport, runner)
+    args = spendtap_args(upstream, port, db, mport, runner, event_loop)
     for s in extra or ():
         args += ["--set", s]
     p = Proc(name, args, log_dir, env=env)
@@ -293,13 +301,20 @@ def set_budget(db: Path, log_dir: Path) -> str | None:
 
 
 def start_spendtap_budget(
-    upstream: str, log_dir: Path, extra: list[str], runner: str = "mitmdump"
+    upstream: str,
+    log_dir: Path,
+    extra: list[str],
+    runner: str = "mitmdump",
+    event_loop: str | None = None,
 ) -> Target:
     db = log_dir / "spendtap-budget-ledger.db"
     err = set_budget(db, log_dir)
     if err:
         raise RuntimeError(err)
-    return start_spendtap(upstream, log_dir, extra, name="spendtap-budget", db=db, runner=runner)
+    return start_spendtap(
+        upstream, log_dir, extra, name="spendtap-budget", db=db, runner=runner,
+        event_loop=event_loop,
+    )  # fmt: skip
 
 
 # -- LiteLLM ---------------------------------------------------------------------------------

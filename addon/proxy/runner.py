@@ -22,7 +22,9 @@ and dispatches each hook only to the addons that define it
 mitmproxy addons it does not load are refused at start, in one line.
 
 ``--event-loop uvloop`` runs it on uvloop's event loop (what ``spendtap run`` passes by
-default; ``spendtap.proxy.eventloop``). Signals as mitmdump: SIGTERM and SIGINT shut down gracefully (the ``done`` hook
+default; ``spendtap.proxy.eventloop``).
+
+Signals as mitmdump: SIGTERM and SIGINT shut down gracefully (the ``done`` hook
 finalizes the flows in flight and drains the ledger writer).
 """
 
