@@ -64,6 +64,8 @@ CLOSE_TIMEOUT_S = 30.0
 
 # Rows a frame at most (a child started again is sent its backlog in pieces).
 ROWS_A_FRAME = 4096
+# What the child reads from its pipe at once.
+_READ_SIZE = 1 << 16
 
 _COMMITTED, _STATUS, _LOG, _READY, _FAILED = "c", "s", "l", "r", "e"
 
@@ -618,7 +620,9 @@ class _PipeFedWriter(LedgerWriter):
     def _read_input(self, timeout: float | None) -> None:
         if not _wait_for(self.in_fd, select.POLLIN, timeout):
             return
-        data = os.read(self.in_fd, 1 << 20)
+        # 64 KiB: a larger read buffer comes from mmap, and costs an mmap, an mremap and
+        # a munmap every wake-up (one row a wake-up at low load); a backlog takes more reads.
+        data = os.read(self.in_fd, _READ_SIZE)
         if not data:
             # The parent closed our input, or died: commit what we have, then stop.
             self._input_done = True
