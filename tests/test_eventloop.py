@@ -9,6 +9,7 @@ gets, the row the ledger gets, a clean SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -95,6 +96,24 @@ def test_the_module_refuses_an_unknown_loop_in_one_line():
     assert proc.stderr.strip() == (
         "spendtap: unknown event loop 'trio' (one of uvloop, asyncio)"
     ), proc.stderr
+
+
+def test_a_broken_uvloop_is_one_line(tmp_path):
+    """A uvloop that is there but does not import (a wheel for another platform, say):
+    one line from either runner, exit 1, no traceback."""
+    broken = tmp_path / "uvloop"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('wrong platform')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for module in (["spendtap.proxy.eventloop", "uvloop", "--version"],
+                   ["spendtap.proxy.runner", "--event-loop", "uvloop"]):  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", *module], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.strip() == (
+            "spendtap: event loop uvloop: cannot import uvloop: wrong platform"
+        ), proc.stderr
 
 
 def test_mitmdump_on_uvloop_parses_its_own_arguments():
