@@ -2,6 +2,7 @@
 request's place in its burst cost its time to first token?
 
     python -m bench.bursts [--scenario stream-paced-c16] [--seconds 8] [--rounds 2]
+    python -m bench.bursts --scenario stream-paced-c64 --think-ms 50   # out of lockstep
 
 For bare mitmdump, spendtap, spendtap without the commit wait (``spendtap-nowait``) and
 the lean runner, each fronting one simulator: every request's send time (from the load
@@ -24,10 +25,18 @@ from pathlib import Path
 
 from bench.main import CHAT, scenarios
 from bench.procs import PYTHON, REPO
-from bench.targets import ACCOUNT, KEY, MASTER_KEY, start_mitmdump, start_sim, start_spendtap
+from bench.targets import (
+    ACCOUNT,
+    KEY,
+    MASTER_KEY,
+    start_mitmdump,
+    start_sim,
+    start_spendtap,
+    start_spendtap_budget,
+)
 
 
-def load(target, sc, ttft_ms=200, tps=50) -> list:
+def load(target, sc, ttft_ms=200, tps=50, think_ms=0.0) -> list:
     body = {"model": sc.model, "messages": [{"role": "user", "content": "Say hello"}],
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     spec = {
@@ -36,7 +45,7 @@ def load(target, sc, ttft_ms=200, tps=50) -> list:
         "headers": {"Authorization": f"Bearer {MASTER_KEY}", "x-helexa-account-id": ACCOUNT,
                     "x-helexa-key-id": KEY, **sc.controls(ttft_ms, tps)},
         "concurrency": sc.concurrency, "warmup_s": sc.warmup_s, "duration_s": sc.duration_s,
-        "grace_s": 5.0, "first_event": 2, "request_timeout_s": 30,
+        "grace_s": 5.0, "first_event": 2, "request_timeout_s": 30, "think_ms": think_ms,
     }  # fmt: skip
     out = subprocess.run([PYTHON, "-m", "bench.loadgen", json.dumps(spec)], cwd=str(REPO),
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -79,6 +88,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--gap-ms", type=float, default=1.0)
+    ap.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="each client waits a random 0..MS between a response's end and "
+        "its next request (out of lockstep; 0: back to back, as make bench)",
+    )
     ap.add_argument("--targets", default="mitmdump,spendtap,spendtap-nowait,spendtap-lean")
     ap.add_argument(
         "--switch-ms", type=float, action="append", default=[],
@@ -102,6 +118,9 @@ def main(argv=None) -> int:
     if "spendtap-nowait" in wanted:
         targets.append(start_spendtap(sim.url, tmp, [*sets, "spendtap_commit_wait_ms=0"],
                                       name="spendtap-nowait"))  # fmt: skip
+    if "spendtap-budget" in wanted:
+        # Every request reserves and settles against a cap no run reaches.
+        targets.append(start_spendtap_budget(sim.url, tmp, ["spendtap_enforce_budgets=true"]))
     if "spendtap-lean" in wanted:
         targets.append(start_spendtap(sim.url, tmp, sets, name="spendtap-lean", runner="lean"))
     for ms in args.switch_ms:
@@ -116,18 +135,21 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             order = targets if rnd % 2 == 0 else [targets[0], *reversed(targets[1:])]
             for t in order:
-                b = bursts(load(t, sc), args.gap_ms / 1000)
+                b = bursts(load(t, sc, think_ms=args.think_ms), args.gap_ms / 1000)
                 results.setdefault(t.name, []).append(b)
                 print(f"r{rnd} {t.name:16s} {json.dumps(b)}", flush=True)
     finally:
         for t in reversed(targets):
             t.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\nmedians over rounds:")
+    print("\nmedians over rounds (+TTFC: each round's TTFC p50 less direct's, as make bench):")
+    direct = [r["ttfc_p50_ms"] for r in results.get(targets[0].name, [])]
     for name, rs in results.items():
         size = statistics.median(r["burst_size_per_request"] for r in rs)
+        excess = statistics.median(r["ttfc_p50_ms"] - d for r, d in zip(rs, direct, strict=True))
         print(f"{name:16s} burst size per request {size:5.2f}"
               f"  TTFC p50 {statistics.median(r['ttfc_p50_ms'] for r in rs):7.2f} ms"
+              f"  +TTFC {excess:6.2f} ms"
               f"  end p50 {statistics.median(r['end_p50_ms'] for r in rs):7.2f} ms"
               f"  requests {statistics.median(r['requests'] for r in rs)}"
               f"  by position: {rs[-1]['ttfc_p50_by_position_ms']}")  # fmt: skip

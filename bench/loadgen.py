@@ -8,7 +8,9 @@ reported with every result).
 
 Modes (``spec["mode"]``):
 
-- ``load``: ``concurrency`` clients send requests back to back. After ``warmup_s`` it
+- ``load``: ``concurrency`` clients send requests back to back (``think_ms``: each waits
+  a uniformly random 0..think_ms between a response's end and its next request, so
+  clients with identical pacing do not stay in lockstep). After ``warmup_s`` it
   prints ``MARK start``, after ``duration_s`` more ``MARK end`` (the parent samples
   the proxy's CPU between the marks), stops sending, waits for the requests in flight
   (at most ``grace_s``) and prints one JSON line with the figures.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -248,10 +251,14 @@ async def run_load(spec: dict) -> dict:
     counts = {"completed": 0, "errors": 0, "bad_status": 0}
     errors: list[str] = []
     stopping = asyncio.Event()
+    think_s = spec.get("think_ms", 0) / 1000
+    rng = random.Random(spec.get("seed", 0))
 
     async def worker(k: int) -> None:
         client: Client | None = None
         while not stopping.is_set():
+            if think_s:
+                await asyncio.sleep(rng.uniform(0, think_s))
             try:
                 if client is None or client.closed:
                     client = await connect(spec, request, stats)
