@@ -34,6 +34,7 @@ from bench.targets import (
     start_spendtap,
     start_spendtap_budget,
 )
+from spendtap.proxy.eventloop import EVENT_LOOPS
 
 
 def py_spy() -> str:
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--runner", default="mitmdump", choices=["mitmdump", "lean"],
                     help="the spendtap target's runner (spendtap run --runner)")  # fmt: skip
-    ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], default=None,
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default=None,
                     help="the spendtap target's event loop (spendtap run --event-loop; "
                     "default: spendtap run's)")  # fmt: skip
     ap.add_argument("--ttft-ms", type=int, default=200)

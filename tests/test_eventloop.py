@@ -85,13 +85,15 @@ def test_a_loop_that_is_not_installed_is_refused_before_starting(tmp_path, monke
     assert len(result.output.strip().splitlines()) == 1, result.output
 
 
-def test_the_module_refuses_an_unknown_loop_in_one_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "spendtap.proxy.eventloop", "trio", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
+def _run_module(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` to its end, its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, env=env
     )
+
+
+def test_the_module_refuses_an_unknown_loop_in_one_line():
+    proc = _run_module("spendtap.proxy.eventloop", "trio", "--version")
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         "spendtap: unknown event loop 'trio' (one of uvloop, asyncio)"
@@ -107,9 +109,7 @@ def test_a_broken_uvloop_is_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     for module in (["spendtap.proxy.eventloop", "uvloop", "--version"],
                    ["spendtap.proxy.runner", "--event-loop", "uvloop"]):  # fmt: skip
-        proc = subprocess.run(
-            [sys.executable, "-m", *module], capture_output=True, text=True, timeout=60, env=env
-        )
+        proc = _run_module(*module, env=env)
         assert proc.returncode == 1, proc.stderr
         assert proc.stderr.strip() == (
             "spendtap: event loop uvloop: cannot import uvloop: wrong platform"
@@ -118,12 +118,7 @@ def test_a_broken_uvloop_is_one_line(tmp_path):
 
 def test_mitmdump_on_uvloop_parses_its_own_arguments():
     """The module is mitmdump: its options, its errors, under its own name."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "spendtap.proxy.eventloop", "uvloop", "--bogus-flag"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _run_module("spendtap.proxy.eventloop", "uvloop", "--bogus-flag")
     assert proc.returncode == 1
     assert "mitmdump: error: unrecognized arguments: --bogus-flag" in proc.stderr, proc.stderr
 

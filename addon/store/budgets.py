@@ -129,6 +129,12 @@ _UNITS = {
 }  # fmt: skip
 
 
+# A budget row of the key (:key) or of the account (:account).
+_PRINCIPAL_MATCH = (
+    "(scope = 'key' AND principal = :key) OR (scope = 'account' AND principal = :account)"
+)
+
+
 def _budgets_for_sql() -> str:
     """Every budget of a key (:key) and an account (:account), in both units: the unit, the
     budget's columns, the running total a balance reads, and what open reservations
@@ -140,8 +146,7 @@ def _budgets_for_sql() -> str:
             f"SELECT '{unit}', {_budget_columns(unit)}, spent_since, "
             f"CASE scope WHEN 'key' THEN ({held} WHERE key = :key) "
             f"ELSE ({held} WHERE account = :account) END "
-            f"FROM {u.table} WHERE (scope = 'key' AND principal = :key) "
-            "OR (scope = 'account' AND principal = :account)"
+            f"FROM {u.table} WHERE {_PRINCIPAL_MATCH}"
         )
     return " UNION ALL ".join(parts)
 
@@ -149,9 +154,7 @@ def _budgets_for_sql() -> str:
 def _budgeted_sql() -> str:
     """A row if a key (:key) or an account (:account) has a budget in either unit."""
     return " UNION ALL ".join(
-        f"SELECT 1 FROM {u.table} WHERE (scope = 'key' AND principal = :key) "
-        "OR (scope = 'account' AND principal = :account)"
-        for u in _UNITS.values()
+        f"SELECT 1 FROM {u.table} WHERE {_PRINCIPAL_MATCH}" for u in _UNITS.values()
     )
 
 
