@@ -33,6 +33,7 @@ from bench.targets import (
     start_sim,
     start_spendtap,
     start_spendtap_budget,
+    start_spendtap_central,
 )
 from spendtap.proxy.eventloop import EVENT_LOOPS
 
@@ -178,9 +179,12 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--target", default="spendtap",
-                    choices=["spendtap", "spendtap-budget", "mitmdump", "mitmdump-cb"],
+                    choices=["spendtap", "spendtap-budget", "spendtap-central", "mitmdump",
+                             "mitmdump-cb"],
                     help="spendtap-budget: a balance cap no run reaches on the load's key "
-                         "and account, enforced (every request reserves and settles)")  # fmt: skip
+                         "and account, enforced (every request reserves and settles); "
+                         "spendtap-central: the same through PostgreSQL on loopback "
+                         "(a server of its own; its CPU is not the proxy's)")  # fmt: skip
     ap.add_argument("--scenario", default="stream-unpaced-c64")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rate", type=int, default=400, help="py-spy samples per second")
@@ -229,6 +233,11 @@ def main(argv=None) -> int:
             sys.exit(f"spendtap-budget: {note}")
         tgt = start_spendtap_budget(sim.url, tmp, [*extra, *args.sets], runner=args.runner,
                                     event_loop=args.event_loop)  # fmt: skip
+    elif args.target == "spendtap-central":
+        ok, note, extra = budget_support(tmp)
+        if not ok:
+            sys.exit(f"spendtap-central: {note}")
+        tgt = start_spendtap_central(sim.url, tmp, [*extra, *args.sets])
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)

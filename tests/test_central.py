@@ -11,6 +11,7 @@ import pytest
 from spendtap.options import BY_NAME, OptionError, redact
 from spendtap.store.budgets import BudgetUnavailable
 from spendtap.store.central import (
+    MIGRATIONS,
     CentralError,
     CentralStore,
     NotCentral,
@@ -231,7 +232,7 @@ def test_libpq_password_variables_work(pg_dsn, monkeypatch):
     """A URL without a password works with PGPASSWORD (libpq's usual ways apply)."""
     monkeypatch.setenv("PGPASSWORD", PASSWORD)
     with CentralStore(pg_dsn.replace(f":{PASSWORD}@", "@")) as store:
-        assert store.migrations() == ["m001_initial"]
+        assert store.migrations() == [name for name, _ in MIGRATIONS]
 
 
 def test_every_ledger_column_has_a_central_column(store, pg_dsn):
@@ -247,6 +248,92 @@ def test_every_ledger_column_has_a_central_column(store, pg_dsn):
             )
         }
     assert set(COLUMNS) <= central, sorted(set(COLUMNS) - central)
+
+
+def test_shipping_keeps_every_value_of_a_row(store, pg_dsn):
+    """Every ledger column arrives as the node wrote it (the rows travel as JSON to the
+    shipping function): text with quotes and non-ASCII, large integers, floats, booleans
+    and NULLs."""
+    from spendtap.store.ledger import COLUMNS, normalize_row
+    from tests.helpers import ledger_row
+
+    full = ledger_row(
+        "r-full", ts=ts_from_epoch(time.time()), account='acct "quoted"', key="k\u00e9\u4e2d",
+        error="upstream said \\ no\nreally", cached_tokens=3, cache_creation_tokens=2**40,
+        reasoning_tokens=0, cost_nusd=123_456_789_012, price_source="table",
+        server_prompt_s=0.125, server_decode_s=1e-7, tokens_per_s=33.333333333333336,
+    )  # fmt: skip
+    sparse = {"id": "r-sparse", "ts": ts_from_epoch(time.time()), "outcome": "upstream_error",
+              "streamed": False}  # fmt: skip
+    assert store.ship("n", [(1, full), (2, sparse)], "m") == 2
+    with psycopg.connect(pg_dsn) as conn:
+        cur = conn.execute(f"SELECT {', '.join(COLUMNS)}, shipped_from FROM requests ORDER BY id")
+        got = [dict(zip([*COLUMNS, "shipped_from"], r, strict=True)) for r in cur]
+    for want, have in zip((full, sparse), got, strict=True):
+        expected = normalize_row(want)
+        expected["streamed"] = None if expected["streamed"] is None else bool(expected["streamed"])
+        assert have == {**expected, "shipped_from": "n"}
+
+
+def test_the_shipping_function_inserts_every_ledger_column():
+    """The shipping function lists its columns (a migration's text is frozen): a column
+    added to the ledger needs a migration that replaces it. This fails until it has one."""
+    from spendtap.store import central
+    from spendtap.store.ledger import COLUMNS
+
+    shipping = [m for m in central.MIGRATIONS if "spendtap_ship(" in m[1]][-1][1]
+    listed = shipping.split("INSERT INTO requests (")[1].split(")")[0]
+    assert [c.strip() for c in listed.split(",") if c.strip()] == [*COLUMNS, "shipped_from"]
+
+
+def test_summing_open_reservations_skips_settled_ones(store, pg_dsn):
+    """Settled reservations leave dead index entries until a vacuum; the sum of a
+    principal's open reservations (four a reservation, under its budget locks) must not
+    walk them again on every call (a bitmap scan does: its index reads grow with the
+    traffic since the last vacuum)."""
+    store.set("key", "k", 10**9, None)
+    for i in range(1500):
+        assert store.reserve(f"r{i}", "acct", "k", 10, "o", node_id="n").allowed
+        assert store.release(f"r{i}")
+    assert store.reserve("open", "acct", "k", 7, "o", node_id="n").allowed
+
+    def index_reads() -> tuple[int, int]:
+        with psycopg.connect(pg_dsn) as conn:  # one transaction: its own counters
+            (reserved,) = conn.execute(
+                "SELECT spendtap_reserved(b) FROM budgets b WHERE scope = 'key'"
+            ).fetchone()
+            (reads,) = conn.execute(
+                "SELECT pg_stat_get_xact_tuples_returned('reservations_key'::regclass)"
+            ).fetchone()
+            return reserved, reads
+
+    index_reads()  # the first scan after the traffic meets the dead entries
+    reserved, reads = index_reads()
+    assert reserved == 7
+    assert reads < 100, f"{reads} index entries read to sum one open reservation"
+
+
+def test_a_store_at_the_first_migration_is_brought_up_to_date(pg_dsn):
+    """A fleet database created before the shipping function (m001 only) gets it from the
+    first sidecar that opens it, and ships through it."""
+    from spendtap.store import central
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {central.MIGRATIONS_TABLE} (name TEXT PRIMARY KEY, "
+                     "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")  # fmt: skip
+        conn.execute(central.M001_INITIAL)
+        conn.execute(f"INSERT INTO {central.MIGRATIONS_TABLE} (name) VALUES ('m001_initial')")
+    with CentralStore(pg_dsn, create=False) as store:
+        assert store.migrations() == [
+            "m001_initial",
+            "m002_ship_function",
+            "m003_reserved_index_scan",
+        ]
+        store.set("key", "k", 1000, None)
+        assert store.reserve("r1", "acct", "k", 100, "o", node_id="n").allowed
+        assert store.ship("n", [(1, row("r1", tokens=30))], "m") == 1
+        status = store.status("key", "k")
+        assert (status.spent, status.reserved) == (30, 0)
 
 
 def test_the_fleet_answers_reading_queries_as_a_node_ledger_does(store, tmp_path):
