@@ -58,6 +58,106 @@ def test_reserve_refuses_over_a_balance_and_settles_on_ship(store):
     assert store.reserve("r2", "acct", "k", 60, "o", node_id="n").allowed
 
 
+def test_a_batch_is_decided_in_order_and_never_overshoots(store):
+    """reserve_many decides each item as reserve would after the batch's earlier items:
+    the third 40 of a 100 cap is refused, with the first two counted as reserved."""
+    store.set("key", "k", 100, None)
+    decided = store.reserve_many(
+        [("a", "acct", "k", 40), ("b", "acct", "k", 40), ("c", "acct", "k", 40),
+         ("free", "acct2", "k2", 10**9), ("anon", None, None, 5), ("bad", "acct", "k", -1),
+         ("d", "acct", "k", 20)],
+        "o", node_id="n",
+    )  # fmt: skip
+    a, b, c, free, anon, bad, d = decided
+    assert a.allowed and a.reservation_id == "a" and b.allowed and d.allowed
+    assert not c.allowed and c.reason == "balance"
+    assert (c.spent, c.reserved, c.cap) == (0, 80, 100)
+    assert free.allowed and free.reservation_id is None  # no budget: nothing reserved
+    assert anon.allowed and anon.reservation_id is None
+    assert isinstance(bad, ValueError)
+    assert store.status("key", "k").reserved == 100
+    assert {r["id"] for r in store.reservations()} == {"a", "b", "d"}
+
+
+def test_an_id_already_open_fails_only_its_item(store):
+    """The database refuses a duplicate id for the whole transaction; the batch is then
+    reserved item by item, so only that item fails."""
+    store.set("key", "k", 1000, None)
+    assert store.reserve("dup", "acct", "k", 10, "o").allowed
+    x, dup, y = store.reserve_many(
+        [("x", "acct", "k", 10), ("dup", "acct", "k", 10), ("y", "acct", "k", 10)], "o"
+    )
+    assert x.allowed and y.allowed
+    assert isinstance(dup, ValueError) and "already open" in str(dup)
+    assert store.status("key", "k").reserved == 30
+
+
+def test_batches_reservations_and_shipping_at_once_never_overshoot_nor_deadlock(pg_dsn):
+    """Threads reserving in batches and one by one over overlapping principals, while rows
+    ship and settle: every cap holds and no transaction deadlocks."""
+    import random
+    import threading
+
+    caps = {("key", "k1"): 3000, ("key", "k2"): 2500, ("account", "a1"): 4000}
+    with CentralStore(pg_dsn) as setup:
+        for (scope, who), cap in caps.items():
+            setup.set(scope, who, cap, None)
+    store = CentralStore(pg_dsn, pool_size=6)
+    errors: list[BaseException] = []
+    allowed: list[tuple[str, str, str, int]] = []
+    lock = threading.Lock()
+
+    def reserving(n: int) -> None:
+        rnd = random.Random(n)
+        try:
+            for j in range(40):
+                items = [(f"t{n}-{j}-{i}", rnd.choice(["a1", "a2"]), rnd.choice(["k1", "k2"]),
+                          rnd.randint(1, 60)) for i in range(rnd.randint(1, 6))]  # fmt: skip
+                decided = (
+                    store.reserve_many(items, "o", node_id="n")
+                    if n % 2
+                    else [store.reserve(*item, "o", node_id="n") for item in items]
+                )
+                for item, d in zip(items, decided, strict=True):
+                    if isinstance(d, Exception):
+                        raise d
+                    if d.allowed and d.reservation_id:
+                        with lock:
+                            allowed.append(item)
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    def shipping() -> None:
+        rowid = 0
+        try:
+            while any(t.is_alive() for t in workers):
+                with lock:
+                    batch, allowed[:] = allowed[:], []
+                rows = []
+                for rid, account, key, tokens in batch:
+                    rowid += 1
+                    rows.append((rowid, row(rid, key=key, tokens=tokens // 2, account=account)))
+                store.ship("n", rows, "m")
+                time.sleep(0.005)
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    workers = [threading.Thread(target=reserving, args=(n,)) for n in range(4)]
+    shipper = threading.Thread(target=shipping)
+    for t in workers:
+        t.start()
+    shipper.start()
+    for t in [*workers, shipper]:
+        t.join(60)
+    store.close()
+    assert not errors, errors
+    with CentralStore(pg_dsn) as check:
+        for (scope, who), cap in caps.items():
+            status = check.status(scope, who)
+            assert status.spent + status.reserved <= cap, (scope, who, status)
+            assert status.spent > 0
+
+
 def test_unbudgeted_principal_reserves_nothing(store):
     """A principal with no budget is admitted with no reservation row."""
     d = store.reserve("r1", "acct", "nobody", 10**9, "o")
@@ -162,6 +262,8 @@ def test_unreachable_server_makes_reserve_unavailable(pg_dsn):
     with pytest.raises(BudgetUnavailable):
         store.reserve("r", "a", "k", 1, "o")
     assert time.monotonic() - started < 5
+    decided = store.reserve_many([("r1", "a", "k", 1), ("r2", None, None, 1)], "o")
+    assert isinstance(decided[0], BudgetUnavailable) and decided[1].allowed  # anonymous
     store.close()
 
 
@@ -328,6 +430,7 @@ def test_a_store_at_the_first_migration_is_brought_up_to_date(pg_dsn):
             "m001_initial",
             "m002_ship_function",
             "m003_reserved_index_scan",
+            "m004_reserve_many",
         ]
         store.set("key", "k", 1000, None)
         assert store.reserve("r1", "acct", "k", 100, "o", node_id="n").allowed

@@ -439,10 +439,38 @@ M003_RESERVED_INDEX_SCAN = """
 ALTER FUNCTION spendtap_reserved(budgets) SET enable_bitmapscan = off;
 """
 
+# Many reservations in one round trip and one transaction (a sidecar sends the ones
+# its requests ask for while the previous batch is out): each item is
+# ``spendtap_reserve``'s, in order, so it sees the batch's earlier reservations. Every
+# budget of the batch is locked first, in the order ``spendtap_reserve`` and
+# ``spendtap_ship`` lock them: batches, single reservations and shipments never deadlock.
+M004_RESERVE_MANY = """
+CREATE FUNCTION spendtap_reserve_many(p_ids TEXT[], p_accounts TEXT[], p_keys TEXT[],
+                                      p_tokens BIGINT[], p_at TEXT, p_owner TEXT,
+                                      p_node TEXT)
+RETURNS TABLE (item INTEGER, allowed BOOLEAN, b_scope TEXT, b_principal TEXT, b_cap BIGINT,
+               b_window_s INTEGER, b_since TEXT, b_created_at TEXT, b_updated_at TEXT,
+               b_spent BIGINT, b_reserved BIGINT)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM budgets
+    WHERE (scope = 'key' AND principal = ANY(p_keys))
+       OR (scope = 'account' AND principal = ANY(p_accounts))
+    ORDER BY scope, principal
+    FOR UPDATE;
+    FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+        RETURN QUERY SELECT i, r.* FROM spendtap_reserve(
+            p_ids[i], p_accounts[i], p_keys[i], p_tokens[i], p_at, p_owner, p_node) r;
+    END LOOP;
+END
+$$;
+"""
+
 MIGRATIONS: list[tuple[str, str]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_ship_function", M002_SHIP_FUNCTION),
     ("m003_reserved_index_scan", M003_RESERVED_INDEX_SCAN),
+    ("m004_reserve_many", M004_RESERVE_MANY),
 ]
 
 
@@ -728,40 +756,97 @@ class CentralStore(queries.LedgerReads, Closing):
         Raises ``ValueError`` for a bad argument or an id already reserved, and
         ``BudgetUnavailable`` when PostgreSQL cannot answer within the timeout.
         """
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
-        if not reservation_id:
-            raise ValueError("a reservation needs an id")
+        _check_reservation(reservation_id, tokens)
         if account is None and key is None:
             return UNBUDGETED
-        psycopg = self._psycopg
         # Whole milliseconds, as stored: the database's trigger sees the same window.
         t = _ts_epoch(ts_from_epoch(_epoch(now)))
+
+        def call(conn: Any) -> Decision:
+            rows = conn.execute(
+                "SELECT * FROM spendtap_reserve(%s, %s, %s, %s, %s, %s, %s)",
+                (reservation_id, account, key, tokens, ts_from_epoch(t), owner, node_id),
+            ).fetchall()
+            return _decision(conn, rows, reservation_id, tokens, t)
+
+        return self._reserving(reservation_id, call)
+
+    def reserve_many(
+        self,
+        items: Sequence[tuple[str, str | None, str | None, int]],
+        owner: str,
+        now: float | datetime | None = None,
+        *,
+        node_id: str | None = None,
+    ) -> list[Decision | Exception]:
+        """Reserve ``(reservation_id, account, key, tokens)`` items in one round trip and
+        one transaction, in order: each is decided as ``reserve`` would decide it after
+        the ones before it (an item never overshoots a cap the batch's earlier items
+        filled). Returns a ``Decision`` or the exception ``reserve`` would raise for each
+        item, in order; a failure of the whole batch (PostgreSQL away: every item's
+        ``BudgetUnavailable``) is each item's.
+
+        An id already reserved fails the whole transaction: the items are then reserved
+        one by one, so only that item fails.
+        """
+        out: list[Decision | Exception | None] = [None] * len(items)
+        batch: list[int] = []
+        for i, (reservation_id, account, key, tokens) in enumerate(items):
+            try:
+                _check_reservation(reservation_id, tokens)
+            except ValueError as e:
+                out[i] = e
+                continue
+            if account is None and key is None:
+                out[i] = UNBUDGETED
+            else:
+                batch.append(i)
+        if not batch:
+            return out  # type: ignore[return-value]
+        t = _ts_epoch(ts_from_epoch(_epoch(now)))
+        ids = [items[i][0] for i in batch]
+
+        def call(conn: Any) -> list[Decision]:
+            rows = conn.execute(
+                "SELECT * FROM spendtap_reserve_many(%s, %s, %s, %s, %s, %s, %s)",
+                (ids, [items[i][1] for i in batch], [items[i][2] for i in batch],
+                 [items[i][3] for i in batch], ts_from_epoch(t), owner, node_id),
+            ).fetchall()  # fmt: skip
+            per_item: list[list[Any]] = [[] for _ in batch]
+            for r in rows:
+                per_item[r[0] - 1].append(r[1:])
+            return [
+                _decision(conn, found, ids[n], items[i][3], t)
+                for n, (i, found) in enumerate(zip(batch, per_item, strict=True))
+            ]
+
+        try:
+            decided: list[Decision | Exception] = list(self._reserving(ids[0], call))
+        except ValueError:
+            # One item the database refused: each alone, so only that one fails.
+            decided = []
+            for i in batch:
+                try:
+                    decided.append(self.reserve(*items[i], owner, t, node_id=node_id))
+                except (ValueError, BudgetUnavailable) as e:
+                    decided.append(e)
+        except BudgetUnavailable as e:
+            decided = [e] * len(batch)
+        for i, decision in zip(batch, decided, strict=True):
+            out[i] = decision
+        return out  # type: ignore[return-value]
+
+    def _reserving(self, reservation_id: str, call: Callable[[Any], Any]) -> Any:
+        """Run a reservation's statement, retried once on a pooled connection the server
+        dropped, with PostgreSQL's answers mapped to ``reserve``'s exceptions."""
+        psycopg = self._psycopg
         try:
             for attempt in (1, 2):
                 used = None
                 try:
                     with self._connection() as conn:
                         used = conn
-                        rows = conn.execute(
-                            "SELECT * FROM spendtap_reserve(%s, %s, %s, %s, %s, %s, %s)",
-                            (reservation_id, account, key, tokens, ts_from_epoch(t), owner,
-                             node_id),
-                        ).fetchall()  # fmt: skip
-                        if not rows:
-                            return UNBUDGETED
-                        if rows[0][0]:
-                            return Decision(
-                                allowed=True, reservation_id=reservation_id, tokens=tokens
-                            )
-                        # Refused (rare): Retry-After is worked out after the reservation's
-                        # transaction, which has ended.
-                        return _binding(
-                            [
-                                _refusal(conn, Budget(*r[1:8]), int(r[8]), int(r[9]), tokens, t)
-                                for r in rows
-                            ]
-                        )
+                        return call(conn)
                 except CentralError:
                     # A pooled connection the server dropped (it restarted): once more, on
                     # another one. A timeout or a refusal is never retried.
@@ -1035,6 +1120,26 @@ def _status(conn: Any, budget: Budget, now: float) -> BudgetStatus:
         spent=int(_spent(conn, budget, now)),
         reserved=int(_reserved(conn, budget)),
         resets_at=resets_at,
+    )
+
+
+def _check_reservation(reservation_id: str, tokens: int) -> None:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
+    if not reservation_id:
+        raise ValueError("a reservation needs an id")
+
+
+def _decision(conn: Any, rows: Sequence[Any], reservation_id: str, tokens: int, t: float):
+    """``spendtap_reserve``'s rows as a ``Decision``: none, unbudgeted; one allowed row;
+    else a row per refusing budget (their Retry-After worked out now, after the
+    reservation's transaction has ended)."""
+    if not rows:
+        return UNBUDGETED
+    if rows[0][0]:
+        return Decision(allowed=True, reservation_id=reservation_id, tokens=tokens)
+    return _binding(
+        [_refusal(conn, Budget(*r[1:8]), int(r[8]), int(r[9]), tokens, t) for r in rows]
     )
 
 

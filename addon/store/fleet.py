@@ -355,6 +355,11 @@ class Fleet:
     def reserve(self, reservation_id, account, key, tokens, owner) -> Any:
         return self.store.reserve(reservation_id, account, key, tokens, owner, node_id=self.node_id)
 
+    def reserve_many(self, items, owner) -> list:
+        """``(reservation_id, account, key, tokens)`` items in one round trip (see
+        ``CentralStore.reserve_many``): a Decision or an exception for each."""
+        return self.store.reserve_many(items, owner, node_id=self.node_id)
+
     def close(self, timeout: float = 10.0) -> bool:
         """Ship what is committed (bounded), stop the threads, close the pool."""
         shipped = self.shipper.close(timeout)
