@@ -74,6 +74,7 @@ LOOP_RESERVE_MAX_BODY = 32 << 10
 # A reservation that finds the ledger locked sleeps this long, then twice as long each
 # time up to the maximum, until the busy timeout.
 BUSY_FIRST_PAUSE_S = 0.0005
+BUSY_MAX_PAUSE_S = 0.02
 # The fleet's reservations go in batches, one out at a time: the requests that arrive
 # while it is out go together in the next (one PostgreSQL round trip and transaction for
 # all). Only a batch out longer than this (a lock wait, a slow server) lets another go
@@ -82,7 +83,6 @@ BUSY_FIRST_PAUSE_S = 0.0005
 # second at json-c16 than from 20 ms (bench/README.md, "The fleet's reservations").
 CENTRAL_OVERLAP_AFTER_S = 0.02
 CENTRAL_BATCHES_IN_FLIGHT = 4
-BUSY_MAX_PAUSE_S = 0.02
 
 
 @dataclass(slots=True)
