@@ -193,8 +193,11 @@ def verdicts(res: dict) -> list[dict]:
             ratio = round(central / local, 3)
             ttfc = _get(res, sc, "spendtap-central", "ttfc_p50_ms")
             ttfc_local = _get(res, sc, "spendtap-budget", "ttfc_p50_ms")
+            detail = f"{central:.1f} vs {local:.1f} req/s"
+            if ttfc is not None and ttfc_local is not None:
+                detail += f"; TTFC p50 {ttfc:.2f} vs {ttfc_local:.2f} ms"
             add(f"req/s spendtap-central / spendtap-budget ({sc})", ratio, ">= 0.8",
-                ratio >= 0.8, f"TTFC p50 {ttfc} vs {ttfc_local} ms")  # fmt: skip
+                ratio >= 0.8, detail)  # fmt: skip
     for sc, runs in res.get("central_shipping", {}).items():
         if sc.endswith("-c64") and runs:
             worst = max(x["lag_max_s"] for x in runs)
