@@ -93,15 +93,15 @@ def test_another_batch_goes_beside_only_once_the_one_out_took_too_long():
 
     async def go():
         with ThreadPoolExecutor(4) as pool:
-            b = Batcher(rec, pool, max_in_flight=4, overlap_after_s=0.3)
+            b = Batcher(rec, pool, max_in_flight=4, overlap_after_s=0.6)
             rec.release.clear()
             first = asyncio.ensure_future(b.submit(1))
             await asyncio.sleep(0.05)
             later = [asyncio.ensure_future(b.submit(i)) for i in (2, 3)]
             await asyncio.sleep(0.1)
             before = [list(x) for x in rec.batches]  # 0.15 s: the first is not late yet
-            await asyncio.sleep(0.4)
-            after = [list(x) for x in rec.batches]  # 0.55 s: it is; the others went
+            await asyncio.sleep(0.9)
+            after = [list(x) for x in rec.batches]  # 1.05 s: it is; the others went
             rec.release.set()
             return before, after, await first, await asyncio.gather(*later)
 
