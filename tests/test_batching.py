@@ -153,6 +153,22 @@ def test_batches_hold_at_most_max_items_and_cancelled_requests_are_not_sent():
     assert rec.batches == [[0], [2, 3], [4, 5, 6], [7]]
 
 
+def test_a_shut_down_executor_fails_the_requests_instead_of_leaving_them_waiting():
+    """The gate closes its worker pool when a run-time change rebuilds it: requests that
+    reach the old gate's batcher then get an error (a 503 or fail-open), never a hang."""
+
+    async def go():
+        pool = ThreadPoolExecutor(1)
+        b = Batcher(Recorder(), pool)
+        assert await b.submit(1) == 10
+        pool.shutdown()
+        return await asyncio.wait_for(
+            asyncio.gather(b.submit(2), b.submit(3), return_exceptions=True), 5
+        )
+
+    assert all(isinstance(e, RuntimeError) for e in run(go()))
+
+
 def test_limits_must_be_positive():
     with ThreadPoolExecutor(1) as pool:
         with pytest.raises(ValueError):

@@ -85,11 +85,15 @@ class Batcher:
             live = [(item, answer) for item, answer in batch if not answer.done()]
             if not live:
                 continue  # every one of them was cancelled (their clients left)
+            try:
+                done = loop.run_in_executor(self._executor, self._fn, [item for item, _ in live])
+            except Exception as e:  # the executor is shut down (its owner was rebuilt)
+                _answer_all(live, e)
+                continue
             sent_at = loop.time()
             self._sent_at.append(sent_at)
             self.batches += 1
             self.items += len(live)
-            done = loop.run_in_executor(self._executor, self._fn, [item for item, _ in live])
             done.add_done_callback(
                 lambda d, live=live, sent_at=sent_at: self._answered(loop, live, sent_at, d)
             )
@@ -111,3 +115,9 @@ class Batcher:
                 answer.set_result(result)
         if self._waiting and not self._scheduled:
             self._send(loop)
+
+
+def _answer_all(batch: list[tuple[Any, asyncio.Future]], error: BaseException) -> None:
+    for _, answer in batch:
+        if not answer.done():
+            answer.set_exception(error)
