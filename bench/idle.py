@@ -37,9 +37,7 @@ def _ts() -> str:
 
 def request_cpu(gaps: list[float], requests: int) -> dict[float, float]:
     """Median loop CPU (µs) of one streamed request after each idle gap."""
-    from mitmproxy.test import tutils
-
-    from tests.test_hooks_in_process import chat_flow, sidecar
+    from tests.test_hooks_in_process import chat_flow, sidecar, sse_response
 
     events = sse_events(sim_stream_body(32))
     principal = ((b"x-helexa-account-id", b"acct"), (b"x-helexa-key-id", b"key"))
@@ -47,11 +45,7 @@ def request_cpu(gaps: list[float], requests: int) -> dict[float, float]:
     async def one(s) -> None:
         flow = chat_flow(stream=True, headers=principal)
         await s.metering.request(flow)
-        flow.response = tutils.tresp(
-            headers=((b"content-type", b"text/event-stream"),
-                     (b"transfer-encoding", b"chunked")),
-            content=None,
-        )  # fmt: skip
+        flow.response = sse_response()
         s.metering.responseheaders(flow)
         for event in events:
             flow.response.stream(event)

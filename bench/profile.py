@@ -227,17 +227,14 @@ def main(argv=None) -> int:
     if args.target == "spendtap":
         tgt = start_spendtap(sim.url, tmp, args.sets, runner=args.runner,
                              event_loop=args.event_loop)  # fmt: skip
-    elif args.target == "spendtap-budget":
+    elif args.target in ("spendtap-budget", "spendtap-central"):
         ok, note, extra = budget_support(tmp)
         if not ok:
-            sys.exit(f"spendtap-budget: {note}")
-        tgt = start_spendtap_budget(sim.url, tmp, [*extra, *args.sets], runner=args.runner,
-                                    event_loop=args.event_loop)  # fmt: skip
-    elif args.target == "spendtap-central":
-        ok, note, extra = budget_support(tmp)
-        if not ok:
-            sys.exit(f"spendtap-central: {note}")
-        tgt = start_spendtap_central(sim.url, tmp, [*extra, *args.sets])
+            sys.exit(f"{args.target}: {note}")
+        central = args.target == "spendtap-central"
+        start = start_spendtap_central if central else start_spendtap_budget
+        tgt = start(sim.url, tmp, [*extra, *args.sets], runner=args.runner,
+                    event_loop=args.event_loop)  # fmt: skip
     else:
         tgt = start_mitmdump(sim.url, tmp, callable_stream=args.target == "mitmdump-cb")
     RESULTS.mkdir(parents=True, exist_ok=True)

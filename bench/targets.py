@@ -197,7 +197,13 @@ def start_spendtap(
     return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]), metrics_port=mport)
 
 
-def start_spendtap_central(upstream: str, log_dir: Path, extra: list[str]) -> Target:
+def start_spendtap_central(
+    upstream: str,
+    log_dir: Path,
+    extra: list[str],
+    runner: str = "mitmdump",
+    event_loop: str | None = None,
+) -> Target:
     """spendtap with the benchmark's (never reached) budgets in a PostgreSQL of its own."""
     from spendtap.store.central import CentralStore
     from tests.pg import PostgresServer, pg_bindir
@@ -212,8 +218,9 @@ def start_spendtap_central(upstream: str, log_dir: Path, extra: list[str]) -> Ta
             store.set("account", ACCOUNT, 10**15, None)
         # As `spendtap run --central` does: the URL in the environment, never in argv.
         target = start_spendtap(
-            upstream, log_dir, extra, name="spendtap-central", env={"SPENDTAP_CENTRAL": dsn}
-        )
+            upstream, log_dir, extra, name="spendtap-central", env={"SPENDTAP_CENTRAL": dsn},
+            runner=runner, event_loop=event_loop,
+        )  # fmt: skip
     except BaseException:
         server.destroy()
         raise

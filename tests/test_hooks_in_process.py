@@ -103,6 +103,14 @@ def json_response(doc: dict):
     )  # fmt: skip
 
 
+def sse_response():
+    """A chunked ``text/event-stream`` response head; the body comes through its stream."""
+    return tutils.tresp(
+        headers=((b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")),
+        content=None,
+    )
+
+
 def ledger_rows(path) -> list[dict]:
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row
@@ -303,11 +311,7 @@ def test_a_streamed_response_passes_through_untouched_and_is_metered(tmp_path):
         async with sidecar(tmp_path) as s:
             flow = chat_flow(stream=True)
             await s.metering.request(flow)
-            flow.response = tutils.tresp(
-                headers=((b"content-type", b"text/event-stream"),
-                         (b"transfer-encoding", b"chunked")),
-                content=None,
-            )  # fmt: skip
+            flow.response = sse_response()
             s.metering.responseheaders(flow)
             assert callable(flow.response.stream)
             # Chunk boundaries that do not follow event boundaries.

@@ -282,15 +282,19 @@ class Gate:
     async def _reserve_central(self, flow_id, body, info: RequestInfo, account, key):
         """The fleet's reservation, in PostgreSQL: batched with the other requests' that
         arrive while earlier batches are out (one round trip and transaction for all)."""
-        if body is None or len(body) <= LOOP_RESERVE_MAX_BODY:
-            tokens, _ = self._amounts(body, info, None, False)
-        else:
-            tokens, _ = await asyncio.get_running_loop().run_in_executor(
-                self._central, self._amounts, body, info, None, False
-            )
+        tokens, _ = await self._estimate(self._central, body, info, None, False)
         if tokens <= 0:
             return None
         return await self._central_reservations.submit((flow_id, account, key, tokens))
+
+    async def _estimate(self, executor, body, info: RequestInfo, node, money: bool):
+        """``_amounts`` on the event loop for a small body, on ``executor`` for a large one
+        (the estimate parses and walks the body)."""
+        if body is None or len(body) <= LOOP_RESERVE_MAX_BODY:
+            return self._amounts(body, info, node, money)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, self._amounts, body, info, node, money
+        )
 
     def _reserve_central_batch(self, items: list) -> list:
         """A batch of the fleet's reservations (on a central worker thread)."""
@@ -307,10 +311,7 @@ class Gate:
         after a short sleep, for as long as the busy timeout; a large body is estimated
         on the worker thread (the estimate parses and walks it).
         """
-        if body is None or len(body) <= LOOP_RESERVE_MAX_BODY:
-            tokens, nusd = self._amounts(body, info, node, money)
-        else:
-            tokens, nusd = await self._run(self._amounts, body, info, node, money)
+        tokens, nusd = await self._estimate(self._executor, body, info, node, money)
         if tokens <= 0:
             return None  # nothing to reserve (not an inference call)
         loop = asyncio.get_running_loop()

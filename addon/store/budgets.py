@@ -646,6 +646,14 @@ def check_principal(scope: str, principal: str) -> None:
         raise ValueError("a budget needs a non-empty principal")
 
 
+def check_reservation(reservation_id: str, tokens: int) -> None:
+    """A reservation's id and tokens, checked alike by both stores."""
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
+    if not reservation_id:
+        raise ValueError("a reservation needs an id")
+
+
 def check_cap(cap: int, window_s: int | None, unit: str = TOKENS) -> None:
     """A cap (tokens, or whole nano-dollars) and a window (None: a balance), checked alike
     by both stores (the largest cap is what both databases' integers hold)."""
@@ -872,12 +880,9 @@ class Budgets(LedgerTables):
         Raises ``ValueError`` for a bad argument or an id already reserved, and
         ``BudgetUnavailable`` when the ledger cannot answer.
         """
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
+        check_reservation(reservation_id, tokens)
         if nusd is not None and (isinstance(nusd, bool) or not isinstance(nusd, int) or nusd < 0):
             raise ValueError(f"nusd must be a whole number >= 0 or None, not {nusd!r}")
-        if not reservation_id:
-            raise ValueError("a reservation needs an id")
         if account is None and key is None:
             return UNBUDGETED
         t = _epoch(now)

@@ -72,6 +72,7 @@ from spendtap.store.budgets import (
     _ts_epoch,
     check_cap,
     check_principal,
+    check_reservation,
     counting_since,
 )
 from spendtap.store.errors import (
@@ -756,7 +757,7 @@ class CentralStore(queries.LedgerReads, Closing):
         Raises ``ValueError`` for a bad argument or an id already reserved, and
         ``BudgetUnavailable`` when PostgreSQL cannot answer within the timeout.
         """
-        _check_reservation(reservation_id, tokens)
+        check_reservation(reservation_id, tokens)
         if account is None and key is None:
             return UNBUDGETED
         # Whole milliseconds, as stored: the database's trigger sees the same window.
@@ -793,7 +794,7 @@ class CentralStore(queries.LedgerReads, Closing):
         batch: list[int] = []
         for i, (reservation_id, account, key, tokens) in enumerate(items):
             try:
-                _check_reservation(reservation_id, tokens)
+                check_reservation(reservation_id, tokens)
             except ValueError as e:
                 out[i] = e
                 continue
@@ -1121,13 +1122,6 @@ def _status(conn: Any, budget: Budget, now: float) -> BudgetStatus:
         reserved=int(_reserved(conn, budget)),
         resets_at=resets_at,
     )
-
-
-def _check_reservation(reservation_id: str, tokens: int) -> None:
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-        raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
-    if not reservation_id:
-        raise ValueError("a reservation needs an id")
 
 
 def _decision(conn: Any, rows: Sequence[Any], reservation_id: str, tokens: int, t: float):
