@@ -415,6 +415,80 @@ def test_summing_open_reservations_skips_settled_ones(store, pg_dsn):
     assert reads < 100, f"{reads} index entries read to sum one open reservation"
 
 
+def test_a_reservation_is_checked_once_and_any_other_insert_still_is(store, pg_dsn):
+    """``spendtap_reserve`` checks a reservation's budgets under their locks; the insert
+    trigger does not sum the open reservations again for it, and still checks every
+    other insert (a marker naming another reservation does not let one through)."""
+    store.set("account", "acct", 100, None)
+    store.set("key", "k", 100, None)
+    with psycopg.connect(pg_dsn) as conn:  # one transaction: its own function counters
+        conn.execute("SET LOCAL track_functions = 'pl'")
+        at = ts_from_epoch(time.time())
+        for rid in ("a", "b"):
+            (allowed,) = conn.execute(
+                "SELECT allowed FROM spendtap_reserve(%s, 'acct', 'k', 30, %s, 'o', 'n')",
+                (rid, at),
+            ).fetchone()
+            assert allowed
+        (sums,) = conn.execute(
+            "SELECT pg_stat_get_xact_function_calls('spendtap_reserved(budgets)'::regprocedure)"
+        ).fetchone()
+        assert sums == 4, f"{sums} sums of open reservations for 2 reservations of 2 budgets"
+        conn.execute("SELECT set_config('spendtap.checked_reservation', 'a', true)")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(
+                "INSERT INTO reservations (id, account, key, tokens, created_at, owner) "
+                "VALUES ('c', 'acct', 'k', 41, %s, 'me')",
+                (at,),
+            )
+
+
+def test_a_shipment_moves_each_balance_once_and_by_exactly_its_rows(store, pg_dsn):
+    """The balances' running totals move once a statement: each budget by the tokens of
+    the new rows of its principal at or after its ``since``; rows shipped again, rows of
+    no budget and rows before a budget's ``since`` move nothing."""
+    t0 = time.time()
+    store.set("key", "k1", 10**9, None, now=t0 - 100)
+    store.set("key", "k2", 10**9, None, now=t0 - 100)
+    store.set("account", "acct", 10**9, None, now=t0 - 100)
+    store.set("account", "late", 10**9, None, now=t0)  # counts from t0 on
+    rows = [
+        row("a", key="k1", tokens=10, ts=t0 - 50),
+        row("b", key="k2", tokens=7, ts=t0 - 10),
+        row("c", key="k1", tokens=0, ts=t0 - 5),
+        row("d", key="free", tokens=5, ts=t0 - 1, account="late"),  # before late's since
+        row("e", key="free", tokens=4, ts=t0 + 1, account="late"),
+        row("f", key="k2", tokens=3, ts=t0 + 2, account=None),
+    ]
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("SET LOCAL track_functions = 'pl'")
+        shipped = conn.execute(
+            "SELECT spendtap_ship('n', 'm', 6, %s, %s, %s, %s)",
+            (["free", "k1", "k2"], ["acct", "late"], [r["id"] for r in rows],
+             psycopg.types.json.Jsonb(rows)),
+        ).fetchone()[0]  # fmt: skip
+        (calls,) = conn.execute(
+            "SELECT pg_stat_get_xact_function_calls('spendtap_rows_spend()'::regprocedure)"
+        ).fetchone()
+    assert (shipped, calls) == (6, 1)
+    assert store.ship("n", [(1, rows[0]), (7, row("g", key="k1", tokens=2))], "m") == 1
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # and a plain INSERT of two
+        conn.execute(
+            "INSERT INTO requests (id, ts, account, key, prompt_tokens, completion_tokens) "
+            "VALUES ('h', %s, 'acct', 'k2', 1, 1), ('i', %s, 'late', 'k1', NULL, 6)",
+            (ts_from_epoch(t0 + 3), ts_from_epoch(t0 + 4)),
+        )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        balances = {(sc, p): n for sc, p, n in conn.execute(
+            "SELECT scope, principal, spent_since FROM budgets")}  # fmt: skip
+    assert balances == {
+        ("key", "k1"): 10 + 2 + 6,
+        ("key", "k2"): 7 + 3 + 2,
+        ("account", "acct"): 10 + 7 + 2 + 2,
+        ("account", "late"): 4 + 6,
+    }
+
+
 def test_a_store_at_the_first_migration_is_brought_up_to_date(pg_dsn):
     """A fleet database created before the shipping function (m001 only) gets it from the
     first sidecar that opens it, and ships through it."""
@@ -426,12 +500,7 @@ def test_a_store_at_the_first_migration_is_brought_up_to_date(pg_dsn):
         conn.execute(central.M001_INITIAL)
         conn.execute(f"INSERT INTO {central.MIGRATIONS_TABLE} (name) VALUES ('m001_initial')")
     with CentralStore(pg_dsn, create=False) as store:
-        assert store.migrations() == [
-            "m001_initial",
-            "m002_ship_function",
-            "m003_reserved_index_scan",
-            "m004_reserve_many",
-        ]
+        assert store.migrations() == [name for name, _ in MIGRATIONS]
         store.set("key", "k", 1000, None)
         assert store.reserve("r1", "acct", "k", 100, "o", node_id="n").allowed
         assert store.ship("n", [(1, row("r1", tokens=30))], "m") == 1
