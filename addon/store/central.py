@@ -12,9 +12,10 @@ How the guarantees carry over from one node to a fleet:
   (``SELECT ... FOR UPDATE``, always in the same order, so two sidecars never
   deadlock), reads spend and open reservations under that lock and inserts the
   reservation, all in one transaction. A ``BEFORE INSERT`` trigger on
-  ``reservations`` re-checks ``spent + reserved + tokens <= cap`` for every
-  budget of the principal inside the database: an overshooting reservation is
-  impossible whatever client writes it, not just unlikely.
+  ``reservations`` checks ``spent + reserved + tokens <= cap`` for every
+  budget of the principal inside the database (for any insert but the one
+  ``spendtap_reserve`` checked a moment before under the same locks): an
+  overshooting reservation is impossible whatever client writes it, not just unlikely.
 - **Settle on ship**: a request's row is committed to the node's SQLite ledger
   first (durable before delivery, locally). ``ship`` inserts rows idempotently
   (``ON CONFLICT (id) DO NOTHING``: a row shipped twice is stored once), deletes
