@@ -237,6 +237,41 @@ def test_restart_ships_then_releases_its_previous_life(store, tmp_path):
     assert store.status("key", "k").spent == 30
 
 
+def test_an_idle_shipper_reads_nothing_until_a_row_commits(store, tmp_path):
+    """With nothing committed locally since its last pass, a tick costs a pragma: no pass
+    (no ledger reads, no round trip); a row committed by another connection ships at the
+    next tick."""
+    db = tmp_path / "local.db"
+    with Ledger(db) as ledger:
+        ledger.insert_rows([row("first")])
+    shipper = Shipper(str(db), store, node_id="node", owner="me", interval_s=0.02)
+    passes: list[float] = []
+    ship_once = shipper.ship_once
+
+    def counted(ledger):
+        passes.append(time.monotonic())
+        return ship_once(ledger)
+
+    shipper.ship_once = counted
+    shipper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while shipper.rows_shipped < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # the passes that follow the first shipment (nothing left)
+        before = len(passes)
+        time.sleep(0.5)  # ~25 ticks
+        assert len(passes) == before, f"{len(passes) - before} passes over an idle ledger"
+        with Ledger(db) as ledger:
+            ledger.insert_rows([row("second")])
+        while shipper.rows_shipped < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        shipper.close(5)
+    assert shipper.rows_shipped == 2
+    assert len(passes) > before
+
+
 def test_a_foreign_database_is_refused(pg_dsn):
     """A database with other tables and no spendtap migrations is not adopted."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
@@ -304,6 +339,41 @@ def test_reserve_survives_a_server_restart(pg_server, pg_dsn):
         pg_server.stop("fast")
         pg_server.start()
         assert store.reserve("after", "acct", "k", 10, "o").allowed
+    finally:
+        store.close()
+
+
+def test_an_idle_pooled_connection_is_checked_only_when_the_server_said_something(
+    pg_server, pg_dsn, monkeypatch
+):
+    """A connection idle past ``CHECK_IDLE_S`` costs no round trip while nothing arrived
+    on it; after a restart (the server told it so and closed it) it is checked, found
+    dead and replaced, and the reservation goes through."""
+    from psycopg_pool import ConnectionPool
+
+    from spendtap.store import central
+
+    checks = []
+    real_check = ConnectionPool.check_connection
+
+    def counted(conn):
+        checks.append(conn)
+        return real_check(conn)
+
+    monkeypatch.setattr(ConnectionPool, "check_connection", staticmethod(counted))
+    monkeypatch.setattr(central, "CHECK_IDLE_S", 0.05)
+    store = CentralStore(pg_dsn, pool_size=1)
+    try:
+        store.set("key", "k", 10**6, None)
+        for i in range(3):
+            time.sleep(0.1)
+            assert store.reserve(f"idle{i}", "acct", "k", 10, "o").allowed
+        assert checks == []
+        pg_server.stop("fast")
+        pg_server.start()
+        time.sleep(0.1)
+        assert store.reserve("after", "acct", "k", 10, "o").allowed
+        assert len(checks) >= 1
     finally:
         store.close()
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import socket
 import threading
 import time
@@ -1170,17 +1171,31 @@ class CentralStore(queries.LedgerReads, Closing):
 
 
 # A pooled connection used within this many seconds is taken as alive without a round
-# trip; an older one is checked first (the server may have restarted meanwhile).
+# trip; an older one is checked first (the server may have restarted meanwhile) if
+# anything arrived on its socket while it sat idle: a server that goes away tells its idle
+# sessions (a termination notice, then the close), and an idle session is sent nothing
+# else. The pool hands its connections out in turn, so at a few requests a second every
+# one of them is "old": a round trip before each reservation and each shipment.
 CHECK_IDLE_S = 1.0
 
 
 def _check_idle_connection(conn: Any) -> None:
     now = time.monotonic()
-    if now - getattr(conn, "_spendtap_used", 0.0) > CHECK_IDLE_S:
+    if now - getattr(conn, "_spendtap_used", 0.0) > CHECK_IDLE_S and _input_waiting(conn):
         from psycopg_pool import ConnectionPool
 
         ConnectionPool.check_connection(conn)
     conn._spendtap_used = now
+
+
+def _input_waiting(conn: Any) -> bool:
+    """True when the idle connection's socket has something to read, or is closed."""
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except Exception:
+        return True  # cannot tell: the round trip decides
 
 
 def _pg_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,7 @@ class Shipper:
         self.last_ship_at: float | None = None
         self._failing_since: float | None = None
         self._passes = 0  # completed ship_once calls (close waits for a fresh one)
+        self._seen_version: int | None = None  # the local ledger's data_version last shipped
 
     # -- figures ----------------------------------------------------------------
 
@@ -142,8 +143,7 @@ class Shipper:
                 try:
                     if ledger is None:
                         ledger = Ledger.open_existing(self.local_db)
-                    self.measure(ledger)  # local only: the backlog shows while PostgreSQL is away
-                    more = self.ship_once(ledger)
+                    more = self._ship_if_changed(ledger)
                     self._recovered()
                     backoff = 0.0
                     if more:
@@ -154,6 +154,7 @@ class Shipper:
                     # Re-read the cursor from PostgreSQL, where it commits with the rows: a
                     # server that crashed may have lost a commit this process saw succeed.
                     self._cursor = None
+                    self._seen_version = None  # (a version is its connection's): a full pass next
                     if ledger is not None and not isinstance(e, _CENTRAL_ERRORS):
                         with contextlib.suppress(Exception):
                             ledger.close()
@@ -167,27 +168,45 @@ class Shipper:
                 with contextlib.suppress(Exception):
                     ledger.close()
 
-    def measure(self, ledger: Ledger) -> None:
-        """Backlog and lag from the local ledger alone (against the last known cursor)."""
+    def _ship_if_changed(self, ledger: Ledger) -> bool:
+        """``ship_once``, unless nothing was committed locally since a pass that left
+        nothing to ship: an idle sidecar's tick then costs one pragma, not a pass (two
+        ledger reads and a look at the previous life's reservations, five times a second)."""
+        version = ledger.data_version()
+        if (
+            version == self._seen_version
+            and not self.backlog_rows
+            and self.released_previous_life is not None
+        ):
+            self._passes += 1
+            return False
+        more = self.ship_once(ledger)
+        self._seen_version = version  # read before the pass: a commit during it shows next
+        return more
+
+    def measure(self, ledger: Ledger, *, head: bool = True) -> int:
+        """Backlog and lag from the local ledger alone (against the last known cursor);
+        returns the last rowid. ``head=False`` leaves the lag to a caller that reads the
+        first waiting row anyway."""
         if self._mark is None:
             first = next(ledger.requests(after_rowid=0, order="asc", limit=1), None)
             self._mark = first["id"] if first else None
             self._cursor = None  # (re)read where this ledger's shipping stopped
         base = self._cursor if self._cursor is not None else self._known_cursor
-        self.backlog_rows = max(0, ledger.last_rowid() - base)
-        if self.backlog_rows:
-            head = next(ledger.requests(after_rowid=base, order="asc", limit=1), None)
-            # When the row was written: its request's start plus its duration.
-            start = _epoch_of(head["ts"]) if head else None
-            self.oldest_unshipped_at = (
-                None if start is None else start + (head.get("duration_s") or 0.0)
-            )
-        else:
+        last = ledger.last_rowid()
+        self.backlog_rows = max(0, last - base)
+        if not self.backlog_rows:
             self.oldest_unshipped_at = None
+        elif head:
+            self.oldest_unshipped_at = _written_at(
+                next(ledger.requests(after_rowid=base, order="asc", limit=1), None)
+            )
+        return last
 
     def ship_once(self, ledger: Ledger) -> bool:
         """Ship one batch; True when more rows are waiting."""
-        self.measure(ledger)
+        # With the cursor known, the batch read below starts at the first waiting row.
+        last = self.measure(ledger, head=self._cursor is None)
         if self._cursor is None:
             self._cursor = self.store.shipped_rowid(self.node_id, self._mark)
             self._known_cursor = self._cursor
@@ -197,12 +216,18 @@ class Shipper:
             )
         )
         if rows:
+            self.oldest_unshipped_at = _written_at(rows[0])
             batch = [(r.pop("rowid"), r) for r in rows]
             self.rows_shipped += self.store.ship(self.node_id, batch, self._mark)
             self.batches_shipped += 1
             self.last_ship_at = time.time()
             self._cursor = self._known_cursor = batch[-1][0]
-        self.measure(ledger)
+        # What is left of the rows this pass saw (one committed since shows at the next).
+        self.backlog_rows = max(0, last - self._cursor)
+        if not self.backlog_rows:
+            self.oldest_unshipped_at = None
+        elif rows:
+            self.measure(ledger)  # a full batch: the lag of the next waiting row
         if not self.backlog_rows and self.released_previous_life is None:
             # Ship-then-release: every row that could settle them is in PostgreSQL now.
             self.released_previous_life = self.store.release_previous_life(self.node_id, self.owner)
@@ -240,6 +265,12 @@ def _epoch_of(ts: str) -> float | None:
         return parse_datetime(ts).timestamp()
     except ValueError:
         return None
+
+
+def _written_at(row: dict | None) -> float | None:
+    """When a row was written: its request's start plus its duration."""
+    start = _epoch_of(row["ts"]) if row else None
+    return None if start is None else start + (row.get("duration_s") or 0.0)
 
 
 def _central_errors() -> tuple[type[BaseException], ...]:

@@ -875,6 +875,11 @@ class Ledger(queries.LedgerReads, Closing):
             with mapped_errors():
                 conn.execute("COMMIT")
 
+    def data_version(self) -> int:
+        """A number that changes whenever another connection commits to this ledger
+        (``PRAGMA data_version``: read from the WAL index, no table is touched)."""
+        return self.db.conn.execute("PRAGMA data_version").fetchone()[0]
+
     def last_rowid(self) -> int:
         """The rowid of the last row inserted (0 for an empty ledger): where ``tail`` starts."""
         return self.db.conn.execute("SELECT coalesce(max(rowid), 0) FROM requests").fetchone()[0]
