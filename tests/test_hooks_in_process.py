@@ -235,6 +235,34 @@ async def one_json_request(s: Sidecar, account: str) -> None:
     await s.metering.response(flow)  # returns once the row committed
 
 
+def test_a_committed_row_wakes_the_fleets_shipper(tmp_path, pg_dsn, monkeypatch):
+    """With a fleet, the ledger's commits wake the shipper: each row reaches PostgreSQL
+    within a pass, though the shipper's own look comes only every ``SHIP_IDLE_S``."""
+    import psycopg
+
+    from spendtap.proxy import gatekeeper
+
+    monkeypatch.setattr(gatekeeper, "SHIP_IDLE_S", 60.0)
+
+    def central_ids() -> set[str]:
+        with psycopg.connect(pg_dsn) as conn:
+            return {r[0] for r in conn.execute("SELECT id FROM requests")}
+
+    async def go():
+        async with sidecar(tmp_path, spendtap_central=pg_dsn) as s:
+            await s.running()
+            await asyncio.sleep(0.5)  # past the shipper's first passes: it sleeps now
+            for n in range(3):
+                await one_json_request(s, f"acct-{n}")
+                rows = ledger_rows(tmp_path / "ledger.db")
+                deadline = asyncio.get_running_loop().time() + 3
+                while rows[-1]["id"] not in central_ids():
+                    assert asyncio.get_running_loop().time() < deadline, "not shipped"
+                    await asyncio.sleep(0.05)
+
+    asyncio.run(go())
+
+
 def test_the_ledger_is_written_from_a_child_process_or_from_a_thread(tmp_path):
     async def go():
         async with sidecar(tmp_path) as s:

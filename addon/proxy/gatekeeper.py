@@ -27,6 +27,8 @@ from spendtap.store.fleet import Fleet
 logger = logging.getLogger("spendtap")
 
 SWEEP_EVERY_S = 60
+# The recording's commits wake the fleet's shipper; it looks on its own this often too.
+SHIP_IDLE_S = 5.0
 
 
 class Gatekeeper(SpendtapAddon):
@@ -61,6 +63,12 @@ class Gatekeeper(SpendtapAddon):
         self.gate: Gate | None = None
         self.fleet: Fleet | None = None
         self._sweeper: asyncio.Task | None = None
+        recording.commit_listeners.append(self._rows_committed)
+
+    def _rows_committed(self) -> None:
+        fleet = self.fleet  # (read once: a reconfigure may replace it on the loop)
+        if fleet is not None:
+            fleet.rows_committed()
 
     def reconfigure(self, updated: set[str]) -> None:
         if self.gate is None or updated & self.REBUILD:
@@ -86,6 +94,7 @@ class Gatekeeper(SpendtapAddon):
                 timeout_s=opts.spendtap_central_timeout_ms / 1000,
                 lease_s=opts.spendtap_central_lease_s,
                 reservation_max_age_s=opts.spendtap_reservation_max_age_s,
+                ship_idle_s=SHIP_IDLE_S,
                 logger=logger,
             )
         except Exception as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from mitmproxy import ctx, exceptions
 
@@ -38,6 +39,8 @@ class Recording(SpendtapAddon):
         self.db_path: str | None = None
         self._writer_for: tuple | None = None  # what the writer was made for
         self.access_log: AccessLog | None = None
+        # Called after each committed batch, on whichever thread learns of the commit.
+        self.commit_listeners: list[Callable[[], None]] = []
 
     def reconfigure(self, updated: set[str]) -> None:
         if "spendtap_prices" in updated or self.pricer is None:
@@ -82,7 +85,7 @@ class Recording(SpendtapAddon):
             how = "from a writer process" if self.writer is not None else how
         if self.writer is None:
             self.writer = LedgerWriter(
-                path, logger=logger, price_row=self._price_row, after_commit=self._observe_costs
+                path, logger=logger, price_row=self._price_row, after_commit=self._after_commit
             )
             self.writer.start()
         self.db_path = path
@@ -100,7 +103,7 @@ class Recording(SpendtapAddon):
             path,
             prices=ctx.options.spendtap_prices or None,
             logger=logger,
-            after_commit=self._observe_costs,
+            after_commit=self._after_commit,
         )
         try:
             writer.start(loop)
@@ -124,11 +127,14 @@ class Recording(SpendtapAddon):
         # The writer's thread: the pricer in use when the row is written.
         self.pricer.apply(row)
 
-    def _observe_costs(self, rows: list[dict]) -> None:
+    def _after_commit(self, rows: list[dict]) -> None:
+        """Committed rows: their costs to the metrics, then the listeners."""
         metrics = self.monitoring.metrics
         if metrics is not None:
             for row in rows:
                 metrics.observe_cost(row)
+        for listener in self.commit_listeners:
+            listener()
 
     def submit(self, row: dict, on_commit=None) -> bool:
         """Queue a row for the ledger; False when there is no writer to take it."""

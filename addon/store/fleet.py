@@ -45,7 +45,13 @@ BUDGET_VIEW_S = 1.0  # how often the set of budgeted principals is re-read
 
 
 class Shipper:
-    """Copies one node's committed local rows to the central store, exactly once."""
+    """Copies one node's committed local rows to the central store, exactly once.
+
+    A pass ships what is committed; the next comes ``interval_s`` later, or, with
+    ``idle_s`` longer than that, once ``wake`` says rows were committed (at most
+    ``idle_s`` later: an idle sidecar's shipper then sleeps instead of ticking). A tick
+    finding nothing committed since the last pass costs one pragma.
+    """
 
     def __init__(
         self,
@@ -56,6 +62,7 @@ class Shipper:
         owner: str,
         batch_size: int = 500,
         interval_s: float = 0.2,
+        idle_s: float | None = None,
         stuck_after_s: float = 60.0,
         logger: logging.Logger | None = None,
     ):
@@ -65,6 +72,7 @@ class Shipper:
         self.owner = owner
         self.batch_size = batch_size
         self.interval_s = interval_s
+        self.idle_s = interval_s if idle_s is None else max(idle_s, interval_s)
         self.stuck_after_s = stuck_after_s
         self.log = logger or _default_logger
         self._stop = threading.Event()
@@ -114,7 +122,7 @@ class Shipper:
         self._thread.start()
 
     def wake(self) -> None:
-        """Ship now rather than at the next tick (cheap; any thread)."""
+        """Ship now rather than at the next tick (cheap; any thread): rows were committed."""
         self._wake.set()
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -148,7 +156,11 @@ class Shipper:
                     backoff = 0.0
                     if more:
                         continue
-                    wait = self.interval_s
+                    # At most one pass an interval (under load the rows gather meanwhile),
+                    # then until a commit wakes it, or ``idle_s`` at most.
+                    if self.idle_s > self.interval_s and self._stop.wait(self.interval_s):
+                        break
+                    wait = self.idle_s
                 except Exception as e:
                     self._failed(e)
                     # Re-read the cursor from PostgreSQL, where it commits with the rows: a
@@ -302,6 +314,7 @@ class Fleet:
         reservation_max_age_s: float | None = None,
         sweep_every_s: float = 5.0,
         pool_size: int = 8,
+        ship_idle_s: float | None = None,
         logger: logging.Logger | None = None,
     ):
         self.log = logger or _default_logger
@@ -313,8 +326,9 @@ class Fleet:
         self.reservation_max_age_s = reservation_max_age_s
         self.sweep_every_s = sweep_every_s
         self.shipper = Shipper(
-            local_db, self.store, node_id=self.node_id, owner=self.owner, logger=self.log
-        )
+            local_db, self.store, node_id=self.node_id, owner=self.owner,
+            idle_s=ship_idle_s, logger=self.log,
+        )  # fmt: skip
         self._budgeted: frozenset[tuple[str, str]] | None = None
         self.view_errors = 0
         self.lease_errors = 0
@@ -331,6 +345,10 @@ class Fleet:
     @property
     def where(self) -> str:
         return self.store.where
+
+    def rows_committed(self) -> None:
+        """The local ledger committed rows: the shipper takes them at its next pass."""
+        self.shipper.wake()
 
     def budgeted(self) -> frozenset[tuple[str, str]] | None:
         """The budgeted (scope, principal) pairs as last read; None if never read yet."""
