@@ -64,6 +64,11 @@ class Scenario:
     # False: the client does not ask for usage, so spendtap injects stream_options
     # upstream and filters the usage chunk out (what most real clients get).
     include_usage: bool = True
+    # Each client waits a random 0..think_ms after a response before its next request
+    # (0: back to back, and clients with the same pacing move in lockstep).
+    think_ms: int = 0
+    # Only these targets (empty: every one).
+    only: tuple[str, ...] = ()
 
     def controls(self, ttft_ms: int, tps: int) -> dict[str, str]:
         h = {"x-sim-tokens": str(self.tokens)}
@@ -74,6 +79,9 @@ class Scenario:
     @property
     def model(self) -> str:
         return MODEL_PACED if self.paced else MODEL_UNPACED
+
+
+OUT_OF_LOCKSTEP_TARGETS = ("direct", "mitmdump", "spendtap", "spendtap-budget", "spendtap-lean")
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -95,7 +103,13 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("json-c16", 16, False, False, 64, 0.4, 2.5),
         # Issue 12's load: 200 events a response written back to back, no usage asked.
         Scenario("stream-inject-c16", 16, True, False, 200, 0.4, 2.5, include_usage=False),
-    ]
+        # The paced loads with the clients out of lockstep (bench/README.md, "The paced
+        # TTFC excess with clients out of lockstep"): their TTFC beside the lockstep one.
+        Scenario("stream-paced-c16-think50", 16, True, True, 32, 0.9, 3.5,
+                 think_ms=50, only=OUT_OF_LOCKSTEP_TARGETS),
+        Scenario("stream-paced-c64-think50", 64, True, True, 32, 0.9, 3.5,
+                 think_ms=50, only=OUT_OF_LOCKSTEP_TARGETS),
+    ]  # fmt: skip
 
 
 def _pct(xs: list[float], q: float) -> float | None:
@@ -134,6 +148,7 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         "grace_s": 5.0,
         "first_event": 2,  # chat: the role preamble, then the first token
         "request_timeout_s": 30,
+        "think_ms": sc.think_ms,
     }
     proxy_pids = [] if target is upstream else target.pids()
     up_pids = upstream.pids()
@@ -457,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                     order = targets if rnd % 2 == 0 else [targets[0], *reversed(targets[1:])]
                     for t in order:
                         if not all(x.alive() for x in t.procs):
+                            continue
+                        if sc.only and t.name not in sc.only:
                             continue
                         try:
                             if t.name == "spendtap-central":
