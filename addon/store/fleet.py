@@ -182,8 +182,8 @@ class Shipper:
 
     def _ship_if_changed(self, ledger: Ledger) -> bool:
         """``ship_once``, unless nothing was committed locally since a pass that left
-        nothing to ship: an idle sidecar's tick then costs one pragma, not a pass (two
-        ledger reads and a look at the previous life's reservations, five times a second)."""
+        nothing to ship: a tick over an idle ledger then costs one pragma, not a pass's
+        ledger reads."""
         version = ledger.data_version()
         if (
             version == self._seen_version
