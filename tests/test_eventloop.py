@@ -199,3 +199,25 @@ def test_the_sidecar_meters_the_same_on_either_loop(sim, tmp_path, runner, loop)
         assert row["completion_tokens"] == 10 + i
         assert row["usage_source"] == "reported"
         assert row["outcome"] == "completed"
+
+
+def test_a_cancelled_connection_handler_at_shutdown_is_not_an_error(caplog):
+    """The mitmdump runner's uvloop loops come with ``quiet_cancelled``: a handler task
+    cancelled at shutdown (Python 3.12.1 reports it with a traceback) passes silently;
+    any other exception still reaches asyncio's default handler."""
+    import asyncio
+
+    loop = eventloop.quiet_uvloop_policy().new_event_loop()
+    try:
+        assert loop.get_exception_handler() is eventloop.quiet_cancelled
+        with caplog.at_level("ERROR", logger="asyncio"):
+            loop.call_exception_handler(
+                {"message": "Exception in callback", "exception": asyncio.CancelledError()}
+            )
+            assert caplog.records == []
+            loop.call_exception_handler(
+                {"message": "Exception in callback", "exception": ValueError("real")}
+            )
+        assert [r.getMessage() for r in caplog.records] == ["Exception in callback"]
+    finally:
+        loop.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -151,7 +152,20 @@ class Hammer:
         return self.statuses
 
 
-def _run_refused(args: list[str], env: dict, port: int, recorder: Recorder) -> str:
+# Python 3.12.1's asyncio reports a connection handler cancelled at shutdown (the
+# hammer's, when the refusing process exits) as an error with a traceback; later 3.12
+# releases do not. spendtap's own loops silence it (spendtap.proxy.eventloop
+# .quiet_cancelled); plain mitmdump on asyncio's loop cannot.
+CANCELLED_HANDLER = re.compile(
+    r"^[^\n]*Exception in callback <function StreamReaderProtocol\.connection_made\."
+    r".*?^\s*asyncio\.exceptions\.CancelledError\n",
+    re.S | re.M,
+)
+
+
+def _run_refused(
+    args: list[str], env: dict, port: int, recorder: Recorder, *, plain_mitmdump: bool = False
+) -> str:
     hammer = Hammer(port)
     try:
         proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
@@ -159,7 +173,8 @@ def _run_refused(args: list[str], env: dict, port: int, recorder: Recorder) -> s
         statuses = hammer.stop()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"it kept running or exited 0:\n{out}"
-    assert "Traceback" not in out, out
+    errors = CANCELLED_HANDLER.sub("", out) if plain_mitmdump else out
+    assert "Traceback" not in errors, out
     assert all(s == 503 for s in statuses), (statuses, out)
     assert recorder.seen == [], recorder.seen
     return out
@@ -229,7 +244,7 @@ def _mitmdump(tmp: Path, recorder: Recorder, name: str, bad: str) -> str:
         sets.append("spendtap_metrics=")
     for item in sets:
         args += ["--set", item]
-    return _run_refused(args, _env(tmp), port, recorder)
+    return _run_refused(args, _env(tmp), port, recorder, plain_mitmdump=True)
 
 
 CHANNELS = ["--set", "SPENDTAP_SET", "toml", "mitmdump -s"]

@@ -74,6 +74,32 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
+def quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """An exception handler that lets a cancelled task pass without a word.
+
+    At shutdown asyncio cancels the connection handlers still running; Python 3.12.1's
+    stream protocol then reports each one as "Exception in callback ... CancelledError"
+    with a traceback (later 3.12 releases check for cancellation first). A shutdown
+    cancelling connections is no error. Anything else goes to the default handler."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
+def quiet_uvloop_policy():
+    """uvloop's policy, its loops with ``quiet_cancelled`` until mitmproxy's master
+    installs its own handler (and after it puts this one back)."""
+    import uvloop
+
+    class QuietPolicy(uvloop.EventLoopPolicy):
+        def new_event_loop(self):
+            loop = super().new_event_loop()
+            loop.set_exception_handler(quiet_cancelled)
+            return loop
+
+    return QuietPolicy()
+
+
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     """``uvloop`` or ``asyncio`` (or the class of another loop), for the start-up log."""
     module = type(loop).__module__
@@ -97,11 +123,9 @@ def run_mitmdump(argv: Sequence[str]) -> int:
         return 1
     if factory is not None:
         # mitmdump starts its loop with asyncio.run(), which asks the policy for one.
-        import uvloop
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # policies, Python >= 3.14
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            asyncio.set_event_loop_policy(quiet_uvloop_policy())
     from mitmproxy.tools.main import mitmdump
 
     # Its usage and error lines name the program users know (and it reads sys.argv).

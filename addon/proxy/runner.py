@@ -58,7 +58,12 @@ from mitmproxy.addons import (
 )
 
 from spendtap.proxy.dispatch import HookCache
-from spendtap.proxy.eventloop import EVENT_LOOPS, EventLoopUnavailable, loop_factory
+from spendtap.proxy.eventloop import (
+    EVENT_LOOPS,
+    EventLoopUnavailable,
+    loop_factory,
+    quiet_cancelled,
+)
 
 logger = logging.getLogger("spendtap.runner")
 
@@ -179,14 +184,8 @@ async def _main(args: argparse.Namespace) -> LeanMaster:
     # asyncio.run now cancels the connections still open; Python 3.12's stream protocol
     # then reports each cancelled handler as "Exception in callback ... CancelledError"
     # with a traceback. A shutdown cancelling connections is no error: keep the log clean.
-    loop.set_exception_handler(_quiet_cancelled)
+    loop.set_exception_handler(quiet_cancelled)
     return lean
-
-
-def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    if isinstance(context.get("exception"), asyncio.CancelledError):
-        return
-    loop.default_exception_handler(context)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
