@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.procs import CLK_TCK, cpu_snapshot
+from bench.profile import thread_stats
 from bench.targets import (
     budget_support,
     start_sim,
@@ -71,22 +71,19 @@ def quiet_cpu(target, settle_s: float, seconds: float) -> tuple[float, list[tupl
     names: dict[int, str] = {}
     for pid in pids:
         names |= thread_names(pid)
-    before = cpu_snapshot(pids)
+
+    def cpu() -> dict[tuple[int, int], float]:
+        return {(pid, tid): s for pid in pids for tid, (s, _) in thread_stats(pid).items()}
+
+    before = cpu()
     time.sleep(seconds)
-    after = cpu_snapshot(pids)
-    total, threads = 0.0, []
-    for pid, (ticks1, tasks1) in after.items():
-        ticks0, tasks0 = before.get(pid, (ticks1, {}))
-        if not tasks0 or not tasks1:
-            total += (ticks1 - ticks0) / CLK_TCK * 1000 / seconds
-            continue
-        for tid, runtime in tasks1.items():
-            ms = (runtime - tasks0.get(tid, runtime)) * 1000 / seconds
-            total += ms
-            if ms > 0.005:
-                label = names.get(tid) or ("main" if tid == pid else f"process {pid}")
-                threads.append((f"{tid} {label}", ms))
-    return total, sorted(threads, key=lambda t: -t[1])
+    spent = {k: (s - before.get(k, s)) * 1000 / seconds for k, s in cpu().items()}
+    threads = [
+        (f"{tid} {names.get(tid) or ('main' if tid == pid else f'process {pid}')}", ms)
+        for (pid, tid), ms in spent.items()
+        if ms > 0.005
+    ]
+    return sum(spent.values()), sorted(threads, key=lambda t: -t[1])
 
 
 def main() -> None:
