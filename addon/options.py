@@ -253,6 +253,14 @@ OPTIONS: tuple[Option, ...] = (
         "chunk in, as mitmdump does.",
     ),
     Option(
+        "spendtap_gc_freeze",
+        bool,
+        True,
+        "Once the sidecar runs, move its start-up objects out of the cyclic garbage "
+        "collector's passes (gc.freeze): a full pass then stops the event loop for "
+        "milliseconds, not tens of them. false: the collector walks the whole heap.",
+    ),
+    Option(
         "spendtap_cache_hooks",
         bool,
         True,

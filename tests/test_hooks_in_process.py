@@ -26,6 +26,7 @@ from spendtap.proxy.addons import SpendtapAddons, default_addons
 from spendtap.proxy.failclosed import FailClosed, SpendtapAddon
 from spendtap.proxy.gatekeeper import Gatekeeper
 from spendtap.proxy.guard import Guard
+from spendtap.proxy.heap import Heap
 from spendtap.proxy.hooks import Metering
 from spendtap.proxy.monitoring import Monitoring
 from spendtap.proxy.recording import Recording
@@ -47,6 +48,7 @@ class Sidecar:
     recording: Recording
     gatekeeper: Gatekeeper
     monitoring: Monitoring
+    heap: Heap
 
     def update(self, **options) -> None:
         self.tctx.options.update(**options)
@@ -478,3 +480,61 @@ def test_new_prices_reach_the_gate_without_a_rebuild(tmp_path):
     assert after is before  # reservations in flight keep their gate
     assert after.pricer is pricer  # money caps price with the new file
     assert pricer.lookup("m1")[0] != "none"
+
+
+# -- the heap -----------------------------------------------------------------------------
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_the_start_up_heap_is_frozen_out_of_the_collectors_passes(tmp_path):
+    """Once running, the heap is frozen: a full pass walks only what came after. A change of
+    options at run time collects and freezes again (a cycle dropped meanwhile is freed),
+    ``spendtap_gc_freeze=false`` gives the heap back, and so does the shutdown."""
+    import gc
+    import weakref
+
+    async def go():
+        async with sidecar(tmp_path) as s:
+            assert gc.get_freeze_count() < 1000  # the interpreter's own few, if any
+            cycle = _Cycle()
+            dropped = weakref.ref(cycle)
+            await s.running()
+            frozen = gc.get_freeze_count()
+            # Everything start-up made (mitmproxy, the addons, the catalogue, this test
+            # run) is out of the oldest generation a full pass walks.
+            assert frozen > 100_000
+            assert len(gc.get_objects(generation=2)) < frozen / 10
+            await one_json_request(s, "while-frozen")
+            del cycle
+            gc.collect()
+            assert dropped() is not None, "a frozen cycle is not collected"
+            s.update(spendtap_connection_log=True)  # any change at run time
+            assert dropped() is None, "collected before the heap was frozen again"
+            assert gc.get_freeze_count() > 100_000
+            s.update(spendtap_gc_freeze=False)
+            assert gc.get_freeze_count() == 0
+            s.update(spendtap_gc_freeze=True)
+            assert gc.get_freeze_count() > 100_000
+        assert gc.get_freeze_count() == 0  # given back at shutdown
+
+    asyncio.run(go())
+
+
+def test_no_freeze_when_switched_off(tmp_path):
+    import gc
+
+    async def go():
+        before = gc.get_freeze_count()
+        async with sidecar(tmp_path, spendtap_gc_freeze=False) as s:
+            await s.running()
+            await one_json_request(s, "unfrozen")
+            assert gc.get_freeze_count() == before
+        return ledger_rows(tmp_path / "ledger.db")
+
+    assert [r["account"] for r in asyncio.run(go())] == ["unfrozen"]

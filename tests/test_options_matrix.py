@@ -58,6 +58,7 @@ BAD: dict[str, tuple[str, str]] = {
     "spendtap_inject_usage": ("maybe", "parse"),
     "spendtap_join_chunks": ("often", "parse"),
     "spendtap_cache_hooks": ("sometimes", "parse"),
+    "spendtap_gc_freeze": ("frozen", "parse"),
     "spendtap_buffer_bytes": ("-1", "parse"),
     "spendtap_enforce_budgets": ("yes", "parse"),
     "spendtap_principal_source": ("cookie", "parse"),

@@ -12,6 +12,8 @@ never through globals:
 - ``Recording``: prices, the ledger and its writer, the access log.
 - ``Gatekeeper``: the gate (principals, budgets), the fleet, the sweeps, SIGHUP.
 - ``Monitoring``: metrics, the metrics port, ``/healthz``, the error counts.
+- ``Heap``: once everything above is built, its objects frozen out of the cyclic
+  collector's passes (short pauses of the event loop).
 
 The list's order is the order of ``configure`` and of ``done``. Configured in this
 order, an unguarded start stops before the ledger is created, and a bad ledger before
@@ -25,6 +27,7 @@ from __future__ import annotations
 from spendtap.proxy.failclosed import FailClosed
 from spendtap.proxy.gatekeeper import Gatekeeper
 from spendtap.proxy.guard import Guard
+from spendtap.proxy.heap import Heap
 from spendtap.proxy.hooks import Metering
 from spendtap.proxy.monitoring import Monitoring
 from spendtap.proxy.recording import Recording
@@ -38,7 +41,7 @@ def default_addons() -> list:
     gatekeeper = Gatekeeper(fail_closed, guard, recording, monitoring)
     monitoring.watch(recording, gatekeeper)
     metering = Metering(fail_closed, guard, recording, gatekeeper, monitoring)
-    return [fail_closed, metering, guard, recording, gatekeeper, monitoring]
+    return [fail_closed, metering, guard, recording, gatekeeper, monitoring, Heap(fail_closed)]
 
 
 class SpendtapAddons:
