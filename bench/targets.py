@@ -144,7 +144,9 @@ def spendtap_args(
     )
 
 
-def start_mitmdump(upstream: str, log_dir: Path, callable_stream: bool = False) -> Target:
+def start_mitmdump(
+    upstream: str, log_dir: Path, callable_stream: bool = False, env: dict | None = None
+) -> Target:
     port = free_port()
     args = _mitmdump_base(upstream, port)
     name = "mitmdump-cb" if callable_stream else "mitmdump"
@@ -154,7 +156,7 @@ def start_mitmdump(upstream: str, log_dir: Path, callable_stream: bool = False) 
         args += ["-s", str(script)]
     else:
         args += ["--set", "stream_large_bodies=1"]
-    p = Proc(name, args, log_dir)
+    p = Proc(name, args, log_dir, env=env)
     wait_for_port(port, p.proc)
     return Target(name, "127.0.0.1", port, [p], note=" ".join(args[1:]))
 

@@ -75,3 +75,25 @@ def test_sidebyside_runs_each_variant_and_prints_ratios():
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
     assert [r[:2] for r in rows] == [["json-c16", "bare"], ["json-c16", "off"]]
     assert rows[0][-2:] == ["1.00,", "1.00"]
+
+
+def test_stalls_probes_each_proxy_and_sees_the_frozen_heap():
+    """``bench.stalls`` through real proxies: the probe in spendtap's process sees its
+    start-up heap frozen (``spendtap run``'s default), not with ``spendtap_gc_freeze=false``
+    nor in bare mitmdump."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.stalls", "--scenario", "stream-paced-c16",
+         "--seconds", "2", "--rounds", "1"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {
+        cells[0]: cells
+        for line in out.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| target")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == {"mitmdump", "spendtap-unfrozen", "spendtap"}
+    frozen = {name: int(cells[1].replace(",", "")) for name, cells in rows.items()}
+    assert frozen["spendtap"] > 100_000
+    assert frozen["spendtap-unfrozen"] < 1000 and frozen["mitmdump"] < 1000

@@ -1,14 +1,15 @@
 """Keep the cyclic garbage collector's full passes short: freeze the start-up heap.
 
 Python's collector walks every tracked object of the oldest generation in a full
-pass, and a pass runs on the event loop's thread, holding it: every stream the
+pass, and a pass holds the interpreter (the event loop with it): every stream the
 sidecar relays stops until it ends. A running sidecar's heap is mostly what start-up
-made (mitmproxy, its addons, spendtap, the price catalogue: ~300,000 objects) and
+made (mitmproxy, its addons, spendtap, the price catalogue: ~125,000 objects) and
 lives as long as the process, yet each full pass walked all of it again: 50 to 70 ms on
-a shared vCPU, once every half a minute or so under load (mitmproxy's flows hold
-reference cycles, so their objects reach the oldest generation and trigger the
-passes). In a closed loop of paced clients such a stall also bunches every stream
-whose events arrived during it (bench/README.md, "Pauses of the collector").
+a shared vCPU, every 10 s or so at 64 paced streams (mitmproxy's flows hold reference
+cycles and live as long as a response, so their objects reach the oldest generation
+and set the passes off). In a closed loop of paced clients such a stop also bunches
+every stream whose events arrived during it (bench/README.md, "Pauses of the
+collector").
 
 ``freeze`` collects once, then moves every object there is into the collector's
 permanent generation (``gc.freeze``), which its passes skip: a full pass then walks
