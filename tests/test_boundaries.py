@@ -19,6 +19,7 @@ HOOK_LAYER = {
     "proxy/recording.py",
     "proxy/gatekeeper.py",
     "proxy/monitoring.py",
+    "proxy/heap.py",
     "proxy/errorpage.py",
     "proxy/coalesce.py",
     "proxy/noreload.py",
