@@ -3,11 +3,16 @@ request's place in its burst cost its time to first token?
 
     python -m bench.bursts [--scenario stream-paced-c16] [--seconds 8] [--rounds 2]
     python -m bench.bursts --scenario stream-paced-c64 --think-ms 50   # out of lockstep
+    python -m bench.bursts --scenario stream-paced-c64 --from-start --seconds 30 \
+        --targets mitmdump,mitmdump-cb,spendtap    # how long the synchronized start lasts
 
 For bare mitmdump, spendtap, spendtap without the commit wait (``spendtap-nowait``) and
 the lean runner, each fronting one simulator: every request's send time (from the load
 generator), grouped into bursts (sent within ``--gap-ms`` of the previous one), and the
-median TTFC by position in the burst. The group commit releases every response whose row
+median TTFC by position in the burst. With ``--from-start`` the load has no warm-up and
+the TTFC p50 (less direct's) is also given by when the request was sent, in windows since
+the clients started (all at once, as in ``make bench``, whose paced window is 0.9 to 4.4 s).
+The group commit releases every response whose row
 it committed at once; in a closed loop each client sends its next request as soon as its
 response ends, so the commit re-aligns the clients every cycle.
 """
@@ -15,6 +20,7 @@ response ends, so the commit re-aligns the clients every cycle.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -53,6 +59,20 @@ def load(target, sc, ttft_ms=200, tps=50, think_ms=0.0) -> list:
     return json.loads(line[7:])["samples"]
 
 
+# Windows of send time since the load started (s): make bench's paced window is 0.9-4.4 s.
+WINDOW_EDGES = (0.0, 0.9, 1.8, 2.7, 3.6, 4.4, 6.0, 8.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0)
+
+
+def by_window(samples: list) -> dict[str, float]:
+    """TTFC p50 (ms) of the requests sent in each window since the load started."""
+    out = {}
+    for lo, hi in itertools.pairwise(WINDOW_EDGES):
+        ttfc = [s[1] for s in samples if s[1] is not None and lo <= s[5] < hi]
+        if ttfc:
+            out[f"{lo:g}-{hi:g}"] = round(statistics.median(ttfc) * 1000, 2)
+    return out
+
+
 def bursts(samples: list, gap_s: float) -> dict:
     rows = sorted((s[5], s[1]) for s in samples if s[1] is not None)
     groups: list[list[float]] = []
@@ -78,6 +98,7 @@ def bursts(samples: list, gap_s: float) -> dict:
         "ttfc_p50_by_position_ms": {
             i: round(statistics.median(v) * 1000, 2) for i, v in sorted(by_pos.items()) if i < 16
         },
+        "ttfc_p50_by_window_ms": by_window(samples),
     }
 
 
@@ -95,6 +116,11 @@ def main(argv=None) -> int:
         help="each client waits a random 0..MS between a response's end and "
         "its next request (out of lockstep; 0: back to back, as make bench)",
     )
+    ap.add_argument(
+        "--from-start",
+        action="store_true",
+        help="no warm-up: also the TTFC excess by window of time since the clients started",
+    )
     ap.add_argument("--targets", default="mitmdump,spendtap,spendtap-nowait,spendtap-lean")
     ap.add_argument(
         "--switch-ms", type=float, action="append", default=[],
@@ -104,6 +130,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sc = next(s for s in scenarios(False) if s.name == args.scenario)
     sc = replace(sc, duration_s=args.seconds)
+    if args.from_start:
+        sc = replace(sc, warmup_s=0.0)
     tmp = Path(tempfile.mkdtemp(prefix="spendtap-bursts-"))
     sim = start_sim(tmp)
     wanted = set(args.targets.split(","))
@@ -153,6 +181,21 @@ def main(argv=None) -> int:
               f"  end p50 {statistics.median(r['end_p50_ms'] for r in rs):7.2f} ms"
               f"  requests {statistics.median(r['requests'] for r in rs)}"
               f"  by position: {rs[-1]['ttfc_p50_by_position_ms']}")  # fmt: skip
+    if args.from_start:
+        print("\n+TTFC p50 (ms) by window of send time since the clients started (s), each "
+              "round's less direct's, medians over rounds:")  # fmt: skip
+        d_rounds = results.get(targets[0].name, [])
+        windows = list(d_rounds[0]["ttfc_p50_by_window_ms"]) if d_rounds else []
+        print(f"{'':16s} " + " ".join(f"{w:>9s}" for w in windows))
+        for name, rs in results.items():
+            cells = []
+            for w in windows:
+                got = [r["ttfc_p50_by_window_ms"].get(w) for r in rs]
+                ref = [d["ttfc_p50_by_window_ms"].get(w) for d in d_rounds]
+                pairs = zip(got, ref, strict=True)
+                diffs = [a - b for a, b in pairs if a is not None and b is not None]
+                cells.append(f"{statistics.median(diffs):9.2f}" if diffs else f"{'-':>9s}")
+            print(f"{name:16s} " + " ".join(cells))
     return 0
 
 
