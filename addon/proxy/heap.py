@@ -29,7 +29,7 @@ from mitmproxy import ctx
 
 from spendtap.proxy.failclosed import SpendtapAddon
 
-__all__ = ["Heap", "freeze", "frozen_objects", "unfreeze"]
+__all__ = ["Heap", "freeze", "unfreeze"]
 
 logger = logging.getLogger("spendtap")
 
@@ -45,10 +45,6 @@ def freeze() -> int:
 def unfreeze() -> None:
     """Give the frozen objects back to the collector (into the oldest generation)."""
     gc.unfreeze()
-
-
-def frozen_objects() -> int:
-    return gc.get_freeze_count()
 
 
 class Heap(SpendtapAddon):
