@@ -112,7 +112,7 @@ def scenarios(quick: bool) -> list[Scenario]:
     ]  # fmt: skip
 
 
-def _pct(xs: list[float], q: float) -> float | None:
+def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
@@ -192,11 +192,11 @@ def measure(target: Target, upstream: Target, sc: Scenario, args) -> dict:
         "error_samples": result["error_samples"],
         "rps": result["completed"] / w,
         "chunks_per_s": events / w,
-        "ttfb_p50_ms": _ms(_pct(ttfb, 0.5)),
-        "ttfc_p50_ms": _ms(_pct(ttfc, 0.5)),
-        "ttfc_p99_ms": _ms(_pct(ttfc, 0.99)),
-        "e2e_p50_ms": _ms(_pct(e2e, 0.5)),
-        "e2e_p99_ms": _ms(_pct(e2e, 0.99)),
+        "ttfb_p50_ms": _ms(percentile(ttfb, 0.5)),
+        "ttfc_p50_ms": _ms(percentile(ttfc, 0.5)),
+        "ttfc_p99_ms": _ms(percentile(ttfc, 0.99)),
+        "e2e_p50_ms": _ms(percentile(e2e, 0.5)),
+        "e2e_p99_ms": _ms(percentile(e2e, 0.99)),
         "proxy_cpu_s": proxy_cpu,
         "proxy_cpu_frac": proxy_cpu / w if proxy_cpu is not None else None,
         "cpu_s_per_1k_chunks": proxy_cpu / events * 1000

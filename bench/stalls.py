@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.bursts import load
-from bench.main import scenarios
+from bench.main import percentile, scenarios
 from bench.targets import start_mitmdump, start_sim, start_spendtap
 
 # The probes: written into the run's temporary folder, loaded by every process started
@@ -119,11 +119,6 @@ def _readings(tmp: Path, name: str, since: float, until: float) -> dict:
     return {"full": full, "lates": lates, "frozen": frozen}
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.stalls", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -186,10 +181,11 @@ def main(argv=None) -> int:
     for name, a in seen.items():
         longest = max(a["lates"], default=0)
         stops = sum(1 for x in a["lates"] if x > 0.01)
+        p99 = percentile(a["ttfc"], 0.99)
         print(f"| {name} | {a['frozen']:,} | {len(a['full'])}"
               f" | {max(a['full'], default=0) * 1000:.1f} | {stops}"
               f" | {longest * 1000:.1f} | {longest / base:.2f} "
-              f"| {statistics.median(a['excess']) * 1000:+.2f} | {_pct(a['ttfc'], 0.99) * 1000:.1f}"
+              f"| {statistics.median(a['excess']) * 1000:+.2f} | {p99 * 1000:.1f}"
               f" | {max(a['ttfc']) * 1000:.1f} |")  # fmt: skip
     return 0
 

@@ -70,11 +70,13 @@ class Heap(SpendtapAddon):
             count = freeze()
             self._froze = True
             logger.debug(f"spendtap: {count} objects frozen out of the collector's passes")
-        elif self._froze:
-            unfreeze()
-            self._froze = False
+        else:
+            self._give_back()
 
     def done(self) -> None:
+        self._give_back()
+
+    def _give_back(self) -> None:
         if self._froze:
             unfreeze()
             self._froze = False
