@@ -139,6 +139,8 @@ def main(argv=None) -> int:
     sets = ["spendtap_enforce_budgets=false"]
     if "mitmdump" in wanted:
         targets.append(start_mitmdump(sim.url, tmp))
+    if "mitmdump-uvloop" in wanted:
+        targets.append(start_mitmdump(sim.url, tmp, event_loop="uvloop"))
     if "mitmdump-cb" in wanted:
         targets.append(start_mitmdump(sim.url, tmp, callable_stream=True))
     if "spendtap" in wanted:

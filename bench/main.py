@@ -81,7 +81,9 @@ class Scenario:
         return MODEL_PACED if self.paced else MODEL_UNPACED
 
 
-OUT_OF_LOCKSTEP_TARGETS = ("direct", "mitmdump", "spendtap", "spendtap-budget", "spendtap-lean")
+OUT_OF_LOCKSTEP_TARGETS = (
+    "direct", "mitmdump", "mitmdump-uvloop", "spendtap", "spendtap-budget", "spendtap-lean",
+)  # fmt: skip
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -324,7 +326,7 @@ def parse_args(argv):
     ap.add_argument(
         "--targets",
         default="",
-        help="comma list to run instead of the default set (direct,mitmdump,"
+        help="comma list to run instead of the default set (direct,mitmdump,mitmdump-uvloop,"
         "spendtap,spendtap-asyncio,spendtap-lean,spendtap-nowait,spendtap-budget[,litellm]); "
         "mitmdump-cb is opt-in",
     )
@@ -381,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if want("mitmdump"):
             targets.append(start_mitmdump(sim.url, log_dir))
+        if want("mitmdump-uvloop"):
+            # mitmproxy itself on the loop spendtap run picks: what the loop alone gives.
+            targets.append(start_mitmdump(sim.url, log_dir, event_loop="uvloop"))
         if want("lean-bare", default=False):
             from bench.targets import start_lean_bare
 

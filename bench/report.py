@@ -22,6 +22,7 @@ COLS = [
 ORDER = [
     "direct",
     "mitmdump",
+    "mitmdump-uvloop",
     "mitmdump-cb",
     "lean-bare",
     "spendtap",
@@ -193,6 +194,17 @@ def verdicts(res: dict) -> list[dict]:
         if r is not None:
             add(f"CPU/req spendtap (uvloop) / spendtap-asyncio ({sc})", round(r, 3), "(info)",
                 None, f"{s:.3f} vs {a:.3f} ms")  # fmt: skip
+    # spendtap against mitmproxy on the same loop (spendtap run's uvloop): what spendtap's
+    # own work costs, the loop's saving set aside; and what that loop saves bare mitmproxy.
+    for sc in res.get("summary", {}):
+        for k, what in (("cpu_ms_per_req", "CPU/req"), ("ttfc_excess_p50_ms", "TTFC excess")):
+            u = _get(res, sc, "mitmdump-uvloop", k)
+            for tg, base in (("spendtap", "mitmdump-uvloop"), ("mitmdump-uvloop", "mitmdump")):
+                s, b = _get(res, sc, tg, k), _get(res, sc, base, k)
+                r = _ratio(s, b)
+                if r is not None and u is not None:
+                    add(f"{what} {tg}/{base} ({sc})", round(r, 3), "(info)", None,
+                        f"{s:.3f} vs {b:.3f}")  # fmt: skip
     # The fleet: budgets through PostgreSQL (issue 9's goals).
     ce = res.get("micro", {}).get("central", {})
     if ce.get("reserve_ms_p50") is not None:

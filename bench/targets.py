@@ -3,6 +3,9 @@
 - ``direct``: the simulator itself (the upstream of every other target).
 - ``mitmdump``: bare ``mitmdump`` in reverse mode, streaming on (``stream_large_bodies=1``),
   no addon, with the flags ``spendtap run`` uses.
+- ``mitmdump-uvloop``: the same mitmproxy on uvloop's event loop, as ``spendtap run``
+  starts it (``python -m spendtap.proxy.eventloop uvloop``): spendtap against mitmproxy on
+  the same loop (info lines; the goals compare with bare ``mitmdump``).
 - ``mitmdump-cb``: (optional, for attribution) mitmdump with a trivial addon whose stream
   callable returns each chunk unchanged: what mitmproxy itself charges for a callable.
 - ``spendtap``: ``mitmdump -s addon/spendtap.py`` exactly as ``spendtap run`` builds it,
@@ -98,13 +101,18 @@ def start_sim(log_dir: Path) -> Target:
     return Target("direct", "127.0.0.1", port, [p])
 
 
-def _mitmdump_base(upstream: str, port: int) -> list[str]:
-    """The flags ``spendtap run`` passes, minus the addon and its options."""
+def _mitmdump_base(upstream: str, port: int, event_loop: str = "asyncio") -> list[str]:
+    """The flags ``spendtap run`` passes, minus the addon and its options.
+
+    On asyncio's loop this is the ``mitmdump`` program itself (bare mitmdump, the
+    baseline of every ratio); on uvloop, mitmproxy's ``mitmdump()`` started on uvloop's
+    loop as ``spendtap run`` starts it (``python -m spendtap.proxy.eventloop uvloop``)."""
     from spendtap.cli.run import build_mitmdump_args
 
     args = build_mitmdump_args(
-        mode="reverse", upstream=upstream, listen=f"127.0.0.1:{port}", db="/x", metrics=""
-    )
+        mode="reverse", upstream=upstream, listen=f"127.0.0.1:{port}", db="/x", metrics="",
+        event_loop=event_loop,
+    )  # fmt: skip
     out: list[str] = []
     skip = False
     for i, a in enumerate(args):
@@ -145,11 +153,17 @@ def spendtap_args(
 
 
 def start_mitmdump(
-    upstream: str, log_dir: Path, callable_stream: bool = False, env: dict | None = None
+    upstream: str,
+    log_dir: Path,
+    callable_stream: bool = False,
+    env: dict | None = None,
+    event_loop: str = "asyncio",
 ) -> Target:
     port = free_port()
-    args = _mitmdump_base(upstream, port)
+    args = _mitmdump_base(upstream, port, event_loop)
     name = "mitmdump-cb" if callable_stream else "mitmdump"
+    if event_loop != "asyncio":
+        name += f"-{event_loop}"
     if callable_stream:
         script = log_dir / "passthru_addon.py"
         script.write_text(PASSTHRU_ADDON)
