@@ -198,11 +198,10 @@ def verdicts(res: dict) -> list[dict]:
     # own work costs, the loop's saving set aside; and what that loop saves bare mitmproxy.
     for sc in res.get("summary", {}):
         for k, what in (("cpu_ms_per_req", "CPU/req"), ("ttfc_excess_p50_ms", "TTFC excess")):
-            u = _get(res, sc, "mitmdump-uvloop", k)
             for tg, base in (("spendtap", "mitmdump-uvloop"), ("mitmdump-uvloop", "mitmdump")):
                 s, b = _get(res, sc, tg, k), _get(res, sc, base, k)
                 r = _ratio(s, b)
-                if r is not None and u is not None:
+                if r is not None:
                     add(f"{what} {tg}/{base} ({sc})", round(r, 3), "(info)", None,
                         f"{s:.3f} vs {b:.3f}")  # fmt: skip
     # The fleet: budgets through PostgreSQL (issue 9's goals).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,8 +32,11 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert len(files) == 1
     res = json.loads(files[0].read_text())
     summary = res["summary"]
+    # The baseline is the mitmdump program; mitmproxy on spendtap run's uvloop is beside it.
+    assert "spendtap" not in res["targets"]["mitmdump"]["command"]
+    assert "spendtap.proxy.eventloop uvloop" in res["targets"]["mitmdump-uvloop"]["command"]
     for scenario in ("stream-unpaced-c16", "json-c16"):
-        for target in ("direct", "mitmdump", "spendtap"):
+        for target in ("direct", "mitmdump", "mitmdump-uvloop", "spendtap"):
             m = summary[scenario][target]
             assert m["errors"] == 0, (scenario, target, m)
             assert m["rps"] > 0, (scenario, target, m)
@@ -47,6 +51,20 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert "error" not in res["micro"]["writer"]
     assert res["verdicts"], "no target was judged"
     assert "# spendtap benchmark" in proc.stdout
+
+
+def test_the_mitmdump_baseline_is_the_mitmdump_program():
+    """Built from spendtap run's command line with the addon taken out, the baseline once
+    followed spendtap run onto uvloop unnoticed: bare mitmdump is the program itself."""
+    from bench.targets import _mitmdump_base
+
+    bare = _mitmdump_base("http://127.0.0.1:1", 5)
+    assert Path(bare[0]).name == "mitmdump", bare
+    assert not any("spendtap" in a or a == "-s" for a in bare), bare
+    assert bare[bare.index("--mode") + 1] == "reverse:http://127.0.0.1:1"
+    uv = _mitmdump_base("http://127.0.0.1:1", 5, event_loop="uvloop")
+    assert uv[1:4] == ["-m", "spendtap.proxy.eventloop", "uvloop"], uv
+    assert uv[4:] == bare[1:]  # the same flags on the other loop
 
 
 def test_sidebyside_runs_each_variant_and_prints_ratios():
