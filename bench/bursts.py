@@ -5,16 +5,19 @@ request's place in its burst cost its time to first token?
     python -m bench.bursts --scenario stream-paced-c64 --think-ms 50   # out of lockstep
     python -m bench.bursts --scenario stream-paced-c64 --from-start --seconds 30 \
         --targets mitmdump,mitmdump-cb,spendtap    # how long the synchronized start lasts
+    git worktree add /tmp/before HEAD~1
+    python -m bench.bursts --targets mitmdump,spendtap --other before=/tmp/before
 
 For bare mitmdump, spendtap, spendtap without the commit wait (``spendtap-nowait``) and
 the lean runner, each fronting one simulator: every request's send time (from the load
 generator), grouped into bursts (sent within ``--gap-ms`` of the previous one), and the
-median TTFC by position in the burst. With ``--from-start`` the load has no warm-up and
-the TTFC p50 (less direct's) is also given by when the request was sent, in windows since
-the clients started (all at once, as in ``make bench``, whose paced window is 0.9 to 4.4 s).
-The group commit releases every response whose row
-it committed at once; in a closed loop each client sends its next request as soon as its
-response ends, so the commit re-aligns the clients every cycle.
+median TTFC by position in the burst; the TTFC p50 (less direct's) by when the request was
+sent, in windows since the clients started (all at once, as in ``make bench``, whose paced
+window is 0.9 to 4.4 s; with ``--from-start`` the load has no warm-up); and how long the
+sidecars' response ends waited for their rows (their commit-wait histograms).
+In a closed loop each client sends its next request as soon as its response ends: a
+group commit that released all the responses of a batch at once re-aligned the clients
+every cycle (``spendtap.store.commits`` now releases them with the spacing they ended with).
 """
 
 from __future__ import annotations
@@ -102,6 +105,26 @@ def bursts(samples: list, gap_s: float) -> dict:
     }
 
 
+def commit_waits(target) -> dict:
+    """The share of the sidecar's response ends that waited at most 1, 2 and 5 ms for
+    their rows (its ``ledger_commit_wait_seconds`` histogram, scraped)."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{target.metrics_port}/metrics", timeout=5).text
+    buckets = {}
+    for line in text.splitlines():
+        if "_ledger_commit_wait_seconds_bucket{" in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+    total = buckets.get("+Inf", 0.0)
+    if not total:
+        return {"waits": 0}
+    out: dict = {"waits": int(total)}
+    for le, label in (("0.001", "<=1ms"), ("0.002", "<=2ms"), ("0.005", "<=5ms")):
+        out[label] = f"{100 * buckets.get(le, 0.0) / total:.1f}%"
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bursts", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -126,6 +149,12 @@ def main(argv=None) -> int:
         "--switch-ms", type=float, action="append", default=[],
         help="also spendtap with sys.setswitchinterval(MS/1000) (the GIL hand-off interval; "
         "Python's default is 5 ms), set through a sitecustomize on PYTHONPATH; repeatable",
+    )  # fmt: skip
+    ap.add_argument(
+        "--other", action="append", default=[], metavar="NAME=DIR",
+        help="also spendtap as another checkout has it (DIR/addon imported as spendtap through "
+        "PYTHONPATH; e.g. `git worktree add DIR COMMIT` for a before/after), named NAME; "
+        "repeatable",
     )  # fmt: skip
     args = ap.parse_args(argv)
     sc = next(s for s in scenarios(False) if s.name == args.scenario)
@@ -153,6 +182,16 @@ def main(argv=None) -> int:
         targets.append(start_spendtap_budget(sim.url, tmp, ["spendtap_enforce_budgets=true"]))
     if "spendtap-lean" in wanted:
         targets.append(start_spendtap(sim.url, tmp, sets, name="spendtap-lean", runner="lean"))
+    for spec in args.other:
+        name, _, tree = spec.partition("=")
+        code = Path(tree).resolve() / "addon"
+        if not name or not (code / "proxy" / "hooks.py").is_file():
+            ap.error(f"--other {spec}: want NAME=DIR, DIR a spendtap checkout")
+        pkg = tmp / f"other-{name}"
+        pkg.mkdir()
+        (pkg / "spendtap").symlink_to(code)
+        targets.append(start_spendtap(sim.url, tmp, sets, name=name,
+                                      env={"PYTHONPATH": str(pkg)}))  # fmt: skip
     for ms in args.switch_ms:
         site = tmp / f"switch-{ms}"
         site.mkdir()
@@ -161,6 +200,7 @@ def main(argv=None) -> int:
         targets.append(start_spendtap(sim.url, tmp, sets, name=f"spendtap-switch{ms:g}ms",
                                       env={"PYTHONPATH": str(site)}))  # fmt: skip
     results: dict[str, list] = {}
+    waits: dict[str, dict] = {}
     try:
         for rnd in range(args.rounds):
             order = targets if rnd % 2 == 0 else [targets[0], *reversed(targets[1:])]
@@ -168,6 +208,9 @@ def main(argv=None) -> int:
                 b = bursts(load(t, sc, think_ms=args.think_ms), args.gap_ms / 1000)
                 results.setdefault(t.name, []).append(b)
                 print(f"r{rnd} {t.name:16s} {json.dumps(b)}", flush=True)
+        for t in targets:
+            if t.metrics_port is not None:
+                waits[t.name] = commit_waits(t)
     finally:
         for t in reversed(targets):
             t.stop()
@@ -183,21 +226,29 @@ def main(argv=None) -> int:
               f"  end p50 {statistics.median(r['end_p50_ms'] for r in rs):7.2f} ms"
               f"  requests {statistics.median(r['requests'] for r in rs)}"
               f"  by position: {rs[-1]['ttfc_p50_by_position_ms']}")  # fmt: skip
-    if args.from_start:
-        print("\n+TTFC p50 (ms) by window of send time since the clients started (s), each "
-              "round's less direct's, medians over rounds:")  # fmt: skip
-        d_rounds = results.get(targets[0].name, [])
-        windows = list(d_rounds[0]["ttfc_p50_by_window_ms"]) if d_rounds else []
-        print(f"{'':16s} " + " ".join(f"{w:>9s}" for w in windows))
-        for name, rs in results.items():
-            cells = []
-            for w in windows:
-                got = [r["ttfc_p50_by_window_ms"].get(w) for r in rs]
-                ref = [d["ttfc_p50_by_window_ms"].get(w) for d in d_rounds]
-                pairs = zip(got, ref, strict=True)
-                diffs = [a - b for a, b in pairs if a is not None and b is not None]
-                cells.append(f"{statistics.median(diffs):9.2f}" if diffs else f"{'-':>9s}")
-            print(f"{name:16s} " + " ".join(cells))
+    if waits:
+        print(
+            "\nhow long the ends of responses waited for their rows (the sidecar's "
+            "ledger_commit_wait_seconds over the whole run, warm-ups included):"
+        )
+        for name, w in waits.items():
+            print(f"{name:16s} " + "  ".join(f"{k} {v}" for k, v in w.items()))
+    print(
+        "\n+TTFC p50 (ms) by window of send time since the clients started (s), each "
+        "round's less direct's, medians over rounds (make bench's window: 0.9-4.4 s):"
+    )
+    d_rounds = results.get(targets[0].name, [])
+    windows = list(d_rounds[0]["ttfc_p50_by_window_ms"]) if d_rounds else []
+    print(f"{'':16s} " + " ".join(f"{w:>9s}" for w in windows))
+    for name, rs in results.items():
+        cells = []
+        for w in windows:
+            got = [r["ttfc_p50_by_window_ms"].get(w) for r in rs]
+            ref = [d["ttfc_p50_by_window_ms"].get(w) for d in d_rounds]
+            pairs = zip(got, ref, strict=True)
+            diffs = [a - b for a, b in pairs if a is not None and b is not None]
+            cells.append(f"{statistics.median(diffs):9.2f}" if diffs else f"{'-':>9s}")
+        print(f"{name:16s} " + " ".join(cells))
     return 0
 
 

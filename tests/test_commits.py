@@ -6,8 +6,10 @@ import asyncio
 import itertools
 import threading
 
+import pytest
+
 from spendtap.store import commits
-from spendtap.store.commits import CommitWaiters
+from spendtap.store.commits import CommitWaiters, release_delays
 
 
 def test_commits_from_another_thread_resolve_every_future():
@@ -43,46 +45,60 @@ def test_a_callback_after_the_wait_gave_up_is_harmless():
     assert asyncio.run(main())
 
 
-def _release_log(n: int) -> list[str]:
-    """Commit ``n`` rows in one batch; log their releases among one-per-iteration ticks."""
+def test_release_delays_keep_the_spacing_the_waiters_began_with():
+    """Each waiter is held back by its distance from the batch's first, at most the cap."""
+    assert release_delays([], 0.002) == []
+    assert release_delays([5.0], 0.002) == [0.0]
+    assert release_delays([5.0, 5.0004, 5.0011], cap_s=0.002) == pytest.approx([0, 0.0004, 0.0011])
+    # Responses that ended further apart than the cap: the later ones wait the cap, no more.
+    assert release_delays([5.0, 5.001, 5.009], cap_s=0.002) == pytest.approx([0, 0.001, 0.002])
+    # A clock that stepped back (or a waiter out of order) is never held a negative time.
+    assert release_delays([5.0, 4.999], cap_s=0.002) == [0.0, 0.0]
+
+
+def test_a_batch_ends_with_the_spacing_its_responses_ended_with(monkeypatch):
+    """One commit of three rows whose waits began 20 ms apart releases them 20 ms apart,
+    never before the commit: the group commit does not bring their clients together."""
+    monkeypatch.setattr(commits, "SPACING_CAP_S", 3600.0)  # never cut short, however slow
 
     async def main():
         loop = asyncio.get_running_loop()
         waiters = CommitWaiters(loop)
-        pairs = [waiters.new() for _ in range(n)]
-        log: list[str] = []
-        for i, (future, _) in enumerate(pairs):
-            future.add_done_callback(lambda _f, i=i: log.append(f"release {i}"))
-        # One batch: every row committed before the loop runs again.
-        thread = threading.Thread(target=lambda: [cb() for _, cb in pairs])
-        thread.start()
-        thread.join()
-
-        def tick(left: int) -> None:  # other work, one step per loop iteration
-            log.append("tick")
-            if left:
-                loop.call_soon(tick, left - 1)
-
-        tick(n * 4)
+        pairs = []
+        for _ in range(3):
+            pairs.append(waiters.new())
+            await asyncio.sleep(0.02)
+        released: list[float] = []
+        for future, _ in pairs:
+            future.add_done_callback(lambda _f: released.append(loop.time()))
+        committed = loop.time()
+        for _, on_commit in pairs:  # one batch: committed before the loop runs again
+            on_commit()
         await asyncio.wait_for(asyncio.gather(*(f for f, _ in pairs)), 5)
-        return log
+        return committed, released
 
-    return asyncio.run(main())
-
-
-def test_a_batch_is_released_in_commit_order_one_waiter_per_loop_iteration(monkeypatch):
-    """The loop runs other work between two releases of one batch (no lockstep release)."""
-    monkeypatch.setattr(commits, "SPREAD_S", 3600.0)  # never cut short, however slow the host
-    log = _release_log(4)
-    releases = [entry for entry in log if entry != "tick"]
-    assert releases == [f"release {i}" for i in range(4)]
-    at = [log.index(entry) for entry in releases]
-    assert all("tick" in log[a + 1 : b] for a, b in itertools.pairwise(at))
+    committed, released = asyncio.run(main())
+    assert committed <= released[0]
+    gaps = [b - a for a, b in itertools.pairwise(released)]
+    assert all(gap >= 0.02 for gap in gaps), gaps
+    assert all(gap < 0.5 for gap in gaps), gaps  # held by its distance, not much more
 
 
-def test_the_rest_of_a_batch_goes_at_once_when_the_spreading_took_too_long(monkeypatch):
-    """Under load an iteration is long: the spreading stops adding iterations to the ends."""
-    monkeypatch.setattr(commits, "SPREAD_S", 0.0)
-    log = _release_log(4)
-    first = log.index("release 0")
-    assert log[first : first + 4] == [f"release {i}" for i in range(4)]
+def test_the_hold_is_capped(monkeypatch):
+    """Waits that began far apart: the later one is released the cap after the commit."""
+    monkeypatch.setattr(commits, "SPACING_CAP_S", 0.01)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        waiters = CommitWaiters(loop)
+        first = waiters.new()
+        await asyncio.sleep(0.3)
+        second = waiters.new()
+        committed = loop.time()
+        first[1]()
+        second[1]()
+        await asyncio.wait_for(asyncio.gather(first[0], second[0]), 5)
+        return committed, loop.time()
+
+    committed, released = asyncio.run(main())
+    assert 0.01 <= released - committed < 0.25

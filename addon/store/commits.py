@@ -5,46 +5,64 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-# How long one batch's releases may be spread over (loop time, seconds).
-SPREAD_S = 0.001
+# The longest a committed row's waiter is held back to keep its distance from the first
+# waiter of its batch (seconds): the spacing of responses that ended further apart than
+# this is not kept, so no end waits more than this on top of its commit.
+SPACING_CAP_S = 0.002
+
+
+def release_delays(started: Sequence[float], cap_s: float) -> list[float]:
+    """How long after a batch's commit each of its waiters is released.
+
+    ``started``: when each waiter began waiting, in commit order. Each is held back by
+    how long after the batch's first waiter it began (at most ``cap_s``), so every
+    response of the batch ends about as long after it began waiting as the first one
+    did: the batch keeps the spacing its responses ended with.
+    """
+    if not started:
+        return []
+    first = started[0]
+    return [min(max(0.0, t - first), cap_s) for t in started]
 
 
 class CommitWaiters:
-    """Futures the writer resolves, with one event-loop wake-up per batch.
+    """Futures the writer resolves, released with the spacing their responses ended with.
 
-    ``call_soon_threadsafe`` per row would wake the loop (a syscall) once per
-    row; a commit of many rows schedules one drain instead.
+    One event-loop wake-up per committed batch: ``call_soon_threadsafe`` per row would
+    wake the loop (a syscall) once per row.
 
-    The drain releases the committed waiters one per loop iteration, in commit
-    order, rather than the whole batch at once: resolving every future together
-    resumed all of a batch's ``response`` hooks in one iteration, so their clients
-    got their ends together and, in a closed loop, sent their next requests in one
-    burst that then queued behind itself (bench/README.md, "The paced c=16 TTFC
-    excess"). One per iteration lets the loop poll its sockets between releases.
-    Under load an iteration is long, so once the spreading has taken ``SPREAD_S``
-    the rest of the batch goes at once: staggering must not add a whole batch of
-    busy iterations to a response's end. No future is resolved before its row
-    committed.
+    A group commit resolves all the rows of a batch at once, and the rows of a batch
+    belong to responses that ended up to a commit's length apart. Released together,
+    those responses end for their clients together; in a closed loop each client then
+    sends its next request at the same moment, the requests queue behind each other in
+    the proxy, and the commit brings them together again at their next end
+    (bench/README.md, "The paced c=16 TTFC excess" and "Keeping the responses'
+    spacing"). So each waiter is released as long after the commit as it began waiting
+    after the batch's first (``release_delays``; at most ``SPACING_CAP_S``): each
+    response's end is held back by about the same time, as by a proxy with a constant
+    latency, and the spacing the upstream gave the responses survives the commit. No
+    future is resolved before its row committed.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
-        self._done: deque[asyncio.Future] = deque()
+        # (future, when it began waiting on the loop's clock), in commit order
+        self._done: deque[tuple[asyncio.Future, float]] = deque()
         self._scheduled = False
-        self._started = 0.0
 
     def new(self) -> tuple[asyncio.Future, Callable[[], None]]:
         future = self._loop.create_future()
+        entry = (future, self._loop.time())
 
         # On the writer thread, or on the loop itself (the writer process's
         # acknowledgements are read there): no self-pipe write to wake ourselves.
         def on_commit() -> None:
             with self._lock:
-                self._done.append(future)
+                self._done.append(entry)
                 if self._scheduled:
                     return
                 self._scheduled = True
@@ -56,26 +74,20 @@ class CommitWaiters:
         return future, on_commit
 
     def _drain(self) -> None:
-        """The writer's wake-up: start releasing the committed waiters."""
-        self._started = self._loop.time()
-        self._release_next()
-
-    def _release_next(self) -> None:
-        spread_over = self._loop.time() - self._started >= SPREAD_S
+        """The writer's wake-up: release the batch committed since the last one."""
         with self._lock:
-            if spread_over:
-                release, self._done = list(self._done), deque()
-            elif self._done:
-                release = [self._done.popleft()]
+            batch, self._done = self._done, deque()
+            # The writer schedules the next wake-up itself from here on.
+            self._scheduled = False
+        now = self._loop.time()
+        delays = release_delays([started for _, started in batch], SPACING_CAP_S)
+        for (future, _), delay in zip(batch, delays, strict=True):
+            if delay > 0:
+                self._loop.call_at(now + delay, _release, future)
             else:
-                release = []
-            more = bool(self._done)
-            if not more:
-                # The writer schedules the next wake-up itself from here on.
-                self._scheduled = False
-        for future in release:
-            if not future.done():
-                future.set_result(None)
-        if more:
-            # Still scheduled: the writer only appends, this chain keeps draining.
-            self._loop.call_soon(self._release_next)
+                _release(future)
+
+
+def _release(future: asyncio.Future) -> None:
+    if not future.done():  # a waiter that gave up (timed out) is cancelled
+        future.set_result(None)
