@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from spendtap.store import commits
-from spendtap.store.commits import CommitWaiters, release_delays
+from spendtap.store.commits import CommitWaiters, hold_cap, release_delays
 
 
 def test_commits_from_another_thread_resolve_every_future():
@@ -46,14 +46,27 @@ def test_a_callback_after_the_wait_gave_up_is_harmless():
 
 
 def test_release_delays_keep_the_spacing_the_waiters_began_with():
-    """Each waiter is held back by its distance from the batch's first, at most the cap."""
-    assert release_delays([], 0.002) == []
-    assert release_delays([5.0], 0.002) == [0.0]
-    assert release_delays([5.0, 5.0004, 5.0011], cap_s=0.002) == pytest.approx([0, 0.0004, 0.0011])
+    """Each waiter is held back by its distance from the batch's first, at most its cap."""
+    assert release_delays([], []) == []
+    assert release_delays([5.0], [0.002]) == [0.0]
+    caps = [0.002] * 3
+    assert release_delays([5.0, 5.0004, 5.0011], caps) == pytest.approx([0, 0.0004, 0.0011])
     # Responses that ended further apart than the cap: the later ones wait the cap, no more.
-    assert release_delays([5.0, 5.001, 5.009], cap_s=0.002) == pytest.approx([0, 0.001, 0.002])
+    assert release_delays([5.0, 5.001, 5.009], caps) == pytest.approx([0, 0.001, 0.002])
+    # Each waiter has its own cap (a short response is barely held).
+    assert release_delays([5.0, 5.001, 5.0015], [0.002, 0.0003, 0.002]) == pytest.approx(
+        [0, 0.0003, 0.0015]
+    )
     # A clock that stepped back (or a waiter out of order) is never held a negative time.
-    assert release_delays([5.0, 4.999], cap_s=0.002) == [0.0, 0.0]
+    assert release_delays([5.0, 4.999], caps[:2]) == [0.0, 0.0]
+
+
+def test_a_response_is_held_at_most_a_hundredth_of_its_time_and_2_ms():
+    """A paced stream (~0.8 s) may be held the whole 2 ms; a 30 ms JSON answer 0.3 ms."""
+    assert hold_cap(0.82) == commits.SPACING_CAP_S == 0.002
+    assert hold_cap(0.03) == pytest.approx(0.0003)
+    assert hold_cap(0.0) == 0.0
+    assert hold_cap(-1.0) == 0.0  # a clock step: never a negative hold
 
 
 def test_a_batch_ends_with_the_spacing_its_responses_ended_with(monkeypatch):
@@ -66,7 +79,7 @@ def test_a_batch_ends_with_the_spacing_its_responses_ended_with(monkeypatch):
         waiters = CommitWaiters(loop)
         pairs = []
         for _ in range(3):
-            pairs.append(waiters.new())
+            pairs.append(waiters.new(3600.0))
             await asyncio.sleep(0.02)
         released: list[float] = []
         for future, _ in pairs:
@@ -91,9 +104,9 @@ def test_the_hold_is_capped(monkeypatch):
     async def main():
         loop = asyncio.get_running_loop()
         waiters = CommitWaiters(loop)
-        first = waiters.new()
+        first = waiters.new(3600.0)  # the module's cap bounds a waiter's own
         await asyncio.sleep(0.3)
-        second = waiters.new()
+        second = waiters.new(3600.0)
         committed = loop.time()
         first[1]()
         second[1]()

@@ -42,7 +42,7 @@ from spendtap.proxy.failclosed import SpendtapAddon
 from spendtap.proxy.gate import Admission, Principal
 from spendtap.proxy.refusals import misconfigured, service_unavailable, upstream_failure
 from spendtap.proxy.trust import GATEWAY_SECRET_HEADER
-from spendtap.store.commits import CommitWaiters
+from spendtap.store.commits import CommitWaiters, hold_cap
 from spendtap.store.ledger import CLIENT_DISCONNECTED, COMPLETED, REJECTED, UPSTREAM_ERROR
 
 logger = logging.getLogger("spendtap")
@@ -295,7 +295,7 @@ class Metering(SpendtapAddon):
             error = None
         row = self._finish(flow, meter, outcome, error)
         if row is not None:
-            await self._submit_and_wait(row)
+            await self._submit_and_wait(row, meter.started_at)
 
     def error(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
@@ -388,7 +388,7 @@ class Metering(SpendtapAddon):
         if not self.recording.submit(row, on_commit):
             self._count_error("ledger", "no ledger writer")
 
-    async def _submit_and_wait(self, row: dict) -> None:
+    async def _submit_and_wait(self, row: dict, started_at: float) -> None:
         wait_s = ctx.options.spendtap_commit_wait_ms / 1000
         writer = self.recording.writer
         if wait_s <= 0 or writer is None or writer.failing:
@@ -396,7 +396,7 @@ class Metering(SpendtapAddon):
             return
         if self._commit_waiters is None:
             self._commit_waiters = CommitWaiters(asyncio.get_running_loop())
-        committed, on_commit = self._commit_waiters.new()
+        committed, on_commit = self._commit_waiters.new(hold_cap(time.time() - started_at))
         started = time.perf_counter()
         self._submit(row, on_commit)
         try:

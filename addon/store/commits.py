@@ -11,20 +11,31 @@ from collections.abc import Callable, Sequence
 # waiter of its batch (seconds): the spacing of responses that ended further apart than
 # this is not kept, so no end waits more than this on top of its commit.
 SPACING_CAP_S = 0.002
+# ...and never more than this share of the response's own time: a short response (a
+# JSON answer, an unpaced stream) is barely held, so a closed loop of short requests
+# loses at most this share of its rate, and requests that arrive together (a fleet's
+# reservations share one round trip) mostly stay together.
+SPACING_SHARE = 0.01
 
 
-def release_delays(started: Sequence[float], cap_s: float) -> list[float]:
+def hold_cap(response_s: float) -> float:
+    """The most a response that took ``response_s`` so far may be held for spacing."""
+    return min(SPACING_CAP_S, max(0.0, response_s) * SPACING_SHARE)
+
+
+def release_delays(started: Sequence[float], caps: Sequence[float]) -> list[float]:
     """How long after a batch's commit each of its waiters is released.
 
-    ``started``: when each waiter began waiting, in commit order. Each is held back by
-    how long after the batch's first waiter it began (at most ``cap_s``), so every
-    response of the batch ends about as long after it began waiting as the first one
-    did: the batch keeps the spacing its responses ended with.
+    ``started``: when each waiter began waiting, in commit order; ``caps``: the most
+    each may be held. Each is held back by how long after the batch's first waiter it
+    began (at most its cap), so every response of the batch ends about as long after it
+    began waiting as the first one did: the batch keeps the spacing its responses ended
+    with.
     """
     if not started:
         return []
     first = started[0]
-    return [min(max(0.0, t - first), cap_s) for t in started]
+    return [min(max(0.0, t - first), cap) for t, cap in zip(started, caps, strict=True)]
 
 
 class CommitWaiters:
@@ -40,23 +51,26 @@ class CommitWaiters:
     the proxy, and the commit brings them together again at their next end
     (bench/README.md, "The paced c=16 TTFC excess" and "Keeping the responses'
     spacing"). So each waiter is released as long after the commit as it began waiting
-    after the batch's first (``release_delays``; at most ``SPACING_CAP_S``): each
-    response's end is held back by about the same time, as by a proxy with a constant
-    latency, and the spacing the upstream gave the responses survives the commit. No
-    future is resolved before its row committed.
+    after the batch's first (``release_delays``; at most ``SPACING_CAP_S``, and at most
+    ``SPACING_SHARE`` of the response's time, ``hold_cap``): each response's end is held
+    back by about the same time, as by a proxy with a constant latency, and the spacing
+    the upstream gave the responses survives the commit. No future is resolved before
+    its row committed.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._lock = threading.Lock()
-        # (future, when it began waiting on the loop's clock), in commit order
-        self._done: deque[tuple[asyncio.Future, float]] = deque()
+        # (future, when it began waiting on the loop's clock, its hold cap), commit order
+        self._done: deque[tuple[asyncio.Future, float, float]] = deque()
         self._scheduled = False
 
-    def new(self) -> tuple[asyncio.Future, Callable[[], None]]:
+    def new(self, max_hold_s: float = SPACING_CAP_S) -> tuple[asyncio.Future, Callable[[], None]]:
+        """A future for one row, and the callback that says the row committed;
+        ``max_hold_s``: the most the release may be held for spacing (``hold_cap``)."""
         future = self._loop.create_future()
-        entry = (future, self._loop.time())
+        entry = (future, self._loop.time(), min(max_hold_s, SPACING_CAP_S))
 
         # On the writer thread, or on the loop itself (the writer process's
         # acknowledgements are read there): no self-pipe write to wake ourselves.
@@ -80,8 +94,8 @@ class CommitWaiters:
             # The writer schedules the next wake-up itself from here on.
             self._scheduled = False
         now = self._loop.time()
-        delays = release_delays([started for _, started in batch], SPACING_CAP_S)
-        for (future, _), delay in zip(batch, delays, strict=True):
+        delays = release_delays([e[1] for e in batch], [e[2] for e in batch])
+        for (future, _, _), delay in zip(batch, delays, strict=True):
             if delay > 0:
                 self._loop.call_at(now + delay, _release, future)
             else:
