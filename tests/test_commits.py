@@ -63,10 +63,17 @@ def test_release_delays_keep_the_spacing_the_waiters_began_with():
 
 def test_a_response_is_held_at_most_a_hundredth_of_its_time_and_2_ms():
     """A paced stream (~0.8 s) may be held the whole 2 ms; a 30 ms JSON answer 0.3 ms."""
-    assert hold_cap(0.82) == commits.SPACING_CAP_S == 0.002
-    assert hold_cap(0.03) == pytest.approx(0.0003)
-    assert hold_cap(0.0) == 0.0
-    assert hold_cap(-1.0) == 0.0  # a clock step: never a negative hold
+    assert hold_cap(0.82, 2.0) == commits.SPACING_CAP_S == 0.002
+    assert hold_cap(0.03, 2.0) == pytest.approx(0.0003)
+    assert hold_cap(0.0, 2.0) == 0.0
+    assert hold_cap(-1.0, 2.0) == 0.0  # a clock step: never a negative hold
+
+
+def test_a_short_commit_wait_bounds_the_hold():
+    """With ``spendtap_commit_wait_ms=5`` a hold takes at most 0.5 ms of it: spacing must
+    not make a commit that came in time miss the wait."""
+    assert hold_cap(0.82, 0.005) == pytest.approx(0.0005)
+    assert hold_cap(0.82, 0.0) == 0.0
 
 
 def test_a_batch_ends_with_the_spacing_its_responses_ended_with(monkeypatch):

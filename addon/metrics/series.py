@@ -179,7 +179,8 @@ class Metrics:
         )
         self.commit_wait = Histogram(
             p + "ledger_commit_wait_seconds",
-            "How long the end of a response waited for its ledger row to commit.",
+            "How long the end of a response waited for its ledger row to commit (and, at "
+            "most 2 ms, to keep the spacing of the responses committed with it).",
             buckets=COMMIT_WAIT_BUCKETS,
             registry=r,
         )

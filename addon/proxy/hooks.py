@@ -396,7 +396,7 @@ class Metering(SpendtapAddon):
             return
         if self._commit_waiters is None:
             self._commit_waiters = CommitWaiters(asyncio.get_running_loop())
-        committed, on_commit = self._commit_waiters.new(hold_cap(time.time() - started_at))
+        committed, on_commit = self._commit_waiters.new(hold_cap(time.time() - started_at, wait_s))
         started = time.perf_counter()
         self._submit(row, on_commit)
         try:

@@ -16,11 +16,15 @@ SPACING_CAP_S = 0.002
 # loses at most this share of its rate, and requests that arrive together (a fleet's
 # reservations share one round trip) mostly stay together.
 SPACING_SHARE = 0.01
+# ...and never more than this share of the bound on the whole wait
+# (``spendtap_commit_wait_ms``): a hold must not turn a commit in time into a late one.
+SPACING_WAIT_SHARE = 0.1
 
 
-def hold_cap(response_s: float) -> float:
-    """The most a response that took ``response_s`` so far may be held for spacing."""
-    return min(SPACING_CAP_S, max(0.0, response_s) * SPACING_SHARE)
+def hold_cap(response_s: float, wait_s: float) -> float:
+    """The most a response that took ``response_s`` so far may be held for spacing, when
+    its end may wait ``wait_s`` in all."""
+    return max(0.0, min(SPACING_CAP_S, response_s * SPACING_SHARE, wait_s * SPACING_WAIT_SHARE))
 
 
 def release_delays(started: Sequence[float], caps: Sequence[float]) -> list[float]:
