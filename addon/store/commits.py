@@ -56,7 +56,8 @@ class CommitWaiters:
     (bench/README.md, "The paced c=16 TTFC excess" and "Keeping the responses'
     spacing"). So each waiter is released as long after the commit as it began waiting
     after the batch's first (``release_delays``; at most ``SPACING_CAP_S``, and at most
-    ``SPACING_SHARE`` of the response's time, ``hold_cap``): each response's end is held
+    ``SPACING_SHARE`` of the response's time and ``SPACING_WAIT_SHARE`` of the wait's
+    bound, ``hold_cap``): each response's end is held
     back by about the same time, as by a proxy with a constant latency, and the spacing
     the upstream gave the responses survives the commit. No future is resolved before
     its row committed.
