@@ -109,13 +109,16 @@ def commit_waits(target) -> dict:
     """The share of the sidecar's response ends that waited at most 1, 2 and 5 ms for
     their rows (its ``ledger_commit_wait_seconds`` histogram, scraped)."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{target.metrics_port}/metrics", timeout=5).text
-    buckets = {}
-    for line in text.splitlines():
-        if "_ledger_commit_wait_seconds_bucket{" in line:
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            buckets[le] = float(line.rsplit(" ", 1)[1])
+    buckets = {
+        s.labels["le"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name.endswith("_ledger_commit_wait_seconds")
+        for s in family.samples
+        if s.name.endswith("_bucket")
+    }
     total = buckets.get("+Inf", 0.0)
     if not total:
         return {"waits": 0}

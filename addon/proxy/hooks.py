@@ -295,7 +295,7 @@ class Metering(SpendtapAddon):
             error = None
         row = self._finish(flow, meter, outcome, error)
         if row is not None:
-            await self._submit_and_wait(row, meter.started_at)
+            await self._submit_and_wait(row)
 
     def error(self, flow: http.HTTPFlow) -> None:
         meter: FlowMeter | None = flow.metadata.get(META_KEY)
@@ -388,7 +388,7 @@ class Metering(SpendtapAddon):
         if not self.recording.submit(row, on_commit):
             self._count_error("ledger", "no ledger writer")
 
-    async def _submit_and_wait(self, row: dict, started_at: float) -> None:
+    async def _submit_and_wait(self, row: dict) -> None:
         wait_s = ctx.options.spendtap_commit_wait_ms / 1000
         writer = self.recording.writer
         if wait_s <= 0 or writer is None or writer.failing:
@@ -396,7 +396,8 @@ class Metering(SpendtapAddon):
             return
         if self._commit_waiters is None:
             self._commit_waiters = CommitWaiters(asyncio.get_running_loop())
-        committed, on_commit = self._commit_waiters.new(hold_cap(time.time() - started_at, wait_s))
+        # The row's duration is the response's time so far: its start to its end.
+        committed, on_commit = self._commit_waiters.new(hold_cap(row["duration_s"], wait_s))
         started = time.perf_counter()
         self._submit(row, on_commit)
         try:
